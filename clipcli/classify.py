@@ -1,0 +1,58 @@
+"""Zero-shot classification: softmax over labels of ``logit_scale`` x cosine similarity."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from clipcli.encode import iter_image_embeddings
+from clipcli.images import ImageRef, Skipped
+from clipcli.models import LoadedModel
+from clipcli.prompts import TemplateSet, zero_shot_classifier
+
+
+@dataclass(frozen=True)
+class Prediction:
+    path: str
+    labels: tuple[str, ...]  # best first
+    scores: tuple[float, ...]
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Tidy rows: one per rank (rank 1 = best)."""
+        return [
+            {"path": self.path, "rank": r, "label": label, "score": score}
+            for r, (label, score) in enumerate(zip(self.labels, self.scores, strict=True), start=1)
+        ]
+
+    def record(self) -> dict[str, Any]:
+        preds = [{"label": lab, "score": s} for lab, s in zip(self.labels, self.scores, strict=True)]
+        return {"path": self.path, "predictions": preds}
+
+
+def classify_images(
+    lm: LoadedModel,
+    refs: Sequence[ImageRef],
+    labels: Sequence[str],
+    templates: TemplateSet,
+    top_k: int = 5,
+    batch_size: int = 32,
+    workers: int = 0,
+    exact: bool = False,
+    on_batch: Callable[[int], None] | None = None,
+) -> Iterator[Prediction | Skipped]:
+    """Predictions in input order; unreadable images come back as :class:`Skipped`."""
+    import torch
+
+    classifier = zero_shot_classifier(lm, labels, templates)
+    scale = lm.model.logit_scale.exp().float().cpu()
+    k = min(top_k, len(labels))
+    for done, embeddings, skipped in iter_image_embeddings(lm, refs, batch_size, workers, exact):
+        yield from skipped
+        if done:
+            probs = (scale * embeddings @ classifier.T).softmax(dim=-1)
+            top = torch.topk(probs, k, dim=-1)
+            for ref, scores, idx in zip(done, top.values.tolist(), top.indices.tolist(), strict=True):
+                yield Prediction(ref.path, tuple(labels[i] for i in idx), tuple(scores))
+        if on_batch:
+            on_batch(len(done) + len(skipped))

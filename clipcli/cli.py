@@ -1,0 +1,94 @@
+"""The Typer application: parses options, calls the core, maps errors to exit codes in one place.
+
+Nothing here imports torch at module level, so ``clipcli --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated, Any
+
+import typer
+from typer.core import TyperGroup
+
+from clipcli import __version__
+from clipcli.commands.classify import classify
+from clipcli.commands.models import models
+from clipcli.commands.train import make_shapes, train
+from clipcli.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, ClipCliError
+
+
+class _Group(TyperGroup):
+    """Turns core errors into ``Error: ...`` and an exit code; a traceback only with --debug."""
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ClipCliError as e:
+            _report(e, ctx)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            typer.echo("Interrupted.", err=True)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except BrokenPipeError:
+            # The reader (head, less) went away: not an error for a pipeline.
+            sys.stderr.close()
+            os._exit(0)
+        except Exception as e:
+            if hasattr(e, "exit_code"):  # the CLI framework's own usage errors and exits
+                raise
+            _report(e, ctx, prefix="internal error: ", hint=" (rerun with --debug for the traceback)")
+            raise typer.Exit(EXIT_INTERNAL) from None
+
+
+def _debug(ctx: typer.Context) -> bool:
+    return bool((ctx.obj or {}).get("debug")) or os.environ.get("CLIPCLI_DEBUG", "") not in ("", "0")
+
+
+def _report(e: BaseException, ctx: typer.Context, prefix: str = "", hint: str = "") -> None:
+    if _debug(ctx):
+        import traceback
+
+        traceback.print_exception(e)
+    typer.echo(f"Error: {prefix}{e}{'' if _debug(ctx) else hint}", err=True)
+
+
+app = typer.Typer(
+    cls=_Group,
+    name="clipcli",
+    help="Zero-shot image classification, embedding, ranking and evaluation with OpenAI's CLIP.",
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"clipcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    """Exit codes: 0 success; 1 some inputs were skipped (or a --min-acc1 gate failed);
+    2 usage error (bad option, unknown model, model not available); 3 internal error; 130 interrupted."""
+    ctx.obj = {"debug": debug}
+
+
+app.command()(classify)
+app.command()(models)
+app.command()(train)
+app.command("make-shapes")(make_shapes)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,67 @@
+"""`clipcli classify`: zero-shot label probabilities for images."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from clipcli.commands import options as opt
+from clipcli.io import OutputFormat
+
+FORMATS = (OutputFormat.TABLE, OutputFormat.CSV, OutputFormat.JSONL, OutputFormat.PARQUET)
+
+
+def classify(
+    inputs: Annotated[list[str], typer.Argument(help="Image files, folders, globs, or - to read paths from stdin.")],
+    labels: Annotated[str | None, typer.Option("--labels", "-l", help="Comma-separated labels.")] = None,
+    labels_file: Annotated[str | None, typer.Option(help="File with one label per line.")] = None,
+    template: opt.Template = None,
+    templates: opt.Templates = None,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Labels to show per image.")] = 5,
+    output: opt.Output = None,
+    fmt: opt.Format = None,
+    model: opt.Model = None,
+    device: opt.Device = "auto",
+    precision: opt.Precision = "auto",
+    batch_size: opt.BatchSize = 32,
+    workers: opt.Workers = 0,
+    exact: opt.Exact = False,
+) -> None:
+    """Classify images zero-shot: the probability of each label, best first."""
+    from clipcli.classify import Prediction, classify_images
+    from clipcli.console import Progress, say, skipped
+    from clipcli.errors import EXIT_PARTIAL
+    from clipcli.images import discover
+    from clipcli.io import choose_format, open_writer, stdout_is_tty
+    from clipcli.prompts import resolve_labels, resolve_templates
+
+    label_list = resolve_labels(labels, labels_file)
+    template_set = resolve_templates(template, templates)
+    out_format = choose_format(fmt, output, stdout_is_tty(), FORMATS)
+    refs, missing = discover(inputs, sys.stdin)
+    for m in missing:
+        skipped(m.path, m.reason)
+    lm = opt.load(model, device, precision)
+
+    n_ok = 0
+    n_skipped = len(missing)
+    with open_writer(out_format, output) as writer, Progress("classifying", len(refs)) as bar:
+        for item in classify_images(
+            lm, refs, label_list, template_set, top_k, batch_size, workers, exact, on_batch=bar.advance
+        ):
+            if not isinstance(item, Prediction):
+                skipped(item.path, item.reason)
+                n_skipped += 1
+                continue
+            n_ok += 1
+            if out_format is OutputFormat.JSONL:
+                writer.write([item.record()])
+            elif out_format is OutputFormat.TABLE:
+                writer.write([{**row, "score": f"{row['score']:.2%}"} for row in item.rows()])
+            else:
+                writer.write(item.rows())
+    say(f"classified {n_ok} image{'s' * (n_ok != 1)}, skipped {n_skipped}")
+    if n_skipped:
+        raise typer.Exit(EXIT_PARTIAL)

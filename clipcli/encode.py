@@ -1,0 +1,88 @@
+"""Batched, L2-normalised image and text embeddings under ``inference_mode`` and autocast."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+from clipcli.errors import InputError
+from clipcli.images import ImageRef, Skipped, iter_batches
+from clipcli.models import LoadedModel, import_clip
+
+if TYPE_CHECKING:
+    import torch
+
+TEXT_BATCH = 256
+
+
+def tokenize(texts: Sequence[str], context_length: int = 77) -> torch.Tensor:
+    """Tokenize with OpenAI's BPE; a text that does not fit is an error naming it."""
+    tok = import_clip().tokenize
+    try:
+        return tok(list(texts), context_length=context_length)  # type: ignore[no-any-return]
+    except RuntimeError:
+        for text in texts:
+            try:
+                tok([text], context_length=context_length)
+            except RuntimeError:
+                raise InputError(
+                    f"text is longer than the model's {context_length}-token context: {text!r}"
+                ) from None
+        raise
+
+
+def encode_tokens(lm: LoadedModel, tokens: torch.Tensor) -> torch.Tensor:
+    """Text features for a token batch, cut to its longest text.
+
+    The causal mask means no position after a text's end token can change that token's feature, so
+    trimming the padding gives the same result for a fraction of the work.
+    """
+    import torch
+
+    length = int(tokens.argmax(dim=-1).max()) + 1  # the end token has the highest id
+    with torch.inference_mode(), lm.autocast():
+        features = lm.model.encode_text(tokens[:, :length].to(lm.device))
+    return torch.nn.functional.normalize(features.float(), dim=-1).cpu()
+
+
+def encode_texts(lm: LoadedModel, texts: Sequence[str], batch_size: int = TEXT_BATCH) -> torch.Tensor:
+    """Normalised embeddings of ``texts`` (N x D, float32, in input order)."""
+    import torch
+
+    if not texts:
+        return torch.empty(0, lm.architecture.embed_dim)
+    tokens = tokenize(texts, lm.architecture.context_length)
+    # Batching texts of similar length together keeps the trimmed batches short.
+    order = torch.argsort(tokens.argmax(dim=-1), stable=True)
+    out = torch.empty(len(texts), lm.architecture.embed_dim)
+    for start in range(0, len(texts), batch_size):
+        idx = order[start : start + batch_size]
+        out[idx] = encode_tokens(lm, tokens[idx])
+    return out
+
+
+def encode_pixels(lm: LoadedModel, pixels: torch.Tensor) -> torch.Tensor:
+    """Normalised embeddings of preprocessed images (N x 3 x R x R) -> N x D float32 on the CPU."""
+    import torch
+
+    with torch.inference_mode(), lm.autocast():
+        features = lm.model.encode_image(pixels.to(lm.device, non_blocking=True))
+    return torch.nn.functional.normalize(features.float(), dim=-1).cpu()
+
+
+def iter_image_embeddings(
+    lm: LoadedModel,
+    refs: Sequence[ImageRef],
+    batch_size: int = 32,
+    workers: int = 0,
+    exact: bool = False,
+) -> Iterator[tuple[list[ImageRef], torch.Tensor, list[Skipped]]]:
+    """Embed ``refs`` batch by batch: (the refs embedded, their embeddings, the refs skipped and why)."""
+    import torch
+
+    for batch in iter_batches(refs, lm.input_resolution, batch_size, workers, exact):
+        skipped = [Skipped(refs[i].path, reason) for i, reason in batch.skipped]
+        if batch.pixels is None:
+            yield [], torch.empty(0, lm.architecture.embed_dim), skipped
+            continue
+        yield [refs[i] for i in batch.indices], encode_pixels(lm, batch.pixels), skipped

@@ -1,0 +1,360 @@
+"""The model registry and loader every command shares.
+
+A model is named by one of OpenAI's nine names (downloaded into a cache shared with the ``clip``
+package), by the name of a model bundled with clipcli, or by the path of a local checkpoint (an OpenAI
+TorchScript archive or a plain state dict). Whatever the source, the weights are rebuilt as a non-JIT
+fp32 ``clip.model.CLIP`` and run under autocast at the chosen precision.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+import zipfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from clipcli.errors import DownloadError, ModelError
+
+if TYPE_CHECKING:
+    import torch
+    from clip.model import CLIP
+
+DEFAULT_MODEL = "ViT-B/32"
+_OPENAI_BASE = "https://openaipublic.azureedge.net/clip/models"
+# The sha256 in each path is what the download is checked against (as in OpenAI's own loader).
+OPENAI_MODELS: dict[str, str] = {
+    "RN50": "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762/RN50.pt",
+    "RN101": "8fa8567bab74a42d41c5915025a8e4538c3bdbe8804a470a72f30b0d94fab599/RN101.pt",
+    "RN50x4": "7e526bd135e493cef0776de27d5f42653e6b4c8bf9e0f653bb11773263205fdd/RN50x4.pt",
+    "RN50x16": "52378b407f34354e150460fe41077663dd5b39c54cd0bfd2b27167a4a06ec9aa/RN50x16.pt",
+    "RN50x64": "be1cfb55d75a9666199fb2206c106743da0f6468c9d327f3e0d0a543a9919d9c/RN50x64.pt",
+    "ViT-B/32": "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
+    "ViT-B/16": "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
+    "ViT-L/14": "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
+    "ViT-L/14@336px": "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
+}
+# Models that ship inside the package, loadable offline by name.
+BUNDLED_MODELS: dict[str, str] = {"tiny-shapes": "tiny-shapes.pt"}
+
+Precision = Literal["fp32", "bf16", "fp16"]
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DownloadProgress = Callable[[int, "int | None"], None]
+"""Called with (bytes just received, total bytes or None)."""
+
+
+def import_clip() -> Any:
+    """Import OpenAI's ``clip`` without the pkg_resources deprecation warning it triggers."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*pkg_resources.*", category=UserWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        import clip
+
+    return clip
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CLIPCLI_CACHE") or Path.home() / ".cache" / "clip")
+
+
+def default_model() -> str:
+    return os.environ.get("CLIPCLI_MODEL") or DEFAULT_MODEL
+
+
+def bundled_path(name: str) -> Path:
+    return Path(str(resources.files("clipcli") / "data" / BUNDLED_MODELS[name]))
+
+
+def openai_url(name: str) -> str:
+    # A mirror serves the same files under the same <sha256>/<file> paths (useful behind firewalls).
+    base = os.environ.get("CLIPCLI_MIRROR", _OPENAI_BASE).rstrip("/")
+    return f"{base}/{OPENAI_MODELS[name]}"
+
+
+def openai_cache_path(name: str) -> Path:
+    return cache_dir() / OPENAI_MODELS[name].split("/")[-1]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The hyper-parameters of ``clip.model.CLIP``, as ``clip.model.build_model`` infers them."""
+
+    embed_dim: int
+    image_resolution: int
+    vision_layers: int | tuple[int, int, int, int]
+    vision_width: int
+    vision_patch_size: int | None
+    context_length: int = 77
+    vocab_size: int = 49408
+    transformer_width: int = 512
+    transformer_heads: int = 8
+    transformer_layers: int = 12
+
+    @property
+    def is_vit(self) -> bool:
+        return self.vision_patch_size is not None
+
+    def build(self) -> CLIP:
+        clip = import_clip()
+        return clip.model.CLIP(
+            self.embed_dim,
+            self.image_resolution,
+            self.vision_layers,
+            self.vision_width,
+            self.vision_patch_size,
+            self.context_length,
+            self.vocab_size,
+            self.transformer_width,
+            self.transformer_heads,
+            self.transformer_layers,
+        )
+
+    @classmethod
+    def from_state_dict(cls, sd: Mapping[str, Any]) -> Architecture:
+        """Infer the architecture exactly as ``clip.model.build_model`` does."""
+        width = sd["ln_final.weight"].shape[0]
+        text = {
+            "embed_dim": sd["text_projection"].shape[1],
+            "context_length": sd["positional_embedding"].shape[0],
+            "vocab_size": sd["token_embedding.weight"].shape[0],
+            "transformer_width": width,
+            "transformer_heads": width // 64,
+            "transformer_layers": len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks")}),
+        }
+        if "visual.proj" in sd:
+            patch = sd["visual.conv1.weight"].shape[-1]
+            grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+            layers = sum(1 for k in sd if k.startswith("visual.") and k.endswith(".attn.in_proj_weight"))
+            return cls(
+                image_resolution=patch * grid,
+                vision_layers=layers,
+                vision_width=sd["visual.conv1.weight"].shape[0],
+                vision_patch_size=patch,
+                **text,
+            )
+        counts = [len({k.split(".")[2] for k in sd if k.startswith(f"visual.layer{b}")}) for b in (1, 2, 3, 4)]
+        grid = round((sd["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
+        return cls(
+            image_resolution=grid * 32,
+            vision_layers=(counts[0], counts[1], counts[2], counts[3]),
+            vision_width=sd["visual.layer1.0.conv1.weight"].shape[0],
+            vision_patch_size=None,
+            **text,
+        )
+
+
+# Named architectures for `train --arch` and for random-weight benchmarks and tests.
+ARCHITECTURES: dict[str, Architecture] = {
+    "RN50": Architecture(1024, 224, (3, 4, 6, 3), 64, None),
+    "ViT-B/32": Architecture(512, 224, 12, 768, 32),
+    "ViT-B/16": Architecture(512, 224, 12, 768, 16),
+    # The bundled model: a ResNet tower learned shapes in the CPU budget where small ViTs did not.
+    "tiny-shapes": Architecture(
+        64, 64, (1, 1, 1, 1), 16, None, transformer_width=64, transformer_heads=1, transformer_layers=3
+    ),
+    # Smallest shapes that still satisfy CLIP's head-width rules: for fast tests.
+    "test-vit": Architecture(
+        64, 32, 1, 64, 16, transformer_width=64, transformer_heads=1, transformer_layers=1
+    ),
+    "test-rn": Architecture(
+        64, 32, (1, 1, 1, 1), 8, None, transformer_width=64, transformer_heads=1, transformer_layers=1
+    ),
+}
+
+
+@dataclass
+class LoadedModel:
+    """A ready-to-run CLIP model and where it came from."""
+
+    name: str
+    path: Path
+    model: CLIP
+    architecture: Architecture
+    device: torch.device
+    precision: Precision
+
+    @property
+    def input_resolution(self) -> int:
+        return self.architecture.image_resolution
+
+    @cached_property
+    def checksum(self) -> str:
+        """SHA-256 of the checkpoint file: identifies the weights in caches and reports."""
+        h = hashlib.sha256()
+        with self.path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+
+    def autocast(self) -> Any:
+        import torch
+
+        if self.precision == "fp32":
+            return torch.autocast(self.device.type, enabled=False)
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+
+def resolve_device(spec: str) -> torch.device:
+    import torch
+
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as e:
+        raise ModelError(f"unknown device {spec!r}: use auto, cpu, cuda, cuda:N or mps") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device {spec!r} requested but CUDA is not available here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelError(f"device {spec!r} requested but MPS is not available here")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ModelError(f"unsupported device {spec!r}: use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(spec: str, device: torch.device) -> Precision:
+    if spec not in PRECISIONS:
+        raise ModelError(f"unknown precision {spec!r}: use one of {', '.join(PRECISIONS)}")
+    if spec != "auto":
+        return spec  # type: ignore[return-value]
+    if device.type == "cuda":
+        return "fp16"
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return "bf16"
+    return "fp32"
+
+
+def _offline_hint(name: str) -> str:
+    file = OPENAI_MODELS[name].split("/")[-1]
+    return f"pass a local checkpoint with --model /path/to/{file}, or place {file} in {cache_dir()}"
+
+
+def resolve_checkpoint(spec: str, on_download: DownloadProgress | None = None) -> Path:
+    """Turn a model name or path into a local checkpoint file, downloading if needed."""
+    from clipcli.download import fetch
+
+    if spec in BUNDLED_MODELS:
+        path = bundled_path(spec)
+        if not path.is_file():
+            raise ModelError(f"bundled model {spec!r} is missing from the installation ({path})")
+        return path
+    if spec in OPENAI_MODELS:
+        target = openai_cache_path(spec)
+        if target.is_file():
+            return target
+        url = openai_url(spec)
+        try:
+            return fetch(url, target, sha256=OPENAI_MODELS[spec].split("/")[0], progress=on_download)
+        except DownloadError as e:
+            raise ModelError(
+                f"model {spec} is not in the cache ({cache_dir()}) and could not be downloaded: {e}; "
+                f"{_offline_hint(spec)}"
+            ) from e
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        raise ModelError(f"{spec}: is a directory, not a checkpoint file")
+    if path.is_file():
+        return path
+    names = ", ".join([*OPENAI_MODELS, *BUNDLED_MODELS])
+    if "/" in spec or os.sep in spec or spec.endswith((".pt", ".pth")):
+        raise ModelError(f"{spec}: no such checkpoint file (or use a model name: {names})")
+    raise ModelError(f"unknown model {spec!r}; valid names: {names}; or pass a checkpoint file path")
+
+
+def _is_torchscript(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any("/code/" in n or n.endswith("constants.pkl") for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def read_state_dict(path: Path) -> dict[str, Any]:
+    """Read an OpenAI TorchScript archive or a plain state dict as a plain state dict."""
+    import pickle
+
+    import torch
+
+    try:
+        if _is_torchscript(path):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                sd = torch.jit.load(str(path), map_location="cpu").state_dict()
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"{path}: not a readable checkpoint ({reason[:200]})") from e
+    if not isinstance(sd, Mapping):
+        raise ModelError(f"{path}: not a CLIP checkpoint (holds a {type(sd).__name__}, not a state dict)")
+    missing = [k for k in ("text_projection", "token_embedding.weight", "ln_final.weight") if k not in sd]
+    if missing or not any(k.startswith("visual.") for k in sd):
+        raise ModelError(f"{path}: not a CLIP checkpoint (missing {', '.join(missing) or 'visual.*'})")
+    # TorchScript archives carry these as attributes; they are not parameters.
+    return {k: v for k, v in sd.items() if k not in ("input_resolution", "context_length", "vocab_size")}
+
+
+def build_from_state_dict(sd: Mapping[str, Any], source: Path | str = "checkpoint") -> tuple[CLIP, Architecture]:
+    """Build an fp32 CLIP (unlike ``build_model``, which leaves slow-on-CPU fp16 weights)."""
+    try:
+        arch = Architecture.from_state_dict(sd)
+        model = arch.build()
+        model.load_state_dict(sd)
+    except (KeyError, RuntimeError, AssertionError, IndexError) as e:
+        raise ModelError(f"{source}: not a CLIP checkpoint this version understands ({str(e)[:200]})") from e
+    return model.float().eval(), arch
+
+
+def load_model(
+    spec: str | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    on_download: DownloadProgress | None = None,
+) -> LoadedModel:
+    spec = spec or default_model()
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    path = resolve_checkpoint(spec, on_download)
+    model, arch = build_from_state_dict(read_state_dict(path), path)
+    model.requires_grad_(False)
+    return LoadedModel(spec, path, model.to(dev), arch, dev, prec)
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    kind: Literal["openai", "bundled"]
+    path: Path
+    available: bool
+    size: int | None
+
+
+def list_models() -> list[ModelEntry]:
+    entries = []
+    for name in OPENAI_MODELS:
+        path = openai_cache_path(name)
+        ok = path.is_file()
+        entries.append(ModelEntry(name, "openai", path, ok, path.stat().st_size if ok else None))
+    for name in BUNDLED_MODELS:
+        path = bundled_path(name)
+        ok = path.is_file()
+        entries.append(ModelEntry(name, "bundled", path, ok, path.stat().st_size if ok else None))
+    return entries

@@ -1,0 +1,100 @@
+"""Labels, prompt templates (built-in sets are data files) and the prompt-ensemble classifier."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from clipcli.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
+
+    from clipcli.models import LoadedModel
+
+BUILTIN_TEMPLATE_SETS = ("simple", "cifar", "imagenet")
+DEFAULT_TEMPLATES = "simple"
+
+
+@dataclass(frozen=True)
+class TemplateSet:
+    name: str
+    templates: tuple[str, ...]
+
+    def fill(self, label: str) -> list[str]:
+        # str.replace, not str.format: labels may contain braces.
+        return [t.replace("{}", label) for t in self.templates]
+
+
+def read_lines(file: Path | str, what: str) -> list[str]:
+    """The non-empty, stripped lines of a UTF-8 text file."""
+    try:
+        text = Path(file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise InputError(f"{file}: cannot read {what} file ({reason})") from e
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _check(templates: Sequence[str], source: str) -> tuple[str, ...]:
+    if not templates:
+        raise InputError(f"{source}: no templates")
+    for t in templates:
+        if "{}" not in t:
+            raise InputError(f"template {t!r} has no {{}} for the label (use \"{{}}\" for labels as they are)")
+    return tuple(templates)
+
+
+def builtin_templates(name: str) -> TemplateSet:
+    text = (resources.files("clipcli") / "templates" / f"{name}.txt").read_text(encoding="utf-8")
+    return TemplateSet(name, _check([ln.strip() for ln in text.splitlines() if ln.strip()], name))
+
+
+def resolve_templates(template: Sequence[str] | None = None, templates: str | None = None) -> TemplateSet:
+    """``--template`` strings (repeatable) or ``--templates NAME|FILE``; the default is ``simple``."""
+    if template and templates:
+        raise InputError("give --template or --templates, not both")
+    if template:
+        return TemplateSet("custom" if len(template) > 1 else template[0], _check(template, "--template"))
+    name = templates or DEFAULT_TEMPLATES
+    if name in BUILTIN_TEMPLATE_SETS:
+        return builtin_templates(name)
+    if Path(name).is_file():
+        return TemplateSet(Path(name).stem, _check(read_lines(name, "templates"), name))
+    raise InputError(f"unknown template set {name!r}: use {', '.join(BUILTIN_TEMPLATE_SETS)} or a file path")
+
+
+def resolve_labels(labels: str | None = None, labels_file: str | None = None) -> list[str]:
+    """``--labels a,b,c`` or ``--labels-file FILE`` (one label per line)."""
+    if labels and labels_file:
+        raise InputError("give --labels or --labels-file, not both")
+    if labels_file:
+        found = read_lines(labels_file, "labels")
+        source = labels_file
+    elif labels:
+        found = [part.strip() for part in labels.split(",") if part.strip()]
+        source = "--labels"
+    else:
+        raise InputError("no labels: pass --labels a,b,c or --labels-file FILE")
+    if not found:
+        raise InputError(f"{source}: no labels")
+    seen: set[str] = set()
+    for label in found:
+        if label in seen:
+            raise InputError(f"{source}: label {label!r} appears twice")
+        seen.add(label)
+    return found
+
+
+def zero_shot_classifier(lm: LoadedModel, labels: Sequence[str], templates: TemplateSet) -> torch.Tensor:
+    """One embedding per label: the renormalised mean of its normalised prompt embeddings (L x D)."""
+    import torch
+
+    from clipcli.encode import encode_texts
+
+    prompts = [p for label in labels for p in templates.fill(label)]
+    per_prompt = encode_texts(lm, prompts).view(len(labels), len(templates.templates), -1)
+    return torch.nn.functional.normalize(per_prompt.mean(dim=1), dim=-1)

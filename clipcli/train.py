@@ -1,0 +1,397 @@
+"""Contrastive pre-training and fine-tuning with CLIP's symmetric loss.
+
+Runs are deterministic on the CPU for a fixed seed: the data order of every epoch is derived from
+(seed, epoch), and checkpoints hold the model, optimiser and schedule, so ``resume`` continues an
+interrupted run to the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from clipcli.errors import InputError, ModelError
+from clipcli.images import describe_error, load_image, reference_transform
+
+if TYPE_CHECKING:
+    import torch
+    from clip.model import CLIP
+
+MAX_LOGIT_SCALE = math.log(100.0)
+# Preprocessed images are kept in memory (fp16) up to this size; beyond it, decoded every step.
+PRELOAD_LIMIT_BYTES = 6 * 2**30
+
+
+@dataclass
+class TrainConfig:
+    pairs: Path
+    output: Path
+    model: str | None = None
+    arch: str | None = None
+    epochs: int = 10
+    steps: int | None = None
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup: float = 0.05  # fraction of all steps
+    grad_clip: float = 1.0
+    seed: int = 0
+    val_fraction: float = 0.0
+    checkpoint_every: int = 500
+    resume: bool = False
+    bad_images: str = "skip"  # or "stop"
+    workers: int = 0
+    device: str = "cpu"
+    half: bool = True
+
+
+@dataclass
+class Pairs:
+    files: list[Path]
+    texts: list[str]
+    rows: list[int]  # the 1-based data row each pair came from, for messages
+
+
+@dataclass
+class StepInfo:
+    step: int
+    total: int
+    loss: float
+    lr: float
+    samples_per_s: float
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float
+    seconds: float
+    skipped: list[str] = field(default_factory=list)
+    val_image_to_text_r1: float | None = None
+    val_text_to_image_r1: float | None = None
+
+
+def read_pairs(path: Path) -> Pairs:
+    """Read CSV/Parquet/JSONL with ``image`` (relative to the file's folder) and ``text`` columns."""
+    import pandas as pd
+
+    readers: dict[str, Callable[[Path], Any]] = {
+        ".csv": lambda p: pd.read_csv(p, dtype=str, keep_default_na=False),
+        ".parquet": pd.read_parquet,
+        ".jsonl": lambda p: pd.read_json(p, lines=True, dtype=False),
+    }
+    reader = readers.get(path.suffix.lower())
+    if reader is None:
+        raise InputError(f"{path}: pairs must be .csv, .parquet or .jsonl")
+    try:
+        frame = reader(path)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot read pairs ({str(e).splitlines()[0]})") from e
+    missing = [c for c in ("image", "text") if c not in frame.columns]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {', '.join(missing)} (need image and text)")
+    if frame.empty:
+        raise InputError(f"{path}: no pairs")
+    from clipcli.encode import tokenize
+
+    files, texts, rows = [], [], []
+    for i, (image, text) in enumerate(zip(frame["image"], frame["text"], strict=True), start=1):
+        text = "" if text is None or (isinstance(text, float) and math.isnan(text)) else str(text).strip()
+        if not text:
+            raise InputError(f"{path}: row {i}: empty caption")
+        try:
+            tokenize([text])
+        except InputError as e:
+            raise InputError(f"{path}: row {i}: {e}") from None
+        files.append(path.parent / str(image))
+        texts.append(text)
+        rows.append(i)
+    return Pairs(files, texts, rows)
+
+
+def _initial_model(config: TrainConfig) -> CLIP:
+    from clipcli.models import ARCHITECTURES, build_from_state_dict, read_state_dict, resolve_checkpoint
+
+    if config.model and config.arch:
+        raise InputError("give --model (fine-tune) or --arch (from scratch), not both")
+    if config.model:
+        path = resolve_checkpoint(config.model)
+        model, _ = build_from_state_dict(read_state_dict(path), path)
+        return model
+    name = config.arch or "tiny-shapes"
+    if name not in ARCHITECTURES:
+        raise ModelError(f"unknown architecture {name!r}; valid: {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[name].build().float()
+
+
+class _PixelSource:
+    """Preprocessed images by pair index: from a uint8 cache in memory, or decoded when asked."""
+
+    def __init__(self, files: Sequence[Path], n_px: int, workers: int, on_progress: Callable[[int], None] | None):
+        import torch
+
+        self.files = files
+        self.n_px = n_px
+        self.transform = reference_transform(n_px)
+        self.ok = torch.ones(len(files), dtype=torch.bool)
+        self.reasons: dict[int, str] = {}
+        self.cache: torch.Tensor | None = None
+        if len(files) * 3 * n_px * n_px * 2 <= PRELOAD_LIMIT_BYTES:
+            self.cache = self._preload(workers, on_progress)
+
+    def _decode(self, i: int) -> torch.Tensor | str:
+        try:
+            return self.transform(load_image(self.files[i], self.n_px))  # type: ignore[no-any-return]
+        except (OSError, ValueError, SyntaxError) as e:
+            return describe_error(e)
+
+    def _preload(self, workers: int, on_progress: Callable[[int], None] | None) -> torch.Tensor:
+        import torch
+
+        from clipcli.images import ImageRef, iter_batches
+
+        cache = torch.empty(len(self.files), 3, self.n_px, self.n_px, dtype=torch.float16)
+        refs = [ImageRef(str(f), f) for f in self.files]
+        for batch in iter_batches(refs, self.n_px, batch_size=256, workers=workers):
+            if batch.pixels is not None:
+                cache[batch.indices] = batch.pixels.half()
+            for i, reason in batch.skipped:
+                self.ok[i] = False
+                self.reasons[i] = reason
+            if on_progress:
+                on_progress(len(batch.indices) + len(batch.skipped))
+        return cache
+
+    def get(self, indices: Sequence[int]) -> torch.Tensor:
+        import torch
+
+        if self.cache is not None:
+            return self.cache[list(indices)].float()
+        return torch.stack([t for t in (self._decode(i) for i in indices) if not isinstance(t, str)])
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices only: gains, biases, embeddings and the temperature are left alone."""
+    no_decay_names = ("token_embedding", "positional_embedding", "class_embedding", "logit_scale")
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or any(n in name for n in no_decay_names):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step: int, total: int, base: float, warmup_steps: int) -> float:
+    """Linear warm-up, then cosine decay to zero."""
+    if step < warmup_steps:
+        return base * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total - warmup_steps)
+    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric cross-entropy over image->text rows and text->image columns."""
+    import torch
+    import torch.nn.functional as F
+
+    image_features = F.normalize(image_features, dim=-1)
+    text_features = F.normalize(text_features, dim=-1)
+    logits = logit_scale.exp() * image_features @ text_features.T
+    targets = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+def _encode_text_trimmed(model: CLIP, tokens: torch.Tensor) -> torch.Tensor:
+    length = int(tokens.argmax(dim=-1).max()) + 1
+    return model.encode_text(tokens[:, :length])
+
+
+def _split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    import torch
+
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = int(round(n * val_fraction))
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+def _epoch_order(train_idx: Sequence[int], seed: int, epoch: int) -> list[int]:
+    import torch
+
+    g = torch.Generator().manual_seed(seed * 7919 + epoch + 1)
+    return [train_idx[i] for i in torch.randperm(len(train_idx), generator=g).tolist()]
+
+
+def _batch_at(train_idx: Sequence[int], seed: int, step: int, batch_size: int) -> list[int]:
+    """The pairs of global ``step``: whole batches only, each epoch in its own shuffled order."""
+    per_epoch = len(train_idx) // batch_size
+    epoch, k = divmod(step, per_epoch)
+    order = _epoch_order(train_idx, seed, epoch)
+    return order[k * batch_size : (k + 1) * batch_size]
+
+
+def _checkpoint_path(output: Path) -> Path:
+    return output.with_name(output.name + ".ckpt")
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    import torch
+
+    from clipcli.io import atomic_path
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = atomic_path(path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def export_state_dict(model: CLIP, half: bool) -> dict[str, Any]:
+    """OpenAI's layout: the keys ``clip.model.build_model`` reads (fp16 floats when ``half``)."""
+    return {
+        k: (v.detach().half() if half and v.is_floating_point() else v.detach()).cpu().clone()
+        for k, v in model.state_dict().items()
+    }
+
+
+@dataclass
+class _Recall:
+    image_to_text: float
+    text_to_image: float
+
+
+def recall_at_1(model: CLIP, pixels: torch.Tensor, tokens: torch.Tensor, texts: Sequence[str]) -> _Recall:
+    """Recall@1 both ways; identical captions count as the same answer (they cannot be told apart)."""
+    import torch
+    import torch.nn.functional as F
+
+    model.eval()
+    with torch.inference_mode():
+        img = torch.cat([F.normalize(model.encode_image(pixels[i : i + 256]), dim=-1) for i in range(0, len(pixels), 256)])
+        txt = torch.cat([F.normalize(_encode_text_trimmed(model, tokens[i : i + 256]), dim=-1) for i in range(0, len(tokens), 256)])
+    sim = img @ txt.T
+    best_text = sim.argmax(dim=1).tolist()
+    best_image = sim.argmax(dim=0).tolist()
+    i2t = sum(texts[j] == texts[i] for i, j in enumerate(best_text)) / len(texts)
+    t2i = sum(texts[j] == texts[i] for i, j in enumerate(best_image)) / len(texts)
+    return _Recall(i2t, t2i)
+
+
+def train(
+    config: TrainConfig,
+    on_step: Callable[[StepInfo], None] | None = None,
+    on_preload: Callable[[int, int], None] | None = None,
+    on_skip: Callable[[str, str], None] | None = None,
+) -> TrainResult:
+    """Train and write ``config.output`` (atomically); checkpoints go to ``OUTPUT.ckpt``."""
+    import torch
+
+    from clipcli.encode import tokenize
+    from clipcli.models import resolve_device
+
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)
+    pairs = read_pairs(config.pairs)
+    model = _initial_model(config)
+    device = resolve_device(config.device)
+    n_px = model.visual.input_resolution
+    tokens = tokenize(pairs.texts, model.context_length)
+
+    total_pairs = len(pairs.files)
+    pixels = _PixelSource(
+        pairs.files, n_px, config.workers, (lambda n: on_preload(n, total_pairs)) if on_preload else None
+    )
+    if pixels.cache is None:
+        # Without a cache, check every file once up front so bad rows are known before training starts.
+        for i in range(total_pairs):
+            got = pixels._decode(i)
+            if isinstance(got, str):
+                pixels.ok[i] = False
+                pixels.reasons[i] = got
+    skipped_messages = []
+    for i, reason in sorted(pixels.reasons.items()):
+        message = f"{config.pairs}: row {pairs.rows[i]}: {pairs.files[i]}: {reason}"
+        if config.bad_images == "stop":
+            raise InputError(message)
+        skipped_messages.append(message)
+        if on_skip:
+            on_skip(str(pairs.files[i]), f"row {pairs.rows[i]}: {reason}")
+
+    usable = [i for i in range(total_pairs) if pixels.ok[i]]
+    train_idx, val_idx = _split(len(usable), config.val_fraction, config.seed)
+    train_idx = [usable[i] for i in train_idx]
+    val_idx = [usable[i] for i in val_idx]
+    batch_size = min(config.batch_size, len(train_idx))
+    if batch_size < 2:
+        raise InputError(f"{config.pairs}: need at least 2 usable training pairs, found {len(train_idx)}")
+    per_epoch = len(train_idx) // batch_size
+    total_steps = config.steps or config.epochs * per_epoch
+    warmup_steps = max(1, int(total_steps * config.warmup))
+
+    model = model.to(device).train()
+    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
+    step = 0
+    ckpt = _checkpoint_path(config.output)
+    signature = {k: str(v) for k, v in asdict(config).items() if k not in ("resume", "workers", "checkpoint_every")}
+    if config.resume and ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if state["signature"] != signature:
+            changed = sorted(k for k in signature if state["signature"].get(k) != signature[k])
+            raise InputError(f"{ckpt}: checkpoint was made with different settings ({', '.join(changed)})")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        step = state["step"]
+
+    loss_value = float("nan")
+    window_start, window_samples = time.perf_counter(), 0
+    while step < total_steps:
+        idx = _batch_at(train_idx, config.seed, step, batch_size)
+        lr = lr_at(step, total_steps, config.lr, warmup_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        images = pixels.get(idx).to(device)
+        loss = contrastive_loss(model.encode_image(images), _encode_text_trimmed(model, tokens[idx].to(device)), model.logit_scale)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        step += 1
+        loss_value = float(loss.detach())
+        window_samples += len(idx)
+        if on_step:
+            elapsed = time.perf_counter() - window_start
+            on_step(StepInfo(step, total_steps, loss_value, lr, window_samples / elapsed if elapsed > 0 else 0.0))
+        if step % config.checkpoint_every == 0 and step < total_steps:
+            _atomic_save(
+                {
+                    "signature": signature,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "step": step,
+                },
+                ckpt,
+            )
+
+    result = TrainResult(step, loss_value, 0.0, skipped_messages)
+    if val_idx:
+        recall = recall_at_1(model, pixels.get(val_idx).to(device), tokens[val_idx].to(device), [pairs.texts[i] for i in val_idx])
+        result.val_image_to_text_r1 = recall.image_to_text
+        result.val_text_to_image_r1 = recall.text_to_image
+    model.eval()
+    _atomic_save(export_state_dict(model, config.half), config.output)
+    ckpt.unlink(missing_ok=True)
+    result.seconds = time.perf_counter() - started
+    return result

@@ -1,0 +1,84 @@
+"""Fixtures: tiny random CLIP checkpoints in OpenAI's fp16 layout, images, and a CLI runner."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from clipcli.cli import app
+from clipcli.models import ARCHITECTURES, import_clip
+
+
+def write_checkpoint(path: Path, arch: str, seed: int = 0) -> Path:
+    """A random model saved the way OpenAI's checkpoints are: fp16 weights, plain state dict."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = ARCHITECTURES[arch].build()
+    # Random init gives near-identical text features; spread the temperature and embeddings so
+    # probabilities differ across labels and the parity tests compare something.
+    with torch.no_grad():
+        model.logit_scale.fill_(np.log(100.0))
+    import_clip().model.convert_weights(model)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def vit_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "test-vit.pt", "test-vit")
+
+
+@pytest.fixture(scope="session")
+def rn_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "test-rn.pt", "test-rn", seed=1)
+
+
+def make_image(path: Path, size: tuple[int, int] = (80, 60), seed: int = 0, mode: str = "RGB", **save: object) -> Path:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    image = Image.fromarray(pixels, "RGB")
+    if mode != "RGB":
+        image = image.convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, **save)
+    return path
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> list[Path]:
+    """Five small RGB JPEGs and PNGs in a folder, named so natural sort differs from plain sort."""
+    folder = tmp_path / "imgs"
+    names = ["img1.jpg", "img2.png", "img10.jpg", "sub/img3.JPG", "sub/img20.jpeg"]
+    return [make_image(folder / n, (64 + 8 * i, 48 + 4 * i), seed=i) for i, n in enumerate(names)]
+
+
+@dataclass
+class Ran:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def cli() -> Callable[..., Ran]:
+    """Invoke the Typer app in-process with separate stdout and stderr."""
+    runner = CliRunner()
+
+    def run(*args: str, input: str | None = None, env: dict[str, str] | None = None) -> Ran:
+        result = runner.invoke(app, list(args), input=input, env=env, catch_exceptions=False)
+        return Ran(result.exit_code, result.stdout, result.stderr)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def python() -> str:
+    return sys.executable

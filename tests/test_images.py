@@ -1,0 +1,149 @@
+"""Finding and decoding images: every input kind, every PIL mode users meet, every bad file."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from clipcli.images import discover, load_image, natural_key
+from conftest import make_image
+
+
+def test_natural_sort():
+    names = ["img10.jpg", "img9.jpg", "Img1.jpg", "img100.jpg"]
+    assert sorted(names, key=natural_key) == ["Img1.jpg", "img9.jpg", "img10.jpg", "img100.jpg"]
+
+
+def test_discover_folders_recursively_with_case_insensitive_extensions(tmp_path):
+    for name in ["b/x2.PNG", "b/x10.jpg", "a.JPEG", "notes.txt", "c/d/e.webp"]:
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+    refs, missing = discover([str(tmp_path)])
+    rel = [os.path.relpath(r.path, tmp_path) for r in refs]
+    assert rel == ["a.JPEG", "b/x2.PNG", "b/x10.jpg", "c/d/e.webp"]
+    assert missing == []
+
+
+def test_discover_reports_missing_files_and_empty_globs(tmp_path):
+    refs, missing = discover([str(tmp_path / "nope.jpg"), str(tmp_path / "*.gif")])
+    assert refs == []
+    assert [m.reason for m in missing] == ["no such file or directory", "no file matches this pattern"]
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    image = Image.new("RGB", (40, 20), "red")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when shown
+    image.save(tmp_path / "rot.jpg", exif=exif)
+    assert load_image(tmp_path / "rot.jpg").size == (20, 40)
+
+
+def _modes(tmp_path: Path) -> dict[str, Path]:
+    out = {}
+    base = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8), "RGB")
+    base.convert("L").save(out.setdefault("grey", tmp_path / "grey.png"))
+    palette = base.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    palette.info["transparency"] = 0
+    palette.save(out.setdefault("palette-transparent", tmp_path / "pal.png"), transparency=0)
+    rgba = base.convert("RGBA")
+    rgba.putalpha(0)
+    rgba.save(out.setdefault("rgba", tmp_path / "rgba.png"))
+    base.convert("CMYK").save(out.setdefault("cmyk", tmp_path / "cmyk.jpg"))
+    Image.fromarray((np.arange(1200).reshape(30, 40) * 50).astype(np.uint16)).save(
+        out.setdefault("16-bit", tmp_path / "deep.png")
+    )
+    base.save(out.setdefault("webp", tmp_path / "pic.webp"))
+    frames = [Image.new("RGB", (20, 20), c) for c in ("red", "blue")]
+    frames[0].save(out.setdefault("gif", tmp_path / "anim.gif"), save_all=True, append_images=frames[1:])
+    frames[1].save(out.setdefault("tiff", tmp_path / "pages.tiff"), save_all=True, append_images=frames[:1])
+    return out
+
+
+def test_every_mode_decodes_to_rgb(tmp_path):
+    files = _modes(tmp_path)
+    for kind, path in files.items():
+        image = load_image(path)
+        assert image.mode == "RGB", kind
+    # fully transparent pixels show as white, not as whatever colour they hold
+    assert load_image(files["rgba"]).getpixel((5, 5)) == (255, 255, 255)
+    # 16-bit values are scaled, not clipped: the brightest pixel is white, a mid value is grey
+    deep = np.asarray(load_image(files["16-bit"]))[..., 0]
+    assert deep.max() > 200 and 0 < np.median(deep) < 255
+    # the first frame of animations and multipage files
+    assert load_image(files["gif"]).getpixel((0, 0))[0] > 200
+    assert load_image(files["tiff"]).getpixel((0, 0))[2] > 200
+
+
+def _bad_inputs(folder: Path) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    good = make_image(folder / "good.jpg")
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "text.jpg").write_text("this is not an image\n")
+    data = good.read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    # a PNG whose header claims 20000 x 20000 pixels: a decompression bomb
+    Image.new("1", (20000, 20000)).save(folder / "bomb.png")
+    (folder / "broken.png").symlink_to(folder / "does-not-exist.png")
+    (folder / "adir.jpg").mkdir()
+    return {"empty": folder / "empty.jpg", "text": folder / "text.jpg", "truncated": folder / "truncated.jpg",
+            "bomb": folder / "bomb.png", "broken": folder / "broken.png", "dir": folder / "adir.jpg",
+            "good": good}
+
+
+def test_bad_inputs_are_skipped_by_name_and_the_run_goes_on(cli, tmp_path, vit_ckpt, monkeypatch):
+    files = _bad_inputs(tmp_path / "mixed")
+    unreadable = make_image(tmp_path / "mixed" / "secret.jpg", seed=4)
+    real_open = Image.open
+
+    def deny(fp, *a, **k):  # tests run as root, where chmod 000 does not stop reading
+        if Path(fp) == unreadable:
+            raise PermissionError(13, "Permission denied", str(fp))
+        return real_open(fp, *a, **k)
+
+    monkeypatch.setattr(Image, "open", deny)
+    paths = [*files.values(), unreadable]
+    ran = cli("classify", "-", "--labels", "a,b", "-m", str(vit_ckpt), "-f", "csv",
+              input="\n".join(map(str, paths)) + "\n")
+    assert ran.exit_code == 1
+    frame = pd.read_csv(io.StringIO(ran.stdout))
+    assert set(frame["path"]) == {str(files["good"])}
+    reasons = {
+        "empty": "not an image", "text": "not an image", "truncated": "truncated",
+        "bomb": "decompression bomb", "broken": "broken link", "dir": "is a directory",
+    }
+    lines = ran.stderr.splitlines()
+    for kind, reason in reasons.items():
+        assert any(line.startswith(f"skipped {files[kind]}: ") and reason in line for line in lines), kind
+    assert any(line.startswith(f"skipped {unreadable}: permission denied") for line in lines)
+    assert lines[-1] == "classified 1 image, skipped 7"
+    assert "Traceback" not in ran.stderr
+
+
+def test_mixed_folder_walk_skips_bad_files(cli, tmp_path, vit_ckpt):
+    files = _bad_inputs(tmp_path / "mixed")
+    ran = cli("classify", str(tmp_path / "mixed"), "--labels", "a,b", "-m", str(vit_ckpt), "-f", "csv")
+    assert ran.exit_code == 1
+    assert set(pd.read_csv(io.StringIO(ran.stdout))["path"]) == {str(files["good"])}
+    assert ran.stderr.splitlines()[-1] == "classified 1 image, skipped 5"
+
+
+def test_missing_argument_is_skipped_not_fatal(cli, images, vit_ckpt):
+    ran = cli("classify", str(images[0]), "/no/such.jpg", "--labels", "a,b", "-m", str(vit_ckpt), "-f", "csv")
+    assert ran.exit_code == 1
+    assert "skipped /no/such.jpg: no such file or directory" in ran.stderr
+    assert len(pd.read_csv(io.StringIO(ran.stdout))) == 2
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_workers_give_the_same_answers(cli, images, vit_ckpt, workers):
+    args = ["classify", str(images[0].parent), "--labels", "a,b,c", "-m", str(vit_ckpt), "-f", "csv", "-b", "2"]
+    base = pd.read_csv(io.StringIO(cli(*args).stdout))
+    other = pd.read_csv(io.StringIO(cli(*args, "--workers", str(workers)).stdout))
+    pd.testing.assert_frame_equal(base, other)
