@@ -47,12 +47,12 @@ def classify_images(
     classifier = zero_shot_classifier(lm, labels, templates)
     scale = lm.model.logit_scale.exp().float().cpu()
     k = min(top_k, len(labels))
-    for done, embeddings, skipped in iter_image_embeddings(lm, refs, batch_size, workers, exact):
-        yield from skipped
-        if done:
-            probs = (scale * embeddings @ classifier.T).softmax(dim=-1)
+    for batch in iter_image_embeddings(lm, refs, batch_size, workers, exact):
+        yield from batch.skipped
+        if batch.refs:
+            probs = (scale * batch.embeddings @ classifier.T).softmax(dim=-1)
             top = torch.topk(probs, k, dim=-1)
-            for ref, scores, idx in zip(done, top.values.tolist(), top.indices.tolist(), strict=True):
+            for ref, scores, idx in zip(batch.refs, top.values.tolist(), top.indices.tolist(), strict=True):
                 yield Prediction(ref.path, tuple(labels[i] for i in idx), tuple(scores))
         if on_batch:
-            on_batch(len(done) + len(skipped))
+            on_batch(len(batch.refs) + len(batch.skipped))

@@ -14,7 +14,9 @@ from typer.core import TyperGroup
 
 from clipcli import __version__
 from clipcli.commands.classify import classify
+from clipcli.commands.embed import embed
 from clipcli.commands.models import models
+from clipcli.commands.rank import rank
 from clipcli.commands.train import make_shapes, train
 from clipcli.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, ClipCliError
 
@@ -85,6 +87,8 @@ def _root(
 
 
 app.command()(classify)
+app.command()(embed)
+app.command()(rank)
 app.command()(models)
 app.command()(train)
 app.command("make-shapes")(make_shapes)

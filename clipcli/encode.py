@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from clipcli.errors import InputError
@@ -31,7 +32,7 @@ def tokenize(texts: Sequence[str], context_length: int = 77) -> torch.Tensor:
         raise
 
 
-def encode_tokens(lm: LoadedModel, tokens: torch.Tensor) -> torch.Tensor:
+def encode_tokens(lm: LoadedModel, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
     """Text features for a token batch, cut to its longest text.
 
     The causal mask means no position after a text's end token can change that token's feature, so
@@ -41,12 +42,14 @@ def encode_tokens(lm: LoadedModel, tokens: torch.Tensor) -> torch.Tensor:
 
     length = int(tokens.argmax(dim=-1).max()) + 1  # the end token has the highest id
     with torch.inference_mode(), lm.autocast():
-        features = lm.model.encode_text(tokens[:, :length].to(lm.device))
-    return torch.nn.functional.normalize(features.float(), dim=-1).cpu()
+        features = lm.model.encode_text(tokens[:, :length].to(lm.device)).float()
+    return (torch.nn.functional.normalize(features, dim=-1) if normalize else features).cpu()
 
 
-def encode_texts(lm: LoadedModel, texts: Sequence[str], batch_size: int = TEXT_BATCH) -> torch.Tensor:
-    """Normalised embeddings of ``texts`` (N x D, float32, in input order)."""
+def encode_texts(
+    lm: LoadedModel, texts: Sequence[str], batch_size: int = TEXT_BATCH, normalize: bool = True
+) -> torch.Tensor:
+    """Embeddings of ``texts`` (N x D, float32, in input order), L2-normalised unless asked not to."""
     import torch
 
     if not texts:
@@ -57,17 +60,25 @@ def encode_texts(lm: LoadedModel, texts: Sequence[str], batch_size: int = TEXT_B
     out = torch.empty(len(texts), lm.architecture.embed_dim)
     for start in range(0, len(texts), batch_size):
         idx = order[start : start + batch_size]
-        out[idx] = encode_tokens(lm, tokens[idx])
+        out[idx] = encode_tokens(lm, tokens[idx], normalize)
     return out
 
 
-def encode_pixels(lm: LoadedModel, pixels: torch.Tensor) -> torch.Tensor:
-    """Normalised embeddings of preprocessed images (N x 3 x R x R) -> N x D float32 on the CPU."""
+def encode_pixels(lm: LoadedModel, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """Embeddings of preprocessed images (N x 3 x R x R) -> N x D float32 on the CPU."""
     import torch
 
     with torch.inference_mode(), lm.autocast():
-        features = lm.model.encode_image(pixels.to(lm.device, non_blocking=True))
-    return torch.nn.functional.normalize(features.float(), dim=-1).cpu()
+        features = lm.model.encode_image(pixels.to(lm.device, non_blocking=True)).float()
+    return (torch.nn.functional.normalize(features, dim=-1) if normalize else features).cpu()
+
+
+@dataclass
+class EmbeddedBatch:
+    refs: list[ImageRef]  # the images embedded, in input order
+    embeddings: torch.Tensor  # one row per ref
+    sizes: list[tuple[int, int]]  # full-resolution (width, height) per ref
+    skipped: list[Skipped]
 
 
 def iter_image_embeddings(
@@ -76,13 +87,16 @@ def iter_image_embeddings(
     batch_size: int = 32,
     workers: int = 0,
     exact: bool = False,
-) -> Iterator[tuple[list[ImageRef], torch.Tensor, list[Skipped]]]:
-    """Embed ``refs`` batch by batch: (the refs embedded, their embeddings, the refs skipped and why)."""
+    normalize: bool = True,
+) -> Iterator[EmbeddedBatch]:
+    """Embed ``refs`` batch by batch, in input order; unreadable images come back as skipped."""
     import torch
 
     for batch in iter_batches(refs, lm.input_resolution, batch_size, workers, exact):
         skipped = [Skipped(refs[i].path, reason) for i, reason in batch.skipped]
         if batch.pixels is None:
-            yield [], torch.empty(0, lm.architecture.embed_dim), skipped
+            empty = torch.empty(0, lm.architecture.embed_dim)
+            yield EmbeddedBatch([], empty, [], skipped)
             continue
-        yield [refs[i] for i in batch.indices], encode_pixels(lm, batch.pixels), skipped
+        embeddings = encode_pixels(lm, batch.pixels, normalize)
+        yield EmbeddedBatch([refs[i] for i in batch.indices], embeddings, batch.sizes, skipped)

@@ -24,6 +24,7 @@ IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 )
 _GLOB_CHARS = re.compile(r"[*?\[]")
+_ORIENTATION = 0x0112  # EXIF tag; values 5-8 mean the picture is shown rotated by 90 degrees
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,12 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 
 def load_image(file: Path, draft_size: int | None = None) -> Image.Image:
-    """Open an image as RGB: first frame, EXIF orientation applied.
+    """Open an image as RGB: first frame, EXIF orientation applied (see :func:`decode`)."""
+    return decode(file, draft_size)[0]
+
+
+def decode(file: Path, draft_size: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """Open an image as RGB, with its full-resolution (width, height) as shown upright.
 
     ``draft_size`` lets JPEGs decode at a reduced DCT scale that still covers that many pixels on each
     side, several times faster for large photos with no visible change after resizing to the model.
@@ -119,11 +125,14 @@ def load_image(file: Path, draft_size: int | None = None) -> Image.Image:
         with Image.open(file) as im:
             if getattr(im, "n_frames", 1) > 1:
                 im.seek(0)
+            width, height = im.size
+            if im.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8):
+                width, height = height, width
             if draft_size and im.format == "JPEG":
                 im.draft("RGB", (draft_size, draft_size))
             im.load()
             oriented = ImageOps.exif_transpose(im)
-            return _to_rgb(oriented)
+            return _to_rgb(oriented), (width, height)
 
 
 def describe_error(exc: BaseException) -> str:
@@ -154,6 +163,7 @@ def reference_transform(n_px: int) -> Callable[[Image.Image], torch.Tensor]:
 class Batch:
     indices: list[int]
     pixels: torch.Tensor | None
+    sizes: list[tuple[int, int]]  # full-resolution (width, height) of each decoded image
     skipped: list[tuple[int, str]]
 
 
@@ -168,7 +178,8 @@ class _ImageDataset:
 
     def __getitem__(self, i: int) -> tuple[int, Any]:
         try:
-            return i, self.transform(load_image(self.refs[i].file, self.draft))
+            image, size = decode(self.refs[i].file, self.draft)
+            return i, (self.transform(image), size)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             return i, describe_error(e)
         except Exception as e:  # noqa: BLE001 - a plugin bug in one file must not end the run
@@ -180,8 +191,8 @@ def _collate(items: list[tuple[int, Any]]) -> Batch:
 
     good = [(i, t) for i, t in items if not isinstance(t, str)]
     bad = [(i, t) for i, t in items if isinstance(t, str)]
-    pixels = torch.stack([t for _, t in good]) if good else None
-    return Batch([i for i, _ in good], pixels, bad)
+    pixels = torch.stack([t for _, (t, _) in good]) if good else None
+    return Batch([i for i, _ in good], pixels, [size for _, (_, size) in good], bad)
 
 
 def iter_batches(

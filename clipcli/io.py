@@ -25,6 +25,7 @@ class OutputFormat(str, Enum):
     JSONL = "jsonl"
     PARQUET = "parquet"
     NPY = "npy"
+    TSV = "tsv"  # header-less, tab-separated: `score<TAB>path`, for cut, sort and xargs
 
 
 _BY_SUFFIX = {
@@ -34,6 +35,7 @@ _BY_SUFFIX = {
     ".parquet": OutputFormat.PARQUET,
     ".pq": OutputFormat.PARQUET,
     ".npy": OutputFormat.NPY,
+    ".tsv": OutputFormat.TSV,
 }
 
 
@@ -42,8 +44,9 @@ def choose_format(
     output: str | None,
     stdout_is_tty: bool,
     allowed: Sequence[OutputFormat],
+    piped: OutputFormat = OutputFormat.CSV,
 ) -> OutputFormat:
-    """``--format`` wins, then the output file's extension, then table on a terminal, else CSV."""
+    """``--format`` wins, then the output file's extension, then table on a terminal, else ``piped``."""
     if explicit is not None:
         fmt = explicit
     elif output and output != "-":
@@ -53,7 +56,7 @@ def choose_format(
             raise OutputError(f"{output}: cannot tell the format from the extension (use {known} or --format)")
         fmt = _BY_SUFFIX[suffix]
     else:
-        fmt = OutputFormat.TABLE if stdout_is_tty and OutputFormat.TABLE in allowed else OutputFormat.CSV
+        fmt = OutputFormat.TABLE if stdout_is_tty and OutputFormat.TABLE in allowed else piped
     if fmt not in allowed:
         raise OutputError(f"format {fmt.value} is not available here; use one of {', '.join(f.value for f in allowed)}")
     if fmt is OutputFormat.TABLE and output and output != "-":
@@ -115,6 +118,14 @@ class JsonlWriter(CsvWriter):
     def write(self, rows: Sequence[Mapping[str, Any]]) -> None:
         for row in rows:
             self.stream.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.stream.flush()
+        self.count += len(rows)
+
+
+class TsvWriter(CsvWriter):
+    def write(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        for row in rows:
+            self.stream.write("\t".join(_cell(v) for v in row.values()) + "\n")
         self.stream.flush()
         self.count += len(rows)
 
@@ -203,6 +214,8 @@ def open_writer(fmt: OutputFormat, output: str | None, schema: Any = None) -> Ro
         return CsvWriter(output)
     if fmt is OutputFormat.JSONL:
         return JsonlWriter(output)
+    if fmt is OutputFormat.TSV:
+        return TsvWriter(output)
     if fmt is OutputFormat.PARQUET:
         return ParquetWriter(output, schema)
     if fmt is OutputFormat.TABLE:

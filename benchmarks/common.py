@@ -1,0 +1,42 @@
+"""Helpers shared by the benchmarks: random full-size checkpoints and timing."""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def random_checkpoint(arch: str, folder: Path) -> Path:
+    """A random-weight checkpoint in OpenAI's fp16 layout (compute cost does not depend on values)."""
+    import torch
+
+    from clipcli.models import ARCHITECTURES, import_clip
+
+    path = folder / f"random-{arch.replace('/', '-')}.pt"
+    if not path.exists():
+        torch.manual_seed(0)
+        model = ARCHITECTURES[arch].build()
+        import_clip().model.convert_weights(model)
+        torch.save(model.state_dict(), path)
+    return path
+
+
+def time_command(cmd: list[str], repeat: int, **kwargs: object) -> list[float]:
+    """Wall-clock seconds of ``repeat`` runs of a whole process."""
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True, **kwargs)  # type: ignore[call-overload]
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def summary(times: list[float]) -> str:
+    return f"median {statistics.median(times):.3f} s (min {min(times):.3f}, max {max(times):.3f}, n={len(times)})"
+
+
+def python() -> str:
+    return sys.executable

@@ -1,0 +1,96 @@
+"""`clipcli embed`: image (or text) embeddings into Parquet, NPY, CSV or JSONL."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from clipcli.commands import options as opt
+from clipcli.io import OutputFormat
+
+FORMATS = (OutputFormat.CSV, OutputFormat.JSONL, OutputFormat.PARQUET, OutputFormat.NPY)
+
+
+def _is_dataset_dir(output: str | None) -> bool:
+    if not output or output == "-":
+        return False
+    return output.endswith(("/", os.sep)) or Path(output).is_dir() or not Path(output).suffix
+
+
+def embed(
+    inputs: Annotated[
+        list[str] | None,
+        typer.Argument(help="Image files, folders, globs, or - for paths on stdin (texts with --text).",
+                       show_default=False),
+    ] = None,
+    output: Annotated[
+        str | None,
+        typer.Option("--output", "-o", help="File (.parquet, .npy, .csv, .jsonl) or a directory for a Parquet "
+                     "dataset written part by part (incremental, resumable). Default: CSV on stdout."),
+    ] = None,
+    fmt: opt.Format = None,
+    text: Annotated[bool, typer.Option("--text", help="Embed texts (arguments, --texts-file, or - for stdin lines).")] = False,
+    texts_file: Annotated[str | None, typer.Option(help="With --text: a file with one text per line.")] = None,
+    template: opt.Template = None,
+    templates: opt.Templates = None,
+    normalize: Annotated[bool, typer.Option(help="L2-normalise embeddings.")] = True,
+    dtype: Annotated[str, typer.Option(help="float32, or float16 to halve the size.")] = "float32",
+    part_size: Annotated[
+        int, typer.Option(min=1, help="Rows per part file in a directory output (each written when full).")
+    ] = 4096,
+    model: opt.Model = None,
+    device: opt.Device = "auto",
+    precision: opt.Precision = "auto",
+    batch_size: opt.BatchSize = 32,
+    workers: opt.Workers = 0,
+    exact: opt.Exact = False,
+) -> None:
+    """Embed images (or texts) with CLIP; reruns into a Parquet output only embed what changed."""
+    from clipcli.console import Progress, say, skipped
+    from clipcli.embed import embed_images, embed_text_list
+    from clipcli.errors import EXIT_PARTIAL, InputError
+    from clipcli.images import discover
+    from clipcli.io import choose_format
+    from clipcli.prompts import read_lines, resolve_templates
+
+    if dtype not in ("float32", "float16"):
+        raise InputError(f"--dtype must be float32 or float16, not {dtype!r}")
+    inputs = inputs or []
+    if _is_dataset_dir(output) and fmt in (None, OutputFormat.PARQUET):
+        out_format = OutputFormat.PARQUET
+    else:
+        out_format = choose_format(fmt, output, False, FORMATS)
+
+    if text:
+        texts = [t for arg in inputs for t in (sys.stdin.read().splitlines() if arg == "-" else [arg])]
+        texts = [t.strip() for t in texts if t.strip()]
+        if texts_file:
+            texts += read_lines(texts_file, "texts")
+        if not texts:
+            raise InputError("no texts: pass them as arguments, with --texts-file, or on stdin with -")
+        ensemble = resolve_templates(template, templates) if (template or templates) else None
+        lm = opt.load(model, device, precision)
+        n = embed_text_list(lm, texts, ensemble, out_format, output, dtype, normalize)
+        say(f"embedded {n} text{'s' * (n != 1)}")
+        return
+
+    if not inputs:
+        raise InputError("no inputs: pass image files, folders, globs, or - to read paths from stdin")
+    refs, missing = discover(inputs, sys.stdin)
+    for m in missing:
+        skipped(m.path, m.reason)
+    lm = opt.load(model, device, precision)
+    with Progress("embedding", len(refs)) as bar:
+        summary = embed_images(
+            lm, refs, out_format, output, dtype=dtype, normalize=normalize, batch_size=batch_size,
+            workers=workers, exact=exact, part_size=part_size, on_skip=lambda s: skipped(s.path, s.reason),
+            on_plan=lambda n: bar.update(total=n), on_batch=bar.advance,
+        )
+    n_skipped = summary.skipped + len(missing)
+    say(f"embedded {summary.embedded}, unchanged {summary.unchanged}, removed {summary.removed}, skipped {n_skipped}")
+    if n_skipped:
+        raise typer.Exit(EXIT_PARTIAL)

@@ -1,0 +1,98 @@
+"""`clipcli rank`: score images (or saved embeddings, or texts) against a text or image query."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from clipcli.commands import options as opt
+from clipcli.io import OutputFormat
+
+FORMATS = (OutputFormat.TABLE, OutputFormat.TSV, OutputFormat.CSV, OutputFormat.JSONL, OutputFormat.PARQUET)
+
+
+def rank(
+    arguments: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="QUERY text then SOURCES (images, folders, globs, - for stdin, or embeddings written by "
+            "embed); with --image, only SOURCES.",
+            metavar="[QUERY] SOURCES...",
+            show_default=False,
+        ),
+    ] = None,
+    image: Annotated[str | None, typer.Option("--image", "-i", help="Query by this image instead of a text.")] = None,
+    texts_file: Annotated[
+        str | None, typer.Option(help="Rank the texts in this file (one per line) for the --image query.")
+    ] = None,
+    template: opt.Template = None,
+    templates: opt.Templates = None,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="How many results to keep.")] = 10,
+    threshold: Annotated[float | None, typer.Option(help="Drop results with a cosine score below this.")] = None,
+    output: opt.Output = None,
+    fmt: Annotated[
+        OutputFormat | None,
+        typer.Option("--format", "-f", case_sensitive=False, show_default=False,
+                     help="table, tsv (score<TAB>path), csv, jsonl or parquet (default: table on a terminal, "
+                     "tsv in a pipe, else from --output)."),
+    ] = None,
+    model: opt.Model = None,
+    device: opt.Device = "auto",
+    precision: opt.Precision = "auto",
+    batch_size: opt.BatchSize = 32,
+    workers: opt.Workers = 0,
+    exact: opt.Exact = False,
+) -> None:
+    """Rank sources by similarity to a query, best first (cosine similarity of normalised embeddings)."""
+    from clipcli.console import say, skipped
+    from clipcli.encode import encode_texts, iter_image_embeddings
+    from clipcli.errors import EXIT_PARTIAL, InputError
+    from clipcli.images import discover
+    from clipcli.io import choose_format, open_writer, stdout_is_tty
+    from clipcli.prompts import read_lines, resolve_templates, zero_shot_classifier
+    from clipcli.rank import rank_sources, rank_texts
+
+    args = list(arguments or [])
+    out_format = choose_format(fmt, output, stdout_is_tty(), FORMATS, piped=OutputFormat.TSV)
+    if image is None and not args:
+        raise InputError("no query: pass a text QUERY, or --image FILE")
+    query_text = None if image else args.pop(0)
+    if texts_file and not image:
+        raise InputError("--texts-file ranks texts for an image: pass --image FILE")
+    if not args and not texts_file:
+        raise InputError("no sources to rank: pass images, folders, or embeddings written by `clipcli embed`")
+
+    lm = opt.load(model, device, precision)
+    if image:
+        refs, missing = discover([image])
+        batch = next(iter_image_embeddings(lm, refs, 1, 0, exact), None) if refs else None
+        if batch is None or not batch.refs:
+            reason = (missing or (batch.skipped if batch else []))[0].reason
+            raise InputError(f"{image}: cannot use as the query ({reason})")
+        query = batch.embeddings[0].numpy()
+    elif template or templates:
+        query = zero_shot_classifier(lm, [query_text], resolve_templates(template, templates))[0].numpy()  # type: ignore[list-item]
+    else:
+        query = encode_texts(lm, [query_text])[0].numpy()  # type: ignore[list-item]
+
+    n_skipped = 0
+
+    def on_skip(s: object) -> None:
+        nonlocal n_skipped
+        n_skipped += 1
+        skipped(s.path, s.reason)  # type: ignore[attr-defined]
+
+    if texts_file:
+        texts = read_lines(texts_file, "texts")
+        hits = rank_texts(query, texts, encode_texts(lm, texts).numpy(), top_k, threshold)
+        key = "text"
+    else:
+        hits = rank_sources(lm, query, args, top_k, threshold, batch_size, workers, exact, on_skip, sys.stdin)
+        key = "path"
+    with open_writer(out_format, output) as writer:
+        writer.write([{"score": round(h.score, 6), key: h.name} for h in hits])
+    say(f"ranked {len(hits)} result{'s' * (len(hits) != 1)}" + (f", skipped {n_skipped}" if n_skipped else ""))
+    if n_skipped:
+        raise typer.Exit(EXIT_PARTIAL)

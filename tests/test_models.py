@@ -1,0 +1,156 @@
+"""Model registry and loading: names, local checkpoints in both layouts, and clear errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from clipcli.errors import ModelError
+from clipcli.models import (
+    ARCHITECTURES,
+    OPENAI_MODELS,
+    Architecture,
+    import_clip,
+    load_model,
+    read_state_dict,
+    resolve_precision,
+)
+
+
+def test_names_match_the_clip_package():
+    clip = import_clip()
+    assert list(OPENAI_MODELS) == clip.available_models()
+    assert {n: u.split("/", 3)[-1] for n, u in clip.clip._MODELS.items()} == {
+        n: f"clip/models/{p}" for n, p in OPENAI_MODELS.items()
+    }
+
+
+@pytest.mark.parametrize("name", ["ViT-B/32", "RN50", "test-vit", "test-rn", "tiny-shapes"])
+def test_architecture_round_trips_through_a_state_dict(name):
+    arch = ARCHITECTURES[name]
+    if name in ("ViT-B/32", "RN50"):
+        with torch.device("meta"):
+            sd = arch.build().state_dict()
+    else:
+        sd = arch.build().state_dict()
+    assert Architecture.from_state_dict(sd) == arch
+
+
+def test_plain_state_dict_loads_as_fp32(vit_ckpt):
+    lm = load_model(str(vit_ckpt), "cpu", "fp32")
+    assert all(p.dtype == torch.float32 for p in lm.model.parameters())
+    assert lm.architecture == ARCHITECTURES["test-vit"]
+    assert len(lm.checksum) == 64
+
+
+def test_torchscript_archive_is_rebuilt_as_the_same_model(vit_ckpt, tmp_path):
+    clip = import_clip()
+    model, _ = clip.load(str(vit_ckpt), device="cpu", jit=False)
+    model.eval()
+    image = torch.randn(1, 3, 32, 32)
+    text = clip.tokenize(["a dog"])
+    traced = torch.jit.trace(model, (image, text), check_trace=False)
+    archive = tmp_path / "traced.pt"
+    torch.jit.save(traced, str(archive))
+    sd = read_state_dict(archive)
+    plain = read_state_dict(vit_ckpt)
+    assert set(sd) == set(plain)
+    lm = load_model(str(archive), "cpu", "fp32")
+    with torch.no_grad():
+        assert torch.allclose(lm.model.encode_image(image), model.encode_image(image), atol=1e-5)
+
+
+def test_not_a_checkpoint(tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"hello")
+    with pytest.raises(ModelError, match=r"junk.pt: not a readable checkpoint"):
+        load_model(str(junk), "cpu")
+    other = tmp_path / "other.pt"
+    torch.save({"weight": torch.zeros(2)}, other)
+    with pytest.raises(ModelError, match=r"other.pt: not a CLIP checkpoint \(missing"):
+        load_model(str(other), "cpu")
+    with pytest.raises(ModelError, match="is a directory"):
+        load_model(str(tmp_path), "cpu")
+
+
+def test_pickled_code_is_refused(tmp_path):
+    evil = tmp_path / "evil.pt"
+    torch.save({"text_projection": object()}, evil)
+    with pytest.raises(ModelError, match="evil.pt: not a readable checkpoint"):
+        load_model(str(evil), "cpu")
+
+
+def test_unknown_name_lists_valid_names():
+    with pytest.raises(ModelError) as info:
+        load_model("ViT-Z/99", "cpu")
+    assert "ViT-B/32" in str(info.value) and "tiny-shapes" in str(info.value)
+    with pytest.raises(ModelError, match="no such checkpoint file"):
+        load_model("/opt/models/nothing.pt", "cpu")
+
+
+def test_offline_error_names_model_cache_and_local_option(cli, tmp_path, monkeypatch, images):
+    # Point the downloader at a closed port on this machine: the same failure as having no network.
+    env = {"CLIPCLI_CACHE": str(tmp_path / "cache"), "CLIPCLI_MIRROR": "http://127.0.0.1:9/clip"}
+    ran = cli("classify", str(images[0]), "--labels", "a,b", "--model", "ViT-B/16", env=env)
+    assert ran.exit_code == 2
+    line = ran.stderr.strip()
+    assert "\n" not in line
+    assert "ViT-B/16" in line and str(tmp_path / "cache") in line and "--model /path/to/ViT-B-16.pt" in line
+    assert not list((tmp_path / "cache").glob("*"))
+
+
+def test_default_model_comes_from_the_environment(cli, images, vit_ckpt, tmp_path):
+    ran = cli("classify", str(images[0]), "--labels", "a,b", "-f", "csv", env={"CLIPCLI_MODEL": str(vit_ckpt)})
+    assert ran.exit_code == 0, ran.stderr
+
+
+def test_precision_choice():
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) == "fp32"
+    assert resolve_precision("auto", torch.device("cuda")) == "fp16"
+    assert resolve_precision("auto", cpu) in ("bf16", "fp32")
+    with pytest.raises(ModelError, match="unknown precision"):
+        resolve_precision("fp8", cpu)
+
+
+def test_bf16_embeddings_stay_close_to_fp32(vit_ckpt, images):
+    from clipcli.encode import iter_image_embeddings
+    from clipcli.images import discover
+
+    refs, _ = discover([str(images[0].parent)])
+    a = torch.cat([b.embeddings for b in iter_image_embeddings(load_model(str(vit_ckpt), "cpu", "fp32"), refs)])
+    b = torch.cat([b.embeddings for b in iter_image_embeddings(load_model(str(vit_ckpt), "cpu", "bf16"), refs)])
+    assert torch.nn.functional.cosine_similarity(a, b).min() > 0.99
+
+
+def test_unknown_device_is_a_usage_error(cli, images, vit_ckpt):
+    ran = cli("classify", str(images[0]), "--labels", "a,b", "-m", str(vit_ckpt), "--device", "tpu")
+    assert ran.exit_code == 2 and "unknown device 'tpu'" in ran.stderr
+
+
+def test_models_command_lists_names_and_cache(cli, tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "RN50.pt").write_bytes(b"x" * 2048)
+    ran = cli("models", env={"CLIPCLI_CACHE": str(cache)})
+    assert ran.exit_code == 0
+    for name in [*OPENAI_MODELS, "tiny-shapes"]:
+        assert name in ran.stdout
+    assert "cached" in ran.stdout and str(cache) in ran.stdout
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from clipcli.cli import main; sys.argv=['clipcli','--help']\n" \
+           "try:\n    main()\nexcept SystemExit:\n    pass\nassert 'torch' not in sys.modules, 'torch imported'"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "classify" in done.stdout
+
+
+def test_python_dash_m_and_version():
+    done = subprocess.run([sys.executable, "-m", "clipcli", "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("clipcli ")
