@@ -15,6 +15,7 @@ from typer.core import TyperGroup
 from clipcli import __version__
 from clipcli.commands.classify import classify
 from clipcli.commands.embed import embed
+from clipcli.commands.eval import evaluate
 from clipcli.commands.models import models
 from clipcli.commands.rank import rank
 from clipcli.commands.train import make_shapes, train
@@ -89,6 +90,7 @@ def _root(
 app.command()(classify)
 app.command()(embed)
 app.command()(rank)
+app.command("eval")(evaluate)
 app.command()(models)
 app.command()(train)
 app.command("make-shapes")(make_shapes)

@@ -203,13 +203,29 @@ def iter_batches(
     Decoding runs in ``workers`` processes (0: in this one). On two cores the model is the bottleneck
     and extra processes only compete with it for the cores, so 0 is the default.
     """
+    return _batches(_ImageDataset(refs, n_px, exact), batch_size, workers)
+
+
+class _ArrayDataset:
+    """In-memory uint8 images (N x H x W x 3), as torchvision's CIFAR datasets hold them."""
+
+    def __init__(self, arrays: Any, n_px: int) -> None:
+        self.arrays = arrays
+        self.transform = reference_transform(n_px)
+
+    def __len__(self) -> int:
+        return len(self.arrays)
+
+    def __getitem__(self, i: int) -> tuple[int, Any]:
+        image = Image.fromarray(self.arrays[i], "RGB")
+        return i, (self.transform(image), image.size)
+
+
+def iter_array_batches(arrays: Any, n_px: int, batch_size: int = 32) -> Iterator[Batch]:
+    return _batches(_ArrayDataset(arrays, n_px), batch_size, 0)
+
+
+def _batches(dataset: Any, batch_size: int, workers: int) -> Iterator[Batch]:
     from torch.utils.data import DataLoader
 
-    loader = DataLoader(
-        _ImageDataset(refs, n_px, exact),  # type: ignore[arg-type]
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=_collate,
-        persistent_workers=False,
-    )
-    yield from loader
+    yield from DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate)

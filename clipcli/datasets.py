@@ -1,0 +1,148 @@
+"""Evaluation data: image folders, CSV/Parquet manifests, and torchvision's CIFAR-10/100."""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from clipcli.errors import InputError
+from clipcli.images import ImageRef, _walk_folder, natural_key
+from clipcli.prompts import read_lines
+
+
+@dataclass(frozen=True)
+class LabelledImages:
+    """Images with one class each: from files (``refs``) or in memory (``arrays``)."""
+
+    name: str
+    ids: list[str]  # the path (or a stable id for in-memory images), for predictions files
+    targets: list[int]
+    classes: list[str]  # the names used in prompts
+    refs: list[ImageRef] | None = None
+    arrays: Any = None
+
+    def subset(self, keep: list[int]) -> LabelledImages:
+        return replace(
+            self,
+            ids=[self.ids[i] for i in keep],
+            targets=[self.targets[i] for i in keep],
+            refs=[self.refs[i] for i in keep] if self.refs is not None else None,
+            arrays=self.arrays[keep] if self.arrays is not None else None,
+        )
+
+
+@dataclass(frozen=True)
+class CaptionPairs:
+    """Images with one or more captions each, for retrieval recall."""
+
+    name: str
+    refs: list[ImageRef]  # unique images
+    texts: list[str]
+    text_to_image: list[int]  # the image each caption belongs to
+
+
+def _class_names(folder_names: list[str], classnames: str | None) -> list[str]:
+    """Prompt names for folder names: a file of 'folder<TAB>name' (or 'folder,name') lines, or one name per
+    line in the folders' sorted order."""
+    if classnames is None:
+        return [n.replace("_", " ") for n in folder_names]
+    lines = read_lines(classnames, "class names")
+    if all(("\t" in ln or "," in ln) for ln in lines):
+        mapping = dict(ln.split("\t" if "\t" in ln else ",", 1) for ln in lines)
+        missing = [f for f in folder_names if f not in mapping]
+        if missing:
+            raise InputError(f"{classnames}: no name for folder(s) {', '.join(missing[:5])}")
+        return [mapping[f].strip() for f in folder_names]
+    if len(lines) != len(folder_names):
+        raise InputError(f"{classnames}: {len(lines)} names for {len(folder_names)} classes")
+    return lines
+
+
+def image_folder(root: Path, classnames: str | None = None) -> LabelledImages:
+    """Every image under ``root``; its class is the name of the folder it sits in."""
+    if not root.is_dir():
+        raise InputError(f"{root}: not a folder")
+    refs = _walk_folder(str(root))
+    if not refs:
+        raise InputError(f"{root}: no images found")
+    leaf = [os.path.basename(os.path.dirname(r.path)) for r in refs]
+    folder_names = sorted(set(leaf), key=natural_key)
+    index = {n: i for i, n in enumerate(folder_names)}
+    return LabelledImages(
+        name=f"folder:{root}",
+        ids=[r.path for r in refs],
+        targets=[index[n] for n in leaf],
+        classes=_class_names(folder_names, classnames),
+        refs=refs,
+    )
+
+
+def manifest(path: Path, classnames: str | None = None) -> LabelledImages | CaptionPairs:
+    """A CSV or Parquet file with ``path`` (or ``image``) and ``label`` (classification) or ``text``
+    (image-caption retrieval) columns; relative paths are relative to the manifest's folder."""
+    import pandas as pd
+
+    try:
+        if path.suffix.lower() in (".parquet", ".pq"):
+            frame = pd.read_parquet(path)
+        elif path.suffix.lower() == ".csv":
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        else:
+            raise InputError(f"{path}: a manifest must be .csv or .parquet")
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot read manifest ({str(e).splitlines()[0]})") from e
+    column = "path" if "path" in frame.columns else "image" if "image" in frame.columns else None
+    if column is None or not ({"label", "text"} & set(frame.columns)):
+        raise InputError(f"{path}: a manifest needs a path (or image) column and a label or text column")
+    files = [str(path.parent / str(p)) if not os.path.isabs(str(p)) else str(p) for p in frame[column]]
+    if "label" in frame.columns:
+        labels = [str(v) for v in frame["label"]]
+        names = sorted(set(labels), key=natural_key)
+        index = {n: i for i, n in enumerate(names)}
+        return LabelledImages(
+            name=f"manifest:{path}",
+            ids=files,
+            targets=[index[v] for v in labels],
+            classes=_class_names(names, classnames),
+            refs=[ImageRef(f, Path(f)) for f in files],
+        )
+    unique: dict[str, int] = {}
+    owner = [unique.setdefault(f, len(unique)) for f in files]
+    return CaptionPairs(
+        name=f"manifest:{path}",
+        refs=[ImageRef(f, Path(f)) for f in unique],
+        texts=[str(t) for t in frame["text"]],
+        text_to_image=owner,
+    )
+
+
+def cifar(name: str, root: Path, download: bool = False) -> LabelledImages:
+    """The test split of CIFAR-10 or CIFAR-100, through torchvision's own loader and file layout."""
+    from torchvision import datasets
+
+    factory = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[name]
+    try:
+        data = factory(root=str(root), train=False, download=download)
+    except RuntimeError as e:
+        hint = "" if download else "; pass --download to fetch it (needs a network)"
+        raise InputError(f"{name} not found under {root} ({e}){hint}") from e
+    except OSError as e:
+        raise InputError(f"{name}: cannot download to {root} ({e})") from e
+    return LabelledImages(
+        name=name,
+        ids=[f"{name}/test/{i:05d}" for i in range(len(data.targets))],
+        targets=[int(t) for t in data.targets],
+        classes=[c.replace("_", " ") for c in data.classes],
+        arrays=data.data,
+    )
+
+
+def limit(data: LabelledImages, n: int | None, seed: int) -> LabelledImages:
+    """A random subset of ``n`` images (all of them when ``n`` is None), kept in their original order."""
+    if n is None or n >= len(data.targets):
+        return data
+    keep = sorted(random.Random(seed).sample(range(len(data.targets)), n))
+    return data.subset(keep)

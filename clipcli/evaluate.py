@@ -1,0 +1,281 @@
+"""Zero-shot evaluation: models x template sets over one dataset, with a cached text classifier.
+
+Image embeddings are computed once per model and reused for every template set; the zero-shot
+classifier (one averaged text embedding per class) is cached on disk, keyed by the model file's
+checksum, the templates and the class names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from clipcli import __version__
+from clipcli.datasets import CaptionPairs, LabelledImages
+from clipcli.errors import OutputError
+from clipcli.images import Skipped, iter_array_batches, iter_batches
+from clipcli.metrics import confusion_matrix, per_class, retrieval_recall, topk_accuracy, true_label_rank
+from clipcli.models import LoadedModel, cache_dir
+from clipcli.prompts import TemplateSet, zero_shot_classifier
+
+if TYPE_CHECKING:
+    import torch
+
+REPORT_SCHEMA_VERSION = 1
+
+
+def classifier_cache_dir() -> Path:
+    return cache_dir() / "clipcli-classifiers"
+
+
+def cached_classifier(
+    lm: LoadedModel, classes: Sequence[str], templates: TemplateSet, use_cache: bool = True
+) -> tuple[torch.Tensor, bool]:
+    """The zero-shot classifier and whether it came from the cache."""
+    import torch
+
+    key = hashlib.sha256(
+        json.dumps([lm.checksum, list(templates.templates), list(classes)]).encode()
+    ).hexdigest()
+    path = classifier_cache_dir() / f"{key}.pt"
+    if use_cache and path.exists():
+        try:
+            return torch.load(path, weights_only=True), True
+        except (OSError, RuntimeError, EOFError):
+            path.unlink(missing_ok=True)  # a damaged entry is recomputed, not fatal
+    classifier = zero_shot_classifier(lm, classes, templates)
+    if use_cache:
+        from clipcli.io import atomic_path
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = atomic_path(path)
+        torch.save(classifier, tmp)
+        os.replace(tmp, path)
+    return classifier, False
+
+
+@dataclass
+class ImageEmbeddings:
+    embeddings: np.ndarray  # for the images that decoded, in dataset order
+    kept: list[int]  # their dataset indices
+    skipped: list[Skipped]
+    seconds: float
+
+
+def embed_dataset(
+    lm: LoadedModel,
+    data: LabelledImages | CaptionPairs,
+    batch_size: int = 32,
+    workers: int = 0,
+    exact: bool = False,
+    on_batch: Callable[[int], None] | None = None,
+) -> ImageEmbeddings:
+    from clipcli.encode import encode_pixels
+
+    start = time.perf_counter()
+    refs = data.refs
+    if refs is not None:
+        batches = iter_batches(refs, lm.input_resolution, batch_size, workers, exact)
+    else:
+        batches = iter_array_batches(data.arrays, lm.input_resolution, batch_size)  # type: ignore[union-attr]
+    chunks, kept, skipped = [], [], []
+    for batch in batches:
+        if batch.pixels is not None:
+            chunks.append(encode_pixels(lm, batch.pixels).numpy())
+            kept.extend(batch.indices)
+        skipped.extend(Skipped(refs[i].path if refs else str(i), reason) for i, reason in batch.skipped)
+        if on_batch:
+            on_batch(len(batch.indices) + len(batch.skipped))
+    dim = lm.architecture.embed_dim
+    matrix = np.concatenate(chunks) if chunks else np.empty((0, dim), np.float32)
+    return ImageEmbeddings(matrix, kept, skipped, time.perf_counter() - start)
+
+
+@dataclass
+class Predictions:
+    ids: list[str]
+    true: list[str]
+    predicted: list[str]
+    score: np.ndarray  # probability of the predicted label
+    true_rank: np.ndarray
+
+
+@dataclass
+class EvalResult:
+    model: str
+    model_sha256: str
+    templates: str
+    n_templates: int
+    dataset: str
+    n: int
+    n_skipped: int
+    metrics: dict[str, float]
+    classes: list[str] = field(default_factory=list)
+    per_class: list[dict[str, Any]] = field(default_factory=list)
+    confusion_matrix: list[list[int]] = field(default_factory=list)
+    device: str = "cpu"
+    precision: str = "fp32"
+    timings: dict[str, float] = field(default_factory=dict)
+    text_cache: str = "off"
+    predictions: Predictions | None = None
+
+    def record(self) -> dict[str, Any]:
+        """The JSON report record (see the README's report schema)."""
+        import torch
+
+        return {
+            "model": self.model,
+            "model_sha256": self.model_sha256,
+            "templates": self.templates,
+            "n_templates": self.n_templates,
+            "dataset": self.dataset,
+            "n": self.n,
+            "n_skipped": self.n_skipped,
+            "metrics": self.metrics,
+            "per_class": self.per_class,
+            "classes": self.classes,
+            "confusion_matrix": self.confusion_matrix,
+            "clipcli_version": __version__,
+            "torch_version": torch.__version__,
+            "python_version": platform.python_version(),
+            "device": self.device,
+            "precision": self.precision,
+            "timings": self.timings,
+            "text_cache": self.text_cache,
+        }
+
+
+def classification_result(
+    lm: LoadedModel,
+    data: LabelledImages,
+    images: ImageEmbeddings,
+    templates: TemplateSet,
+    use_cache: bool,
+) -> EvalResult:
+    start = time.perf_counter()
+    classifier, hit = cached_classifier(lm, data.classes, templates, use_cache)
+    text_seconds = time.perf_counter() - start
+    scale = float(lm.model.logit_scale.exp())
+    logits = scale * images.embeddings @ classifier.numpy().T
+    targets = np.array([data.targets[i] for i in images.kept], dtype=np.int64)
+    n_classes = len(data.classes)
+    predicted = logits.argmax(axis=1) if len(targets) else np.empty(0, np.int64)
+    confusion = confusion_matrix(predicted, targets, n_classes)
+    stats = per_class(confusion)
+    metrics = {"acc1": topk_accuracy(logits, targets, 1)}
+    if n_classes >= 5:
+        metrics["acc5"] = topk_accuracy(logits, targets, 5)
+    metrics["mean_per_class_recall"] = stats.mean_recall
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    return EvalResult(
+        model=lm.name,
+        model_sha256=lm.checksum,
+        templates=templates.name,
+        n_templates=len(templates.templates),
+        dataset=data.name,
+        n=len(targets),
+        n_skipped=len(images.skipped),
+        metrics=metrics,
+        classes=list(data.classes),
+        per_class=[
+            {
+                "class": name,
+                "n": int(stats.support[i]),
+                "predicted": int(stats.predicted[i]),
+                "precision": float(stats.precision[i]),
+                "recall": None if np.isnan(stats.recall[i]) else float(stats.recall[i]),
+            }
+            for i, name in enumerate(data.classes)
+        ],
+        confusion_matrix=confusion.tolist(),
+        device=str(lm.device),
+        precision=lm.precision,
+        timings={"image_embedding_s": images.seconds, "text_embedding_s": text_seconds},
+        text_cache=("hit" if hit else "miss") if use_cache else "off",
+        predictions=Predictions(
+            ids=[data.ids[i] for i in images.kept],
+            true=[data.classes[t] for t in targets],
+            predicted=[data.classes[p] for p in predicted],
+            score=probs[np.arange(len(predicted)), predicted] if len(predicted) else np.empty(0),
+            true_rank=true_label_rank(logits, targets) if len(targets) else np.empty(0, np.int64),
+        ),
+    )
+
+
+def retrieval_result(lm: LoadedModel, data: CaptionPairs, images: ImageEmbeddings) -> EvalResult:
+    from clipcli.encode import encode_texts
+
+    start = time.perf_counter()
+    texts = encode_texts(lm, data.texts).numpy()
+    text_seconds = time.perf_counter() - start
+    # Captions of images that could not be read stay in the pool but can never be found.
+    position = {idx: row for row, idx in enumerate(images.kept)}
+    owner = np.array([position.get(i, -1) for i in data.text_to_image])
+    metrics = retrieval_recall(images.embeddings @ texts.T, owner)
+    return EvalResult(
+        model=lm.name,
+        model_sha256=lm.checksum,
+        templates="none",
+        n_templates=0,
+        dataset=data.name,
+        n=len(images.kept),
+        n_skipped=len(images.skipped),
+        metrics=metrics,
+        device=str(lm.device),
+        precision=lm.precision,
+        timings={"image_embedding_s": images.seconds, "text_embedding_s": text_seconds},
+    )
+
+
+def write_report(results: Sequence[EvalResult], path: Path) -> None:
+    from clipcli.io import atomic_path
+
+    report = {"schema_version": REPORT_SCHEMA_VERSION, "results": [r.record() for r in results]}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = atomic_path(path)
+        tmp.write_text(json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write report ({e.strerror or e})") from e
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN (an undefined metric, such as recall of a class with no images) becomes null."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.integer | np.floating):
+        value = value.item()
+    if isinstance(value, float) and value != value:
+        return None
+    return value
+
+
+def prediction_rows(result: EvalResult) -> list[dict[str, Any]]:
+    p = result.predictions
+    if p is None:
+        return []
+    return [
+        {
+            "model": result.model,
+            "templates": result.templates,
+            "path": p.ids[i],
+            "true_label": p.true[i],
+            "predicted_label": p.predicted[i],
+            "score": float(p.score[i]),
+            "true_rank": int(p.true_rank[i]),
+        }
+        for i in range(len(p.ids))
+    ]
