@@ -13,9 +13,8 @@ import shutil
 import statistics
 from pathlib import Path
 
-from PIL import Image
-
 from common import python, random_checkpoint, summary, time_command
+from PIL import Image
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ from clipcli.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, ClipCliError
 class _Group(TyperGroup):
     """Turns core errors into ``Error: ...`` and an exit code; a traceback only with --debug."""
 
-    def invoke(self, ctx: typer.Context) -> Any:
+    def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
         except ClipCliError as e:

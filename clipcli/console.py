@@ -66,7 +66,8 @@ class Progress:
 @contextmanager
 def download_progress(name: str) -> Iterator[Any]:
     """A byte-counting callback for ``models.load_model(on_download=...)``."""
-    from rich.progress import DownloadColumn, Progress as RichProgress, TransferSpeedColumn, BarColumn, TextColumn
+    from rich.progress import BarColumn, DownloadColumn, TextColumn, TransferSpeedColumn
+    from rich.progress import Progress as RichProgress
 
     bar = RichProgress(
         TextColumn(f"downloading {name}"),

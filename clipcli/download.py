@@ -43,9 +43,7 @@ def fetch(
         if total is not None and received != total:
             raise DownloadError(f"connection closed after {received} of {total} bytes from {url}")
         if digest.hexdigest() != sha256.lower():
-            raise DownloadError(
-                f"checksum mismatch for {url}: expected sha256 {sha256}, got {digest.hexdigest()}"
-            )
+            raise DownloadError(f"checksum mismatch for {url}: expected sha256 {sha256}, got {digest.hexdigest()}")
         os.replace(tmp, dest)
         return dest
     except http.client.IncompleteRead as e:

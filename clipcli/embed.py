@@ -47,7 +47,9 @@ def iter_rows(
 def _flat_rows(key: str, names: Sequence[str], embeddings: np.ndarray, fmt: OutputFormat) -> list[dict[str, Any]]:
     if fmt is OutputFormat.CSV:
         columns = [f"e{i}" for i in range(embeddings.shape[1])]
-        return [{key: n, **dict(zip(columns, map(float, e), strict=True))} for n, e in zip(names, embeddings, strict=True)]
+        return [
+            {key: n, **dict(zip(columns, map(float, e), strict=True))} for n, e in zip(names, embeddings, strict=True)
+        ]
     return [{key: n, "embedding": [float(x) for x in e]} for n, e in zip(names, embeddings, strict=True)]
 
 
@@ -74,7 +76,7 @@ def embed_images(
     store = None
     if fmt is OutputFormat.PARQUET and output not in (None, "-"):
         sch = schema(lm.architecture.embed_dim, dtype, model_tag(lm, normalize))
-        store = ParquetStore(Path(output), sch, lm.name, part_rows=part_size)  # type: ignore[arg-type]
+        store = ParquetStore(Path(output), sch, lm.name, part_rows=part_size)
         store.open()
         plan = store.plan(refs)
         refs, summary.unchanged = plan.to_embed, plan.unchanged

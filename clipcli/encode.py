@@ -20,15 +20,13 @@ def tokenize(texts: Sequence[str], context_length: int = 77) -> torch.Tensor:
     """Tokenize with OpenAI's BPE; a text that does not fit is an error naming it."""
     tok = import_clip().tokenize
     try:
-        return tok(list(texts), context_length=context_length)  # type: ignore[no-any-return]
+        return tok(list(texts), context_length=context_length)
     except RuntimeError:
         for text in texts:
             try:
                 tok([text], context_length=context_length)
             except RuntimeError:
-                raise InputError(
-                    f"text is longer than the model's {context_length}-token context: {text!r}"
-                ) from None
+                raise InputError(f"text is longer than the model's {context_length}-token context: {text!r}") from None
         raise
 
 

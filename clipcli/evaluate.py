@@ -43,9 +43,7 @@ def cached_classifier(
     """The zero-shot classifier and whether it came from the cache."""
     import torch
 
-    key = hashlib.sha256(
-        json.dumps([lm.checksum, list(templates.templates), list(classes)]).encode()
-    ).hexdigest()
+    key = hashlib.sha256(json.dumps([lm.checksum, list(templates.templates), list(classes)]).encode()).hexdigest()
     path = classifier_cache_dir() / f"{key}.pt"
     if use_cache and path.exists():
         try:
@@ -87,7 +85,9 @@ def embed_dataset(
         batches = iter_batches(refs, lm.input_resolution, batch_size, workers, exact)
     else:
         batches = iter_array_batches(data.arrays, lm.input_resolution, batch_size)  # type: ignore[union-attr]
-    chunks, kept, skipped = [], [], []
+    chunks: list[np.ndarray] = []
+    kept: list[int] = []
+    skipped: list[Skipped] = []
     for batch in batches:
         if batch.pixels is not None:
             chunks.append(encode_pixels(lm, batch.pixels).numpy())

@@ -76,7 +76,7 @@ class RowWriter:
             return sys.stdout
         try:
             Path(self.output).parent.mkdir(parents=True, exist_ok=True)
-            return open(self.output, "w", encoding="utf-8", newline="")  # noqa: SIM115 - closed in close()
+            return open(self.output, "w", encoding="utf-8", newline="")
         except OSError as e:
             raise OutputError(f"{self.output}: cannot write ({e.strerror or e})") from e
 
@@ -172,7 +172,7 @@ class ParquetWriter(RowWriter):
 
             # No rows at all still gives a valid, empty file with the right columns.
             self.write_table(pa.Table.from_pylist([], schema=self.schema))
-            self.writer.close()
+            self.close()
 
 
 class TableWriter(RowWriter):

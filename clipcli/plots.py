@@ -83,14 +83,16 @@ def write_plots(result: EvalResult, folder: Path) -> Path:
         for t, q, c in worst_confusions(confusion, result.classes, 15)
     )
     page = folder / f"report-{stem}.html"
+    title = f"{html.escape(result.model)} / {html.escape(result.templates)} on {html.escape(result.dataset)}"
+    headers = "<tr><th>image</th><th>true</th><th>predicted</th><th>score</th></tr>"
     page.write_text(
-        f"""<!doctype html><meta charset="utf-8"><title>{html.escape(result.model)} on {html.escape(result.dataset)}</title>
+        f"""<!doctype html><meta charset="utf-8"><title>{title}</title>
 <style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:4px 8px;border-bottom:1px solid #ddd}}</style>
-<h1>{html.escape(result.model)} / {html.escape(result.templates)} on {html.escape(result.dataset)}</h1>
+<h1>{title}</h1>
 <p>{result.n} images; {", ".join(f"{k} {v:.2%}" for k, v in result.metrics.items() if v == v)}</p>
 <img src="{png.name}" alt="confusion matrix">
 <h2>Most confused classes</h2><table><tr><th>true</th><th>predicted as</th><th>images</th></tr>{pairs}</table>
-<h2>Misclassified images</h2><table><tr><th>image</th><th>true</th><th>predicted</th><th>score</th></tr>{"".join(rows)}</table>
+<h2>Misclassified images</h2><table>{headers}{"".join(rows)}</table>
 """,
         encoding="utf-8",
     )

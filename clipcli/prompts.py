@@ -44,7 +44,7 @@ def _check(templates: Sequence[str], source: str) -> tuple[str, ...]:
         raise InputError(f"{source}: no templates")
     for t in templates:
         if "{}" not in t:
-            raise InputError(f"template {t!r} has no {{}} for the label (use \"{{}}\" for labels as they are)")
+            raise InputError(f'template {t!r} has no {{}} for the label (use "{{}}" for labels as they are)')
     return tuple(templates)
 
 

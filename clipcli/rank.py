@@ -162,8 +162,9 @@ def rank_sources(
     return best.hits()
 
 
-def rank_texts(query: np.ndarray, texts: Sequence[str], embeddings: np.ndarray, top_k: int,
-               threshold: float | None = None) -> list[Hit]:
+def rank_texts(
+    query: np.ndarray, texts: Sequence[str], embeddings: np.ndarray, top_k: int, threshold: float | None = None
+) -> list[Hit]:
     best = TopK(top_k, threshold)
     best.offer(embeddings @ query, lambda idx: [texts[int(i)] for i in idx])
     return best.hits()

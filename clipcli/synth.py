@@ -30,10 +30,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 # A fixed, spread-out ~20% of the 64 combinations: each shape and colour keeps most of its partners.
 HELD_OUT = frozenset(
-    (colour, shape)
-    for si, shape in enumerate(SHAPES)
-    for ci, colour in enumerate(COLOURS)
-    if (3 * si + ci) % 5 == 0
+    (colour, shape) for si, shape in enumerate(SHAPES) for ci, colour in enumerate(COLOURS) if (3 * si + ci) % 5 == 0
 )
 CAPTIONS = (
     "a photo of a {c} {s}.",
@@ -47,6 +44,11 @@ CAPTIONS = (
     "the {s} is {c}.",
     "a {c} {s} shape.",
 )
+# Some captions name one attribute only. They teach the model what "hexagon" or "cyan" means apart
+# from the other attribute, which is what lets it name combinations it never saw.
+SHAPE_ONLY_CAPTIONS = ("a {s}.", "a photo of a {s}.", "a {size} {s}.")
+COLOUR_ONLY_CAPTIONS = ("a {c} shape.", "a photo of something {c}.")
+ATTRIBUTE_ONLY_RATE = 0.2
 Split = Literal["seen", "held-out", "all"]
 Background = Literal["varied", "saturated", "grey"]
 
@@ -81,7 +83,20 @@ def _polygon(shape: str) -> list[tuple[float, float]]:
         return points
     if shape == "cross":
         a, b = 0.32, 1.0
-        return [(-a, -b), (a, -b), (a, -a), (b, -a), (b, a), (a, a), (a, b), (-a, b), (-a, a), (-b, a), (-b, -a), (-a, -a)]
+        return [
+            (-a, -b),
+            (a, -b),
+            (a, -a),
+            (b, -a),
+            (b, a),
+            (a, a),
+            (a, b),
+            (-a, b),
+            (-a, a),
+            (-b, a),
+            (-b, -a),
+            (-a, -a),
+        ]
     if shape == "arrow":
         return [(-1.0, -0.22), (0.15, -0.22), (0.15, -0.6), (1.0, 0.0), (0.15, 0.6), (0.15, 0.22), (-1.0, 0.22)]
     raise ValueError(f"unknown shape {shape!r}")
@@ -171,13 +186,20 @@ def render(rng: random.Random, colour: str, shape: str, background: Background =
     angle = rng.uniform(0, 2 * math.pi)
     cos, sin = math.cos(angle), math.sin(angle)
     points = [(cx + r * (x * cos - y * sin), cy + r * (x * sin + y * cos)) for x, y in _polygon(shape)]
-    ImageDraw.Draw(big).polygon(points, fill=fg)  # type: ignore[arg-type]
+    ImageDraw.Draw(big).polygon(points, fill=fg)
     image = big.resize((w, h), Image.Resampling.BOX)
     if rng.random() < 0.2:
         image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2)))
     image = _noise(rng, image)
     size_word = "small" if radius_frac < 0.25 else ("large" if radius_frac > 0.36 else "medium")
-    caption = rng.choice(CAPTIONS).format(c=colour, s=shape, size=size_word)
+    draw = rng.random()
+    if draw < ATTRIBUTE_ONLY_RATE / 2:
+        wordings = SHAPE_ONLY_CAPTIONS
+    elif draw < ATTRIBUTE_ONLY_RATE:
+        wordings = COLOUR_ONLY_CAPTIONS
+    else:
+        wordings = CAPTIONS
+    caption = rng.choice(wordings).format(c=colour, s=shape, size=size_word)
     return Sample(image, colour, shape, caption)
 
 
@@ -216,12 +238,12 @@ def generate(
     rows: list[dict[str, str]] = []
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
-            for row in pool.map(_write_one, jobs, chunksize=64):  # type: ignore[arg-type]
+            for row in pool.map(_write_one, jobs, chunksize=64):
                 rows.append(row)
                 yield row
     else:
         for job in jobs:
-            rows.append(_write_one(job))  # type: ignore[arg-type]
+            rows.append(_write_one(job))
             yield rows[-1]
     with (folder / "pairs.csv").open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["image", "text"], lineterminator="\n")

@@ -146,7 +146,7 @@ class _PixelSource:
 
     def _decode(self, i: int) -> torch.Tensor | str:
         try:
-            return self.transform(load_image(self.files[i], self.n_px))  # type: ignore[no-any-return]
+            return self.transform(load_image(self.files[i], self.n_px))
         except (OSError, ValueError, SyntaxError) as e:
             return describe_error(e)
 
@@ -197,7 +197,9 @@ def lr_at(step: int, total: int, base: float, warmup_steps: int) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+def contrastive_loss(
+    image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor
+) -> torch.Tensor:
     """CLIP's symmetric cross-entropy over image->text rows and text->image columns."""
     import torch
     import torch.nn.functional as F
@@ -218,7 +220,7 @@ def _split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]
     import torch
 
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = int(round(n * val_fraction))
+    n_val = round(n * val_fraction)
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
@@ -276,8 +278,12 @@ def recall_at_1(model: CLIP, pixels: torch.Tensor, tokens: torch.Tensor, texts: 
 
     model.eval()
     with torch.inference_mode():
-        img = torch.cat([F.normalize(model.encode_image(pixels[i : i + 256]), dim=-1) for i in range(0, len(pixels), 256)])
-        txt = torch.cat([F.normalize(_encode_text_trimmed(model, tokens[i : i + 256]), dim=-1) for i in range(0, len(tokens), 256)])
+        img = torch.cat(
+            [F.normalize(model.encode_image(pixels[i : i + 256]), dim=-1) for i in range(0, len(pixels), 256)]
+        )
+        txt = torch.cat(
+            [F.normalize(_encode_text_trimmed(model, tokens[i : i + 256]), dim=-1) for i in range(0, len(tokens), 256)]
+        )
     sim = img @ txt.T
     best_text = sim.argmax(dim=1).tolist()
     best_image = sim.argmax(dim=0).tolist()
@@ -360,7 +366,9 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr
         images = pixels.get(idx).to(device)
-        loss = contrastive_loss(model.encode_image(images), _encode_text_trimmed(model, tokens[idx].to(device)), model.logit_scale)
+        loss = contrastive_loss(
+            model.encode_image(images), _encode_text_trimmed(model, tokens[idx].to(device)), model.logit_scale
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -387,7 +395,9 @@ def train(
 
     result = TrainResult(step, loss_value, 0.0, skipped_messages)
     if val_idx:
-        recall = recall_at_1(model, pixels.get(val_idx).to(device), tokens[val_idx].to(device), [pairs.texts[i] for i in val_idx])
+        recall = recall_at_1(
+            model, pixels.get(val_idx).to(device), tokens[val_idx].to(device), [pairs.texts[i] for i in val_idx]
+        )
         result.val_image_to_text_r1 = recall.image_to_text
         result.val_text_to_image_r1 = recall.text_to_image
     model.eval()

@@ -21,8 +21,14 @@ def main() -> None:
     picks = {
         "seen": rng.sample(seen, 16),
         "held-out": sorted(HELD_OUT)[:10],
-        "busy": [("red", "circle"), ("blue", "star"), ("yellow", "heart"), ("green", "arrow"), ("purple", "cross"),
-                 ("orange", "hexagon")],
+        "busy": [
+            ("red", "circle"),
+            ("blue", "star"),
+            ("yellow", "heart"),
+            ("green", "arrow"),
+            ("purple", "cross"),
+            ("orange", "hexagon"),
+        ],
     }
     for folder, combos in picks.items():
         (ROOT / folder).mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from clipcli.models import load_model, list_models
+from clipcli.models import list_models, load_model
 from clipcli.prompts import TemplateSet, zero_shot_classifier
 from clipcli.synth import COLOURS, HELD_OUT, SHAPES, combinations, render
 
@@ -70,7 +70,7 @@ def _quick_start_command() -> str:
 def test_readme_quick_start_names_every_sample_correctly():
     """The README's first command, minus the install it starts with, run as a user would."""
     command = _quick_start_command()
-    classify = command[command.index("clipcli classify"):]
+    classify = command[command.index("clipcli classify") :]
     done = subprocess.run(shlex.split(classify), cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     # piped stdout gets CSV: check the top label of every sample against its file name

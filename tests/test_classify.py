@@ -29,8 +29,21 @@ def reference_probs(ckpt: Path, image: Path, texts: list[str]) -> list[float]:
 def test_probabilities_match_reference(cli, images, request, ckpt_name):
     ckpt = request.getfixturevalue(ckpt_name)
     labels = ["a diagram", "a dog", "a cat"]
-    ran = cli("classify", str(images[2]), "--labels", ",".join(labels), "--template", "{}",
-              "--model", str(ckpt), "--exact", "--precision", "fp32", "-f", "csv")
+    ran = cli(
+        "classify",
+        str(images[2]),
+        "--labels",
+        ",".join(labels),
+        "--template",
+        "{}",
+        "--model",
+        str(ckpt),
+        "--exact",
+        "--precision",
+        "fp32",
+        "-f",
+        "csv",
+    )
     assert ran.exit_code == 0, ran.stderr
     got = pd.read_csv(io.StringIO(ran.stdout))
     expected = dict(zip(labels, reference_probs(ckpt, images[2], labels), strict=True))
@@ -56,8 +69,9 @@ def test_folder_glob_file_and_stdin_inputs_keep_order(cli, images, vit_ckpt, tmp
     folder = images[0].parent
     common = ["--labels", "x,y", "-m", str(vit_ckpt), "-k", "1", "-f", "csv"]
     by_folder = pd.read_csv(io.StringIO(cli("classify", str(folder), *common).stdout))
-    assert list(by_folder["path"]) == [str(folder / n) for n in
-                                       ["img1.jpg", "img2.png", "img10.jpg", "sub/img3.JPG", "sub/img20.jpeg"]]
+    assert list(by_folder["path"]) == [
+        str(folder / n) for n in ["img1.jpg", "img2.png", "img10.jpg", "sub/img3.JPG", "sub/img20.jpeg"]
+    ]
     by_glob = pd.read_csv(io.StringIO(cli("classify", str(folder / "*.jpg"), *common).stdout))
     assert list(by_glob["path"]) == [str(folder / "img1.jpg"), str(folder / "img10.jpg")]
     stdin = "\n".join(str(p) for p in reversed(images)) + "\n"
@@ -101,12 +115,26 @@ def test_probabilities_sum_to_one_over_all_labels(cli, images, vit_ckpt):
 def test_labels_file_and_template_sets(cli, images, vit_ckpt, tmp_path):
     labels = tmp_path / "classes.txt"
     labels.write_text("apple\n\naquarium fish\nbaby\nbear\nbeaver\nbed\n")
-    ran = cli("classify", str(images[0]), "--labels-file", str(labels), "--template", "a photo of a {}",
-              "--top-k", "5", "-m", str(vit_ckpt), "-f", "table")
+    ran = cli(
+        "classify",
+        str(images[0]),
+        "--labels-file",
+        str(labels),
+        "--template",
+        "a photo of a {}",
+        "--top-k",
+        "5",
+        "-m",
+        str(vit_ckpt),
+        "-f",
+        "table",
+    )
     assert ran.exit_code == 0, ran.stderr
     assert ran.stdout.count("%") == 5
     for name in ("cifar", "imagenet"):
-        assert cli("classify", str(images[0]), "--labels", "a,b", "--templates", name, "-m", str(vit_ckpt)).exit_code == 0
+        assert (
+            cli("classify", str(images[0]), "--labels", "a,b", "--templates", name, "-m", str(vit_ckpt)).exit_code == 0
+        )
 
 
 def test_prompt_ensemble_is_renormalised_mean(vit_ckpt):
@@ -117,7 +145,9 @@ def test_prompt_ensemble_is_renormalised_mean(vit_ckpt):
     lm = load_model(str(vit_ckpt), "cpu", "fp32")
     templates = TemplateSet("two", ("a photo of a {}.", "a drawing of the {}."))
     got = zero_shot_classifier(lm, ["dog", "cat"], templates)
-    each = encode_texts(lm, ["a photo of a dog.", "a drawing of the dog.", "a photo of a cat.", "a drawing of the cat."])
+    each = encode_texts(
+        lm, ["a photo of a dog.", "a drawing of the dog.", "a photo of a cat.", "a drawing of the cat."]
+    )
     mean = torch.nn.functional.normalize(each.view(2, 2, -1).mean(1), dim=-1)
     assert torch.allclose(got, mean, atol=1e-6)
     assert torch.allclose(got.norm(dim=-1), torch.ones(2), atol=1e-6)

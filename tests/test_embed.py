@@ -18,10 +18,10 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import make_image
 from PIL import Image
 
 from clipcli.models import import_clip
-from conftest import make_image
 
 
 def reference_embeddings(ckpt: Path, files: list[Path]) -> np.ndarray:
@@ -71,7 +71,9 @@ def test_every_format_reads_back(cli, images, tmp_path, vit_ckpt):
     raw = np.stack(half.to_pandas()["embedding"]).astype(np.float32)
     assert not np.allclose(np.linalg.norm(raw, axis=1), 1, atol=1e-3)
     assert cli(*base, "-o", str(tmp_path / "d/")).exit_code == 0
-    assert np.allclose(np.stack(read_dataset(tmp_path / "d")["embedding"]), matrix[np.argsort(frame["path"])], atol=1e-6)
+    assert np.allclose(
+        np.stack(read_dataset(tmp_path / "d")["embedding"]), matrix[np.argsort(frame["path"])], atol=1e-6
+    )
     assert pd.read_parquet(tmp_path / "d").shape[0] == 5
 
 
@@ -89,9 +91,21 @@ def test_text_embeddings(cli, vit_ckpt, tmp_path):
     from clipcli.models import load_model
 
     lm = load_model(str(vit_ckpt), "auto", "auto")
-    assert np.allclose(np.array([r["embedding"] for r in rows]), encode_texts(lm, ["a dog", "a cat"]).numpy(), atol=1e-5)
-    ran = cli("embed", "--text", "-", "-m", str(vit_ckpt), "--template", "a photo of a {}.", "-o", str(tmp_path / "t.npy"),
-              input="dog\ncat\n")
+    assert np.allclose(
+        np.array([r["embedding"] for r in rows]), encode_texts(lm, ["a dog", "a cat"]).numpy(), atol=1e-5
+    )
+    ran = cli(
+        "embed",
+        "--text",
+        "-",
+        "-m",
+        str(vit_ckpt),
+        "--template",
+        "a photo of a {}.",
+        "-o",
+        str(tmp_path / "t.npy"),
+        input="dog\ncat\n",
+    )
     assert ran.exit_code == 0 and np.load(tmp_path / "t.npy").shape == (2, 64)
 
 
@@ -113,8 +127,10 @@ def test_rerun_embeds_only_new_and_changed_files_and_drops_removed(cli, images, 
     kept = before.set_index("path").loc[[str(images[0]), str(images[3])], "embedding"]
     for path, emb in kept.items():
         assert np.array_equal(after.set_index("path").loc[path, "embedding"], emb)
-    assert not np.array_equal(after.set_index("path").loc[str(images[1]), "embedding"],
-                              before.set_index("path").loc[str(images[1]), "embedding"])
+    assert not np.array_equal(
+        after.set_index("path").loc[str(images[1]), "embedding"],
+        before.set_index("path").loc[str(images[1]), "embedding"],
+    )
     third = cli("embed", str(folder), "-m", str(vit_ckpt), "-o", str(out))
     assert "embedded 0, unchanged 5, removed 0" in third.stderr
     # a single Parquet file is incremental too
@@ -138,8 +154,21 @@ def test_killed_run_then_rerun_equals_an_uninterrupted_run(tmp_path, vit_ckpt):
     folder = tmp_path / "many"
     for i in range(160):
         make_image(folder / f"img{i}.jpg", (200, 150), seed=i)
-    clipcli = [sys.executable, "-m", "clipcli", "embed", str(folder), "-m", str(vit_ckpt), "--precision", "fp32",
-               "-b", "4", "--part-size", "8"]
+    clipcli = [
+        sys.executable,
+        "-m",
+        "clipcli",
+        "embed",
+        str(folder),
+        "-m",
+        str(vit_ckpt),
+        "--precision",
+        "fp32",
+        "-b",
+        "4",
+        "--part-size",
+        "8",
+    ]
     subprocess.run([*clipcli, "-o", str(tmp_path / "whole")], check=True, capture_output=True)
     killed = tmp_path / "killed"
     proc = subprocess.Popen([*clipcli, "-o", str(killed)], stderr=subprocess.DEVNULL)

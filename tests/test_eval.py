@@ -16,8 +16,14 @@ import pytest
 
 from clipcli.synth import render
 
-CLASSES = [("red", "circle"), ("blue", "star"), ("yellow", "heart"), ("green", "arrow"), ("purple", "cross"),
-           ("orange", "hexagon")]
+CLASSES = [
+    ("red", "circle"),
+    ("blue", "star"),
+    ("yellow", "heart"),
+    ("green", "arrow"),
+    ("purple", "cross"),
+    ("orange", "hexagon"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +54,13 @@ def test_acc1_equals_the_fraction_classify_gets_right(cli, shapes_folder, tmp_pa
     assert ran.exit_code == 0, ran.stderr
     acc1 = json.loads(report.read_text())["results"][0]["metrics"]["acc1"]
     labels = ",".join(f"{c} {s}" for c, s in CLASSES)
-    out = cli("classify", str(data), "--labels", labels, "--templates", "cifar", "-m", "tiny-shapes", "-k", "1",
-              "-f", "csv")
+    out = cli(
+        "classify", str(data), "--labels", labels, "--templates", "cifar", "-m", "tiny-shapes", "-k", "1", "-f", "csv"
+    )
     top = pd.read_csv(io.StringIO(out.stdout))
     truth = top["path"].map(lambda p: Path(p).parent.name.replace("_", " "))
     assert acc1 == pytest.approx((top["label"] == truth).mean())
-    assert 0.5 < acc1  # the bundled model knows these shapes
+    assert acc1 > 0.5  # the bundled model knows these shapes
 
 
 def test_folder_and_manifest_give_the_same_report(cli, shapes_folder, tmp_path):
@@ -67,20 +74,40 @@ def test_folder_and_manifest_give_the_same_report(cli, shapes_folder, tmp_path):
 
 def test_report_matches_its_schema_and_predictions_file(cli, shapes_folder, tmp_path, vit_ckpt):
     report, preds = tmp_path / "r.json", tmp_path / "p.parquet"
-    ran = cli("eval", str(shapes_folder / "data"), "-m", "tiny-shapes", "-m", str(vit_ckpt), "--templates", "simple",
-              "--templates", "cifar", "--report", str(report), "--predictions", str(preds))
+    ran = cli(
+        "eval",
+        str(shapes_folder / "data"),
+        "-m",
+        "tiny-shapes",
+        "-m",
+        str(vit_ckpt),
+        "--templates",
+        "simple",
+        "--templates",
+        "cifar",
+        "--report",
+        str(report),
+        "--predictions",
+        str(preds),
+    )
     assert ran.exit_code == 0, ran.stderr
     doc = json.loads(report.read_text())
     schema = json.loads((resources.files("clipcli") / "report.schema.json").read_text())
     jsonschema.validate(doc, schema)
     assert [(r["model"], r["templates"]) for r in doc["results"]] == [
-        ("tiny-shapes", "simple"), ("tiny-shapes", "cifar"), (str(vit_ckpt), "simple"), (str(vit_ckpt), "cifar")]
+        ("tiny-shapes", "simple"),
+        ("tiny-shapes", "cifar"),
+        (str(vit_ckpt), "simple"),
+        (str(vit_ckpt), "cifar"),
+    ]
     assert all(set(r["metrics"]) == {"acc1", "acc5", "mean_per_class_recall"} for r in doc["results"])
     frame = pd.read_parquet(preds)
     assert list(frame.columns) == ["model", "templates", "path", "true_label", "predicted_label", "score", "true_rank"]
     assert len(frame) == 4 * 36
     first = frame[(frame["model"] == "tiny-shapes") & (frame["templates"] == "simple")]
-    assert (first["true_label"] == first["predicted_label"]).mean() == pytest.approx(doc["results"][0]["metrics"]["acc1"])
+    assert (first["true_label"] == first["predicted_label"]).mean() == pytest.approx(
+        doc["results"][0]["metrics"]["acc1"]
+    )
     assert ((first["true_rank"] == 1) == (first["true_label"] == first["predicted_label"])).all()
     assert "vs simple" in ran.stderr and "cifar (18)" in ran.stderr
 
@@ -110,7 +137,18 @@ def test_min_acc1_gate(cli, shapes_folder):
 
 def test_limit_and_seed(cli, shapes_folder, tmp_path):
     report = tmp_path / "r.json"
-    cli("eval", str(shapes_folder / "data"), "-m", "tiny-shapes", "--limit", "10", "--seed", "3", "--report", str(report))
+    cli(
+        "eval",
+        str(shapes_folder / "data"),
+        "-m",
+        "tiny-shapes",
+        "--limit",
+        "10",
+        "--seed",
+        "3",
+        "--report",
+        str(report),
+    )
     assert json.loads(report.read_text())["results"][0]["n"] == 10
 
 
@@ -135,8 +173,19 @@ def test_cifar_from_torchvision_layout(cli, tmp_path, monkeypatch, vit_ckpt):
     monkeypatch.setattr(tv_cifar.CIFAR10, "_check_integrity", lambda self: True)
     _fake_cifar10(tmp_path / "cifar")
     report = tmp_path / "r.json"
-    ran = cli("eval", "--dataset", "cifar10", "--data-root", str(tmp_path / "cifar"), "-m", str(vit_ckpt),
-              "--report", str(report), "--predictions", str(tmp_path / "p.csv"))
+    ran = cli(
+        "eval",
+        "--dataset",
+        "cifar10",
+        "--data-root",
+        str(tmp_path / "cifar"),
+        "-m",
+        str(vit_ckpt),
+        "--report",
+        str(report),
+        "--predictions",
+        str(tmp_path / "p.csv"),
+    )
     assert ran.exit_code == 0, ran.stderr
     result = json.loads(report.read_text())["results"][0]
     assert result["n"] == 20 and result["classes"][:2] == ["airplane", "automobile"]

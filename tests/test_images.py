@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import make_image
 from PIL import Image
 
 from clipcli.images import discover, load_image, natural_key
-from conftest import make_image
 
 
 def test_natural_sort():
@@ -92,9 +92,15 @@ def _bad_inputs(folder: Path) -> dict[str, Path]:
     Image.new("1", (20000, 20000)).save(folder / "bomb.png")
     (folder / "broken.png").symlink_to(folder / "does-not-exist.png")
     (folder / "adir.jpg").mkdir()
-    return {"empty": folder / "empty.jpg", "text": folder / "text.jpg", "truncated": folder / "truncated.jpg",
-            "bomb": folder / "bomb.png", "broken": folder / "broken.png", "dir": folder / "adir.jpg",
-            "good": good}
+    return {
+        "empty": folder / "empty.jpg",
+        "text": folder / "text.jpg",
+        "truncated": folder / "truncated.jpg",
+        "bomb": folder / "bomb.png",
+        "broken": folder / "broken.png",
+        "dir": folder / "adir.jpg",
+        "good": good,
+    }
 
 
 def test_bad_inputs_are_skipped_by_name_and_the_run_goes_on(cli, tmp_path, vit_ckpt, monkeypatch):
@@ -109,14 +115,19 @@ def test_bad_inputs_are_skipped_by_name_and_the_run_goes_on(cli, tmp_path, vit_c
 
     monkeypatch.setattr(Image, "open", deny)
     paths = [*files.values(), unreadable]
-    ran = cli("classify", "-", "--labels", "a,b", "-m", str(vit_ckpt), "-f", "csv",
-              input="\n".join(map(str, paths)) + "\n")
+    ran = cli(
+        "classify", "-", "--labels", "a,b", "-m", str(vit_ckpt), "-f", "csv", input="\n".join(map(str, paths)) + "\n"
+    )
     assert ran.exit_code == 1
     frame = pd.read_csv(io.StringIO(ran.stdout))
     assert set(frame["path"]) == {str(files["good"])}
     reasons = {
-        "empty": "not an image", "text": "not an image", "truncated": "truncated",
-        "bomb": "decompression bomb", "broken": "broken link", "dir": "is a directory",
+        "empty": "not an image",
+        "text": "not an image",
+        "truncated": "truncated",
+        "bomb": "decompression bomb",
+        "broken": "broken link",
+        "dir": "is a directory",
     }
     lines = ran.stderr.splitlines()
     for kind, reason in reasons.items():

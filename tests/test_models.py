@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -80,7 +79,7 @@ def test_not_a_checkpoint(tmp_path):
 def test_pickled_code_is_refused(tmp_path):
     evil = tmp_path / "evil.pt"
     torch.save({"text_projection": object()}, evil)
-    with pytest.raises(ModelError, match="evil.pt: not a readable checkpoint"):
+    with pytest.raises(ModelError, match=r"evil\.pt: not a readable checkpoint"):
         load_model(str(evil), "cpu")
 
 
@@ -144,8 +143,10 @@ def test_models_command_lists_names_and_cache(cli, tmp_path):
 
 
 def test_help_does_not_import_torch():
-    code = "import sys; from clipcli.cli import main; sys.argv=['clipcli','--help']\n" \
-           "try:\n    main()\nexcept SystemExit:\n    pass\nassert 'torch' not in sys.modules, 'torch imported'"
+    code = (
+        "import sys; from clipcli.cli import main; sys.argv=['clipcli','--help']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\nassert 'torch' not in sys.modules, 'torch imported'"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "classify" in done.stdout

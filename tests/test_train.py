@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,7 @@ def test_loss_goes_down_and_clip_loads_the_result(pairs, tmp_path):
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.1
     assert result.val_image_to_text_r1 is not None and 0 <= result.val_image_to_text_r1 <= 1
     clip = import_clip()
-    model, preprocess = clip.load(str(tmp_path / "m.pt"), device="cpu", jit=False)
+    model, _ = clip.load(str(tmp_path / "m.pt"), device="cpu", jit=False)
     assert model.visual.input_resolution == 32
     assert not (tmp_path / "m.pt.ckpt").exists()
 
@@ -75,7 +76,7 @@ def test_contrastive_loss_is_symmetric_cross_entropy():
 def test_schedule_warms_up_then_decays():
     lrs = [lr_at(s, 100, 1.0, 10) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[9:]))
     assert lrs[-1] < 0.01
 
 
@@ -105,7 +106,17 @@ def test_bad_pairs_name_the_row(cli, pairs, tmp_path):
     ran = cli("train", str(missing), "-o", str(out), "--arch", "test-rn", "--steps", "2", "-b", "4")
     assert ran.exit_code == 0, ran.stderr
     assert "gone.jpg: row 7:" in ran.stderr and out.exists()
-    ran = cli("train", str(missing), "-o", str(tmp_path / "stop.pt"), "--arch", "test-rn", "--steps", "2",
-              "--bad-images", "stop")
+    ran = cli(
+        "train",
+        str(missing),
+        "-o",
+        str(tmp_path / "stop.pt"),
+        "--arch",
+        "test-rn",
+        "--steps",
+        "2",
+        "--bad-images",
+        "stop",
+    )
     assert ran.exit_code == 2 and "row 7" in ran.stderr and not (tmp_path / "stop.pt").exists()
     assert "Traceback" not in ran.stderr

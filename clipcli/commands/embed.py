@@ -24,16 +24,23 @@ def _is_dataset_dir(output: str | None) -> bool:
 def embed(
     inputs: Annotated[
         list[str] | None,
-        typer.Argument(help="Image files, folders, globs, or - for paths on stdin (texts with --text).",
-                       show_default=False),
+        typer.Argument(
+            help="Image files, folders, globs, or - for paths on stdin (texts with --text).", show_default=False
+        ),
     ] = None,
     output: Annotated[
         str | None,
-        typer.Option("--output", "-o", help="File (.parquet, .npy, .csv, .jsonl) or a directory for a Parquet "
-                     "dataset written part by part (incremental, resumable). Default: CSV on stdout."),
+        typer.Option(
+            "--output",
+            "-o",
+            help="File (.parquet, .npy, .csv, .jsonl) or a directory for a Parquet "
+            "dataset written part by part (incremental, resumable). Default: CSV on stdout.",
+        ),
     ] = None,
     fmt: opt.Format = None,
-    text: Annotated[bool, typer.Option("--text", help="Embed texts (arguments, --texts-file, or - for stdin lines).")] = False,
+    text: Annotated[
+        bool, typer.Option("--text", help="Embed texts (arguments, --texts-file, or - for stdin lines).")
+    ] = False,
     texts_file: Annotated[str | None, typer.Option(help="With --text: a file with one text per line.")] = None,
     template: opt.Template = None,
     templates: opt.Templates = None,
@@ -86,9 +93,19 @@ def embed(
     lm = opt.load(model, device, precision)
     with Progress("embedding", len(refs)) as bar:
         summary = embed_images(
-            lm, refs, out_format, output, dtype=dtype, normalize=normalize, batch_size=batch_size,
-            workers=workers, exact=exact, part_size=part_size, on_skip=lambda s: skipped(s.path, s.reason),
-            on_plan=lambda n: bar.update(total=n), on_batch=bar.advance,
+            lm,
+            refs,
+            out_format,
+            output,
+            dtype=dtype,
+            normalize=normalize,
+            batch_size=batch_size,
+            workers=workers,
+            exact=exact,
+            part_size=part_size,
+            on_skip=lambda s: skipped(s.path, s.reason),
+            on_plan=lambda n: bar.update(total=n),
+            on_batch=bar.advance,
         )
     n_skipped = summary.skipped + len(missing)
     say(f"embedded {summary.embedded}, unchanged {summary.unchanged}, removed {summary.removed}, skipped {n_skipped}")

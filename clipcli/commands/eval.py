@@ -13,8 +13,11 @@ from clipcli.commands import options as opt
 def evaluate(
     data: Annotated[
         Path | None,
-        typer.Argument(help="An image folder (leaf folder = class) or a CSV/Parquet manifest (path + label, or "
-                       "path + text for retrieval).", show_default=False),
+        typer.Argument(
+            help="An image folder (leaf folder = class) or a CSV/Parquet manifest (path + label, or "
+            "path + text for retrieval).",
+            show_default=False,
+        ),
     ] = None,
     dataset: Annotated[str | None, typer.Option(help="cifar10 or cifar100 (test split, via torchvision).")] = None,
     data_root: Annotated[Path, typer.Option(help="Where CIFAR files are (or are downloaded to).")] = Path("data"),
@@ -24,19 +27,25 @@ def evaluate(
     ] = None,
     models: Annotated[
         list[str] | None,
-        typer.Option("--model", "-m", help="Model to evaluate (repeatable). Default: $CLIPCLI_MODEL or ViT-B/32.",
-                     show_default=False),
+        typer.Option(
+            "--model",
+            "-m",
+            help="Model to evaluate (repeatable). Default: $CLIPCLI_MODEL or ViT-B/32.",
+            show_default=False,
+        ),
     ] = None,
     template: opt.Template = None,
     templates: Annotated[
         list[str] | None,
-        typer.Option(help="Template set to compare (repeatable): simple, cifar, imagenet or a file.",
-                     show_default=False),
+        typer.Option(
+            help="Template set to compare (repeatable): simple, cifar, imagenet or a file.", show_default=False
+        ),
     ] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Evaluate a random subset of N images.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for --limit.")] = 0,
-    cache: Annotated[bool, typer.Option(help="Reuse cached class text embeddings (keyed by model, templates, "
-                                        "class names).")] = True,
+    cache: Annotated[
+        bool, typer.Option(help="Reuse cached class text embeddings (keyed by model, templates, class names).")
+    ] = True,
     report: Annotated[Path | None, typer.Option(help="Write the JSON report here (schema in the README).")] = None,
     predictions: Annotated[
         str | None, typer.Option(help="Write per-image predictions here (.csv or .parquet).")
@@ -74,7 +83,9 @@ def evaluate(
         from clipcli.plots import require_matplotlib
 
         require_matplotlib()
-    pred_format = choose_format(None, predictions, False, (OutputFormat.CSV, OutputFormat.PARQUET)) if predictions else None
+    pred_format = (
+        choose_format(None, predictions, False, (OutputFormat.CSV, OutputFormat.PARQUET)) if predictions else None
+    )
     template_sets = [resolve_templates(template, None)] if template else []
     template_sets += [resolve_templates(None, name) for name in (templates or ([] if template else ["simple"]))]
 
@@ -95,7 +106,7 @@ def evaluate(
     n_skipped = 0
     for name in models or [default_model()]:
         lm = opt.load(name, device, precision)
-        total = len(source.refs) if source.refs is not None else len(source.arrays)  # type: ignore[union-attr]
+        total = len(source.refs) if source.refs is not None else len(source.arrays)
         with Progress(f"embedding ({name})", total) as bar:
             images = embed_dataset(lm, source, batch_size, workers, exact, on_batch=bar.advance)
         for s in images.skipped:
@@ -126,7 +137,7 @@ def evaluate(
         raise typer.Exit(EXIT_PARTIAL)
 
 
-def _print_table(console: object, results: list) -> None:  # type: ignore[type-arg]
+def _print_table(console: object, results: list) -> None:
     from rich.table import Table
 
     if not results:

@@ -39,8 +39,13 @@ Output = Annotated[
 ]
 Format = Annotated[
     OutputFormat | None,
-    typer.Option("--format", "-f", help="Output format (default: from --output, else table on a terminal, else csv).",
-                 case_sensitive=False, show_default=False),
+    typer.Option(
+        "--format",
+        "-f",
+        help="Output format (default: from --output, else table on a terminal, else csv).",
+        case_sensitive=False,
+        show_default=False,
+    ),
 ]
 Template = Annotated[
     list[str] | None,
@@ -48,8 +53,9 @@ Template = Annotated[
 ]
 Templates = Annotated[
     str | None,
-    typer.Option(help="Template set: simple, cifar, imagenet, or a file with one template per line.",
-                 show_default=False),
+    typer.Option(
+        help="Template set: simple, cifar, imagenet, or a file with one template per line.", show_default=False
+    ),
 ]
 
 

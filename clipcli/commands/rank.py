@@ -34,9 +34,14 @@ def rank(
     output: opt.Output = None,
     fmt: Annotated[
         OutputFormat | None,
-        typer.Option("--format", "-f", case_sensitive=False, show_default=False,
-                     help="table, tsv (score<TAB>path), csv, jsonl or parquet (default: table on a terminal, "
-                     "tsv in a pipe, else from --output)."),
+        typer.Option(
+            "--format",
+            "-f",
+            case_sensitive=False,
+            show_default=False,
+            help="table, tsv (score<TAB>path), csv, jsonl or parquet (default: table on a terminal, "
+            "tsv in a pipe, else from --output).",
+        ),
     ] = None,
     model: opt.Model = None,
     device: opt.Device = "auto",

@@ -11,10 +11,16 @@ from clipcli.commands import options as opt
 
 
 def train(
-    pairs: Annotated[Path, typer.Argument(help="CSV, Parquet or JSONL with 'image' (relative to the file) and 'text'.")],
+    pairs: Annotated[
+        Path, typer.Argument(help="CSV, Parquet or JSONL with 'image' (relative to the file) and 'text'.")
+    ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the trained state dict (.pt).")],
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Fine-tune this model (name or checkpoint).")] = None,
-    arch: Annotated[str | None, typer.Option(help="Train from scratch with this architecture (default tiny-shapes).")] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Fine-tune this model (name or checkpoint).")
+    ] = None,
+    arch: Annotated[
+        str | None, typer.Option(help="Train from scratch with this architecture (default tiny-shapes).")
+    ] = None,
     epochs: Annotated[int, typer.Option(min=1, help="Passes over the training pairs (unless --steps).")] = 10,
     steps: Annotated[int | None, typer.Option(min=1, help="Optimiser steps (overrides --epochs).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=2, help="Pairs per step.")] = 128,
@@ -39,10 +45,24 @@ def train(
     if bad_images not in ("skip", "stop"):
         raise InputError(f"--bad-images must be skip or stop, not {bad_images!r}")
     config = TrainConfig(
-        pairs=pairs, output=output, model=model, arch=arch, epochs=epochs, steps=steps, batch_size=batch_size,
-        lr=lr, weight_decay=weight_decay, warmup=warmup, seed=seed, val_fraction=val_fraction,
-        checkpoint_every=checkpoint_every, resume=resume, bad_images=bad_images, workers=workers,
-        device=device, half=fp16,
+        pairs=pairs,
+        output=output,
+        model=model,
+        arch=arch,
+        epochs=epochs,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup=warmup,
+        seed=seed,
+        val_fraction=val_fraction,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        bad_images=bad_images,
+        workers=workers,
+        device=device,
+        half=fp16,
     )
     preload = Progress("loading images", None)
     bar = Progress("training", None, unit="pairs")
@@ -55,12 +75,12 @@ def train(
         bar.update(total=info.total, rate=f"loss {info.loss:.3f}  lr {info.lr:.2e}  {info.samples_per_s:,.0f} pairs/s")
         bar.advance(1)
 
-    with preload:
-        with bar:
-            result = run_training(config, on_step=on_step, on_preload=on_preload, on_skip=skipped)
+    with preload, bar:
+        result = run_training(config, on_step=on_step, on_preload=on_preload, on_skip=skipped)
     line = f"trained {result.steps} steps in {result.seconds:.0f} s, final loss {result.final_loss:.4f}"
     if result.val_image_to_text_r1 is not None:
-        line += f", val recall@1 image->text {result.val_image_to_text_r1:.1%} text->image {result.val_text_to_image_r1:.1%}"
+        i2t, t2i = result.val_image_to_text_r1, result.val_text_to_image_r1
+        line += f", val recall@1 image->text {i2t:.1%} text->image {t2i:.1%}"
     say(f"{line}; wrote {output}")
 
 
@@ -68,7 +88,9 @@ def make_shapes(
     folder: Annotated[Path, typer.Argument(help="Folder to write images and pairs.csv into.")],
     count: Annotated[int, typer.Option("--count", "-n", min=1, help="Number of images.")] = 1000,
     seed: Annotated[int, typer.Option(help="Random seed (different seeds give different images).")] = 0,
-    split: Annotated[str, typer.Option(help="seen, held-out (the ~20% combinations kept out of training) or all.")] = "seen",
+    split: Annotated[
+        str, typer.Option(help="seen, held-out (the ~20% combinations kept out of training) or all.")
+    ] = "seen",
     background: Annotated[str, typer.Option(help="varied, saturated or grey.")] = "varied",
     workers: Annotated[int, typer.Option(min=1, help="Processes drawing images.")] = 2,
 ) -> None:
