@@ -7,6 +7,7 @@ import random
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -70,8 +71,9 @@ def _quick_start_command() -> str:
 def test_readme_quick_start_names_every_sample_correctly():
     """The README's first command, minus the install it starts with, run as a user would."""
     command = _quick_start_command()
-    classify = command[command.index("clipcli classify") :]
-    done = subprocess.run(shlex.split(classify), cwd=ROOT, capture_output=True, text=True)
+    argv = shlex.split(command[command.index("clipcli classify") :])
+    # the console script as this interpreter's module, whether or not the venv is on PATH
+    done = subprocess.run([sys.executable, "-m", *argv], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     # piped stdout gets CSV: check the top label of every sample against its file name
     top = pd.read_csv(io.StringIO(done.stdout)).query("rank == 1")
