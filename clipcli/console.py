@@ -79,11 +79,19 @@ def download_progress(name: str) -> Iterator[Any]:
         transient=True,
     )
     task = bar.add_task(name, total=None)
+    started = False
 
     def on_chunk(n: int, total: int | None) -> None:
+        nonlocal started
+        if not started:  # shown only when a download really happens, not for every load
+            bar.start()
+            started = True
         if bar.tasks[0].total is None and total:
             bar.update(task, total=total)
         bar.advance(task, n)
 
-    with bar:
+    try:
         yield on_chunk
+    finally:
+        if started:
+            bar.stop()
