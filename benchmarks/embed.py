@@ -76,7 +76,9 @@ def whole_embed(ckpt: Path, folder: Path, out: Path) -> float:
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
     clipcli = shutil.which("clipcli") or "clipcli"
-    subprocess.run([clipcli, "embed", str(folder), "-m", str(ckpt), "-o", str(out) + "/"], check=True, capture_output=True)
+    subprocess.run(
+        [clipcli, "embed", str(folder), "-m", str(ckpt), "-o", str(out) + "/"], check=True, capture_output=True
+    )
     return time.perf_counter() - start
 
 

@@ -296,7 +296,7 @@ def read_state_dict(path: Path) -> dict[str, Any]:
                 sd = torch.jit.load(str(path), map_location="cpu").state_dict()
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - on garbage input torch.load raises almost anything (even KeyError)
+    except Exception as e:  # on garbage input torch.load raises almost anything, even KeyError
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"{path}: not a readable checkpoint ({reason[:200]})") from e
     if not isinstance(sd, Mapping):
