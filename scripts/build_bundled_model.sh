@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Rebuilds the bundled `tiny-shapes` model from scratch with clipcli's own commands.
-# About 4 minutes to draw the images and 15 minutes to train on 2 CPU cores.
+# About 4 minutes to draw the images and 12 minutes to train on 2 CPU cores.
 set -euo pipefail
 work=${1:-build/tiny-shapes}
 clipcli make-shapes "$work/train" --count 40000 --seed 1 --split seen --background varied
-clipcli train "$work/train/pairs.csv" --arch tiny-shapes --steps 4000 --batch-size 128 \
+clipcli train "$work/train/pairs.csv" --arch tiny-shapes --steps 3000 --batch-size 128 \
     --lr 1e-3 --weight-decay 0.1 --seed 0 --val-fraction 0.02 --fp16 --resume \
     -o clipcli/data/tiny-shapes.pt

@@ -1,0 +1,84 @@
+"""`clipcli rank`: text and image queries, saved embeddings, the reverse direction, output forms."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from clipcli.rank import TopK
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "samples"
+
+
+def _tsv(text: str) -> list[tuple[float, str]]:
+    return [(float(s), p) for s, p in (line.split("\t") for line in text.splitlines())]
+
+
+def test_text_query_over_samples_puts_a_red_circle_first(cli):
+    ran = cli("rank", "a photo of a red circle.", str(SAMPLES), "-m", "tiny-shapes", "-k", "3")
+    assert ran.exit_code == 0, ran.stderr
+    hits = _tsv(ran.stdout)  # piped: score<TAB>path lines
+    assert len(hits) == 3
+    assert Path(hits[0][1]).name == "red-circle.jpg"
+    assert [s for s, _ in hits] == sorted((s for s, _ in hits), reverse=True)
+
+
+def test_saved_embeddings_rank_like_the_images(cli, tmp_path):
+    for out in (tmp_path / "emb/", tmp_path / "emb.npy", tmp_path / "emb.parquet"):
+        assert cli("embed", str(SAMPLES), "-m", "tiny-shapes", "-o", str(out)).exit_code == 0
+    query = ["a photo of a blue star.", "-m", "tiny-shapes", "-k", "8", "--precision", "fp32"]
+    live = _tsv(cli("rank", query[0], str(SAMPLES), *query[1:]).stdout)
+    for source in ("emb", "emb.npy", "emb.parquet"):
+        saved = _tsv(cli("rank", query[0], str(tmp_path / source), *query[1:]).stdout)
+        assert [p for _, p in saved] == [p for _, p in live], source
+        assert np.allclose([s for s, _ in saved], [s for s, _ in live], atol=2e-3)
+
+
+def test_image_query_and_reverse_direction(cli, tmp_path):
+    query = SAMPLES / "busy" / "blue-star.jpg"
+    ran = cli("rank", "--image", str(query), str(SAMPLES), "-m", "tiny-shapes", "-k", "2", "-f", "csv")
+    top = pd.read_csv(io.StringIO(ran.stdout))
+    assert list(top.columns) == ["score", "path"]
+    assert top["path"][0] == str(query) and top["score"][0] == pytest.approx(1.0, abs=1e-3)
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a photo of a red circle.\na photo of a blue star.\na photo of a green arrow.\n")
+    ran = cli("rank", "--image", str(query), "--texts-file", str(captions), "-m", "tiny-shapes", "-f", "jsonl")
+    assert ran.exit_code == 0, ran.stderr
+    assert '"text": "a photo of a blue star."' in ran.stdout.splitlines()[0]
+
+
+def test_threshold_and_formats(cli, tmp_path):
+    args = ["rank", "a photo of a yellow heart.", str(SAMPLES), "-m", "tiny-shapes", "-k", "50"]
+    everything = _tsv(cli(*args).stdout)
+    cut = (everything[0][0] + everything[-1][0]) / 2
+    kept = _tsv(cli(*args, "--threshold", str(cut)).stdout)
+    assert 0 < len(kept) < len(everything) and all(s >= cut for s, _ in kept)
+    out = tmp_path / "hits.parquet"
+    assert cli(*args, "-o", str(out)).exit_code == 0
+    assert len(pd.read_parquet(out)) == len(everything)
+
+
+def test_another_models_embeddings_are_refused(cli, tmp_path, vit_ckpt):
+    cli("embed", str(SAMPLES / "seen"), "-m", "tiny-shapes", "-o", str(tmp_path / "emb/"))
+    ran = cli("rank", "a dog", str(tmp_path / "emb"), "-m", str(vit_ckpt))
+    assert ran.exit_code == 2 and "made with tiny-shapes" in ran.stderr
+
+
+def test_topk_partial_sort_matches_a_full_sort():
+    rng = np.random.default_rng(0)
+    scores = [rng.standard_normal(1000) for _ in range(5)]
+    best = TopK(7)
+    for chunk_no, chunk in enumerate(scores):
+        best.offer(chunk, lambda idx, c=chunk_no: [f"{c}:{i}" for i in idx])
+    flat = sorted(((s, f"{c}:{i}") for c, chunk in enumerate(scores) for i, s in enumerate(chunk)), reverse=True)[:7]
+    assert best.names == [n for _, n in flat]
+
+
+def test_usage_errors(cli):
+    assert "no query" in cli("rank", "-m", "tiny-shapes").stderr
+    assert "no sources" in cli("rank", "a dog", "-m", "tiny-shapes").stderr
