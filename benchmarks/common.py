@@ -40,3 +40,12 @@ def summary(times: list[float]) -> str:
 
 def python() -> str:
     return sys.executable
+
+
+def clipcli() -> list[str]:
+    """The installed console script of this interpreter's environment (or the module, if none)."""
+    import os
+    import shutil
+
+    script = shutil.which("clipcli", path=os.path.dirname(sys.executable)) or shutil.which("clipcli")
+    return [script] if script else [sys.executable, "-m", "clipcli"]

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import random_checkpoint
+from common import clipcli, random_checkpoint
 from photos import make_photos
 
 from clipcli.models import import_clip, load_model
@@ -75,9 +75,8 @@ def embed_in_process(ckpt: Path, photos: list[Path], out: Path) -> float:
 def whole_embed(ckpt: Path, folder: Path, out: Path) -> float:
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    clipcli = shutil.which("clipcli") or "clipcli"
     subprocess.run(
-        [clipcli, "embed", str(folder), "-m", str(ckpt), "-o", str(out) + "/"], check=True, capture_output=True
+        [*clipcli(), "embed", str(folder), "-m", str(ckpt), "-o", str(out) + "/"], check=True, capture_output=True
     )
     return time.perf_counter() - start
 
@@ -178,7 +177,6 @@ def main() -> None:
     if args.small:
         small = args.out / f"small-{args.small}"
         small_images(small, args.small)
-        clipcli = shutil.which("clipcli") or "clipcli"
         for n_label, source in ((f"{args.small // 10}", None), (f"{args.small}", small)):
             if source is None:
                 sub = args.out / f"small-{args.small // 10}"
@@ -186,7 +184,7 @@ def main() -> None:
                 source = sub
             out = args.out / f"emb-small-{n_label}"
             shutil.rmtree(out, ignore_errors=True)
-            rss = peak_rss_mib([clipcli, "embed", str(source), "-m", "tiny-shapes", "-o", str(out) + "/"])
+            rss = peak_rss_mib([*clipcli(), "embed", str(source), "-m", "tiny-shapes", "-o", str(out) + "/"])
             print(f"peak RSS embedding {n_label:>6} small images into a directory: {rss:7.0f} MiB")
         print(f"    model checkpoint: {ckpt.stat().st_size / 2**20:.0f} MiB (ViT-B/32) / 9 MiB (tiny-shapes)")
 

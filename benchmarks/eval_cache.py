@@ -9,7 +9,6 @@ Uses a ViT-B/32-size random checkpoint and a folder of 100 one-image classes, an
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -20,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import random_checkpoint
+from common import clipcli, random_checkpoint
 
 
 def main() -> None:
@@ -42,7 +41,7 @@ def main() -> None:
             start = time.perf_counter()
             subprocess.run(
                 [
-                    shutil.which("clipcli") or "clipcli",
+                    *clipcli(),
                     "eval",
                     str(data),
                     "-m",

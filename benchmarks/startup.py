@@ -9,11 +9,10 @@ Uses a ViT-B/32-size random checkpoint (made once in benchmarks/out/). Targets: 
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 from pathlib import Path
 
-from common import python, random_checkpoint, summary, time_command
+from common import clipcli, python, random_checkpoint, summary, time_command
 from PIL import Image
 
 
@@ -26,14 +25,13 @@ def main() -> None:
     ckpt = random_checkpoint("ViT-B/32", args.out)
     image = args.out / "one.jpg"
     Image.radial_gradient("L").convert("RGB").resize((640, 480)).save(image)
-    clipcli = shutil.which("clipcli") or "clipcli"
 
-    help_times = time_command([clipcli, "--help"], args.repeat)
+    help_times = time_command([*clipcli(), "--help"], args.repeat)
     bare = time_command(
         [python(), "-c", f"import clip; clip.load({str(ckpt)!r}, device='cpu', jit=False)"], args.repeat
     )
     classify = time_command(
-        [clipcli, "classify", str(image), "--labels", "a diagram,a dog,a cat", "-m", str(ckpt), "-f", "csv"],
+        [*clipcli(), "classify", str(image), "--labels", "a diagram,a dog,a cat", "-m", str(ckpt), "-f", "csv"],
         args.repeat,
     )
     ratio = statistics.median(classify) / statistics.median(bare)
