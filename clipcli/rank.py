@@ -92,9 +92,11 @@ def iter_saved(source: Path, lm: LoadedModel) -> Iterator[tuple[np.ndarray, Call
         names = sidecar.read_text(encoding="utf-8").splitlines()
         if matrix.ndim != 2 or matrix.shape[1] != dim or len(names) != matrix.shape[0]:
             raise InputError(f"{source}: expected {len(names)} x {dim} embeddings, found {matrix.shape}")
+        # NPY carries no metadata: embed writes all rows normalised or none, so a sample tells which.
+        unit = _is_unit(np.asarray(matrix[:256], dtype=np.float32))
         for start in range(0, matrix.shape[0], CHUNK_ROWS):
             chunk = np.asarray(matrix[start : start + CHUNK_ROWS], dtype=np.float32)
-            yield _normalized(chunk), lambda idx, s=start: [names[s + int(i)] for i in idx]  # type: ignore[misc]
+            yield (chunk if unit else _normalized(chunk)), lambda idx, s=start: [names[s + int(i)] for i in idx]  # type: ignore[misc]
         return
 
     import pyarrow.parquet as pq
@@ -106,24 +108,26 @@ def iter_saved(source: Path, lm: LoadedModel) -> Iterator[tuple[np.ndarray, Call
             raise InputError(f"{file}: cannot read embeddings ({e})") from e
         if "embedding" not in reader.schema_arrow.names:
             raise InputError(f"{file}: no 'embedding' column (not written by clipcli embed?)")
-        _check_tag(reader.schema_arrow.metadata, lm, file)
+        unit = _check_tag(reader.schema_arrow.metadata, lm, file)
         key = "path" if "path" in reader.schema_arrow.names else "text"
         for batch in reader.iter_batches(batch_size=CHUNK_ROWS, columns=[key, "embedding"]):
             column = batch.column("embedding")
             flat = column.values.to_numpy(zero_copy_only=False)
             chunk = flat.astype(np.float32, copy=False).reshape(len(batch), -1)
             names_col = batch.column(key)
-            yield _normalized(chunk), lambda idx, c=names_col: c.take(idx).to_pylist()  # type: ignore[misc]
+            yield (chunk if unit else _normalized(chunk)), lambda idx, c=names_col: c.take(idx).to_pylist()  # type: ignore[misc]
+
+
+def _is_unit(rows: np.ndarray) -> bool:
+    import numpy as np
+
+    return bool(np.allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-2))
 
 
 def _normalized(chunk: np.ndarray) -> np.ndarray:
     import numpy as np
 
-    norms = np.linalg.norm(chunk, axis=1, keepdims=True)
-    # Already unit length when embed normalised them: skip the division then.
-    if np.allclose(norms, 1.0, atol=1e-3):
-        return chunk
-    return chunk / np.maximum(norms, 1e-12)
+    return chunk / np.maximum(np.linalg.norm(chunk, axis=1, keepdims=True), 1e-12)
 
 
 def rank_sources(
