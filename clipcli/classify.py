@@ -49,10 +49,10 @@ def classify_images(
     k = min(top_k, len(labels))
     for batch in iter_image_embeddings(lm, refs, batch_size, workers, exact):
         yield from batch.skipped
-        if batch.refs:
+        if batch.names:
             probs = (scale * batch.embeddings @ classifier.T).softmax(dim=-1)
             top = torch.topk(probs, k, dim=-1)
-            for ref, scores, idx in zip(batch.refs, top.values.tolist(), top.indices.tolist(), strict=True):
-                yield Prediction(ref.path, tuple(labels[i] for i in idx), tuple(scores))
+            for path, scores, idx in zip(batch.names, top.values.tolist(), top.indices.tolist(), strict=True):
+                yield Prediction(path, tuple(labels[i] for i in idx), tuple(scores))
         if on_batch:
-            on_batch(len(batch.refs) + len(batch.skipped))
+            on_batch(len(batch.names) + len(batch.skipped))

@@ -39,8 +39,8 @@ def iter_rows(
     normalize: bool,
 ) -> Iterator[tuple[Rows, list[Skipped]]]:
     for batch in iter_image_embeddings(lm, refs, batch_size, workers, exact, normalize):
-        stats = [stat_of(r.path) or Stat(0, 0.0) for r in batch.refs]
-        rows = Rows([r.path for r in batch.refs], batch.embeddings.numpy(), batch.sizes, stats)
+        stats = [stat_of(path) or Stat(0, 0.0) for path in batch.names]
+        rows = Rows(batch.names, batch.embeddings.numpy(), batch.sizes, stats)
         yield rows, batch.skipped
 
 

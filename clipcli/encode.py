@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from clipcli.errors import InputError
-from clipcli.images import ImageRef, Skipped, iter_batches
+from clipcli.images import Batch, ImageRef, Skipped, iter_batches
 from clipcli.models import LoadedModel, import_clip
 
 if TYPE_CHECKING:
@@ -73,10 +73,26 @@ def encode_pixels(lm: LoadedModel, pixels: torch.Tensor, normalize: bool = True)
 
 @dataclass
 class EmbeddedBatch:
-    refs: list[ImageRef]  # the images embedded, in input order
-    embeddings: torch.Tensor  # one row per ref
-    sizes: list[tuple[int, int]]  # full-resolution (width, height) per ref
+    indices: list[int]  # input positions of the images embedded, in input order
+    names: list[str]  # their paths as given (or dataset ids)
+    embeddings: torch.Tensor  # one row per image embedded
+    sizes: list[tuple[int, int]]  # full-resolution (width, height) per image embedded
     skipped: list[Skipped]
+
+
+def embed_batches(
+    lm: LoadedModel, batches: Iterable[Batch], names: Sequence[str], normalize: bool = True
+) -> Iterator[EmbeddedBatch]:
+    """Embed decoded batches; failures come back as skipped, named by ``names``."""
+    import torch
+
+    for batch in batches:
+        skipped = [Skipped(names[i], reason) for i, reason in batch.skipped]
+        if batch.pixels is None:
+            embeddings = torch.empty(0, lm.architecture.embed_dim)
+        else:
+            embeddings = encode_pixels(lm, batch.pixels, normalize)
+        yield EmbeddedBatch(batch.indices, [names[i] for i in batch.indices], embeddings, batch.sizes, skipped)
 
 
 def iter_image_embeddings(
@@ -87,14 +103,6 @@ def iter_image_embeddings(
     exact: bool = False,
     normalize: bool = True,
 ) -> Iterator[EmbeddedBatch]:
-    """Embed ``refs`` batch by batch, in input order; unreadable images come back as skipped."""
-    import torch
-
-    for batch in iter_batches(refs, lm.input_resolution, batch_size, workers, exact):
-        skipped = [Skipped(refs[i].path, reason) for i, reason in batch.skipped]
-        if batch.pixels is None:
-            empty = torch.empty(0, lm.architecture.embed_dim)
-            yield EmbeddedBatch([], empty, [], skipped)
-            continue
-        embeddings = encode_pixels(lm, batch.pixels, normalize)
-        yield EmbeddedBatch([refs[i] for i in batch.indices], embeddings, batch.sizes, skipped)
+    """Embed image files batch by batch, in input order; unreadable images come back as skipped."""
+    batches = iter_batches(refs, lm.input_resolution, batch_size, workers, exact)
+    return embed_batches(lm, batches, [r.path for r in refs], normalize)

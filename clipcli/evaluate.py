@@ -77,22 +77,22 @@ def embed_dataset(
     exact: bool = False,
     on_batch: Callable[[int], None] | None = None,
 ) -> ImageEmbeddings:
-    from clipcli.encode import encode_pixels
+    from clipcli.encode import embed_batches
 
     start = time.perf_counter()
-    refs = data.refs
-    if refs is not None:
-        batches = iter_batches(refs, lm.input_resolution, batch_size, workers, exact)
+    if data.refs is not None:
+        batches = iter_batches(data.refs, lm.input_resolution, batch_size, workers, exact)
+        names = [r.path for r in data.refs]
     else:
-        batches = iter_array_batches(data.arrays, lm.input_resolution, batch_size)  # type: ignore[union-attr]
+        batches = iter_array_batches(data.arrays, lm.input_resolution, batch_size)
+        names = data.ids
     chunks: list[np.ndarray] = []
     kept: list[int] = []
     skipped: list[Skipped] = []
-    for batch in batches:
-        if batch.pixels is not None:
-            chunks.append(encode_pixels(lm, batch.pixels).numpy())
-            kept.extend(batch.indices)
-        skipped.extend(Skipped(refs[i].path if refs else str(i), reason) for i, reason in batch.skipped)
+    for batch in embed_batches(lm, batches, names):
+        chunks.append(batch.embeddings.numpy())
+        kept.extend(batch.indices)
+        skipped.extend(batch.skipped)
         if on_batch:
             on_batch(len(batch.indices) + len(batch.skipped))
     dim = lm.architecture.embed_dim

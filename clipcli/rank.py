@@ -160,9 +160,8 @@ def rank_sources(
             for s in batch.skipped:
                 if on_skip:
                     on_skip(s)
-            if batch.refs:
-                names = [r.path for r in batch.refs]
-                best.offer(batch.embeddings.numpy() @ query, lambda idx, n=names: [n[int(i)] for i in idx])  # type: ignore[misc]
+            if batch.names:
+                best.offer(batch.embeddings.numpy() @ query, lambda idx, n=batch.names: [n[int(i)] for i in idx])  # type: ignore[misc]
     return best.hits()
 
 

@@ -73,7 +73,7 @@ def rank(
     if image:
         refs, missing = discover([image])
         batch = next(iter_image_embeddings(lm, refs, 1, 0, exact), None) if refs else None
-        if batch is None or not batch.refs:
+        if batch is None or not batch.names:
             reason = (missing or (batch.skipped if batch else []))[0].reason
             raise InputError(f"{image}: cannot use as the query ({reason})")
         query = batch.embeddings[0].numpy()
