@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from functools import cache
+from typing import TYPE_CHECKING, Any
 
 from clipcli.errors import InputError
 from clipcli.images import Batch, ImageRef, Skipped, iter_batches
-from clipcli.models import LoadedModel, import_clip
+from clipcli.models import LoadedModel, clip_module
 
 if TYPE_CHECKING:
     import torch
@@ -16,18 +17,27 @@ if TYPE_CHECKING:
 TEXT_BATCH = 256
 
 
+@cache
+def _bpe() -> Any:
+    return clip_module("simple_tokenizer").SimpleTokenizer()
+
+
 def tokenize(texts: Sequence[str], context_length: int = 77) -> torch.Tensor:
-    """Tokenize with OpenAI's BPE; a text that does not fit is an error naming it."""
-    tok = import_clip().tokenize
-    try:
-        return tok(list(texts), context_length=context_length)
-    except RuntimeError:
-        for text in texts:
-            try:
-                tok([text], context_length=context_length)
-            except RuntimeError:
-                raise InputError(f"text is longer than the model's {context_length}-token context: {text!r}") from None
-        raise
+    """Token ids as ``clip.tokenize`` lays them out (start, BPE, end, zero padding), one row per text.
+
+    A text that does not fit is an error naming it, where ``clip.tokenize`` would raise for the batch.
+    """
+    import torch
+
+    bpe = _bpe()
+    start, end = bpe.encoder["<|startoftext|>"], bpe.encoder["<|endoftext|>"]
+    tokens = torch.zeros(len(texts), context_length, dtype=torch.long)
+    for row, text in enumerate(texts):
+        ids = [start, *bpe.encode(text), end]
+        if len(ids) > context_length:
+            raise InputError(f"text is longer than the model's {context_length}-token context: {text!r}")
+        tokens[row, : len(ids)] = torch.tensor(ids)
+    return tokens
 
 
 def encode_tokens(lm: LoadedModel, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:

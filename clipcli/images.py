@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import glob
 import os
+import queue
 import re
+import threading
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -18,6 +20,7 @@ from typing import IO, TYPE_CHECKING, Any
 from PIL import Image, ImageOps
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 IMAGE_EXTENSIONS = frozenset(
@@ -152,11 +155,46 @@ def describe_error(exc: BaseException) -> str:
     return message or type(exc).__name__
 
 
-def reference_transform(n_px: int) -> Callable[[Image.Image], torch.Tensor]:
-    """OpenAI's preprocessing (resize shorter side, centre crop, normalise), from the ``clip`` package."""
-    from clipcli.models import import_clip
+# OpenAI's normalisation constants (clip/clip.py), per RGB channel.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-    return import_clip().clip._transform(n_px)
+
+def resize_and_crop(image: Image.Image, n_px: int) -> np.ndarray:
+    """OpenAI's resize (shorter side to ``n_px``, bicubic) and centre crop, as an n_px x n_px x 3 array.
+
+    Equal to torchvision's ``Resize`` then ``CenterCrop`` as the ``clip`` package composes them, with the
+    same output size and crop offsets, but one PIL resample of just the crop box: PIL's filter still
+    reads the pixels around the box up to the image edge, so the result is the same for less work,
+    and torchvision (whose import pulls in torch's compiler stack) is not needed.
+    """
+    import numpy as np
+
+    w, h = image.size
+    if w <= h:
+        new_w, new_h = n_px, int(n_px * h / w)
+    else:
+        new_w, new_h = int(n_px * w / h), n_px
+    left, top = round((new_w - n_px) / 2.0), round((new_h - n_px) / 2.0)
+    sx, sy = w / new_w, h / new_h
+    box = (left * sx, top * sy, (left + n_px) * sx, (top + n_px) * sy)
+    return np.asarray(image.resize((n_px, n_px), Image.Resampling.BICUBIC, box=box))
+
+
+def normalize_pixels(arrays: Sequence[np.ndarray]) -> torch.Tensor:
+    """uint8 H x W x 3 arrays -> the model's N x 3 x H x W float input (ToTensor then Normalize)."""
+    import numpy as np
+    import torch
+
+    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div(255)
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return batch.sub_(mean).div_(std).contiguous()
+
+
+def preprocess(image: Image.Image, n_px: int) -> torch.Tensor:
+    """One RGB image -> its 3 x n_px x n_px model input, as OpenAI's ``preprocess`` makes it."""
+    return normalize_pixels([resize_and_crop(image, n_px)])[0]
 
 
 @dataclass
@@ -170,7 +208,7 @@ class Batch:
 class _ImageDataset:
     def __init__(self, refs: Sequence[ImageRef], n_px: int, exact: bool) -> None:
         self.refs = refs
-        self.transform = reference_transform(n_px)
+        self.n_px = n_px
         self.draft = None if exact else n_px
 
     def __len__(self) -> int:
@@ -179,7 +217,7 @@ class _ImageDataset:
     def __getitem__(self, i: int) -> tuple[int, Any]:
         try:
             image, size = decode(self.refs[i].file, self.draft)
-            return i, (self.transform(image), size)
+            return i, (resize_and_crop(image, self.n_px), size)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             return i, describe_error(e)
         except Exception as e:
@@ -187,11 +225,10 @@ class _ImageDataset:
 
 
 def _collate(items: list[tuple[int, Any]]) -> Batch:
-    import torch
-
     good = [(i, t) for i, t in items if not isinstance(t, str)]
     bad = [(i, t) for i, t in items if isinstance(t, str)]
-    pixels = torch.stack([t for _, (t, _) in good]) if good else None
+    # Normalising the whole batch at once: one vectorised pass instead of one per image.
+    pixels = normalize_pixels([a for _, (a, _) in good]) if good else None
     return Batch([i for i, _ in good], pixels, [size for _, (_, size) in good], bad)
 
 
@@ -211,14 +248,14 @@ class _ArrayDataset:
 
     def __init__(self, arrays: Any, n_px: int) -> None:
         self.arrays = arrays
-        self.transform = reference_transform(n_px)
+        self.n_px = n_px
 
     def __len__(self) -> int:
         return len(self.arrays)
 
     def __getitem__(self, i: int) -> tuple[int, Any]:
         image = Image.fromarray(self.arrays[i], "RGB")
-        return i, (self.transform(image), image.size)
+        return i, (resize_and_crop(image, self.n_px), image.size)
 
 
 def iter_array_batches(arrays: Any, n_px: int, batch_size: int = 32) -> Iterator[Batch]:
@@ -228,4 +265,54 @@ def iter_array_batches(arrays: Any, n_px: int, batch_size: int = 32) -> Iterator
 def _batches(dataset: Any, batch_size: int, workers: int) -> Iterator[Batch]:
     from torch.utils.data import DataLoader
 
-    yield from DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate)
+    # Worker processes already decode ahead of the model; without them a thread does.
+    return iter(loader) if workers else read_ahead(iter(loader))
+
+
+_END = object()
+
+
+@dataclass(frozen=True)
+class _Raised:
+    error: BaseException
+
+
+def read_ahead(items: Iterator[Any], depth: int = 1) -> Iterator[Any]:
+    """Yield from ``items`` while a thread produces the next ``depth`` of them.
+
+    PIL and torch release the GIL while they decode, resize and normalise, so the next batch is
+    prepared while the caller runs the model on this one: on a small machine that hides most of the
+    decoding for none of the start-up and memory cost of worker processes. Errors in the producer are
+    raised here, in order; closing the generator stops the producer after its current item.
+    """
+    ready: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+        except BaseException as e:  # handed to the consumer, which raises it as its own
+            put(_Raised(e))
+            return
+        put(_END)
+
+    threading.Thread(target=produce, name="clipcli-read-ahead", daemon=True).start()
+    try:
+        while (item := ready.get()) is not _END:
+            if isinstance(item, _Raised):
+                raise item.error
+            yield item
+    finally:
+        stop.set()

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from clipcli.errors import InputError, ModelError
-from clipcli.images import describe_error, load_image, reference_transform
+from clipcli.images import describe_error, load_image, preprocess
 
 if TYPE_CHECKING:
     import torch
@@ -137,7 +137,6 @@ class _PixelSource:
 
         self.files = files
         self.n_px = n_px
-        self.transform = reference_transform(n_px)
         self.ok = torch.ones(len(files), dtype=torch.bool)
         self.reasons: dict[int, str] = {}
         self.cache: torch.Tensor | None = None
@@ -146,7 +145,7 @@ class _PixelSource:
 
     def _decode(self, i: int) -> torch.Tensor | str:
         try:
-            return self.transform(load_image(self.files[i], self.n_px))
+            return preprocess(load_image(self.files[i], self.n_px), self.n_px)
         except (OSError, ValueError, SyntaxError) as e:
             return describe_error(e)
 

@@ -25,17 +25,16 @@ LABELS = [f"{c} {s}" for s in SHAPES for c in COLOURS]
 def accuracy(split: str, background: str, n: int, seed: int) -> float:
     """Top-1 (64-way) on ``n`` freshly drawn images; seeds differ from the training seed (1)."""
     from clipcli.encode import encode_pixels
-    from clipcli.images import reference_transform
+    from clipcli.images import preprocess
 
     lm = load_model("tiny-shapes", "cpu", "fp32")
     classifier = zero_shot_classifier(lm, LABELS, TemplateSet("t", ("a photo of a {}.",)))
-    transform = reference_transform(lm.input_resolution)
     rng = random.Random(seed)
     combos = combinations(split)  # type: ignore[arg-type]
     pixels, targets = [], []
     for _ in range(n):
         colour, shape = rng.choice(combos)
-        pixels.append(transform(render(rng, colour, shape, background).image))  # type: ignore[arg-type]
+        pixels.append(preprocess(render(rng, colour, shape, background).image, lm.input_resolution))  # type: ignore[arg-type]
         targets.append(LABELS.index(f"{colour} {shape}"))
     predicted = (encode_pixels(lm, torch.stack(pixels)) @ classifier.T).argmax(1)
     return float((predicted == torch.tensor(targets)).float().mean())

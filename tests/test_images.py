@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 from conftest import make_image
 from PIL import Image
 
-from clipcli.images import discover, load_image, natural_key
+from clipcli.images import discover, load_image, natural_key, read_ahead
 
 
 def test_natural_sort():
@@ -158,3 +159,54 @@ def test_workers_give_the_same_answers(cli, images, vit_ckpt, workers):
     base = pd.read_csv(io.StringIO(cli(*args).stdout))
     other = pd.read_csv(io.StringIO(cli(*args, "--workers", str(workers)).stdout))
     pd.testing.assert_frame_equal(base, other)
+
+
+def test_read_ahead_keeps_order_and_raises_where_the_error_happened():
+    def items():
+        yield from range(5)
+        raise OSError("disk gone")
+
+    seen = []
+    with pytest.raises(OSError, match="disk gone"):
+        for item in read_ahead(items()):
+            seen.append(item)
+    assert seen == [0, 1, 2, 3, 4]
+
+
+def test_read_ahead_stops_its_producer_when_the_consumer_stops():
+    produced = []
+
+    def items():
+        for i in range(1000):
+            produced.append(i)
+            yield i
+
+    ahead = read_ahead(items(), depth=2)
+    assert [next(ahead) for _ in range(3)] == [0, 1, 2]
+    ahead.close()
+    producers = [t for t in threading.enumerate() if t.name == "clipcli-read-ahead"]
+    for t in producers:
+        t.join(timeout=5)
+    assert producers and not any(t.is_alive() for t in producers)
+    assert len(produced) < 10
+
+
+@pytest.mark.parametrize("size", [(224, 224), (640, 480), (480, 640), (333, 1000), (1000, 225), (31, 17), (225, 224)])
+def test_preprocess_equals_openai_preprocess(size):
+    """One resample of the crop box gives the pixels of clip's Resize + CenterCrop + ToTensor + Normalize.
+
+    Up to rounding: a few values in ten thousand land one 8-bit level apart where a filter weight rounds
+    the other way."""
+    from clipcli.images import CLIP_STD, preprocess
+    from clipcli.models import import_clip
+
+    rng = np.random.default_rng(sum(size))
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    for n_px in (224, 64):
+        ours = preprocess(image, n_px)
+        theirs = import_clip().clip._transform(n_px)(image)
+        assert ours.shape == theirs.shape == (3, n_px, n_px)
+        differ = (ours - theirs).abs()
+        one_level = 1 / 255 / min(CLIP_STD) + 1e-6
+        assert differ.max() <= one_level
+        assert (differ > 1e-5).float().mean() < 2e-3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,8 @@ from clipcli.models import (
     read_state_dict,
     resolve_precision,
 )
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_names_match_the_clip_package():
@@ -144,14 +147,47 @@ def test_models_command_lists_names_and_cache(cli, tmp_path):
 
 def test_help_does_not_import_torch():
     code = (
-        "import sys; from clipcli.cli import main; sys.argv=['clipcli','--help']\n"
-        "try:\n    main()\nexcept SystemExit:\n    pass\nassert 'torch' not in sys.modules, 'torch imported'"
+        "import sys; from clipcli.cli import app; sys.argv=['clipcli','--help']\n"
+        "try:\n    app()\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\nprint('checked')"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "classify" in done.stdout
+    assert "classify" in done.stdout and done.stdout.endswith("checked\n")
+
+
+def test_embedding_does_not_import_torchvision_or_the_whole_clip_package():
+    """clip's __init__ imports torchvision and torch's compiler stack (seconds and ~190 MiB) for nothing."""
+    code = (
+        "import sys; from clipcli.cli import app\n"
+        "sys.argv=['clipcli','embed','samples/seen','-m','tiny-shapes','-f','jsonl']\n"
+        "try:\n    app()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "leaked = [m for m in ('torchvision', 'clip', 'pkg_resources', 'sympy') if m in sys.modules]\n"
+        "assert not leaked, leaked\nprint('checked')"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count('"embedding"') == 16 and done.stdout.endswith("checked\n")
+
+
+def test_tokenize_lays_out_tokens_as_clip_does():
+    from clipcli.encode import tokenize
+
+    texts = ["a dog", "a photo of a purple hexagon.", "", "ünïcödé & <html> punctuation!!"]
+    assert torch.equal(tokenize(texts), import_clip().tokenize(texts))
+    assert torch.equal(tokenize(texts, 16), import_clip().tokenize(texts, 16))
 
 
 def test_python_dash_m_and_version():
     done = subprocess.run([sys.executable, "-m", "clipcli", "--version"], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.startswith("clipcli ")
+
+
+def test_the_console_entry_flushes_output_and_keeps_exit_codes(tmp_path):
+    """main() leaves through os._exit, so what it printed and the exit status must survive that."""
+    run = [sys.executable, "-m", "clipcli", "embed", "-m", "tiny-shapes", "-f", "jsonl"]
+    done = subprocess.run([*run, "samples/seen", str(tmp_path / "gone.jpg")], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 1  # one input skipped
+    assert len(done.stdout.splitlines()) == 16 and "gone.jpg" in done.stderr
+    usage = subprocess.run([*run, "--no-such-option"], capture_output=True, text=True, cwd=ROOT)
+    assert usage.returncode == 2 and "No such option" in usage.stderr
