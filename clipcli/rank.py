@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from clipcli.encode import iter_image_embeddings
 from clipcli.errors import InputError, ModelError
@@ -36,7 +36,7 @@ class TopK:
     k: int
     threshold: float | None = None
     scores: list[float] = field(default_factory=list)
-    names: list[str] = field(default_factory=list)
+    names: list[Any] = field(default_factory=list)  # str, or a _RowOf named after the scan
 
     def offer(self, scores: np.ndarray, name_of: Callable[[np.ndarray], list[str]]) -> None:
         import numpy as np
@@ -56,7 +56,18 @@ class TopK:
         self.names = [merged_names[i] for i in order]
 
     def hits(self) -> list[Hit]:
-        return [Hit(s, n) for s, n in zip(self.scores, self.names, strict=True)]
+        """The winners, best first; rows of a cached source get their names now, k at most."""
+        pending: dict[_Parts, list[int]] = {}
+        for name in self.names:
+            if isinstance(name, _RowOf):
+                pending.setdefault(name.parts, []).append(name.row)
+        named: dict[tuple[_Parts, int], str] = {}
+        for parts, rows in pending.items():
+            named.update(((parts, row), n) for row, n in zip(rows, parts.names(rows), strict=True))
+        return [
+            Hit(s, named[(n.parts, n.row)] if isinstance(n, _RowOf) else n)
+            for s, n in zip(self.scores, self.names, strict=True)
+        ]
 
 
 def is_embedding_source(source: str) -> bool:
@@ -79,8 +90,12 @@ def _check_tag(metadata: dict[bytes, bytes] | None, lm: LoadedModel, where: Path
     return meta.get(META_NORMALIZED, b"true") == b"true"
 
 
-def iter_saved(source: Path, lm: LoadedModel) -> Iterator[tuple[np.ndarray, Callable[[np.ndarray], list[str]]]]:
-    """Chunks of (N x D float32 embeddings, a function from chunk indices to their paths)."""
+Chunk = tuple["np.ndarray", Callable[["np.ndarray"], list[Any]]]
+"""N x D float32 embeddings, and a function from chunk indices to the names of those rows."""
+
+
+def iter_saved(source: Path, lm: LoadedModel, use_cache: bool = True) -> Iterator[Chunk]:
+    """Chunks of saved embeddings, normalised; Parquet sources through the search cache if allowed."""
     import numpy as np
 
     dim = lm.architecture.embed_dim
@@ -94,28 +109,118 @@ def iter_saved(source: Path, lm: LoadedModel) -> Iterator[tuple[np.ndarray, Call
             raise InputError(f"{source}: expected {len(names)} x {dim} embeddings, found {matrix.shape}")
         # NPY carries no metadata: embed writes all rows normalised or none, so a sample tells which.
         unit = _is_unit(np.asarray(matrix[:256], dtype=np.float32))
-        for start in range(0, matrix.shape[0], CHUNK_ROWS):
-            chunk = np.asarray(matrix[start : start + CHUNK_ROWS], dtype=np.float32)
-            yield (chunk if unit else _normalized(chunk)), lambda idx, s=start: [names[s + int(i)] for i in idx]  # type: ignore[misc]
-        return
+        yield from _chunks(matrix, unit, lambda rows: [names[r] for r in rows])
+    else:
+        yield from _iter_parquet(source, lm, use_cache)
 
+
+def _chunks(matrix: np.ndarray, unit: bool, name_rows: Callable[[list[int]], list[Any]]) -> Iterator[Chunk]:
+    import numpy as np
+
+    for start in range(0, matrix.shape[0], CHUNK_ROWS):
+        chunk = np.asarray(matrix[start : start + CHUNK_ROWS], dtype=np.float32)
+        yield (chunk if unit else _normalized(chunk)), lambda idx, s=start: name_rows([s + int(i) for i in idx])  # type: ignore[misc]
+
+
+@dataclass(frozen=True)
+class _Parts:
+    """The part files behind a cached matrix: winners' names are read from them after the scan."""
+
+    files: tuple[Path, ...]
+    starts: tuple[int, ...]  # first matrix row of each part
+    key: str
+
+    def names(self, rows: list[int]) -> list[str]:
+        import bisect
+
+        import pyarrow.parquet as pq
+
+        found: dict[int, str] = {}
+        by_part: dict[int, list[int]] = {}
+        for row in rows:
+            by_part.setdefault(bisect.bisect_right(self.starts, row) - 1, []).append(row)
+        for part, part_rows in by_part.items():
+            column = pq.read_table(self.files[part], columns=[self.key]).column(0)
+            taken = column.take([r - self.starts[part] for r in part_rows]).to_pylist()
+            found.update(zip(part_rows, taken, strict=True))
+        return [found[r] for r in rows]
+
+
+@dataclass(frozen=True)
+class _RowOf:
+    parts: _Parts
+    row: int
+
+
+def _iter_parquet(source: Path, lm: LoadedModel, use_cache: bool) -> Iterator[Chunk]:
+    from itertools import accumulate
+
+    from clipcli import search_cache
+
+    files = _parquet_files(source)
+    cached = search_cache.load(source, files, lm.checksum) if use_cache else None
+    if cached is not None:
+        parts = _Parts(tuple(files), tuple(accumulate(cached.rows, initial=0))[:-1], cached.key)
+        yield from _chunks(cached.matrix, cached.normalized, lambda rows: [_RowOf(parts, r) for r in rows])
+        return
+    readers = [_open_saved(file, lm) for file in files]
+    builder = _start_cache(source, files, readers, lm) if use_cache else None
+    try:
+        for reader, unit, key in readers:
+            for batch in reader.iter_batches(batch_size=CHUNK_ROWS, columns=[key, "embedding"]):
+                stored = batch.column("embedding").values.to_numpy(zero_copy_only=False).reshape(len(batch), -1)
+                builder = _cache_step(builder, lambda b, m=stored: b.add(m))  # type: ignore[misc]
+                chunk = stored.astype("float32", copy=False)
+                names = batch.column(key)
+                yield (chunk if unit else _normalized(chunk)), lambda idx, c=names: c.take(idx).to_pylist()  # type: ignore[misc]
+        builder = _cache_step(builder, lambda b: b.commit(lm.checksum, readers[0][2], readers[0][1]))
+        builder = None  # committed
+    finally:
+        if builder is not None:
+            builder.abandon()
+
+
+def _cache_step(builder: Any, step: Callable[[Any], None]) -> Any:
+    """Run one step of a cache build; a failing disk ends the build, never the search."""
+    if builder is None:
+        return None
+    try:
+        step(builder)
+        return builder
+    except OSError:
+        builder.abandon()
+        return None
+
+
+def _open_saved(file: Path, lm: LoadedModel) -> tuple[Any, bool, str]:
+    """(reader, whether its embeddings are normalised, its name column) for one Parquet file."""
     import pyarrow.parquet as pq
 
-    for file in _parquet_files(source):
-        try:
-            reader = pq.ParquetFile(file)
-        except (OSError, ValueError) as e:
-            raise InputError(f"{file}: cannot read embeddings ({e})") from e
-        if "embedding" not in reader.schema_arrow.names:
-            raise InputError(f"{file}: no 'embedding' column (not written by clipcli embed?)")
-        unit = _check_tag(reader.schema_arrow.metadata, lm, file)
-        key = "path" if "path" in reader.schema_arrow.names else "text"
-        for batch in reader.iter_batches(batch_size=CHUNK_ROWS, columns=[key, "embedding"]):
-            column = batch.column("embedding")
-            flat = column.values.to_numpy(zero_copy_only=False)
-            chunk = flat.astype(np.float32, copy=False).reshape(len(batch), -1)
-            names_col = batch.column(key)
-            yield (chunk if unit else _normalized(chunk)), lambda idx, c=names_col: c.take(idx).to_pylist()  # type: ignore[misc]
+    try:
+        reader = pq.ParquetFile(file)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{file}: cannot read embeddings ({e})") from e
+    names = reader.schema_arrow.names
+    if "embedding" not in names:
+        raise InputError(f"{file}: no 'embedding' column (not written by clipcli embed?)")
+    return reader, _check_tag(reader.schema_arrow.metadata, lm, file), "path" if "path" in names else "text"
+
+
+def _start_cache(source: Path, files: list[Path], readers: list[tuple[Any, bool, str]], lm: LoadedModel) -> Any:
+    """A cache builder for these parts, or None when they cannot share one matrix (or the disk says no)."""
+    import numpy as np
+
+    from clipcli import search_cache
+
+    if len({(unit, key) for _, unit, key in readers}) != 1:
+        return None
+    types = {r.schema_arrow.field("embedding").type.value_type for r, _, _ in readers}
+    dtype = np.dtype(np.float16) if {str(t) for t in types} == {"halffloat"} else np.dtype(np.float32)
+    rows = [r.metadata.num_rows for r, _, _ in readers]
+    try:
+        return search_cache.Builder(source, files, rows, lm.architecture.embed_dim, dtype)
+    except OSError:
+        return None
 
 
 def _is_unit(rows: np.ndarray) -> bool:
@@ -141,13 +246,17 @@ def rank_sources(
     exact: bool = False,
     on_skip: Callable[[Skipped], None] | None = None,
     stdin: object = None,
+    use_cache: bool = True,
 ) -> list[Hit]:
-    """The ``top_k`` sources most similar to ``query`` (a unit vector), best first."""
+    """The ``top_k`` sources most similar to ``query`` (a unit vector), best first.
+
+    ``use_cache``: scan saved Parquet embeddings through the search cache (:mod:`clipcli.search_cache`).
+    """
     best = TopK(top_k, threshold)
     image_args = []
     for source in sources:
         if source != "-" and is_embedding_source(source):
-            for chunk, name_of in iter_saved(Path(source), lm):
+            for chunk, name_of in iter_saved(Path(source), lm, use_cache):
                 best.offer(chunk @ query, name_of)
         else:
             image_args.append(source)

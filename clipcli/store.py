@@ -209,7 +209,8 @@ class ParquetStore:
 
         tmp = atomic_path(target)
         try:
-            pq.write_table(table.replace_schema_metadata(self.schema.metadata), tmp)
+            # Dictionary-encoding unique floats only to fall back to plain pages makes reads slower.
+            pq.write_table(table.replace_schema_metadata(self.schema.metadata), tmp, use_dictionary=["model"])
             os.replace(tmp, target)
         except OSError as e:
             raise OutputError(f"{target}: cannot write ({e})") from e

@@ -15,6 +15,11 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "samples"
 
 
+@pytest.fixture(autouse=True)
+def _own_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("CLIPCLI_CACHE", str(tmp_path / "cache"))
+
+
 def _tsv(text: str) -> list[tuple[float, str]]:
     return [(float(s), p) for s, p in (line.split("\t") for line in text.splitlines())]
 
@@ -82,3 +87,40 @@ def test_topk_partial_sort_matches_a_full_sort():
 def test_usage_errors(cli):
     assert "no query" in cli("rank", "-m", "tiny-shapes").stderr
     assert "no sources" in cli("rank", "a dog", "-m", "tiny-shapes").stderr
+
+
+def test_search_cache_answers_like_parquet_and_follows_changes(cli, tmp_path, monkeypatch):
+    """The memory-mapped copy gives the same hits, is used once built, and is rebuilt when a part changes."""
+    import clipcli.rank as rank_module
+
+    emb = tmp_path / "emb"
+    assert cli("embed", str(SAMPLES / "seen"), "-m", "tiny-shapes", "-o", f"{emb}/").exit_code == 0
+    query = ["a photo of a green heart.", str(emb), "-m", "tiny-shapes", "-k", "5", "--precision", "fp32"]
+    direct = cli("rank", *query, "--no-cache")
+    assert direct.exit_code == 0, direct.stderr
+    assert not (tmp_path / "cache" / "clipcli-search").exists()
+    first = cli("rank", *query)  # decodes the parts and builds the copy
+    assert [list(m.glob("*")) for m in (tmp_path / "cache" / "clipcli-search").iterdir()]
+
+    decoded = []
+    monkeypatch.setattr(rank_module, "_open_saved", lambda *a: decoded.append(a) or pytest.fail("decoded"))
+    second = cli("rank", *query)  # served by the copy: no Parquet file is opened for embeddings
+    assert first.stdout == direct.stdout == second.stdout and not decoded
+    monkeypatch.undo()
+    monkeypatch.setenv("CLIPCLI_CACHE", str(tmp_path / "cache"))
+
+    # embedding more images adds a part: the copy is stale and the new image must be found
+    assert cli("embed", str(SAMPLES / "held-out"), "-m", "tiny-shapes", "-o", f"{emb}/").exit_code == 0
+    after = _tsv(cli("rank", "a photo of a purple star.", *query[1:]).stdout)
+    again = _tsv(cli("rank", "a photo of a purple star.", *query[1:], "--no-cache").stdout)
+    assert after == again and Path(after[0][1]).name == "purple-star.jpg"
+
+
+def test_search_cache_that_cannot_be_written_is_not_an_error(cli, tmp_path, monkeypatch):
+    emb = tmp_path / "emb.parquet"
+    assert cli("embed", str(SAMPLES / "seen"), "-m", "tiny-shapes", "-o", str(emb)).exit_code == 0
+    (tmp_path / "blocked").write_text("a file where the cache folder would be")
+    monkeypatch.setenv("CLIPCLI_CACHE", str(tmp_path / "blocked"))
+    ran = cli("rank", "a photo of a green heart.", str(emb), "-m", "tiny-shapes", "-k", "1")
+    assert ran.exit_code == 0, ran.stderr
+    assert Path(_tsv(ran.stdout)[0][1]).name == "green-heart.jpg"

@@ -49,6 +49,13 @@ def rank(
     batch_size: opt.BatchSize = 32,
     workers: opt.Workers = 0,
     exact: opt.Exact = False,
+    cache: Annotated[
+        bool,
+        typer.Option(
+            help="Keep a memory-mapped copy of saved Parquet embeddings in the cache, so later searches "
+            "skip Parquet decoding (rebuilt when a part file changes)."
+        ),
+    ] = True,
 ) -> None:
     """Rank sources by similarity to a query, best first (cosine similarity of normalised embeddings)."""
     from clipcli.console import say, skipped
@@ -94,7 +101,9 @@ def rank(
         hits = rank_texts(query, texts, encode_texts(lm, texts).numpy(), top_k, threshold)
         key = "text"
     else:
-        hits = rank_sources(lm, query, args, top_k, threshold, batch_size, workers, exact, on_skip, sys.stdin)
+        hits = rank_sources(
+            lm, query, args, top_k, threshold, batch_size, workers, exact, on_skip, sys.stdin, use_cache=cache
+        )
         key = "path"
     with open_writer(out_format, output) as writer:
         writer.write([{"score": round(h.score, 6), key: h.name} for h in hits])
