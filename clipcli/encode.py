@@ -1,4 +1,4 @@
-"""Batched, L2-normalised image and text embeddings under ``inference_mode`` and autocast."""
+"""Batched, L2-normalised image and text embeddings under ``inference_mode``."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def encode_tokens(lm: LoadedModel, tokens: torch.Tensor, normalize: bool = True)
     import torch
 
     length = int(tokens.argmax(dim=-1).max()) + 1  # the end token has the highest id
-    with torch.inference_mode(), lm.autocast():
+    with torch.inference_mode():
         features = lm.model.encode_text(tokens[:, :length].to(lm.device)).float()
     return (torch.nn.functional.normalize(features, dim=-1) if normalize else features).cpu()
 
@@ -76,7 +76,7 @@ def encode_pixels(lm: LoadedModel, pixels: torch.Tensor, normalize: bool = True)
     """Embeddings of preprocessed images (N x 3 x R x R) -> N x D float32 on the CPU."""
     import torch
 
-    with torch.inference_mode(), lm.autocast():
+    with torch.inference_mode():
         features = lm.model.encode_image(pixels.to(lm.device, non_blocking=True)).float()
     return (torch.nn.functional.normalize(features, dim=-1) if normalize else features).cpu()
 

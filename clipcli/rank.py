@@ -15,10 +15,12 @@ from clipcli.encode import iter_image_embeddings
 from clipcli.errors import InputError, ModelError
 from clipcli.images import Skipped, discover
 from clipcli.models import LoadedModel
-from clipcli.store import META_MODEL, META_NORMALIZED, META_SHA, npy_sidecar
+from clipcli.store import META_MODEL, META_NORMALIZED, META_SHA, Lines, npy_sidecar, read_parquet
 
 if TYPE_CHECKING:
     import numpy as np
+
+    from clipcli.search_cache import Builder
 
 CHUNK_ROWS = 1 << 16
 
@@ -104,7 +106,7 @@ def iter_saved(source: Path, lm: LoadedModel, use_cache: bool = True) -> Iterato
         if not sidecar.exists():
             raise InputError(f"{source}: no {sidecar.name} beside it (the paths of its rows)")
         matrix = np.load(source, mmap_mode="r")
-        names = sidecar.read_text(encoding="utf-8").splitlines()
+        names = Lines(sidecar)
         if matrix.ndim != 2 or matrix.shape[1] != dim or len(names) != matrix.shape[0]:
             raise InputError(f"{source}: expected {len(names)} x {dim} embeddings, found {matrix.shape}")
         # NPY carries no metadata: embed writes all rows normalised or none, so a sample tells which.
@@ -133,14 +135,12 @@ class _Parts:
     def names(self, rows: list[int]) -> list[str]:
         import bisect
 
-        import pyarrow.parquet as pq
-
         found: dict[int, str] = {}
         by_part: dict[int, list[int]] = {}
         for row in rows:
             by_part.setdefault(bisect.bisect_right(self.starts, row) - 1, []).append(row)
         for part, part_rows in by_part.items():
-            column = pq.read_table(self.files[part], columns=[self.key]).column(0)
+            column = read_parquet(self.files[part], [self.key]).column(0)
             taken = column.take([r - self.starts[part] for r in part_rows]).to_pylist()
             found.update(zip(part_rows, taken, strict=True))
         return [found[r] for r in rows]
@@ -173,14 +173,15 @@ def _iter_parquet(source: Path, lm: LoadedModel, use_cache: bool) -> Iterator[Ch
                 chunk = stored.astype("float32", copy=False)
                 names = batch.column(key)
                 yield (chunk if unit else _normalized(chunk)), lambda idx, c=names: c.take(idx).to_pylist()  # type: ignore[misc]
-        builder = _cache_step(builder, lambda b: b.commit(lm.checksum, readers[0][2], readers[0][1]))
-        builder = None  # committed
+        _, unit, key = readers[0]
+        builder = _cache_step(builder, lambda b: b.commit(lm.checksum, key, unit))
+        builder = None  # committed, or abandoned by _cache_step
     finally:
         if builder is not None:
             builder.abandon()
 
 
-def _cache_step(builder: Any, step: Callable[[Any], None]) -> Any:
+def _cache_step(builder: Builder | None, step: Callable[[Builder], None]) -> Builder | None:
     """Run one step of a cache build; a failing disk ends the build, never the search."""
     if builder is None:
         return None
@@ -206,7 +207,9 @@ def _open_saved(file: Path, lm: LoadedModel) -> tuple[Any, bool, str]:
     return reader, _check_tag(reader.schema_arrow.metadata, lm, file), "path" if "path" in names else "text"
 
 
-def _start_cache(source: Path, files: list[Path], readers: list[tuple[Any, bool, str]], lm: LoadedModel) -> Any:
+def _start_cache(
+    source: Path, files: list[Path], readers: list[tuple[Any, bool, str]], lm: LoadedModel
+) -> Builder | None:
     """A cache builder for these parts, or None when they cannot share one matrix (or the disk says no)."""
     import numpy as np
 

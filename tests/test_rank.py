@@ -124,3 +124,14 @@ def test_search_cache_that_cannot_be_written_is_not_an_error(cli, tmp_path, monk
     ran = cli("rank", "a photo of a green heart.", str(emb), "-m", "tiny-shapes", "-k", "1")
     assert ran.exit_code == 0, ran.stderr
     assert Path(_tsv(ran.stdout)[0][1]).name == "green-heart.jpg"
+
+
+@pytest.mark.parametrize("text", ["a.jpg\nb c/ü.png\n\nlast.jpg\n", "a.jpg\nb c/ü.png\n\nlast.jpg", "", "\n"])
+def test_sidecar_lines_read_like_splitlines(tmp_path, text):
+    from clipcli.store import Lines
+
+    path = tmp_path / "x.paths.txt"
+    path.write_bytes(text.encode())
+    lines = Lines(path)
+    assert [lines[i] for i in range(len(lines))] == text.split("\n")[: len(text.splitlines())]
+    assert len(lines) == len(text.splitlines())
