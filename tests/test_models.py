@@ -197,3 +197,18 @@ def test_the_console_entry_flushes_output_and_keeps_exit_codes(tmp_path):
     assert len(done.stdout.splitlines()) == 16 and "gone.jpg" in done.stderr
     usage = subprocess.run([*run, "--no-such-option"], capture_output=True, text=True, cwd=ROOT)
     assert usage.returncode == 2 and "No such option" in usage.stderr
+
+
+def test_building_for_a_state_dict_leaves_torch_init_as_it_was():
+    """The no-op fills are only in place while the model is built (loading is checked by parity tests)."""
+    from torch.nn import init
+
+    from clipcli.models import ARCHITECTURES
+
+    before = {name: getattr(init, name) for name in ("normal_", "uniform_", "kaiming_uniform_", "zeros_")}
+    model = ARCHITECTURES["test-vit"].build(initialize=False)
+    assert {name: getattr(init, name) for name in before} == before
+    weight = torch.zeros(4, 4)
+    init.normal_(weight)
+    assert weight.abs().sum() > 0
+    assert model.transformer.resblocks[0].attn_mask.isinf().any()  # the causal mask is built, not skipped
