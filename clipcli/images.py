@@ -30,7 +30,7 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 _ORIENTATION = 0x0112  # EXIF tag; values 5-8 mean the picture is shown rotated by 90 degrees
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per input: slots keep a million of them small
 class ImageRef:
     """One input image: ``path`` as the user wrote it (or folder + relative path), ``file`` to open."""
 
@@ -38,7 +38,7 @@ class ImageRef:
     file: Path
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Skipped:
     path: str
     reason: str

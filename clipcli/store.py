@@ -38,7 +38,7 @@ class ModelTag:
     normalized: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Stat:
     bytes: int
     mtime: float
@@ -142,7 +142,7 @@ def _check_compatible(found: pa.Schema, wanted: pa.Schema, where: Path) -> None:
         raise InputError(f"{where}: holds {found.field('embedding').type} embeddings; use the same --dtype")
 
 
-@dataclass
+@dataclass(slots=True)  # one per stored row, kept for the whole run
 class _Stored:
     part: int  # order of writing: later parts supersede earlier ones
     stat: Stat
