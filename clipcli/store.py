@@ -109,15 +109,8 @@ def arrow_array(values: np.ndarray) -> pa.Array:
     return pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), len(values), [None, pa.py_buffer(values)])
 
 
-def read_parquet(path: Path, columns: list[str] | None = None) -> pa.Table:
-    """One Parquet file as a table (``pq.read_table`` goes through pyarrow.dataset, which imports pandas)."""
-    import pyarrow.parquet as pq
-
-    with pq.ParquetFile(path) as file:
-        return file.read(columns=columns)
-
-
 def arrow_strings(values: Sequence[str]) -> pa.Array:
+    """Python strings as an Arrow string array (UTF-8 bytes and their offsets)."""
     import numpy as np
     import pyarrow as pa
 
@@ -125,6 +118,14 @@ def arrow_strings(values: Sequence[str]) -> pa.Array:
     offsets = np.zeros(len(encoded) + 1, np.int32)
     np.cumsum([len(b) for b in encoded], out=offsets[1:])
     return pa.StringArray.from_buffers(len(encoded), pa.py_buffer(offsets), pa.py_buffer(b"".join(encoded)))
+
+
+def read_parquet(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """One Parquet file as a table (``pq.read_table`` goes through pyarrow.dataset, which imports pandas)."""
+    import pyarrow.parquet as pq
+
+    with pq.ParquetFile(path) as file:
+        return file.read(columns=columns)
 
 
 def _check_compatible(found: pa.Schema, wanted: pa.Schema, where: Path) -> None:
