@@ -100,7 +100,9 @@ def test_search_cache_answers_like_parquet_and_follows_changes(cli, tmp_path, mo
     assert direct.exit_code == 0, direct.stderr
     assert not (tmp_path / "cache" / "clipcli-search").exists()
     first = cli("rank", *query)  # decodes the parts and builds the copy
-    assert [list(m.glob("*")) for m in (tmp_path / "cache" / "clipcli-search").iterdir()]
+    (entry,) = (tmp_path / "cache" / "clipcli-search").iterdir()
+    assert sorted(p.name for p in entry.iterdir()) == ["manifest.json", "matrix.npy"]
+    assert np.load(entry / "matrix.npy").shape == (16, 64)  # one row per sample, tiny-shapes' width
 
     decoded = []
     monkeypatch.setattr(rank_module, "_open_saved", lambda *a: decoded.append(a) or pytest.fail("decoded"))
