@@ -53,7 +53,7 @@ def load(source: Path, parts: list[Path], model_sha256: str) -> Cached | None:
     import numpy as np
 
     entry = _entry(source)
-    try:
+    try:  # anything missing, stale or damaged means no copy: the search decodes the parts instead
         manifest = json.loads((entry / "manifest.json").read_text())
         if (
             manifest.get("version") != _VERSION
@@ -61,13 +61,13 @@ def load(source: Path, parts: list[Path], model_sha256: str) -> Cached | None:
             or manifest.get("parts") != fingerprint(parts)
         ):
             return None
-        matrix = np.load(entry / "matrix.npy", mmap_mode="r")
-    except (OSError, ValueError, KeyError):
+        rows = [int(n) for n in manifest["rows"]]
+        cached = Cached(np.load(entry / "matrix.npy", mmap_mode="r"), rows, manifest["key"], manifest["normalized"])
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    rows = [int(n) for n in manifest["rows"]]
-    if matrix.ndim != 2 or matrix.shape[0] != sum(rows):
+    if cached.matrix.ndim != 2 or cached.matrix.shape[0] != sum(rows):
         return None
-    return Cached(matrix, rows, manifest["key"], bool(manifest["normalized"]))
+    return cached
 
 
 class Builder:

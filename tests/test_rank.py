@@ -137,3 +137,26 @@ def test_sidecar_lines_read_like_splitlines(tmp_path, text):
     lines = Lines(path)
     assert [lines[i] for i in range(len(lines))] == text.split("\n")[: len(text.splitlines())]
     assert len(lines) == len(text.splitlines())
+
+
+@pytest.mark.parametrize("damage", ["truncate matrix", "garbage manifest", "manifest without rows"])
+def test_damaged_search_cache_is_rebuilt(cli, tmp_path, damage):
+    import json
+
+    emb = tmp_path / "emb"
+    assert cli("embed", str(SAMPLES / "seen"), "-m", "tiny-shapes", "-o", f"{emb}/").exit_code == 0
+    query = ["a photo of a green heart.", str(emb), "-m", "tiny-shapes", "-k", "3"]
+    first = cli("rank", *query)
+    (entry,) = (tmp_path / "cache" / "clipcli-search").iterdir()
+    if damage == "truncate matrix":
+        (entry / "matrix.npy").write_bytes((entry / "matrix.npy").read_bytes()[:200])
+    elif damage == "garbage manifest":
+        (entry / "manifest.json").write_text("{not json")
+    else:
+        manifest = json.loads((entry / "manifest.json").read_text())
+        del manifest["rows"]
+        (entry / "manifest.json").write_text(json.dumps(manifest))
+    again = cli("rank", *query)
+    assert again.exit_code == 0, again.stderr
+    assert again.stdout == first.stdout
+    assert "rows" in json.loads((entry / "manifest.json").read_text())  # rebuilt whole
