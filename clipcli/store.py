@@ -351,6 +351,7 @@ class Lines:
     def __init__(self, path: Path) -> None:
         import numpy as np
 
+        self.path = path
         self.data = path.read_bytes()
         breaks = np.flatnonzero(np.frombuffer(self.data, np.uint8) == ord("\n"))
         if not self.data or self.data.endswith(b"\n"):
@@ -363,4 +364,7 @@ class Lines:
 
     def __getitem__(self, row: int) -> str:
         start = int(self.ends[row - 1]) + 1 if row else 0
-        return self.data[start : int(self.ends[row])].decode("utf-8")
+        try:
+            return self.data[start : int(self.ends[row])].decode("utf-8")
+        except UnicodeDecodeError:
+            raise InputError(f"{self.path}: line {row + 1} is not UTF-8 text") from None

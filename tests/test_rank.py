@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -160,3 +161,12 @@ def test_damaged_search_cache_is_rebuilt(cli, tmp_path, damage):
     assert again.exit_code == 0, again.stderr
     assert again.stdout == first.stdout
     assert "rows" in json.loads((entry / "manifest.json").read_text())  # rebuilt whole
+
+
+def test_sidecar_that_is_not_utf8_is_named(cli, tmp_path):
+    out = tmp_path / "emb.npy"
+    assert cli("embed", str(SAMPLES / "seen"), "-m", "tiny-shapes", "-o", str(out)).exit_code == 0
+    (tmp_path / "emb.paths.txt").write_bytes(b"\xff\xfe.jpg\n" * 16)
+    ran = cli("rank", "a photo of a green heart.", str(out), "-m", "tiny-shapes", "-k", "1")
+    assert ran.exit_code == 2
+    assert re.search(r"^Error: .*emb\.paths\.txt: line \d+ is not UTF-8 text$", ran.stderr.strip())
