@@ -40,7 +40,7 @@ class TopK:
     scores: list[float] = field(default_factory=list)
     names: list[Any] = field(default_factory=list)  # str, or a _RowOf named after the scan
 
-    def offer(self, scores: np.ndarray, name_of: Callable[[np.ndarray], list[str]]) -> None:
+    def offer(self, scores: np.ndarray, name_of: Callable[[np.ndarray], list[Any]]) -> None:
         import numpy as np
 
         candidates = np.arange(len(scores))
