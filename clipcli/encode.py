@@ -8,7 +8,7 @@ from functools import cache
 from typing import TYPE_CHECKING, Any
 
 from clipcli.errors import InputError
-from clipcli.images import Batch, ImageRef, Skipped, iter_batches
+from clipcli.images import Batch, ImageRef, Skipped, iter_batches, normalize_pixels
 from clipcli.models import LoadedModel, clip_module
 
 if TYPE_CHECKING:
@@ -72,6 +72,11 @@ def encode_texts(
     return out
 
 
+def runs_elsewhere(lm: LoadedModel) -> bool:
+    """Whether the model runs off the CPU, so decoding can overlap it instead of taking turns."""
+    return lm.device.type != "cpu"
+
+
 def encode_pixels(lm: LoadedModel, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
     """Embeddings of preprocessed images (N x 3 x R x R) -> N x D float32 on the CPU."""
     import torch
@@ -98,10 +103,10 @@ def embed_batches(
 
     for batch in batches:
         skipped = [Skipped(names[i], reason) for i, reason in batch.skipped]
-        if batch.pixels is None:
+        if batch.images is None:
             embeddings = torch.empty(0, lm.architecture.embed_dim)
         else:
-            embeddings = encode_pixels(lm, batch.pixels, normalize)
+            embeddings = encode_pixels(lm, normalize_pixels(batch.images), normalize)
         yield EmbeddedBatch(batch.indices, [names[i] for i in batch.indices], embeddings, batch.sizes, skipped)
 
 
@@ -114,5 +119,5 @@ def iter_image_embeddings(
     normalize: bool = True,
 ) -> Iterator[EmbeddedBatch]:
     """Embed image files batch by batch, in input order; unreadable images come back as skipped."""
-    batches = iter_batches(refs, lm.input_resolution, batch_size, workers, exact)
+    batches = iter_batches(refs, lm.input_resolution, batch_size, workers, exact, overlap=runs_elsewhere(lm))
     return embed_batches(lm, batches, [r.path for r in refs], normalize)

@@ -77,14 +77,14 @@ def embed_dataset(
     exact: bool = False,
     on_batch: Callable[[int], None] | None = None,
 ) -> ImageEmbeddings:
-    from clipcli.encode import embed_batches
+    from clipcli.encode import embed_batches, runs_elsewhere
 
     start = time.perf_counter()
     if data.refs is not None:
-        batches = iter_batches(data.refs, lm.input_resolution, batch_size, workers, exact)
+        batches = iter_batches(data.refs, lm.input_resolution, batch_size, workers, exact, runs_elsewhere(lm))
         names = [r.path for r in data.refs]
     else:
-        batches = iter_array_batches(data.arrays, lm.input_resolution, batch_size)
+        batches = iter_array_batches(data.arrays, lm.input_resolution, batch_size, runs_elsewhere(lm))
         names = data.ids
     chunks: list[np.ndarray] = []
     kept: list[int] = []

@@ -152,13 +152,13 @@ class _PixelSource:
     def _preload(self, workers: int, on_progress: Callable[[int], None] | None) -> torch.Tensor:
         import torch
 
-        from clipcli.images import ImageRef, iter_batches
+        from clipcli.images import ImageRef, iter_batches, normalize_pixels
 
         cache = torch.empty(len(self.files), 3, self.n_px, self.n_px, dtype=torch.float16)
         refs = [ImageRef(str(f), f) for f in self.files]
         for batch in iter_batches(refs, self.n_px, batch_size=256, workers=workers):
-            if batch.pixels is not None:
-                cache[batch.indices] = batch.pixels.half()
+            if batch.images is not None:
+                cache[batch.indices] = normalize_pixels(batch.images).half()
             for i, reason in batch.skipped:
                 self.ok[i] = False
                 self.reasons[i] = reason

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,16 @@ import pytest
 from conftest import make_image
 from PIL import Image
 
-from clipcli.images import discover, load_image, natural_key, read_ahead
+from clipcli.images import (
+    PREFETCH_BATCHES,
+    ImageRef,
+    _decoded_batches,
+    discover,
+    iter_batches,
+    load_image,
+    natural_key,
+    resize_and_crop,
+)
 
 
 def test_natural_sort():
@@ -161,34 +172,98 @@ def test_workers_give_the_same_answers(cli, images, vit_ckpt, workers):
     pd.testing.assert_frame_equal(base, other)
 
 
-def test_read_ahead_keeps_order_and_raises_where_the_error_happened():
-    def items():
-        yield from range(5)
-        raise OSError("disk gone")
+@pytest.mark.parametrize("overlap", [False, True])
+def test_batches_come_in_input_order_though_large_files_decode_first(tmp_path, overlap):
+    sizes = [(40, 30), (400, 300), (64, 48), (300, 400), (50, 50), (200, 100), (30, 40)]
+    files = [make_image(tmp_path / f"{i}.png", size, seed=i) for i, size in enumerate(sizes)]
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    refs = [ImageRef(str(f), f) for f in files[:3]] + [ImageRef("bad", tmp_path / "bad.png")]
+    refs += [ImageRef(str(f), f) for f in files[3:]]
+    batches = list(iter_batches(refs, 32, batch_size=3, overlap=overlap))
+    assert [b.indices for b in batches] == [[0, 1, 2], [4, 5], [6, 7]]
+    assert batches[1].skipped == [(3, "not an image (or an unsupported format)")]
+    for batch in batches:
+        assert batch.images is not None and batch.images.dtype == np.uint8
+        for row, i in enumerate(batch.indices):
+            expected = resize_and_crop(load_image(refs[i].file), 32)
+            np.testing.assert_array_equal(batch.images[row], expected)
+            assert batch.sizes[row] == Image.open(refs[i].file).size
 
-    seen = []
-    with pytest.raises(OSError, match="disk gone"):
-        for item in read_ahead(items()):
-            seen.append(item)
-    assert seen == [0, 1, 2, 3, 4]
+
+class _Recorded:
+    """A dataset that records which items were decoded, and can fail on one."""
+
+    def __init__(self, n: int, fail_at: int | None = None) -> None:
+        self.n, self.fail_at, self.decoded = n, fail_at, []
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        if i == self.fail_at:
+            raise RuntimeError(f"item {i} broke")
+        self.decoded.append(i)
+        return i, (np.full((2, 2, 3), i, np.uint8), (2, 2))
+
+    def decode_order(self, indices):
+        return indices
 
 
-def test_read_ahead_stops_its_producer_when_the_consumer_stops():
-    produced = []
+def _settle(condition, seconds=5.0):
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
 
-    def items():
-        for i in range(1000):
-            produced.append(i)
-            yield i
 
-    ahead = read_ahead(items(), depth=2)
-    assert [next(ahead) for _ in range(3)] == [0, 1, 2]
-    ahead.close()
-    producers = [t for t in threading.enumerate() if t.name == "clipcli-read-ahead"]
-    for t in producers:
+def test_on_the_cpu_decoding_waits_for_the_caller():
+    data = _Recorded(20)
+    batches = _decoded_batches(data, 4, overlap=False)
+    assert next(batches).indices == [0, 1, 2, 3]
+    time.sleep(0.2)
+    assert sorted(data.decoded) == [0, 1, 2, 3]
+    assert next(batches).indices == [4, 5, 6, 7]
+    assert sorted(data.decoded) == list(range(8))
+
+
+def test_with_overlap_the_next_batches_decode_while_the_caller_works():
+    data = _Recorded(20)
+    batches = _decoded_batches(data, 4, overlap=True)
+    next(batches)
+    _settle(lambda: len(data.decoded) == 4 * (1 + PREFETCH_BATCHES))
+    time.sleep(0.1)
+    assert sorted(data.decoded) == list(range(4 * (1 + PREFETCH_BATCHES)))
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_decoding_error_is_raised_after_the_batches_before_it(overlap):
+    batches = _decoded_batches(_Recorded(12, fail_at=9), 4, overlap=overlap)
+    assert [b.indices for b in itertools.islice(batches, 2)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    with pytest.raises(RuntimeError, match="item 9 broke"):
+        next(batches)
+
+
+def test_closing_the_batches_stops_the_decoding_threads():
+    data = _Recorded(1000)
+    batches = _decoded_batches(data, 4, overlap=True)
+    next(batches)
+    batches.close()
+    decoders = [t for t in threading.enumerate() if t.name.startswith("clipcli-decode")]
+    for t in decoders:
         t.join(timeout=5)
-    assert producers and not any(t.is_alive() for t in producers)
-    assert len(produced) < 10
+    assert not any(t.is_alive() for t in decoders)
+    assert len(data.decoded) <= 4 * (1 + PREFETCH_BATCHES)
+
+
+def test_normalize_pixels_is_totensor_then_normalize():
+    from clipcli.images import CLIP_MEAN, CLIP_STD, normalize_pixels
+
+    images = np.random.default_rng(0).integers(0, 256, (3, 5, 7, 3), dtype=np.uint8)
+    expected = (images.transpose(0, 3, 1, 2) / 255.0 - np.reshape(CLIP_MEAN, (1, 3, 1, 1))) / np.reshape(
+        CLIP_STD, (1, 3, 1, 1)
+    )
+    pixels = normalize_pixels(images)
+    assert pixels.shape == (3, 3, 5, 7) and pixels.is_contiguous()
+    np.testing.assert_allclose(pixels.numpy(), expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("size", [(224, 224), (640, 480), (480, 640), (333, 1000), (1000, 225), (31, 17), (225, 224)])

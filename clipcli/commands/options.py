@@ -28,7 +28,8 @@ Precision = Annotated[
 ]
 BatchSize = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")]
 Workers = Annotated[
-    int, typer.Option(min=0, help="Decoding processes (0: decode in the main process, best on few cores).")
+    int,
+    typer.Option(min=0, help="Decoding processes (0: threads in this process, taking turns with a CPU model)."),
 ]
 Exact = Annotated[
     bool,
