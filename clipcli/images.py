@@ -128,12 +128,14 @@ def decode(file: Path, draft_size: int | None = None) -> tuple[Image.Image, tupl
             if getattr(im, "n_frames", 1) > 1:
                 im.seek(0)
             width, height = im.size
-            if im.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8):
+            orientation = im.getexif().get(_ORIENTATION, 1)
+            if orientation in (5, 6, 7, 8):
                 width, height = height, width
             if draft_size and im.format == "JPEG":
                 im.draft("RGB", (draft_size, draft_size))
             im.load()
-            oriented = ImageOps.exif_transpose(im)
+            # exif_transpose copies even an upright image; most photos are upright.
+            oriented = ImageOps.exif_transpose(im) if orientation != 1 else im
             return _to_rgb(oriented), (width, height)
 
 
