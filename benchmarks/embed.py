@@ -7,8 +7,9 @@ All figures come from one run on one machine, so compare the ratios:
   (b) the model's forward pass alone on ready tensors, at clipcli's precision and batch size;
   (c) clipcli's embedding path with default settings over the same photos, after the model is
       loaded; and a whole `clipcli embed` process, start-up and load included.
-(b) and (c) are measured in turns within each embed run (see Turns), and with them the CPU cost of
-decoding, which bounds (c)/(b) when decoding and the model share the cores.
+(b) and (c) are measured in turns within each embed run (see Turns), with (b') the clip package's own
+model under bf16 autocast, as the issue measured (b); and the CPU cost of decoding, which bounds
+(c)/(b) when decoding and the model share the cores.
 Targets: (c) >= 3x (a); (c) >= 0.85x (b); whole process >= 3x clip-retrieval's 5 img/s (measured
 elsewhere on the same machine class; not installed here). Then peak memory of `clipcli embed` into a
 directory over many small images (flat, <= model + 1 GiB), and `rank` over 1M saved 512-d embeddings
