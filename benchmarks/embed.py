@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -38,6 +39,9 @@ from common import clipcli, random_checkpoint
 from photos import make_photos
 
 from clipcli.models import LoadedModel, import_clip, load_model
+
+if TYPE_CHECKING:
+    from clip.model import CLIP
 
 
 def tutorial_loop(ckpt: Path, photos: list[Path]) -> float:
@@ -83,7 +87,7 @@ class Turns:
     """
 
     lm: LoadedModel
-    reference: torch.nn.Module
+    reference: CLIP  # the clip package's model, fp32 weights
     forward_s: float = 0.0  # clipcli's forward pass: (b)
     autocast_s: float = 0.0  # the reference under bf16 autocast
     forward_images: int = 0
@@ -132,8 +136,9 @@ class Round:
         return (1 / self.b) / (1 / self.b + self.decode_s / cores)
 
 
-def compute_vs_pipeline(ckpt: Path, photos: list[Path], out: Path, rounds: int) -> list[Round]:
-    """(b), (c) and the decoding cost per round, on one loaded model, after one warm-up batch."""
+def compute_vs_pipeline(ckpt: Path, photos: list[Path], out: Path, rounds: int) -> tuple[str, list[Round]]:
+    """clipcli's precision, and (b), (c) and the decoding cost per round, on one loaded model, after one
+    warm-up batch."""
     lm = load_model(str(ckpt), "cpu", "auto")
     reference = import_clip().load(str(ckpt), device="cpu", jit=False)[0].eval()
     embed_in_process(lm, photos[:32], out)
@@ -141,7 +146,7 @@ def compute_vs_pipeline(ckpt: Path, photos: list[Path], out: Path, rounds: int) 
     for _ in range(rounds):
         b, c, autocast = Turns(lm, reference).measure(photos, out)
         results.append(Round(b, c, autocast, decode_seconds(photos, lm.input_resolution)))
-    return results
+    return lm.precision, results
 
 
 def whole_embed(ckpt: Path, folder: Path, out: Path) -> float:
@@ -241,7 +246,7 @@ def main() -> None:
 
     a = tutorial_loop(ckpt, photos[: min(len(photos), 60)])
     print(f"(a) tutorial loop:                 {a:6.1f} img/s")
-    rounds = compute_vs_pipeline(ckpt, photos, args.out / "emb-in-process", args.rounds)
+    precision, rounds = compute_vs_pipeline(ckpt, photos, args.out / "emb-in-process", args.rounds)
     cores = len(os.sched_getaffinity(0))
     b = statistics.median(r.b for r in rounds)
     c = statistics.median(r.c for r in rounds)
@@ -251,7 +256,6 @@ def main() -> None:
     def each(values: Iterable[float], form: str = ".1f") -> str:
         return f"median of {args.rounds}: " + ", ".join(f"{v:{form}}" for v in values)
 
-    precision = load_model(str(ckpt), "cpu", "auto").precision
     print(f"(b) forward pass only ({precision}, b=32): {b:6.1f} img/s ({each(r.b for r in rounds)})")
     print(
         f"(c) clipcli embed, after load:     {c:6.1f} img/s ({each(r.c for r in rounds)}; "
