@@ -14,7 +14,6 @@ import importlib.util
 import os
 import sys
 import warnings
-import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -327,46 +326,110 @@ def resolve_checkpoint(spec: str, on_download: DownloadProgress | None = None) -
     raise ModelError(f"unknown model {spec!r}; valid names: {names}; or pass a checkpoint file path")
 
 
-def _is_torchscript(path: Path) -> bool:
-    try:
-        with zipfile.ZipFile(path) as z:
-            return any("/code/" in n or n.endswith("constants.pkl") for n in z.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False
-
-
 def read_state_dict(path: Path) -> dict[str, Any]:
-    """Read an OpenAI TorchScript archive or a plain state dict as a plain state dict."""
-    import torch
+    """Read an OpenAI TorchScript archive or a plain state dict as a plain state dict.
 
-    try:
-        if _is_torchscript(path):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                sd = torch.jit.load(str(path), map_location="cpu").state_dict()
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # on garbage input torch.load raises almost anything, even KeyError
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"{path}: not a readable checkpoint ({reason[:200]})") from e
+    Nothing in the file is run: see :mod:`clipcli.checkpoint`.
+    """
+    from clipcli.checkpoint import is_torchscript, load_tensors, read_torchscript_state_dict
+
+    sd = read_torchscript_state_dict(path) if is_torchscript(path) else load_tensors(path)
     if not isinstance(sd, Mapping):
         raise ModelError(f"{path}: not a CLIP checkpoint (holds a {type(sd).__name__}, not a state dict)")
     missing = [k for k in ("text_projection", "token_embedding.weight", "ln_final.weight") if k not in sd]
-    if missing or not any(k.startswith("visual.") for k in sd):
+    if missing or not any(str(k).startswith("visual.") for k in sd):
         raise ModelError(f"{path}: not a CLIP checkpoint (missing {', '.join(missing) or 'visual.*'})")
+    _check_all_tensors(path, sd)
     # TorchScript archives carry these as attributes; they are not parameters.
     return {k: v for k, v in sd.items() if k not in ("input_resolution", "context_length", "vocab_size")}
 
 
+def _check_all_tensors(path: Path, sd: Mapping[Any, Any]) -> None:
+    import torch
+
+    for key, value in sd.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise ModelError(f"{path}: not a CLIP checkpoint ({key!r} holds {type(value).__name__!r}, not a tensor)")
+
+
 def build_from_state_dict(sd: Mapping[str, Any], source: Path | str = "checkpoint") -> tuple[CLIP, Architecture]:
-    """Build an fp32 CLIP (unlike ``build_model``, which leaves slow-on-CPU fp16 weights)."""
+    """Build an fp32 CLIP (unlike ``build_model``, which leaves slow-on-CPU fp16 weights).
+
+    Any failure to infer, build or fill the model is the checkpoint's fault (a tensor of the wrong
+    shape, a width with no whole number of heads), so it is reported as one ModelError line.
+    """
+    from clipcli.checkpoint import plain_reason
+
     try:
+        _check_dimensions(sd)
         arch = Architecture.from_state_dict(sd)
+        _check_architecture(arch)
         model = arch.build(initialize=False)
+        _check_shapes(model, sd)
         model.load_state_dict(sd)
-    except (KeyError, RuntimeError, AssertionError, IndexError) as e:
-        raise ModelError(f"{source}: not a CLIP checkpoint this version understands ({str(e)[:200]})") from e
+    except _Mismatch as e:
+        raise ModelError(f"{source}: not a CLIP checkpoint this version understands ({e})") from None
+    except KeyError as e:  # a tensor the architecture is inferred from
+        raise ModelError(f"{source}: not a CLIP checkpoint this version understands (no {e.args[0]})") from None
+    except Exception as e:  # whatever torch raises on odd shapes, it is about this file
+        reason = plain_reason(e).rstrip(":")
+        raise ModelError(f"{source}: not a CLIP checkpoint this version understands ({reason})") from e
     return model.float().eval(), arch
+
+
+class _Mismatch(Exception):
+    """The state dict does not describe a CLIP that can be built; the message says how."""
+
+
+# The dimensions of the tensors Architecture.from_state_dict reads shapes from.
+_INFERRED_FROM = {
+    "text_projection": 2,
+    "positional_embedding": 2,
+    "token_embedding.weight": 2,
+    "ln_final.weight": 1,
+    "visual.conv1.weight": 4,
+    "visual.positional_embedding": 2,
+    "visual.attnpool.positional_embedding": 2,
+    "visual.layer1.0.conv1.weight": 4,
+}
+
+
+def _check_dimensions(sd: Mapping[str, Any]) -> None:
+    for key, ndim in _INFERRED_FROM.items():
+        if key in sd and sd[key].ndim != ndim:
+            raise _Mismatch(f"{key} has {sd[key].ndim} dimension(s), CLIP's has {ndim}")
+
+
+def _check_architecture(arch: Architecture) -> None:
+    """The sizes ``clip.model.CLIP`` cannot be built with, named before torch fails on them."""
+    sizes = ("embed_dim", "image_resolution", "vision_width", "vision_patch_size", "context_length", "vocab_size")
+    for name in sizes:
+        value = getattr(arch, name)
+        if value is not None and value <= 0:
+            raise _Mismatch(f"{name} would be {value}")
+    # CLIP gives each tower width // 64 attention heads, which must divide the width.
+    towers = [("text transformer", arch.transformer_width)]
+    towers.append(
+        ("vision transformer", arch.vision_width) if arch.is_vit else ("attention pool", arch.vision_width * 32)
+    )
+    for tower, width in towers:
+        heads = width // 64
+        if heads <= 0 or width % heads:
+            raise _Mismatch(f"{tower} width {width} cannot be split into width // 64 = {heads} attention heads")
+
+
+def _check_shapes(model: CLIP, sd: Mapping[str, Any]) -> None:
+    """Name the first tensor missing, extra or of the wrong shape, instead of torch's multi-line list."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    if missing:
+        raise _Mismatch(f"no {missing[0]}" + (f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else ""))
+    extra = [k for k in sd if k not in expected]
+    if extra:
+        raise _Mismatch(f"unexpected {extra[0]}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+    for key, tensor in expected.items():
+        if tuple(sd[key].shape) != tuple(tensor.shape):
+            raise _Mismatch(f"{key} has shape {list(sd[key].shape)}, expected {list(tensor.shape)}")
 
 
 def load_model(

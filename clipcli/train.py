@@ -8,7 +8,6 @@ interrupted run to the same weights as an uninterrupted one.
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -245,15 +244,72 @@ def _checkpoint_path(output: Path) -> Path:
 def _atomic_save(obj: Any, path: Path) -> None:
     import torch
 
-    from clipcli.io import atomic_path
+    from clipcli.atomic import atomic_write
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_path(path)
+    with atomic_write(path) as f:
+        torch.save(obj, f)
+
+
+def _checkpoint_state(
+    model: CLIP, optimizer: torch.optim.Optimizer, step: int, signature: dict[str, str]
+) -> dict[str, Any]:
+    """What resume needs, in types ``torch.load(weights_only=True)`` reads: tensors, numbers, strings."""
+    import torch
+
+    return {
+        "signature": signature,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rng": torch.get_rng_state(),
+        "step": step,
+    }
+
+
+_START_OVER = "delete it to start the run over"
+
+
+@dataclass
+class _ResumeState:
+    model: dict[str, Any]
+    optimizer: dict[str, Any]
+    rng: torch.Tensor
+    step: int
+
+
+def _read_checkpoint(ckpt: Path, signature: dict[str, str]) -> _ResumeState:
+    """Read OUTPUT.ckpt without running anything in it, and check it belongs to this run."""
+    import torch
+
+    from clipcli.checkpoint import load_tensors
+
+    # A pickle could run code: only tensors and plain values are read.
+    state = load_tensors(ckpt, remedy=_START_OVER)
+    kinds = {"signature": dict, "model": dict, "optimizer": dict, "rng": torch.Tensor, "step": int}
+    wrong = [k for k, kind in kinds.items() if not isinstance(state, dict) or not isinstance(state.get(k), kind)]
+    if wrong:
+        raise ModelError(f"{ckpt}: not a clipcli training checkpoint (no valid {', '.join(wrong)}); {_START_OVER}")
+    if state["signature"] != signature:
+        changed = sorted(k for k in signature if state["signature"].get(k) != signature[k])
+        raise InputError(f"{ckpt}: checkpoint was made with different settings ({', '.join(changed)})")
+    if state["rng"].dtype != torch.uint8 or state["step"] < 0:
+        raise ModelError(f"{ckpt}: not a clipcli training checkpoint (bad random state or step); {_START_OVER}")
+    return _ResumeState(state["model"], state["optimizer"], state["rng"], state["step"])
+
+
+def _resume(ckpt: Path, signature: dict[str, str], model: CLIP, optimizer: torch.optim.Optimizer) -> int:
+    """Restore model, optimiser and random state from ``ckpt``; the step to continue from."""
+    import torch
+
+    state = _read_checkpoint(ckpt, signature)
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        model.load_state_dict(state.model)
+        optimizer.load_state_dict(state.optimizer)
+        torch.set_rng_state(state.rng)
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        from clipcli.checkpoint import plain_reason
+
+        raise ModelError(f"{ckpt}: does not fit this run ({plain_reason(e)}); {_START_OVER}") from e
+    return state.step
 
 
 def export_state_dict(model: CLIP, half: bool) -> dict[str, Any]:
@@ -348,14 +404,7 @@ def train(
     ckpt = _checkpoint_path(config.output)
     signature = {k: str(v) for k, v in asdict(config).items() if k not in ("resume", "workers", "checkpoint_every")}
     if config.resume and ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        if state["signature"] != signature:
-            changed = sorted(k for k in signature if state["signature"].get(k) != signature[k])
-            raise InputError(f"{ckpt}: checkpoint was made with different settings ({', '.join(changed)})")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        step = state["step"]
+        step = _resume(ckpt, signature, model, optimizer)
 
     loss_value = float("nan")
     window_start, window_samples = time.perf_counter(), 0
@@ -381,16 +430,7 @@ def train(
             elapsed = time.perf_counter() - window_start
             on_step(StepInfo(step, total_steps, loss_value, lr, window_samples / elapsed if elapsed > 0 else 0.0))
         if step % config.checkpoint_every == 0 and step < total_steps:
-            _atomic_save(
-                {
-                    "signature": signature,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "rng": torch.get_rng_state(),
-                    "step": step,
-                },
-                ckpt,
-            )
+            _atomic_save(_checkpoint_state(model, optimizer, step, signature), ckpt)
 
     result = TrainResult(step, loss_value, 0.0, skipped_messages)
     if val_idx:

@@ -83,7 +83,7 @@ def test_not_a_checkpoint(tmp_path):
 def test_pickled_code_is_refused(tmp_path):
     evil = tmp_path / "evil.pt"
     torch.save({"text_projection": object()}, evil)
-    with pytest.raises(ModelError, match=r"evil\.pt: not a readable checkpoint"):
+    with pytest.raises(ModelError, match=r"evil\.pt: contains code or objects clipcli will not load"):
         load_model(str(evil), "cpu")
 
 
