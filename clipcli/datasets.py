@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import random
-from dataclasses import dataclass, replace
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,9 @@ class LabelledImages:
     classes: list[str]  # the names used in prompts
     refs: list[ImageRef] | None = None
     arrays: Any = None
+    # Folders under an image folder that hold no image, so no class: the CLI tells the user, since a
+    # class silently missing from the report reads as a class that was evaluated.
+    empty_folders: list[str] = field(default_factory=list)
 
     def subset(self, keep: list[int]) -> LabelledImages:
         return replace(
@@ -77,7 +81,29 @@ def image_folder(root: Path, classnames: str | None = None) -> LabelledImages:
         targets=[index[n] for n in leaf],
         classes=_class_names(folder_names, classnames),
         refs=refs,
+        empty_folders=_empty_folders(str(root), (os.path.dirname(r.path) for r in refs)),
     )
+
+
+def _empty_folders(root: str, image_dirs: Iterable[str]) -> list[str]:
+    """The top-most folders under ``root`` with no image anywhere below them, in natural order.
+
+    Only the top-most is named: its empty sub-folders are the same missing class, said once.
+    """
+    holding = {root}  # every folder with an image somewhere below it
+    for folder in image_dirs:
+        while folder not in holding and len(folder) > len(root):
+            holding.add(folder)
+            folder = os.path.dirname(folder)
+    empty = []
+    for parent, dirs, _ in os.walk(root, followlinks=True):
+        dirs.sort(key=natural_key)
+        for name in list(dirs):
+            path = os.path.join(parent, name)
+            if path not in holding:
+                empty.append(path)
+                dirs.remove(name)  # do not descend: its sub-folders are empty too
+    return sorted(empty, key=natural_key)
 
 
 def manifest(path: Path, classnames: str | None = None) -> LabelledImages | CaptionPairs:
@@ -97,9 +123,12 @@ def manifest(path: Path, classnames: str | None = None) -> LabelledImages | Capt
     column = "path" if "path" in frame.columns else "image" if "image" in frame.columns else None
     if column is None or not ({"label", "text"} & set(frame.columns)):
         raise InputError(f"{path}: a manifest needs a path (or image) column and a label or text column")
-    files = [str(path.parent / str(p)) if not os.path.isabs(str(p)) else str(p) for p in frame[column]]
+    if frame.empty:
+        raise InputError(f"{path}: no rows")
+    cells = _cells(path, frame[column], "path")
+    files = [str(path.parent / p) if not os.path.isabs(p) else p for p in cells]
     if "label" in frame.columns:
-        labels = [str(v) for v in frame["label"]]
+        labels = _cells(path, frame["label"], "label")
         names = sorted(set(labels), key=natural_key)
         index = {n: i for i, n in enumerate(names)}
         return LabelledImages(
@@ -114,9 +143,27 @@ def manifest(path: Path, classnames: str | None = None) -> LabelledImages | Capt
     return CaptionPairs(
         name=f"manifest:{path}",
         refs=[ImageRef(f, Path(f)) for f in unique],
-        texts=[str(t) for t in frame["text"]],
+        texts=_cells(path, frame["text"], "text"),
         text_to_image=owner,
     )
+
+
+def _cells(manifest: Path, column: Iterable[Any], what: str) -> list[str]:
+    """A column's values as strings; an empty (or blank) cell is an error naming its row.
+
+    Empty is an error because it would otherwise pass for a value: an empty path is the manifest's own
+    folder, an empty label a class named ''. Parquet gives None, NaN or NA where a CSV gives ''.
+    """
+    import pandas as pd
+
+    values = []
+    for row, value in enumerate(column, start=1):  # 1-based data rows, as `train` numbers them
+        missing = pd.isna(value)  # None, NaN or pd.NA; an array for a list cell, which is no scalar
+        text = "" if isinstance(missing, bool) and missing else str(value)
+        if not text.strip():
+            raise InputError(f"{manifest}: row {row}: empty {what}")
+        values.append(text)
+    return values
 
 
 def cifar(name: str, root: Path, download: bool = False) -> LabelledImages:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING, Any
@@ -55,9 +55,17 @@ def encode_tokens(lm: LoadedModel, tokens: torch.Tensor, normalize: bool = True)
 
 
 def encode_texts(
-    lm: LoadedModel, texts: Sequence[str], batch_size: int = TEXT_BATCH, normalize: bool = True
+    lm: LoadedModel,
+    texts: Sequence[str],
+    batch_size: int = TEXT_BATCH,
+    normalize: bool = True,
+    on_progress: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
-    """Embeddings of ``texts`` (N x D, float32, in input order), L2-normalised unless asked not to."""
+    """Embeddings of ``texts`` (N x D, float32, in input order), L2-normalised unless asked not to.
+
+    ``on_progress`` gets the number of texts encoded after each batch (the counts add up to N), so a
+    caller can move a bar through a long run of prompts.
+    """
     import torch
 
     if not texts:
@@ -69,6 +77,8 @@ def encode_texts(
     for start in range(0, len(texts), batch_size):
         idx = order[start : start + batch_size]
         out[idx] = encode_tokens(lm, tokens[idx], normalize)
+        if on_progress:
+            on_progress(len(idx))
     return out
 
 

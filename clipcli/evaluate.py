@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import time
 from collections.abc import Callable, Sequence
@@ -20,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from clipcli import __version__
+from clipcli.atomic import atomic_write
 from clipcli.datasets import CaptionPairs, LabelledImages
-from clipcli.errors import OutputError
 from clipcli.images import Skipped, iter_array_batches, iter_batches
 from clipcli.metrics import confusion_matrix, per_class, retrieval_recall, topk_accuracy, true_label_rank
 from clipcli.models import LoadedModel, cache_dir
@@ -38,26 +37,30 @@ def classifier_cache_dir() -> Path:
 
 
 def cached_classifier(
-    lm: LoadedModel, classes: Sequence[str], templates: TemplateSet, use_cache: bool = True
+    lm: LoadedModel,
+    classes: Sequence[str],
+    templates: TemplateSet,
+    use_cache: bool = True,
+    on_progress: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, bool]:
-    """The zero-shot classifier and whether it came from the cache."""
+    """The zero-shot classifier and whether it came from the cache.
+
+    ``on_progress`` gets the number of prompts encoded after each text batch; a cache hit encodes
+    none, so it is never called then.
+    """
     import torch
 
     key = hashlib.sha256(json.dumps([lm.checksum, list(templates.templates), list(classes)]).encode()).hexdigest()
     path = classifier_cache_dir() / f"{key}.pt"
-    if use_cache and path.exists():
+    if use_cache and path.is_file():
         try:
             return torch.load(path, weights_only=True), True
         except (OSError, RuntimeError, EOFError):
             path.unlink(missing_ok=True)  # a damaged entry is recomputed, not fatal
-    classifier = zero_shot_classifier(lm, classes, templates)
+    classifier = zero_shot_classifier(lm, classes, templates, on_progress=on_progress)
     if use_cache:
-        from clipcli.io import atomic_path
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = atomic_path(path)
-        torch.save(classifier, tmp)
-        os.replace(tmp, path)
+        with atomic_write(path) as f:
+            torch.save(classifier, f)
     return classifier, False
 
 
@@ -160,9 +163,11 @@ def classification_result(
     images: ImageEmbeddings,
     templates: TemplateSet,
     use_cache: bool,
+    on_progress: Callable[[int], None] | None = None,
 ) -> EvalResult:
+    """Metrics of one template set; ``on_progress`` as for :func:`cached_classifier`."""
     start = time.perf_counter()
-    classifier, hit = cached_classifier(lm, data.classes, templates, use_cache)
+    classifier, hit = cached_classifier(lm, data.classes, templates, use_cache, on_progress)
     text_seconds = time.perf_counter() - start
     scale = float(lm.model.logit_scale.exp())
     logits = scale * images.embeddings @ classifier.numpy().T
@@ -238,16 +243,12 @@ def retrieval_result(lm: LoadedModel, data: CaptionPairs, images: ImageEmbedding
 
 
 def write_report(results: Sequence[EvalResult], path: Path) -> None:
-    from clipcli.io import atomic_path
-
     report = {"schema_version": REPORT_SCHEMA_VERSION, "results": [r.record() for r in results]}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = atomic_path(path)
-        tmp.write_text(json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n")
-        os.replace(tmp, path)
-    except OSError as e:
-        raise OutputError(f"{path}: cannot write report ({e.strerror or e})") from e
+    text = json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n"
+    # atomic_write names the file and the reason on failure, and refuses a directory before it
+    # creates the temporary, so a failed write leaves nothing behind.
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def _json_safe(value: Any) -> Any:

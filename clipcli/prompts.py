@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -68,14 +68,14 @@ def resolve_templates(template: Sequence[str] | None = None, templates: str | No
 
 
 def resolve_labels(labels: str | None = None, labels_file: str | None = None) -> list[str]:
-    """``--labels a,b,c`` or ``--labels-file FILE`` (one label per line)."""
+    """``--labels a,b,c`` (CSV quoting: ``'"New York, NY",Paris'``) or ``--labels-file FILE`` (one per line)."""
     if labels and labels_file:
         raise InputError("give --labels or --labels-file, not both")
     if labels_file:
         found = read_lines(labels_file, "labels")
         source = labels_file
     elif labels:
-        found = [part.strip() for part in labels.split(",") if part.strip()]
+        found = _split_labels(labels)
         source = "--labels"
     else:
         raise InputError("no labels: pass --labels a,b,c or --labels-file FILE")
@@ -89,12 +89,33 @@ def resolve_labels(labels: str | None = None, labels_file: str | None = None) ->
     return found
 
 
-def zero_shot_classifier(lm: LoadedModel, labels: Sequence[str], templates: TemplateSet) -> torch.Tensor:
-    """One embedding per label: the renormalised mean of its normalised prompt embeddings (L x D)."""
+def _split_labels(labels: str) -> list[str]:
+    """Comma-separated labels, read as one CSV record so a quoted label may hold a comma."""
+    import csv
+
+    try:
+        # The csv module is lenient: a quote inside an unquoted label (5" screw) stays as it is.
+        parts = [field for row in csv.reader(labels.splitlines(keepends=True), skipinitialspace=True) for field in row]
+    except csv.Error as e:
+        raise InputError(f"--labels: cannot read {labels!r} as comma-separated labels ({e})") from e
+    return [part.strip() for part in parts if part.strip()]
+
+
+def zero_shot_classifier(
+    lm: LoadedModel,
+    labels: Sequence[str],
+    templates: TemplateSet,
+    on_progress: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """One embedding per label: the renormalised mean of its normalised prompt embeddings (L x D).
+
+    ``on_progress`` gets the number of prompts encoded after each text batch, out of
+    ``len(labels) * len(templates.templates)``.
+    """
     import torch
 
     from clipcli.encode import encode_texts
 
     prompts = [p for label in labels for p in templates.fill(label)]
-    per_prompt = encode_texts(lm, prompts).view(len(labels), len(templates.templates), -1)
+    per_prompt = encode_texts(lm, prompts, on_progress=on_progress).view(len(labels), len(templates.templates), -1)
     return torch.nn.functional.normalize(per_prompt.mean(dim=1), dim=-1)

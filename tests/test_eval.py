@@ -6,13 +6,16 @@ import io
 import json
 import pickle
 import random
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
+from typing import ClassVar
 
 import jsonschema
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import Ran
 
 from clipcli.synth import render
 
@@ -217,3 +220,133 @@ def test_plots(cli, shapes_folder, tmp_path):
     assert len(pngs) == 1 and len(pages) == 1
     assert pngs[0].read_bytes()[:4] == b"\x89PNG"
     assert "Most confused classes" in pages[0].read_text()
+
+
+Cli = Callable[..., Ran]
+
+
+def _one_line_error(ran: Ran) -> str:
+    """The stderr of a usage error: exactly one ``Error:`` line, exit 2, no traceback."""
+    assert ran.exit_code == 2, ran.stderr
+    lines = ran.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), ran.stderr
+    return lines[0]
+
+
+def test_header_only_manifest_is_a_usage_error(cli: Cli, tmp_path: Path) -> None:
+    manifest = tmp_path / "empty.csv"
+    manifest.write_text("path,label\n")
+    ran = cli("eval", str(manifest), "-m", "tiny-shapes")
+    assert _one_line_error(ran) == f"Error: {manifest}: no rows"
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([("a.png", "cat"), ("b.png", "dog"), ("", "cat")], "row 3: empty path"),
+        ([("a.png", "cat"), ("b.png", ""), ("c.png", "dog")], "row 2: empty label"),
+    ],
+)
+def test_empty_manifest_cell_names_the_row(cli: Cli, tmp_path: Path, rows: list[tuple[str, str]], message: str) -> None:
+    manifest = tmp_path / "m.csv"
+    pd.DataFrame(rows, columns=["path", "label"]).to_csv(manifest, index=False)
+    ran = cli("eval", str(manifest), "-m", "tiny-shapes")
+    assert _one_line_error(ran) == f"Error: {manifest}: {message}"
+
+
+def test_empty_class_folder_is_reported(cli: Cli, tmp_path: Path) -> None:
+    from clipcli.datasets import image_folder
+
+    rng = random.Random(5)
+    root = tmp_path / "data"
+    for colour, shape in CLASSES[:2]:
+        (root / f"{colour}_{shape}").mkdir(parents=True)
+        render(rng, colour, shape).image.save(root / f"{colour}_{shape}" / "0.png")
+    (root / "blue_star" / "nested" / "deeper").mkdir(parents=True)  # empty, but under a class with images
+    (root / "green_arrow" / "sub").mkdir(parents=True)  # reported once, as its top-most folder
+    (root / "green_arrow" / "notes.txt").write_text("not an image")
+    data = image_folder(root)
+    assert data.classes == ["blue star", "red circle"]
+    assert data.empty_folders == [str(root / "blue_star" / "nested"), str(root / "green_arrow")]
+    ran = cli("eval", str(root), "-m", "tiny-shapes")
+    assert ran.exit_code == 0, ran.stderr
+    assert f"note: {root / 'green_arrow'}: no images, class left out" in ran.stderr.splitlines()
+
+
+def test_report_onto_a_directory_leaves_no_temporary(cli: Cli, shapes_folder: Path, tmp_path: Path) -> None:
+    report = tmp_path / "out"
+    report.mkdir()
+    ran = cli("eval", str(shapes_folder / "data"), "-m", "tiny-shapes", "--report", str(report))
+    assert _one_line_error(ran) == f"Error: {report}: cannot write (is a directory)"
+    assert list(tmp_path.rglob(".*.tmp")) == []
+    assert list(report.iterdir()) == []
+
+
+def test_write_report_onto_a_directory_leaves_no_temporary(tmp_path: Path) -> None:
+    from clipcli.errors import OutputError
+    from clipcli.evaluate import write_report
+
+    report = tmp_path / "out"
+    report.mkdir()
+    with pytest.raises(OutputError, match="is a directory"):
+        write_report([], report)
+    assert list(tmp_path.rglob(".*.tmp")) == []
+
+
+def test_classifier_cache_onto_a_directory_is_an_output_error() -> None:
+    from clipcli.errors import OutputError
+    from clipcli.evaluate import cached_classifier, classifier_cache_dir
+    from clipcli.models import load_model
+    from clipcli.prompts import builtin_templates
+
+    lm = load_model("tiny-shapes", "cpu", "fp32")
+    templates = builtin_templates("simple")
+    _, hit = cached_classifier(lm, ["red circle", "blue star"], templates)
+    assert not hit
+    [entry] = classifier_cache_dir().glob("*.pt")
+    entry.unlink()
+    entry.mkdir()  # something in the way of the cache file
+    with pytest.raises(OutputError, match="is a directory"):
+        cached_classifier(lm, ["red circle", "blue star"], templates)
+    assert list(classifier_cache_dir().glob(".*.tmp")) == []
+    assert entry.is_dir() and list(entry.iterdir()) == []
+
+
+class _FakeProgress:
+    """Stands in for console.Progress (which draws nothing off a terminal) and records its use."""
+
+    made: ClassVar[list[_FakeProgress]] = []
+
+    def __init__(self, description: str, total: int | None, unit: str = "img") -> None:
+        self.description, self.total, self.done, self.entered = description, total, 0, False
+        _FakeProgress.made.append(self)
+
+    def advance(self, n: int) -> None:
+        self.done += n
+
+    def update(self, **fields: object) -> None:
+        pass
+
+    def __enter__(self) -> _FakeProgress:
+        self.entered = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def test_prompt_encoding_shows_progress_unless_cached(
+    cli: Cli, shapes_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import clipcli.console
+
+    monkeypatch.setattr(clipcli.console, "Progress", _FakeProgress)
+    monkeypatch.setattr(_FakeProgress, "made", [])
+    args = ["eval", str(shapes_folder / "data"), "-m", "tiny-shapes", "--templates", "cifar"]
+    assert cli(*args).exit_code == 0
+    [bar] = [p for p in _FakeProgress.made if p.description.startswith("encoding prompts")]
+    assert bar.total == 6 * 18 and bar.done == 6 * 18 and bar.entered
+    _FakeProgress.made.clear()
+    assert cli(*args).exit_code == 0  # the classifier now comes from the cache
+    [bar] = [p for p in _FakeProgress.made if p.description.startswith("encoding prompts")]
+    assert bar.done == 0 and not bar.entered

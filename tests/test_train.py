@@ -104,7 +104,7 @@ def test_bad_pairs_name_the_row(cli, pairs, tmp_path):
     rows = [{"image": name, "text": "a red circle"} for name in images[:6]] + [{"image": "gone.jpg", "text": "x"}]
     missing = _write_pairs(folder / "missing.csv", rows)
     ran = cli("train", str(missing), "-o", str(out), "--arch", "test-rn", "--steps", "2", "-b", "4")
-    assert ran.exit_code == 0, ran.stderr
+    assert ran.exit_code == 1, ran.stderr  # written, but an image was skipped
     assert "gone.jpg: row 7:" in ran.stderr and out.exists()
     ran = cli(
         "train",
@@ -120,3 +120,20 @@ def test_bad_pairs_name_the_row(cli, pairs, tmp_path):
     )
     assert ran.exit_code == 2 and "row 7" in ran.stderr and not (tmp_path / "stop.pt").exists()
     assert "Traceback" not in ran.stderr
+
+
+def test_train_exits_1_when_an_image_was_skipped(cli, pairs, tmp_path):
+    from clipcli.errors import EXIT_PARTIAL
+
+    folder = pairs.parent
+    images = sorted(p.name for p in folder.iterdir() if p.suffix in (".jpg", ".png"))
+    rows = [{"image": name, "text": "a shape"} for name in images[:4]] + [{"image": "absent.png", "text": "x"}]
+    pairs_csv = _write_pairs(tmp_path / "pairs.csv", [{**r, "image": str(folder / r["image"])} for r in rows])
+    out = tmp_path / "m.pt"
+    ran = cli("train", str(pairs_csv), "-o", str(out), "--arch", "test-vit", "--steps", "1", "-b", "4")
+    assert ran.exit_code == EXIT_PARTIAL == 1, ran.stderr
+    assert out.exists()  # the model is written all the same
+    assert "absent.png: row 5:" in ran.stderr and "skipped 1 image(s)" in ran.stderr
+    complete = _write_pairs(tmp_path / "complete.csv", [{**r, "image": str(folder / r["image"])} for r in rows[:4]])
+    ran = cli("train", str(complete), "-o", str(tmp_path / "ok.pt"), "--arch", "test-vit", "--steps", "1", "-b", "4")
+    assert ran.exit_code == 0, ran.stderr

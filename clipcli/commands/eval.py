@@ -64,8 +64,8 @@ def evaluate(
 ) -> None:
     """Evaluate zero-shot classification (or caption retrieval) and compare models and prompt sets."""
     from clipcli import datasets
-    from clipcli.console import Progress, err, say, skipped
-    from clipcli.errors import EXIT_PARTIAL, InputError
+    from clipcli.console import Progress, err, prompt_progress, say, skipped
+    from clipcli.errors import EXIT_PARTIAL, InputError, OutputError
     from clipcli.evaluate import (
         classification_result,
         embed_dataset,
@@ -86,6 +86,9 @@ def evaluate(
     pred_format = (
         choose_format(None, predictions, False, (OutputFormat.CSV, OutputFormat.PARQUET)) if predictions else None
     )
+    if report is not None and report.is_dir():
+        # Found now, not after the whole evaluation has run (write_report would refuse it too).
+        raise OutputError(f"{report}: cannot write (is a directory)")
     template_sets = [resolve_templates(template, None)] if template else []
     template_sets += [resolve_templates(None, name) for name in (templates or ([] if template else ["simple"]))]
 
@@ -100,6 +103,8 @@ def evaluate(
     else:
         raise InputError(f"{data}: no such folder or manifest")
     if isinstance(source, datasets.LabelledImages):
+        for folder in source.empty_folders:
+            say(f"note: {folder}: no images, class left out")
         source = datasets.limit(source, limit, seed)
 
     results = []
@@ -115,7 +120,9 @@ def evaluate(
         if isinstance(source, datasets.CaptionPairs):
             results.append(retrieval_result(lm, source, images))
         else:
-            results.extend(classification_result(lm, source, images, ts, cache) for ts in template_sets)
+            for ts in template_sets:
+                with prompt_progress(f"encoding prompts ({name})", len(source.classes) * len(ts.templates)) as bar:
+                    results.append(classification_result(lm, source, images, ts, cache, on_progress=bar))
 
     _print_table(err, results)
     if report:

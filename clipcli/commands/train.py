@@ -38,7 +38,7 @@ def train(
 ) -> None:
     """Train a CLIP model contrastively on image-caption pairs, from scratch or from a model."""
     from clipcli.console import Progress, say, skipped
-    from clipcli.errors import InputError
+    from clipcli.errors import EXIT_PARTIAL, InputError
     from clipcli.train import StepInfo, TrainConfig
     from clipcli.train import train as run_training
 
@@ -81,7 +81,11 @@ def train(
     if result.val_image_to_text_r1 is not None:
         i2t, t2i = result.val_image_to_text_r1, result.val_text_to_image_r1
         line += f", val recall@1 image->text {i2t:.1%} text->image {t2i:.1%}"
+    if result.skipped:
+        line += f"; skipped {len(result.skipped)} image(s)"
     say(f"{line}; wrote {output}")
+    if result.skipped:
+        raise typer.Exit(EXIT_PARTIAL)  # the model is written, but not from every pair asked for
 
 
 def make_shapes(
