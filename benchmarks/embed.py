@@ -176,11 +176,12 @@ def small_images(folder: Path, count: int) -> None:
 def saved_embeddings(lm: LoadedModel, out: Path, rows: int) -> tuple[Path, Path]:
     """``rows`` random unit 512-d rows, as `clipcli embed -o DIR/` writes them and as one NPY file."""
     from clipcli.embed import model_tag
-    from clipcli.store import ParquetStore, Rows, Stat, schema
+    from clipcli.io import json_line
+    from clipcli.store import NpyHeader, ParquetStore, Rows, Stat, npy_fingerprint, npy_sidecar, schema
 
     folder = out / f"rank-{rows}"
     npy = out / f"rank-{rows}.npy"
-    done = out / f"rank-{rows}.done"
+    done = out / f"rank-{rows}.sidecar-v1.done"  # data written by an older layout is made again
     if not done.exists():
         shutil.rmtree(folder, ignore_errors=True)
         rng = np.random.default_rng(0)
@@ -197,8 +198,10 @@ def saved_embeddings(lm: LoadedModel, out: Path, rows: int) -> tuple[Path, Path]
             store.add(Rows(batch, m, [(640, 480)] * len(m), [Stat(100_000, 0.0)] * len(m)))
         # finish() would drop every row, since the photos are imaginary: write the tail part as it would
         store._flush()
+        store.release()
         matrix.flush()
-        npy.with_name(npy.stem + ".paths.txt").write_text("\n".join(names) + "\n")
+        header = NpyHeader(rows, "path", model_tag(lm, True), npy_fingerprint(matrix))
+        npy_sidecar(npy).write_text("".join(line + "\n" for line in [header.line(), *map(json_line, names)]))
         done.touch()
     return folder, npy
 

@@ -4,12 +4,25 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from clipcli.encode import iter_image_embeddings
 from clipcli.images import ImageRef, Skipped
 from clipcli.models import LoadedModel
 from clipcli.prompts import TemplateSet, zero_shot_classifier
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+
+PREDICTION_COLUMNS = ("path", "rank", "label", "score")
+
+
+def prediction_schema() -> pa.Schema:
+    """The Parquet columns of :meth:`Prediction.rows`, so that a run with no rows still has them."""
+    import pyarrow as pa
+
+    return pa.schema([("path", pa.string()), ("rank", pa.int64()), ("label", pa.string()), ("score", pa.float64())])
 
 
 @dataclass(frozen=True)
@@ -40,11 +53,15 @@ def classify_images(
     workers: int = 0,
     exact: bool = False,
     on_batch: Callable[[int], None] | None = None,
+    on_prompts: Callable[[int], None] | None = None,
 ) -> Iterator[Prediction | Skipped]:
-    """Predictions in input order; unreadable images come back as :class:`Skipped`."""
+    """Predictions in input order; unreadable images come back as :class:`Skipped`.
+
+    ``on_prompts`` follows the encoding of the labels x templates prompts, before the first image.
+    """
     import torch
 
-    classifier = zero_shot_classifier(lm, labels, templates)
+    classifier = zero_shot_classifier(lm, labels, templates, on_progress=on_prompts)
     scale = lm.model.logit_scale.exp().float().cpu()
     k = min(top_k, len(labels))
     for batch in iter_image_embeddings(lm, refs, batch_size, workers, exact):

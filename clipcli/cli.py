@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 from typing import Annotated, Any, NoReturn
 
@@ -20,7 +21,7 @@ from clipcli.commands.eval import evaluate
 from clipcli.commands.models import models
 from clipcli.commands.rank import rank
 from clipcli.commands.train import make_shapes, train
-from clipcli.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, ClipCliError
+from clipcli.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, ClipCliError, Terminated
 
 
 class _Group(TyperGroup):
@@ -32,6 +33,9 @@ class _Group(TyperGroup):
         except ClipCliError as e:
             _report(e, ctx)
             raise typer.Exit(e.exit_code) from None
+        except Terminated:
+            typer.echo("Terminated.", err=True)
+            raise typer.Exit(EXIT_TERMINATED) from None
         except KeyboardInterrupt:
             typer.echo("Interrupted.", err=True)
             raise typer.Exit(EXIT_INTERRUPTED) from None
@@ -84,7 +88,8 @@ def _root(
     ] = False,
 ) -> None:
     """Exit codes: 0 success; 1 some inputs were skipped (or a --min-acc1 gate failed);
-    2 usage error (bad option, unknown model, model not available); 3 internal error; 130 interrupted."""
+    2 usage error (bad option, unknown model, model not available, output not writable);
+    3 internal error; 130 interrupted (Ctrl-C); 143 terminated (SIGTERM)."""
     ctx.obj = {"debug": debug}
 
 
@@ -97,8 +102,15 @@ app.command()(train)
 app.command("make-shapes")(make_shapes)
 
 
+def _terminate(signum: int, frame: object) -> None:
+    # A second SIGTERM ends the process at once; the first lets the run write what it has.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise Terminated
+
+
 def main() -> NoReturn:
     """The console script: run the command, then leave without the interpreter's teardown."""
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         app()
         code: object = 0

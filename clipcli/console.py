@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
 
+from clipcli.io import printable
+
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def say(message: str) -> None:
-    err.print(message, markup=False)
+    err.print(printable(message), markup=False)
 
 
 def skipped(path: str, reason: str) -> None:
-    err.print(f"skipped {path}: {reason}", markup=False)
+    err.print(f"skipped {printable(path)}: {reason}", markup=False)
 
 
 class Progress:
@@ -61,6 +63,26 @@ class Progress:
 
     def __exit__(self, *exc: object) -> None:
         self._bar.stop()
+
+
+@contextmanager
+def prompt_progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A callback for encoding prompts whose bar appears with the first batch, so a cache hit shows none."""
+    bar = Progress(description, total, unit="prompts")
+    started = False
+
+    def advance(n: int) -> None:
+        nonlocal started
+        if not started:
+            bar.__enter__()
+            started = True
+        bar.advance(n)
+
+    try:
+        yield advance
+    finally:
+        if started:
+            bar.__exit__(None, None, None)
 
 
 @contextmanager

@@ -7,15 +7,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from clipcli.atomic import OutputLock, remove_temporaries
 from clipcli.encode import encode_texts, iter_image_embeddings
 from clipcli.images import ImageRef, Skipped
-from clipcli.io import OutputFormat, open_writer
+from clipcli.io import OutputFormat, RowWriter, keep_partial, open_writer, parquet_storable
 from clipcli.models import LoadedModel
 from clipcli.prompts import TemplateSet
-from clipcli.store import ModelTag, ParquetStore, Rows, Stat, schema, stat_of, write_npy
+from clipcli.store import ModelTag, ParquetStore, Rows, Stat, npy_sidecar, schema, stat_of, write_npy
 
 if TYPE_CHECKING:
     import numpy as np
+    import pyarrow as pa
 
 
 @dataclass
@@ -69,54 +71,128 @@ def embed_images(
     on_plan: Callable[[int], None] | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> EmbedSummary:
-    """Embed images into ``output``; Parquet outputs are incremental (see :mod:`clipcli.store`)."""
-    import numpy as np
+    """Embed images into ``output``; Parquet outputs are incremental (see :mod:`clipcli.store`).
 
+    The output is locked and checked writable before the first image; whatever happens after that,
+    the rows embedded so far are written (see :class:`clipcli.io.RowWriter` for single files).
+    """
     summary = EmbedSummary()
-    store = None
+    tag = model_tag(lm, normalize)
+    sch = schema(lm.architecture.embed_dim, dtype, tag)
+    if fmt is OutputFormat.PARQUET:
+        refs, unstorable = parquet_storable(refs)
+        for s in unstorable:
+            summary.skipped += 1
+            if on_skip:
+                on_skip(s)
+    sink: _Sink
     if fmt is OutputFormat.PARQUET and output not in (None, "-"):
-        sch = schema(lm.architecture.embed_dim, dtype, model_tag(lm, normalize))
         store = ParquetStore(Path(output), sch, lm.name, part_rows=part_size)
         store.open()
         plan = store.plan(refs)
         refs, summary.unchanged = plan.to_embed, plan.unchanged
+        sink = _StoreSink(store)
+    elif fmt is OutputFormat.NPY:
+        sink = _NpySink(Path(output or ""), tag, dtype, lm.architecture.embed_dim)
+    elif fmt is OutputFormat.PARQUET:
+        sink = _WriterSink(open_writer(fmt, output, schema=sch), sch, lm.name, dtype, fmt)
+    else:
+        columns = ["path", *(f"e{i}" for i in range(lm.architecture.embed_dim))]
+        sink = _WriterSink(open_writer(fmt, output, columns=columns), sch, lm.name, dtype, fmt)
     if on_plan:
         on_plan(len(refs))
 
-    npy_parts: list[np.ndarray] = []
-    npy_paths: list[str] = []
-    writer = None if store or fmt is OutputFormat.NPY else open_writer(fmt, output)
     try:
         for rows, skipped in iter_rows(lm, refs, batch_size, workers, exact, normalize):
             for s in skipped:
                 summary.skipped += 1
                 if on_skip:
                     on_skip(s)
-            embeddings = rows.embeddings.astype(np.float16) if dtype == "float16" else rows.embeddings
-            if store:
-                store.add(rows)
-            elif fmt is OutputFormat.NPY:
-                npy_parts.append(embeddings)
-                npy_paths.extend(rows.paths)
-            elif fmt is OutputFormat.PARQUET:
-                sch = schema(lm.architecture.embed_dim, dtype, model_tag(lm, normalize))
-                writer.write_table(rows.table(sch, lm.name))  # type: ignore[union-attr]
-            else:
-                writer.write(_flat_rows("path", rows.paths, embeddings, fmt))  # type: ignore[union-attr]
+            sink.add(rows)
             summary.embedded += len(rows.paths)
             if on_batch:
                 on_batch(len(rows.paths) + len(skipped))
-    finally:
-        # Also on errors and Ctrl-C: everything embedded so far is kept.
-        if store:
-            summary.removed = store.finish()
-        elif fmt is OutputFormat.NPY:
-            dim = lm.architecture.embed_dim
-            matrix = np.concatenate(npy_parts) if npy_parts else np.empty((0, dim), np.dtype(dtype))
-            write_npy(Path(output or "embeddings.npy"), matrix, npy_paths)
-        elif writer is not None:
-            writer.close()
+    except BaseException as e:
+        # Errors, Ctrl-C and SIGTERM alike: everything embedded so far is kept, unless writing failed.
+        sink.finish(keep_partial(e, summary.embedded))
+        raise
+    summary.removed = sink.finish(True)
     return summary
+
+
+class _Sink:
+    """Where embedded rows go; ``finish(keep)`` ends the run, writing what it has when ``keep``."""
+
+    def add(self, rows: Rows) -> None:
+        raise NotImplementedError
+
+    def finish(self, keep: bool) -> int:
+        raise NotImplementedError
+
+
+class _StoreSink(_Sink):
+    def __init__(self, store: ParquetStore) -> None:
+        self.store = store
+
+    def add(self, rows: Rows) -> None:
+        self.store.add(rows)
+
+    def finish(self, keep: bool) -> int:
+        if not keep:
+            self.store.release()
+            return 0
+        return self.store.finish()
+
+
+class _NpySink(_Sink):
+    """Rows gathered in memory and written once, as a matrix and its sidecar, under the output's lock."""
+
+    def __init__(self, path: Path, tag: ModelTag, dtype: str, dim: int) -> None:
+        self.path, self.tag, self.dtype, self.dim = path, tag, dtype, dim
+        self.lock = OutputLock(path, is_dir=False)
+        remove_temporaries(path)
+        remove_temporaries(npy_sidecar(path))
+        self.parts: list[np.ndarray] = []
+        self.names: list[str] = []
+
+    def add(self, rows: Rows) -> None:
+        import numpy as np
+
+        self.parts.append(rows.embeddings.astype(np.float16) if self.dtype == "float16" else rows.embeddings)
+        self.names.extend(rows.paths)
+
+    def finish(self, keep: bool) -> int:
+        import numpy as np
+
+        try:
+            if keep:
+                empty = np.empty((0, self.dim), np.dtype(self.dtype))
+                matrix = np.concatenate(self.parts) if self.parts else empty
+                write_npy(self.path, matrix, self.names, self.tag)
+        finally:
+            self.lock.release()
+        return 0
+
+
+class _WriterSink(_Sink):
+    def __init__(self, writer: RowWriter, sch: pa.Schema, model: str, dtype: str, fmt: OutputFormat) -> None:
+        self.writer, self.schema, self.model, self.dtype, self.fmt = writer, sch, model, dtype, fmt
+
+    def add(self, rows: Rows) -> None:
+        import numpy as np
+
+        if self.fmt is OutputFormat.PARQUET:
+            self.writer.write_table(rows.table(self.schema, self.model))  # type: ignore[attr-defined]
+        else:
+            embeddings = rows.embeddings.astype(np.float16) if self.dtype == "float16" else rows.embeddings
+            self.writer.write(_flat_rows("path", rows.paths, embeddings, self.fmt))
+
+    def finish(self, keep: bool) -> int:
+        if keep:
+            self.writer.close()
+        else:
+            self.writer.abort()
+        return 0
 
 
 def embed_text_list(
@@ -127,23 +203,30 @@ def embed_text_list(
     output: str | None,
     dtype: str = "float32",
     normalize: bool = True,
+    on_progress: Callable[[int], None] | None = None,
 ) -> int:
-    """Embed texts (through a template ensemble if given); one row per text, keyed ``text``."""
+    """Embed texts (through a template ensemble if given); one row per text, keyed ``text``.
+
+    ``on_progress`` gets the number of prompts encoded after each batch (texts x templates in all).
+    """
     import numpy as np
     import pyarrow as pa
 
     from clipcli.prompts import zero_shot_classifier
 
     if templates is not None:
-        matrix = zero_shot_classifier(lm, texts, templates).numpy()
+        matrix = zero_shot_classifier(lm, texts, templates, on_progress=on_progress).numpy()
     else:
-        matrix = encode_texts(lm, texts, normalize=normalize).numpy()
+        matrix = encode_texts(lm, texts, normalize=normalize, on_progress=on_progress).numpy()
     if dtype == "float16":
         matrix = matrix.astype(np.float16)
     if fmt is OutputFormat.NPY:
-        write_npy(Path(output or "texts.npy"), matrix, texts)
+        path = Path(output or "")
+        with OutputLock(path, is_dir=False):
+            write_npy(path, matrix, texts, model_tag(lm, normalize or templates is not None), key="text")
         return len(texts)
-    with open_writer(fmt, output) as writer:
+    columns = ["text", *(f"e{i}" for i in range(matrix.shape[1]))]
+    with open_writer(fmt, output, columns=columns) as writer:
         if fmt is OutputFormat.PARQUET:
             value = pa.float16() if dtype == "float16" else pa.float32()
             flat = pa.array(matrix.astype(np.float32).reshape(-1)).cast(value)

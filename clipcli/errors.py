@@ -7,7 +7,12 @@ EXIT_OK = 0
 EXIT_PARTIAL = 1  # the run finished, but some inputs were skipped (or a --min-acc1 gate failed)
 EXIT_USAGE = 2  # nothing useful could be done: bad option, unknown model, unreadable config
 EXIT_INTERNAL = 3  # a bug in clipcli; rerun with --debug and report the traceback
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT): 128 + 2, as shells report it
+EXIT_TERMINATED = 143  # SIGTERM (timeout, kill, schedulers): 128 + 15
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that a run stops as on Ctrl-C: what it computed is written."""
 
 
 class ClipCliError(Exception):

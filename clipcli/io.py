@@ -6,17 +6,22 @@ leaves every row computed so far in a readable file.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
-import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from enum import Enum
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
+from clipcli.atomic import AtomicFile, OutputLock, describe_os_error, remove_temporaries, temporary_sibling
 from clipcli.errors import OutputError
+
+if TYPE_CHECKING:
+    from clipcli.images import ImageRef, Skipped
 
 
 class OutputFormat(str, Enum):
@@ -65,73 +70,171 @@ def choose_format(
 
 
 class RowWriter:
-    """Base writer: a context manager taking batches of dict rows."""
+    """Base writer: a context manager taking batches of dict rows.
 
-    def __init__(self, output: str | None) -> None:
+    A file output is held under an :class:`~clipcli.atomic.OutputLock` for the whole run and written
+    under a temporary name, renamed onto its own when the run ends: so it always holds one run's
+    result and never half of one. On an interruption or an error the rows written so far are kept
+    (the file is completed and renamed) if there are any; with none, or when writing itself failed,
+    the previous file is left as it was.
+    """
+
+    def __init__(self, output: str | None, columns: Sequence[str] | None = None) -> None:
         self.output = output if output not in (None, "-") else None
-        self.count = 0
+        self.columns = list(columns) if columns is not None else None
+        self.rows_written = 0
+        self._lock: OutputLock | None = None
+        self._file: AtomicFile | None = None
+        self._text: io.TextIOWrapper | None = None
+        if self.output is not None:
+            path = Path(self.output)
+            self._lock = OutputLock(path, is_dir=False)
+            try:
+                remove_temporaries(path)
+                self._file = AtomicFile(path, "wb")
+            except BaseException:
+                self._lock.release()
+                raise
 
-    def _open_text(self) -> IO[str]:
-        if self.output is None:
+    def _text_stream(self) -> IO[str]:
+        """The output as text: UTF-8, with file names that are not UTF-8 written as their own bytes."""
+        if self._file is None:
+            with contextlib.suppress(AttributeError, ValueError):
+                sys.stdout.reconfigure(errors="surrogateescape")  # type: ignore[union-attr]
             return sys.stdout
-        try:
-            Path(self.output).parent.mkdir(parents=True, exist_ok=True)
-            return open(self.output, "w", encoding="utf-8", newline="")
-        except OSError as e:
-            raise OutputError(f"{self.output}: cannot write ({e.strerror or e})") from e
+        self._text = io.TextIOWrapper(
+            self._file.file, encoding="utf-8", errors="surrogateescape", newline="", write_through=True
+        )
+        return self._text
 
     def write(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        with self._write_errors():
+            self._write(rows)
+        self.rows_written += len(rows)
+
+    @contextlib.contextmanager
+    def _write_errors(self) -> Iterator[None]:
+        """A failed write (a full disk) as the one-line error; a reader that went away stays itself."""
+        try:
+            yield
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            if self.output is None:
+                raise OutputError(f"stdout: cannot write ({describe_os_error(e)})") from e
+            reason = describe_os_error(e, Path(self.output))
+            raise OutputError(f"{self.output}: cannot write ({reason}); any previous file is left as it was") from e
+
+    def _write(self, rows: Sequence[Mapping[str, Any]]) -> None:
         raise NotImplementedError
 
+    def _finish(self) -> None:
+        """Complete the output (a header for no rows, a footer, a table) before it is committed."""
+
     def close(self) -> None:
-        pass
+        try:
+            with self._write_errors():
+                self._finish()
+                if self._file is not None:
+                    self._file.commit()
+                else:
+                    sys.stdout.flush()
+        except BaseException:
+            self.abort()
+            raise
+        finally:
+            self._release()
+
+    def abort(self) -> None:
+        """Drop what this run wrote to a file output; the previous file stays as it was."""
+        if self._file is not None:
+            self._file.discard()
+        self._release()
+
+    def _release(self) -> None:
+        if self._text is not None:
+            with contextlib.suppress(ValueError, OSError):
+                self._text.detach()  # the file is closed by commit or discard, not by the wrapper
+            self._text = None
+        if self._lock is not None:
+            self._lock.release()
 
     def __enter__(self) -> RowWriter:
         return self
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
+        if e is None or keep_partial(e, self.rows_written):
+            try:
+                self.close()
+            except OutputError:
+                if e is None:
+                    raise  # otherwise the original error is the one to report
+        else:
+            self.abort()
+
+
+def keep_partial(error: BaseException, rows: int) -> bool:
+    """Whether a run that ended with ``error`` after ``rows`` rows should still write them: yes after an
+    interruption or any failure but a failed write (a full disk), as long as there is something to keep."""
+    return rows > 0 and not isinstance(error, OutputError | OSError)
 
 
 class CsvWriter(RowWriter):
-    def __init__(self, output: str | None) -> None:
-        super().__init__(output)
-        self.stream = self._open_text()
+    def __init__(self, output: str | None, columns: Sequence[str] | None = None) -> None:
+        super().__init__(output, columns)
+        self.stream = self._text_stream()
         self.writer: csv.DictWriter[str] | None = None
 
-    def write(self, rows: Sequence[Mapping[str, Any]]) -> None:
+    def _write(self, rows: Sequence[Mapping[str, Any]]) -> None:
         if not rows:
             return
-        if self.writer is None:
-            self.writer = csv.DictWriter(self.stream, fieldnames=list(rows[0]), lineterminator="\n")
-            self.writer.writeheader()
+        self._start(list(rows[0]))
+        assert self.writer is not None
         self.writer.writerows(rows)
         self.stream.flush()
-        self.count += len(rows)
 
-    def close(self) -> None:
-        if self.stream is not sys.stdout:
-            self.stream.close()
+    def _start(self, columns: list[str]) -> None:
+        if self.writer is None:
+            self.writer = csv.DictWriter(self.stream, fieldnames=self.columns or columns, lineterminator="\n")
+            self.writer.writeheader()
+
+    def _finish(self) -> None:
+        if self.writer is None and self.columns:
+            self._start(self.columns)  # no rows: still a header, so readers see the columns
+        self.stream.flush()
 
 
 class JsonlWriter(CsvWriter):
-    def write(self, rows: Sequence[Mapping[str, Any]]) -> None:
-        for row in rows:
-            self.stream.write(json.dumps(row, ensure_ascii=False) + "\n")
+    def _write(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        self.stream.write("".join(json_line(row) + "\n" for row in rows))
         self.stream.flush()
-        self.count += len(rows)
+
+    def _finish(self) -> None:
+        self.stream.flush()
 
 
 class TsvWriter(CsvWriter):
-    def write(self, rows: Sequence[Mapping[str, Any]]) -> None:
-        for row in rows:
-            self.stream.write("\t".join(_cell(v) for v in row.values()) + "\n")
+    def _write(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        self.stream.write("".join("\t".join(_cell(v) for v in row.values()) + "\n" for row in rows))
         self.stream.flush()
-        self.count += len(rows)
+
+    def _finish(self) -> None:
+        self.stream.flush()
+
+
+def json_line(value: Any) -> str:
+    """One JSON text on one line. A file name that is not UTF-8 (held as surrogate escapes) is written
+    as ``\\udcXX`` escapes, which JSON allows and Python reads back to the same name."""
+    line = json.dumps(value, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        line = json.dumps(value)
+    return line
 
 
 class ParquetWriter(RowWriter):
-    """Row groups are written per batch; the footer is written on close, also after an error."""
+    """Row groups are written per batch; the footer is written when the run ends, also after an error."""
 
     def __init__(self, output: str | None, schema: Any = None) -> None:
         super().__init__(output)
@@ -139,24 +242,16 @@ class ParquetWriter(RowWriter):
         self.writer: Any = None
 
     def _sink(self) -> Any:
-        if self.output is None:
-            return sys.stdout.buffer
-        try:
-            Path(self.output).parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise OutputError(f"{self.output}: cannot write ({e.strerror or e})") from e
-        return self.output
+        return self._file.file if self._file is not None else sys.stdout.buffer
 
     def write_table(self, table: Any) -> None:
         import pyarrow.parquet as pq
 
-        if self.writer is None:
-            try:
+        with self._write_errors():
+            if self.writer is None:
                 self.writer = pq.ParquetWriter(self._sink(), self.schema or table.schema)
-            except OSError as e:
-                raise OutputError(f"{self.output}: cannot write ({e})") from e
-        self.writer.write_table(table.cast(self.writer.schema) if self.schema else table)
-        self.count += table.num_rows
+            self.writer.write_table(table.cast(self.writer.schema) if self.schema else table)
+        self.rows_written += table.num_rows
 
     def write(self, rows: Sequence[Mapping[str, Any]]) -> None:
         import pyarrow as pa
@@ -164,43 +259,70 @@ class ParquetWriter(RowWriter):
         if rows:
             self.write_table(pa.Table.from_pylist(list(rows), schema=self.schema))
 
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        elif self.schema is not None:
+    def _finish(self) -> None:
+        if self.writer is None and self.schema is not None:
             import pyarrow as pa
 
             # No rows at all still gives a valid, empty file with the right columns.
             self.write_table(pa.Table.from_pylist([], schema=self.schema))
-            self.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 class TableWriter(RowWriter):
     """Collects rows and renders one rich table on stdout at the end."""
 
-    def __init__(self, output: str | None, title: str | None = None) -> None:
+    def __init__(self, output: str | None) -> None:
         super().__init__(output)
         self.rows: list[Mapping[str, Any]] = []
-        self.title = title
 
-    def write(self, rows: Sequence[Mapping[str, Any]]) -> None:
+    def _write(self, rows: Sequence[Mapping[str, Any]]) -> None:
         self.rows.extend(rows)
-        self.count += len(rows)
 
-    def close(self) -> None:
+    def _finish(self) -> None:
         from rich.console import Console
         from rich.table import Table
 
         if not self.rows:
             return
-        table = Table(title=self.title)
+        table = Table()
         for name in self.rows[0]:
             numeric = isinstance(self.rows[0][name], int | float)
             # Paths are what users search the table for: wrap them rather than cut them short.
             table.add_column(name, justify="right" if numeric else "left", overflow="fold")
         for row in self.rows:
-            table.add_row(*(_cell(v) for v in row.values()))
+            table.add_row(*(printable(_cell(v)) for v in row.values()))
         Console(file=sys.stdout).print(table)
+
+
+def printable(text: str) -> str:
+    """``text`` for a terminal: the bytes of a file name that is not UTF-8 shown as ``\\xNN``."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def is_utf8(text: str) -> bool:
+    """Whether a name can be stored as UTF-8 text (names read from a non-UTF-8 disk cannot)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+NOT_UTF8 = "file name is not UTF-8, which Parquet cannot store (rename it, or write .npy, .csv or .jsonl)"
+
+
+def parquet_storable(refs: Sequence[ImageRef]) -> tuple[list[ImageRef], list[Skipped]]:
+    """Split off images whose names Parquet cannot store: its strings are UTF-8, and a name read from
+    a disk in another encoding is not (Python holds its stray bytes as surrogate escapes)."""
+    from clipcli.images import Skipped
+
+    good = [r for r in refs if is_utf8(r.path)]
+    return good, [Skipped(r.path, NOT_UTF8) for r in refs if not is_utf8(r.path)]
 
 
 def _cell(value: Any) -> str:
@@ -209,9 +331,12 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def open_writer(fmt: OutputFormat, output: str | None, schema: Any = None) -> RowWriter:
+def open_writer(
+    fmt: OutputFormat, output: str | None, schema: Any = None, columns: Sequence[str] | None = None
+) -> RowWriter:
+    """A writer for ``fmt``; ``columns`` (CSV) and ``schema`` (Parquet) give an empty run its header."""
     if fmt is OutputFormat.CSV:
-        return CsvWriter(output)
+        return CsvWriter(output, columns)
     if fmt is OutputFormat.JSONL:
         return JsonlWriter(output)
     if fmt is OutputFormat.TSV:
@@ -223,9 +348,7 @@ def open_writer(fmt: OutputFormat, output: str | None, schema: Any = None) -> Ro
     raise OutputError(f"format {fmt.value} cannot be written row by row")
 
 
-def atomic_path(path: Path) -> Path:
-    """A temporary sibling of ``path``: write there, then ``os.replace`` onto ``path``."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+atomic_path = temporary_sibling
 
 
 def stdout_is_tty() -> bool:

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from clipcli.encode import iter_image_embeddings
-from clipcli.errors import InputError, ModelError
+from clipcli.errors import InputError
 from clipcli.images import Skipped, discover
 from clipcli.models import LoadedModel
-from clipcli.store import META_MODEL, META_NORMALIZED, META_SHA, Lines, npy_sidecar, read_parquet
+from clipcli.store import ModelTag, open_npy, read_parquet
 
 if TYPE_CHECKING:
     import numpy as np
@@ -83,13 +83,10 @@ def _parquet_files(source: Path) -> list[Path]:
     return sorted(source.glob("*.parquet")) if source.is_dir() else [source]
 
 
-def _check_tag(metadata: dict[bytes, bytes] | None, lm: LoadedModel, where: Path) -> bool:
-    """Raise unless the file was made with ``lm``; returns whether its embeddings are normalised."""
-    meta = metadata or {}
-    if meta.get(META_SHA, b"").decode() != lm.checksum:
-        made_with = meta.get(META_MODEL, b"an unknown model").decode()
-        raise ModelError(f"{where}: embeddings were made with {made_with}, not {lm.name}; re-embed or pass --model")
-    return meta.get(META_NORMALIZED, b"true") == b"true"
+def _check_tag(tag: ModelTag, lm: LoadedModel, where: Path) -> bool:
+    """Raise unless the embeddings were made with ``lm``; returns whether they are normalised."""
+    tag.require_model(lm.name, lm.checksum, where)
+    return tag.normalized
 
 
 Chunk = tuple["np.ndarray", Callable[["np.ndarray"], list[Any]]]
@@ -98,20 +95,11 @@ Chunk = tuple["np.ndarray", Callable[["np.ndarray"], list[Any]]]
 
 def iter_saved(source: Path, lm: LoadedModel, use_cache: bool = True) -> Iterator[Chunk]:
     """Chunks of saved embeddings, normalised; Parquet sources through the search cache if allowed."""
-    import numpy as np
 
-    dim = lm.architecture.embed_dim
     if source.suffix.lower() == ".npy":
-        sidecar = npy_sidecar(source)
-        if not sidecar.exists():
-            raise InputError(f"{source}: no {sidecar.name} beside it (the paths of its rows)")
-        matrix = np.load(source, mmap_mode="r")
-        names = Lines(sidecar)
-        if matrix.ndim != 2 or matrix.shape[1] != dim or len(names) != matrix.shape[0]:
-            raise InputError(f"{source}: expected {len(names)} x {dim} embeddings, found {matrix.shape}")
-        # NPY carries no metadata: embed writes all rows normalised or none, so a sample tells which.
-        unit = _is_unit(np.asarray(matrix[:256], dtype=np.float32))
-        yield from _chunks(matrix, unit, lambda rows: [names[r] for r in rows])
+        saved = open_npy(source)
+        unit = _check_tag(saved.header.tag, lm, source)
+        yield from _chunks(saved.matrix, unit, lambda rows: [saved.name(r) for r in rows])
     else:
         yield from _iter_parquet(source, lm, use_cache)
 
@@ -204,7 +192,8 @@ def _open_saved(file: Path, lm: LoadedModel) -> tuple[Any, bool, str]:
     names = reader.schema_arrow.names
     if "embedding" not in names:
         raise InputError(f"{file}: no 'embedding' column (not written by clipcli embed?)")
-    return reader, _check_tag(reader.schema_arrow.metadata, lm, file), "path" if "path" in names else "text"
+    tag = ModelTag.from_metadata(reader.schema_arrow.metadata)
+    return reader, _check_tag(tag, lm, file), "path" if "path" in names else "text"
 
 
 def _start_cache(
@@ -224,12 +213,6 @@ def _start_cache(
         return search_cache.Builder(source, files, rows, lm.architecture.embed_dim, dtype)
     except OSError:
         return None
-
-
-def _is_unit(rows: np.ndarray) -> bool:
-    import numpy as np
-
-    return bool(np.allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-2))
 
 
 def _normalized(chunk: np.ndarray) -> np.ndarray:

@@ -8,16 +8,18 @@ whole parts behind; the next run reconciles them (one row per path, the newest v
 
 from __future__ import annotations
 
+import json
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from clipcli.atomic import AtomicFile, OutputLock, describe_os_error, remove_temporaries
 from clipcli.errors import InputError, ModelError, OutputError
 from clipcli.images import ImageRef
-from clipcli.io import atomic_path
+from clipcli.io import json_line
 
 if TYPE_CHECKING:
     import numpy as np
@@ -36,6 +38,21 @@ class ModelTag:
     name: str
     sha256: str
     normalized: bool
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[bytes, bytes] | None) -> ModelTag:
+        """The tag in a Parquet file's metadata (unknown parts empty; unmarked files count as normalised)."""
+        meta = metadata or {}
+        return cls(
+            meta.get(META_MODEL, b"an unknown model").decode(),
+            meta.get(META_SHA, b"").decode(),
+            meta.get(META_NORMALIZED, b"true") == b"true",
+        )
+
+    def require_model(self, name: str, sha256: str, where: Path) -> None:
+        """Refuse embeddings made with another model than the one loaded (``name``, ``sha256``)."""
+        if self.sha256 != sha256:
+            raise ModelError(f"{where}: embeddings were made with {self.name}, not {name}; re-embed or pass --model")
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,7 +184,7 @@ class ParquetStore:
     _pending: list[pa.Table] = field(default_factory=list)
     _pending_rows: int = 0
     _next_part: int = 0
-    embedded: int = 0
+    _lock: OutputLock | None = None
 
     @property
     def is_dir(self) -> bool:
@@ -184,18 +201,33 @@ class ParquetStore:
         return sorted(found)
 
     def _remove_dead_temporaries(self) -> None:
-        """Temporary parts left by a run that was killed while writing them."""
+        """Temporaries left by a run that was killed while writing (no other run holds the lock)."""
+        if not self.is_dir:
+            remove_temporaries(self.path)
+            return
         for tmp in self.path.glob(".part-*.tmp"):
-            pid = tmp.name.rsplit(".", 2)[-2]
-            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            if not tmp.name.endswith(f".{os.getpid()}.tmp"):
                 tmp.unlink(missing_ok=True)
 
     def open(self) -> None:
-        """Read what earlier runs stored: paths with their size and mtime (not the embeddings)."""
+        """Lock the output for this run, then read what earlier runs stored: paths with their size and
+        mtime (not the embeddings). A second run into the same output is refused here, at once."""
+        self._lock = OutputLock(self.path, self.is_dir)
+        try:
+            self._remove_dead_temporaries()
+            self._read_stored()
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _read_stored(self) -> None:
         import pyarrow.parquet as pq
 
-        if self.is_dir and self.path.is_dir():
-            self._remove_dead_temporaries()
         for number, part in self._parts():
             try:
                 _check_compatible(pq.read_schema(part), self.schema, part)
@@ -226,7 +258,6 @@ class ParquetStore:
             return
         self._pending.append(rows.table(self.schema, self.model))
         self._pending_rows += len(rows.paths)
-        self.embedded += len(rows.paths)
         for p, st in zip(rows.paths, rows.stats, strict=True):
             self.stored.setdefault(p, []).append(_Stored(self._next_part, st))
         if self.is_dir and self._pending_rows >= self.part_rows:
@@ -235,15 +266,17 @@ class ParquetStore:
     def _write(self, table: pa.Table, target: Path) -> None:
         import pyarrow.parquet as pq
 
-        tmp = atomic_path(target)
+        out = AtomicFile(target)
         try:
             # Dictionary-encoding unique floats only to fall back to plain pages makes reads slower.
-            pq.write_table(table.replace_schema_metadata(self.schema.metadata), tmp, use_dictionary=["model"])
-            os.replace(tmp, target)
+            pq.write_table(table.replace_schema_metadata(self.schema.metadata), out.file, use_dictionary=["model"])
         except OSError as e:
-            raise OutputError(f"{target}: cannot write ({e})") from e
-        finally:
-            tmp.unlink(missing_ok=True)
+            out.discard()
+            raise OutputError(f"{target}: cannot write ({describe_os_error(e)})") from e
+        except BaseException:
+            out.discard()
+            raise
+        out.commit()
 
     def _flush(self) -> None:
         import pyarrow as pa
@@ -266,7 +299,14 @@ class ParquetStore:
         return keep
 
     def finish(self) -> int:
-        """Write what is pending and drop stale rows; returns how many paths were removed."""
+        """Write what is pending, drop stale and duplicate rows, release the output; returns how many
+        paths were removed."""
+        try:
+            return self._finish()
+        finally:
+            self.release()
+
+    def _finish(self) -> int:
         import numpy as np
         import pyarrow as pa
 
@@ -282,14 +322,15 @@ class ParquetStore:
                 tags += [self._next_part] * t.num_rows
             combined = pa.concat_tables(tables) if tables else self.schema.empty_table()
             paths = combined.column("path").to_pylist()
-            wanted = [i for i, (p, tag) in enumerate(zip(paths, tags, strict=True)) if keep.get(p) == tag]
+            wanted = _first_rows(paths, tags, keep, set())
             self._write(combined.take(arrow_array(np.array(wanted, np.int64))), self.path)
             return removed
         self._flush()
+        written: set[str] = set()
         for number, part in self._parts():
             # Paths alone decide; the embeddings (most of the bytes) are read only for a part that changes.
             paths = read_parquet(part, ["path"]).column("path").to_pylist()
-            wanted = [i for i, p in enumerate(paths) if keep.get(p) == number]
+            wanted = _first_rows(paths, [number] * len(paths), keep, written)
             if len(wanted) == len(paths):
                 continue
             kept = read_parquet(part).take(arrow_array(np.array(wanted, np.int64)))
@@ -305,40 +346,108 @@ class ParquetStore:
         return removed
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _first_rows(paths: Sequence[str], tags: Sequence[int], keep: dict[str, int], written: set[str]) -> list[int]:
+    """Rows to keep: each path once, from the part ``keep`` chose for it (``written`` spans parts)."""
+    wanted = []
+    for i, (p, tag) in enumerate(zip(paths, tags, strict=True)):
+        if keep.get(p) == tag and p not in written:
+            written.add(p)
+            wanted.append(i)
+    return wanted
 
 
-def write_npy(path: Path, embeddings: np.ndarray, paths: Iterable[str]) -> Path:
-    """``path`` (N x D) and its sidecar ``<stem>.paths.txt`` (one path per line, in row order)."""
-    import numpy as np
-
-    sidecar = npy_sidecar(path)
-    for target, write in (
-        (path, lambda f: np.save(f, embeddings)),
-        (sidecar, lambda f: f.write("".join(f"{p}\n" for p in paths).encode())),
-    ):
-        tmp = atomic_path(target)
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tmp.open("wb") as f:
-                write(f)
-            os.replace(tmp, target)
-        except OSError as e:
-            raise OutputError(f"{target}: cannot write ({e})") from e
-        finally:
-            tmp.unlink(missing_ok=True)
-    return sidecar
+NPY_FORMAT = 1
 
 
 def npy_sidecar(path: Path) -> Path:
-    return path.with_name(path.stem + ".paths.txt")
+    """The file that names the rows of an NPY output and records the model: ``<stem>.rows.jsonl``."""
+    return path.with_name(path.stem + ".rows.jsonl")
+
+
+def npy_fingerprint(matrix: np.ndarray) -> str:
+    """A digest of an NPY matrix's shape, type and 64 evenly spaced rows, so that a sidecar can tell
+    its own matrix from another (a run that died between the two renames) without reading it all."""
+    import hashlib
+
+    import numpy as np
+
+    n = matrix.shape[0]
+    digest = hashlib.sha256(f"{matrix.shape}:{matrix.dtype.str}".encode())
+    for row in np.unique(np.linspace(0, n - 1, num=min(n, 64)).astype(np.int64)) if n else []:
+        digest.update(np.ascontiguousarray(matrix[int(row)]).tobytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class NpyHeader:
+    """The first line of an NPY sidecar; one JSON string per matrix row follows it."""
+
+    rows: int
+    key: str  # "path" or "text"
+    tag: ModelTag
+    fingerprint: str
+
+    def line(self) -> str:
+        return json.dumps(
+            {
+                "clipcli_npy": NPY_FORMAT,
+                "rows": self.rows,
+                "key": self.key,
+                "model": self.tag.name,
+                "model_sha256": self.tag.sha256,
+                "normalized": self.tag.normalized,
+                "fingerprint": self.fingerprint,
+            }
+        )
+
+    @classmethod
+    def parse(cls, text: str, where: Path) -> NpyHeader:
+        try:
+            d = json.loads(text)
+            if d.get("clipcli_npy") != NPY_FORMAT:
+                raise ValueError("unknown format")
+            tag = ModelTag(str(d["model"]), str(d["model_sha256"]), bool(d["normalized"]))
+            return cls(int(d["rows"]), str(d["key"]), tag, str(d["fingerprint"]))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise InputError(f"{where}: not an NPY sidecar written by clipcli embed") from None
+
+
+def write_npy(path: Path, embeddings: np.ndarray, names: Sequence[str], tag: ModelTag, key: str = "path") -> Path:
+    """``path`` (N x D) and its sidecar (the model, then each row's name as a JSON string).
+
+    Both are written in full under temporary names before either is renamed, so a failure while
+    writing (a full disk) leaves the previous pair as it was; the sidecar records the matrix's
+    fingerprint, so a pair mixed by a crash between the two renames is refused, never misread.
+    JSON strings represent every name, newlines and names that are not UTF-8 included.
+    """
+    import numpy as np
+
+    sidecar = npy_sidecar(path)
+    header = NpyHeader(len(names), key, tag, npy_fingerprint(embeddings))
+    matrix_out = AtomicFile(path)
+    try:
+        sidecar_out = AtomicFile(sidecar)
+    except BaseException:
+        matrix_out.discard()
+        raise
+    try:
+        np.save(matrix_out.file, embeddings)
+        lines = [header.line(), *(json_line(n) for n in names)]
+        sidecar_out.file.write("".join(line + "\n" for line in lines).encode())
+    except BaseException as e:
+        reason = describe_os_error(e, path) if isinstance(e, OSError) else ""  # before the space is freed
+        matrix_out.discard()
+        sidecar_out.discard()
+        if isinstance(e, OSError):
+            raise OutputError(f"{path}: cannot write ({reason}); the previous pair is left as it was") from e
+        raise
+    try:
+        matrix_out.commit()
+    except BaseException:
+        sidecar_out.discard()
+        raise
+    sidecar_out.commit()
+    return sidecar
 
 
 class Lines:
@@ -368,3 +477,50 @@ class Lines:
             return self.data[start : int(self.ends[row])].decode("utf-8")
         except UnicodeDecodeError:
             raise InputError(f"{self.path}: line {row + 1} is not UTF-8 text") from None
+
+
+@dataclass
+class SavedNpy:
+    """An NPY output opened for reading: the memory-mapped matrix, its header, and its row names."""
+
+    matrix: np.ndarray
+    header: NpyHeader
+    lines: Lines
+
+    def name(self, row: int) -> str:
+        line = self.lines[row + 1]
+        try:
+            value: Any = json.loads(line)
+        except ValueError:
+            value = None
+        if not isinstance(value, str):
+            raise InputError(f"{self.lines.path}: line {row + 2} is not a JSON string")
+        return value
+
+
+def open_npy(path: Path) -> SavedNpy:
+    """Open an NPY output and its sidecar, refusing a pair that does not belong together."""
+    import numpy as np
+
+    sidecar = npy_sidecar(path)
+    if not sidecar.is_file():
+        old = path.with_name(path.stem + ".paths.txt")
+        hint = f" ({old.name} is from an older clipcli: run embed again)" if old.exists() else ""
+        raise InputError(f"{path}: no {sidecar.name} beside it (the model and the names of its rows){hint}")
+    try:
+        matrix = np.load(path, mmap_mode="r")
+        lines = Lines(sidecar)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot read embeddings ({e})") from e
+    header = NpyHeader.parse(lines[0] if len(lines) else "", sidecar)
+    if matrix.ndim != 2 or matrix.shape[0] != header.rows or len(lines) != header.rows + 1:
+        raise InputError(
+            f"{path}: {matrix.shape} embeddings but {sidecar.name} names {len(lines) - 1} rows; "
+            "the pair is damaged: run embed again"
+        )
+    if npy_fingerprint(matrix) != header.fingerprint:
+        raise InputError(
+            f"{path}: {sidecar.name} was written for another matrix (a run interrupted between writing "
+            "the two?); run embed again"
+        )
+    return SavedNpy(matrix, header, lines)

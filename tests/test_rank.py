@@ -166,7 +166,9 @@ def test_damaged_search_cache_is_rebuilt(cli, tmp_path, damage):
 def test_sidecar_that_is_not_utf8_is_named(cli, tmp_path):
     out = tmp_path / "emb.npy"
     assert cli("embed", str(SAMPLES / "seen"), "-m", "tiny-shapes", "-o", str(out)).exit_code == 0
-    (tmp_path / "emb.paths.txt").write_bytes(b"\xff\xfe.jpg\n" * 16)
+    sidecar = tmp_path / "emb.rows.jsonl"
+    header = sidecar.read_bytes().split(b"\n")[0]
+    sidecar.write_bytes(header + b"\n" + b"\xff\xfe.jpg\n" * 16)
     ran = cli("rank", "a photo of a green heart.", str(out), "-m", "tiny-shapes", "-k", "1")
     assert ran.exit_code == 2
-    assert re.search(r"^Error: .*emb\.paths\.txt: line \d+ is not UTF-8 text$", ran.stderr.strip())
+    assert re.search(r"^Error: .*emb\.rows\.jsonl: line \d+ is not UTF-8 text$", ran.stderr.strip())

@@ -15,7 +15,14 @@ FORMATS = (OutputFormat.TABLE, OutputFormat.CSV, OutputFormat.JSONL, OutputForma
 
 def classify(
     inputs: Annotated[list[str], typer.Argument(help="Image files, folders, globs, or - to read paths from stdin.")],
-    labels: Annotated[str | None, typer.Option("--labels", "-l", help="Comma-separated labels.")] = None,
+    labels: Annotated[
+        str | None,
+        typer.Option(
+            "--labels",
+            "-l",
+            help="Comma-separated labels; quote one that has a comma: --labels '\"New York, NY\",Paris'.",
+        ),
+    ] = None,
     labels_file: Annotated[str | None, typer.Option(help="File with one label per line.")] = None,
     template: opt.Template = None,
     templates: opt.Templates = None,
@@ -30,38 +37,47 @@ def classify(
     exact: opt.Exact = False,
 ) -> None:
     """Classify images zero-shot: the probability of each label, best first."""
-    from clipcli.classify import Prediction, classify_images
-    from clipcli.console import Progress, say, skipped
+    from clipcli.classify import PREDICTION_COLUMNS, Prediction, classify_images, prediction_schema
+    from clipcli.console import Progress, prompt_progress, say, skipped
     from clipcli.errors import EXIT_PARTIAL
     from clipcli.images import discover
-    from clipcli.io import choose_format, open_writer, stdout_is_tty
+    from clipcli.io import choose_format, open_writer, parquet_storable, stdout_is_tty
     from clipcli.prompts import resolve_labels, resolve_templates
 
     label_list = resolve_labels(labels, labels_file)
     template_set = resolve_templates(template, templates)
     out_format = choose_format(fmt, output, stdout_is_tty(), FORMATS)
     refs, missing = discover(inputs, sys.stdin)
+    if out_format is OutputFormat.PARQUET:
+        refs, unstorable = parquet_storable(refs)
+        missing += unstorable
     for m in missing:
         skipped(m.path, m.reason)
-    lm = opt.load(model, device, precision)
 
     n_ok = 0
     n_skipped = len(missing)
-    with open_writer(out_format, output) as writer, Progress("classifying", len(refs)) as bar:
-        for item in classify_images(
-            lm, refs, label_list, template_set, top_k, batch_size, workers, exact, on_batch=bar.advance
-        ):
-            if not isinstance(item, Prediction):
-                skipped(item.path, item.reason)
-                n_skipped += 1
-                continue
-            n_ok += 1
-            if out_format is OutputFormat.JSONL:
-                writer.write([item.record()])
-            elif out_format is OutputFormat.TABLE:
-                writer.write([{**row, "score": f"{row['score']:.2%}"} for row in item.rows()])
-            else:
-                writer.write(item.rows())
+    # The output is locked and opened before the model loads: a second run into it, or a folder that
+    # cannot be written, is refused before any work; a failure before the first row leaves it as it was.
+    schema = prediction_schema() if out_format is OutputFormat.PARQUET else None
+    with open_writer(out_format, output, schema=schema, columns=PREDICTION_COLUMNS) as writer:
+        lm = opt.load(model, device, precision)
+        n_prompts = len(label_list) * len(template_set.templates)
+        with prompt_progress("encoding prompts", n_prompts) as on_prompts, Progress("classifying", len(refs)) as bar:
+            predictions = classify_images(
+                lm, refs, label_list, template_set, top_k, batch_size, workers, exact, bar.advance, on_prompts
+            )
+            for item in predictions:
+                if not isinstance(item, Prediction):
+                    skipped(item.path, item.reason)
+                    n_skipped += 1
+                    continue
+                n_ok += 1
+                if out_format is OutputFormat.JSONL:
+                    writer.write([item.record()])
+                elif out_format is OutputFormat.TABLE:
+                    writer.write([{**row, "score": f"{row['score']:.2%}"} for row in item.rows()])
+                else:
+                    writer.write(item.rows())
     say(f"classified {n_ok} image{'s' * (n_ok != 1)}, skipped {n_skipped}")
     if n_skipped:
         raise typer.Exit(EXIT_PARTIAL)

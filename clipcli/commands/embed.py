@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Annotated
 
@@ -16,9 +17,18 @@ FORMATS = (OutputFormat.CSV, OutputFormat.JSONL, OutputFormat.PARQUET, OutputFor
 
 
 def _is_dataset_dir(output: str | None) -> bool:
+    """A directory of Parquet parts: named with a trailing slash or without an extension, or an
+    existing folder named ``*.parquet`` (as Spark writes them); an existing ``x.csv`` folder is not."""
     if not output or output == "-":
         return False
-    return output.endswith(("/", os.sep)) or Path(output).is_dir() or not Path(output).suffix
+    suffix = Path(output).suffix.lower()
+    return output.endswith(("/", os.sep)) or not suffix or (suffix in (".parquet", ".pq") and Path(output).is_dir())
+
+
+def _output_lock(output: str | None, is_dir: bool) -> AbstractContextManager[object]:
+    from clipcli.atomic import OutputLock
+
+    return nullcontext() if not output or output == "-" else OutputLock(Path(output), is_dir)
 
 
 def embed(
@@ -57,7 +67,7 @@ def embed(
     exact: opt.Exact = False,
 ) -> None:
     """Embed images (or texts) with CLIP; reruns into a Parquet output only embed what changed."""
-    from clipcli.console import Progress, say, skipped
+    from clipcli.console import Progress, prompt_progress, say, skipped
     from clipcli.embed import embed_images, embed_text_list
     from clipcli.errors import EXIT_PARTIAL, InputError
     from clipcli.images import discover
@@ -71,6 +81,8 @@ def embed(
         out_format = OutputFormat.PARQUET
     else:
         out_format = choose_format(fmt, output, False, FORMATS)
+    if out_format is OutputFormat.NPY and (not output or output == "-"):
+        raise InputError("NPY is written to a file with its sidecar: pass -o FILE.npy")
 
     if text:
         texts = [t for arg in inputs for t in (sys.stdin.read().splitlines() if arg == "-" else [arg])]
@@ -80,8 +92,11 @@ def embed(
         if not texts:
             raise InputError("no texts: pass them as arguments, with --texts-file, or on stdin with -")
         ensemble = resolve_templates(template, templates) if (template or templates) else None
-        lm = opt.load(model, device, precision)
-        n = embed_text_list(lm, texts, ensemble, out_format, output, dtype, normalize)
+        with _output_lock(output, _is_dataset_dir(output)):
+            lm = opt.load(model, device, precision)
+            n_prompts = len(texts) * (len(ensemble.templates) if ensemble else 1)
+            with prompt_progress("embedding texts", n_prompts) as on_progress:
+                n = embed_text_list(lm, texts, ensemble, out_format, output, dtype, normalize, on_progress)
         say(f"embedded {n} text{'s' * (n != 1)}")
         return
 
@@ -90,23 +105,25 @@ def embed(
     refs, missing = discover(inputs, sys.stdin)
     for m in missing:
         skipped(m.path, m.reason)
-    lm = opt.load(model, device, precision)
-    with Progress("embedding", len(refs)) as bar:
-        summary = embed_images(
-            lm,
-            refs,
-            out_format,
-            output,
-            dtype=dtype,
-            normalize=normalize,
-            batch_size=batch_size,
-            workers=workers,
-            exact=exact,
-            part_size=part_size,
-            on_skip=lambda s: skipped(s.path, s.reason),
-            on_plan=lambda n: bar.update(total=n),
-            on_batch=bar.advance,
-        )
+    # Locked before the model loads: a second run into this output is refused at once.
+    with _output_lock(output, _is_dataset_dir(output)):
+        lm = opt.load(model, device, precision)
+        with Progress("embedding", len(refs)) as bar:
+            summary = embed_images(
+                lm,
+                refs,
+                out_format,
+                output,
+                dtype=dtype,
+                normalize=normalize,
+                batch_size=batch_size,
+                workers=workers,
+                exact=exact,
+                part_size=part_size,
+                on_skip=lambda s: skipped(s.path, s.reason),
+                on_plan=lambda n: bar.update(total=n),
+                on_batch=bar.advance,
+            )
     n_skipped = summary.skipped + len(missing)
     say(f"embedded {summary.embedded}, unchanged {summary.unchanged}, removed {summary.removed}, skipped {n_skipped}")
     if n_skipped:

@@ -58,11 +58,11 @@ def rank(
     ] = True,
 ) -> None:
     """Rank sources by similarity to a query, best first (cosine similarity of normalised embeddings)."""
-    from clipcli.console import say, skipped
+    from clipcli.console import prompt_progress, say, skipped
     from clipcli.encode import encode_texts, iter_image_embeddings
     from clipcli.errors import EXIT_PARTIAL, InputError
-    from clipcli.images import discover
-    from clipcli.io import choose_format, open_writer, stdout_is_tty
+    from clipcli.images import Skipped, discover
+    from clipcli.io import NOT_UTF8, choose_format, is_utf8, open_writer, stdout_is_tty
     from clipcli.prompts import read_lines, resolve_templates, zero_shot_classifier
     from clipcli.rank import rank_sources, rank_texts
 
@@ -76,36 +76,48 @@ def rank(
     if not args and not texts_file:
         raise InputError("no sources to rank: pass images, folders, or embeddings written by `clipcli embed`")
 
-    lm = opt.load(model, device, precision)
-    if image:
-        refs, missing = discover([image])
-        batch = next(iter_image_embeddings(lm, refs, 1, 0, exact), None) if refs else None
-        if batch is None or not batch.names:
-            reason = (missing or (batch.skipped if batch else []))[0].reason
-            raise InputError(f"{image}: cannot use as the query ({reason})")
-        query = batch.embeddings[0].numpy()
-    elif template or templates:
-        query = zero_shot_classifier(lm, [query_text], resolve_templates(template, templates))[0].numpy()  # type: ignore[list-item]
-    else:
-        query = encode_texts(lm, [query_text])[0].numpy()  # type: ignore[list-item]
+    key = "text" if texts_file else "path"
+    schema = None
+    if out_format is OutputFormat.PARQUET:
+        import pyarrow as pa
 
-    n_skipped = 0
+        schema = pa.schema([("score", pa.float64()), (key, pa.string())])
+    # Opened first: an output another run is writing, or one that cannot be written, is refused at once.
+    with open_writer(out_format, output, schema=schema, columns=("score", key)) as writer:
+        lm = opt.load(model, device, precision)
+        if image:
+            refs, missing = discover([image])
+            batch = next(iter_image_embeddings(lm, refs, 1, 0, exact), None) if refs else None
+            if batch is None or not batch.names:
+                reason = (missing or (batch.skipped if batch else []))[0].reason
+                raise InputError(f"{image}: cannot use as the query ({reason})")
+            query = batch.embeddings[0].numpy()
+        elif template or templates:
+            query = zero_shot_classifier(lm, [query_text], resolve_templates(template, templates))[0].numpy()  # type: ignore[list-item]
+        else:
+            query = encode_texts(lm, [query_text])[0].numpy()  # type: ignore[list-item]
 
-    def on_skip(s: object) -> None:
-        nonlocal n_skipped
-        n_skipped += 1
-        skipped(s.path, s.reason)  # type: ignore[attr-defined]
+        n_skipped = 0
 
-    if texts_file:
-        texts = read_lines(texts_file, "texts")
-        hits = rank_texts(query, texts, encode_texts(lm, texts).numpy(), top_k, threshold)
-        key = "text"
-    else:
-        hits = rank_sources(
-            lm, query, args, top_k, threshold, batch_size, workers, exact, on_skip, sys.stdin, use_cache=cache
-        )
-        key = "path"
-    with open_writer(out_format, output) as writer:
+        def on_skip(s: object) -> None:
+            nonlocal n_skipped
+            n_skipped += 1
+            skipped(s.path, s.reason)  # type: ignore[attr-defined]
+
+        if texts_file:
+            texts = read_lines(texts_file, "texts")
+            with prompt_progress("encoding texts", len(texts)) as on_progress:
+                embeddings = encode_texts(lm, texts, on_progress=on_progress).numpy()
+            hits = rank_texts(query, texts, embeddings, top_k, threshold)
+        else:
+            hits = rank_sources(
+                lm, query, args, top_k, threshold, batch_size, workers, exact, on_skip, sys.stdin, use_cache=cache
+            )
+        if out_format is OutputFormat.PARQUET:
+            for h in hits:
+                if not is_utf8(h.name):
+                    on_skip(Skipped(h.name, NOT_UTF8))
+            hits = [h for h in hits if is_utf8(h.name)]
         writer.write([{"score": round(h.score, 6), key: h.name} for h in hits])
     say(f"ranked {len(hits)} result{'s' * (len(hits) != 1)}" + (f", skipped {n_skipped}" if n_skipped else ""))
     if n_skipped:

@@ -1,0 +1,194 @@
+"""Files that change all at once or not at all, and outputs that one run at a time may write.
+
+Every file clipcli writes goes to a temporary sibling (``.NAME.PID.tmp``) and is renamed onto its name
+once complete, so a reader (or a run killed half-way) never sees half a file and a failed write leaves
+the previous file as it was. An output that a run writes is held under an advisory lock for the whole
+run, so a second run into the same place refuses at once instead of silently replacing the first
+run's rows; the lock also lets the next run remove temporaries that a killed run left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any, ClassVar
+
+from clipcli.errors import OutputError
+
+LOCK_NAME = ".clipcli.lock"  # inside a directory output
+
+
+def temporary_sibling(path: Path, suffix: str = "tmp") -> Path:
+    """Where ``path`` is written before it is renamed: same folder, so the rename is atomic."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{suffix}")
+
+
+def remove_temporaries(path: Path, suffix: str = "tmp") -> None:
+    """Remove temporaries of ``path`` left by other runs; call only while holding its lock."""
+    with contextlib.suppress(OSError):
+        for tmp in path.parent.glob(f".{_glob_escape(path.name)}.*.{suffix}"):
+            pid = tmp.name[len(path.name) + 2 : -len(suffix) - 1]
+            if pid.isdigit() and int(pid) != os.getpid():
+                tmp.unlink(missing_ok=True)
+
+
+def _glob_escape(name: str) -> str:
+    import glob
+
+    return glob.escape(name)
+
+
+def describe_os_error(e: OSError, path: Path | None = None) -> str:
+    """The reason for a failed write, in words. Some writers (numpy's) report a short write without an
+    errno; when the filesystem of ``path`` is then full, that is the reason given."""
+    if e.errno == errno.ENOSPC or (e.errno is None and path is not None and _is_full(path)):
+        return "no space left on the device"
+    if e.errno == errno.EDQUOT:
+        return "disk quota exceeded"
+    return e.strerror or str(e)
+
+
+def _is_full(path: Path) -> bool:
+    try:
+        return os.statvfs(path.parent).f_bavail == 0
+    except OSError:
+        return False
+
+
+class AtomicFile:
+    """A file written under a temporary name; :meth:`commit` puts it in place, :meth:`discard` drops it."""
+
+    def __init__(self, path: Path, mode: str = "wb", **open_args: Any) -> None:
+        self.path = path
+        self.tmp = temporary_sibling(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.is_dir():
+                raise IsADirectoryError(errno.EISDIR, "is a directory")
+            self.file: IO[Any] = open(self.tmp, mode, **open_args)  # noqa: SIM115 (closed by commit/discard)
+        except OSError as e:
+            raise OutputError(f"{path}: cannot write ({describe_os_error(e)})") from e
+
+    def commit(self) -> None:
+        """Flush to disk and rename onto the final name; on failure the previous file stays."""
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            os.replace(self.tmp, self.path)
+        except OSError as e:
+            self.discard()
+            raise OutputError(
+                f"{self.path}: cannot write ({describe_os_error(e)}); any previous file is left as it was"
+            ) from e
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path, mode: str = "wb", **open_args: Any) -> Iterator[IO[Any]]:
+    """Write ``path`` whole or not at all: any error inside the block leaves the previous file."""
+    out = AtomicFile(path, mode, **open_args)
+    try:
+        yield out.file
+    except OSError as e:
+        out.discard()
+        raise OutputError(f"{path}: cannot write ({describe_os_error(e)}); any previous file is left as it was") from e
+    except BaseException:
+        out.discard()
+        raise
+    out.commit()
+
+
+def lock_path(output: Path, is_dir: bool) -> Path:
+    return output / LOCK_NAME if is_dir else output.with_name(f".{output.name}.lock")
+
+
+class OutputLock:
+    """An exclusive advisory lock (``flock``) on an output, held for a whole run.
+
+    The lock file holds the holder's pid for the message a second run prints. It is removed on
+    release; a run that finds the file it locked already unlinked (released by the holder between its
+    open and its lock) starts over, so two runs can never both hold the lock. Within one process the
+    lock nests: a command may take it before loading a model (so that a second run is refused at once)
+    and the code that writes the output takes it again; it is released when the outermost holder lets go.
+    """
+
+    _held: ClassVar[dict[Path, list[int]]] = {}  # lock file -> [fd, holders] in this process
+
+    def __init__(self, output: Path, is_dir: bool) -> None:
+        self.output = output
+        self.path = lock_path(output, is_dir).absolute()
+        self.created_dir = False
+        self.held = False
+        if self.path in self._held:
+            self._held[self.path][1] += 1
+            self.held = True
+            return
+        try:
+            if is_dir:
+                if output.exists() and not output.is_dir():
+                    raise OutputError(f"{output}: exists and is not a directory")
+                self.created_dir = not output.exists()
+                output.mkdir(parents=True, exist_ok=True)
+            else:
+                output.parent.mkdir(parents=True, exist_ok=True)
+            self._held[self.path] = [self._acquire(), 1]
+            self.held = True
+        except OSError as e:
+            raise OutputError(f"{output}: cannot write ({describe_os_error(e)})") from e
+
+    def _acquire(self) -> int:
+        import fcntl
+
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise OutputError(
+                    f"{self.output}: another clipcli run (pid {holder}) is writing this output; "
+                    "wait for it to finish or choose another output"
+                ) from None
+            except OSError:
+                os.close(fd)
+                raise
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+                return fd
+            os.close(fd)  # the holder released and removed it between our open and our lock
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        entry = self._held[self.path]
+        entry[1] -= 1
+        if entry[1]:
+            return
+        del self._held[self.path]
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+        os.close(entry[0])
+        if self.created_dir:
+            with contextlib.suppress(OSError):
+                self.output.rmdir()  # a folder this run made and left empty (it failed before any row)
+
+    def __enter__(self) -> OutputLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

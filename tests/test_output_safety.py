@@ -1,0 +1,463 @@
+"""Outputs under faults, tested the way they break: two writers at once, SIGKILL and SIGTERM mid-run,
+full and read-only filesystems, runs where every input is skipped, and names no format expected."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import make_image, write_checkpoint
+
+from clipcli.store import npy_sidecar, open_npy
+
+SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+
+
+def clipcli(*args: str, cwd: Path | None = None, **popen: object) -> subprocess.Popen[bytes]:
+    """The real console entry point in a child process (signals reach it as they would a user's run)."""
+    env = {**os.environ, "CLIPCLI_CACHE": str(Path(cwd or ".").resolve() / ".cache")}
+    return subprocess.Popen(  # type: ignore[call-overload,no-any-return]
+        [sys.executable, "-m", "clipcli", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **popen,
+    )
+
+
+def finish(proc: subprocess.Popen[bytes], timeout: float = 120) -> tuple[int, str, str]:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    return proc.returncode, out.decode(errors="surrogateescape"), err.decode(errors="replace")
+
+
+def distinct(folder: Path, n: int) -> list[Path]:
+    """``n`` different small images: embeddings that do not compress away."""
+    return [make_image(folder / f"img-{i}.png", (24, 24), seed=i) for i in range(n)]
+
+
+def copies(folder: Path, n: int, prefix: str = "img") -> list[Path]:
+    """``n`` small JPEG files with distinct names (the same bytes: decoding cost is what matters)."""
+    source = make_image(folder / f"{prefix}-0.jpg", (48, 48))
+    data = source.read_bytes()
+    paths = [source]
+    for i in range(1, n):
+        path = folder / f"{prefix}-{i}.jpg"
+        path.write_bytes(data)
+        paths.append(path)
+    return paths
+
+
+def wait_for(condition: Callable[[], bool], proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before the moment the test waited for")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("timed out waiting for the run to reach the moment under test")
+        time.sleep(0.01)
+
+
+def temporaries(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob(".*") if p.name.endswith((".tmp", ".lock")))
+
+
+@contextmanager
+def tmpfs(where: Path, size: str, readonly: bool = False) -> Iterator[Path]:
+    """A small filesystem of its own, to fill up or to refuse writes (root only; else the test skips,
+    and the simulated variants below cover the same code)."""
+    where.mkdir(parents=True, exist_ok=True)
+    options = f"size={size}" + (",ro" if readonly else "")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root); the simulated-failure tests cover this path")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+# 1. Two writers at once
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("output", ["o/", "f.parquet", "f.npy", "f.csv"])
+def test_a_second_run_into_the_same_output_is_refused_at_once(tmp_path, output):
+    copies(tmp_path / "A", 150, "a")
+    copies(tmp_path / "B", 20, "b")
+    common = ["-m", "tiny-shapes", "--batch-size", "1", "-o", output]
+    first = clipcli("embed", "A", *common, cwd=tmp_path)
+    lock = tmp_path / "o" / ".clipcli.lock" if output == "o/" else tmp_path / f".{output}.lock"
+    wait_for(lock.exists, first)  # taken before the model loads, and held to the end
+    second = clipcli("embed", "B", *common, cwd=tmp_path)
+    code2, _, err2 = finish(second)
+    code1, _, err1 = finish(first)
+    assert code1 == 0, err1
+    assert code2 == 2
+    assert err2.strip() == (
+        f"Error: {output.rstrip('/')}: another clipcli run (pid {first.pid}) is writing this output; "
+        "wait for it to finish or choose another output"
+    )
+    assert embedded_names(tmp_path / output) == {f"a-{i}.jpg" for i in range(150)}
+    assert temporaries(tmp_path) == []
+
+
+def embedded_names(output: Path) -> set[str]:
+    if output.suffix == ".npy":
+        saved = open_npy(output)
+        return {Path(saved.name(i)).name for i in range(saved.header.rows)}
+    if output.suffix == ".csv":
+        lines = output.read_text().splitlines()[1:]
+        return {Path(line.split(",")[0]).name for line in lines}
+    import pyarrow.dataset as ds
+
+    paths = ds.dataset(output, format="parquet").to_table(columns=["path"]).column("path").to_pylist()
+    assert len(paths) == len(set(paths)), "one row per file"
+    return {Path(p).name for p in paths}
+
+
+@pytest.mark.slow
+def test_identical_concurrent_runs_leave_one_row_per_file(tmp_path):
+    copies(tmp_path / "A", 100, "a")
+    runs = [clipcli("embed", "A", "-m", "tiny-shapes", "--batch-size", "1", "-o", "o/", cwd=tmp_path) for _ in "12"]
+    codes = sorted(finish(run)[0] for run in runs)
+    assert codes in ([0, 0], [0, 2])  # the second refused, or started after the first had finished
+    assert embedded_names(tmp_path / "o") == {f"a-{i}.jpg" for i in range(100)}
+    again = clipcli("embed", "A", "-m", "tiny-shapes", "-o", "o/", cwd=tmp_path)
+    code, _, err = finish(again)
+    assert code == 0 and "embedded 0, unchanged 100" in err
+
+
+def test_a_lock_nests_within_a_process_and_excludes_other_processes(tmp_path):
+    from clipcli.atomic import OutputLock
+
+    target = str(tmp_path / "x.csv")
+    script = f"from pathlib import Path; from clipcli.atomic import OutputLock; OutputLock(Path({target!r}), False)"
+    probe = [sys.executable, "-c", script]
+    with OutputLock(tmp_path / "x.csv", is_dir=False):
+        with OutputLock(tmp_path / "x.csv", is_dir=False):  # the writer, inside the command's hold
+            pass
+        refused = subprocess.run(probe, capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 1
+        assert f"another clipcli run (pid {os.getpid()}) is writing this output" in refused.stderr
+    assert temporaries(tmp_path) == []
+    assert subprocess.run(probe, capture_output=True, timeout=60).returncode == 0
+
+
+# 2, 3, 7. NPY and its sidecar
+
+
+def test_npy_pair_is_kept_whole_when_the_sidecar_cannot_be_written(cli, tmp_path, monkeypatch):
+    out = tmp_path / "emb.npy"
+    assert cli("embed", str(SAMPLES / "seen"), "-m", "tiny-shapes", "-o", str(out)).exit_code == 0
+    before = out.read_bytes(), npy_sidecar(out).read_bytes()
+
+    import clipcli.store
+
+    def full_disk(value: object) -> str:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(clipcli.store, "json_line", full_disk)
+    ran = cli("embed", str(SAMPLES / "held-out"), "-m", "tiny-shapes", "-o", str(out))
+    assert ran.exit_code == 2
+    assert ran.stderr.strip() == (
+        f"Error: {out}: cannot write (no space left on the device); the previous pair is left as it was"
+    )
+    assert (out.read_bytes(), npy_sidecar(out).read_bytes()) == before
+    assert temporaries(tmp_path) == []
+
+
+def test_npy_pair_on_a_full_filesystem_keeps_the_previous_pair(tmp_path):
+    with tmpfs(tmp_path / "small", "64k") as small:
+        out = small / "emb.npy"
+        code, _, err = finish(clipcli("embed", str(SAMPLES / "seen"), "-m", "tiny-shapes", "-o", str(out)))
+        assert code == 0, err
+        before = out.read_bytes(), npy_sidecar(out).read_bytes()
+        copies(tmp_path / "many", 400)
+        code, _, err = finish(clipcli("embed", str(tmp_path / "many"), "-m", "tiny-shapes", "-o", str(out)))
+        assert code == 2
+        assert err.count("\n") == 1 and "no space left on the device" in err, err
+        assert (out.read_bytes(), npy_sidecar(out).read_bytes()) == before
+        assert temporaries(small) == []
+
+
+def test_a_sidecar_from_another_run_is_refused(cli, tmp_path):
+    out = tmp_path / "emb.npy"
+    assert cli("embed", str(SAMPLES / "busy"), "-m", "tiny-shapes", "-o", str(out)).exit_code == 0
+    old_sidecar = npy_sidecar(out).read_bytes()
+    # Same number of rows, other images: only the fingerprint can tell the pair was mixed.
+    six = sorted((SAMPLES / "seen").iterdir())[:6]
+    assert cli("embed", *map(str, six), "-m", "tiny-shapes", "-o", str(out)).exit_code == 0
+    npy_sidecar(out).write_bytes(old_sidecar)
+    ran = cli("rank", "a photo of a red circle.", str(out), "-m", "tiny-shapes")
+    assert ran.exit_code == 2
+    assert "emb.rows.jsonl was written for another matrix" in ran.stderr
+
+
+def test_every_legal_name_reads_back_from_an_npy_sidecar(cli, tmp_path):
+    folder = tmp_path / "odd"
+    names = ["new\nline.jpg", "tab\tand ü.jpg", 'quote".jpg', "back\\slash.jpg", "caf" + os.fsdecode(b"\xe9") + ".jpg"]
+    for i, name in enumerate(names):
+        make_image(folder / name, seed=i)
+    out = tmp_path / "emb.npy"
+    ran = cli("embed", str(folder), "-m", "tiny-shapes", "-o", str(out))
+    assert ran.exit_code == 0, ran.stderr
+    saved = open_npy(out)
+    assert sorted(saved.name(i) for i in range(saved.header.rows)) == sorted(str(folder / n) for n in names)
+    assert npy_sidecar(out).read_bytes().decode("utf-8")  # the sidecar itself stays UTF-8 text
+    ranked = cli("rank", "a photo of a red circle.", str(out), "-m", "tiny-shapes", "-f", "jsonl")
+    got = {json.loads(line)["path"] for line in ranked.stdout.splitlines()}
+    assert got == {str(folder / n) for n in names}
+
+
+def test_rank_refuses_an_npy_made_by_another_model_of_the_same_width(cli, tmp_path):
+    first = write_checkpoint(tmp_path / "a.pt", "test-vit", seed=0)
+    second = write_checkpoint(tmp_path / "b.pt", "test-vit", seed=1)
+    out = tmp_path / "emb.npy"
+    assert cli("embed", str(SAMPLES / "seen"), "-m", str(first), "-o", str(out)).exit_code == 0
+    ran = cli("rank", "a red circle", str(out), "-m", str(second))
+    assert ran.exit_code == 2
+    assert f"embeddings were made with {first}, not {second}" in ran.stderr
+    assert cli("rank", "a red circle", str(out), "-m", str(first)).exit_code == 0
+
+
+# 4, 5. Single-file outputs: killed runs, and runs where nothing is left to write
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("output", ["out.parquet", "out.csv", "out.jsonl"])
+def test_sigterm_keeps_the_rows_written_so_far_and_exits_143(tmp_path, output):
+    copies(tmp_path / "imgs", 1500)
+    run = clipcli(
+        "classify", "imgs", "-m", "tiny-shapes", "-l", "a,b", "-k", "1", "-b", "1", "-o", output, cwd=tmp_path
+    )
+    wait_for(lambda: any(p.stat().st_size > 4096 for p in tmp_path.glob(f".{output}.*.tmp")), run)
+    run.send_signal(signal.SIGTERM)
+    code, _, err = finish(run)
+    assert code == 143, err
+    assert err.strip().endswith("Terminated.")
+    rows = read_rows(tmp_path / output)
+    assert 0 < len(rows) < 1500
+    assert rows == [f"imgs/img-{i}.jpg" for i in range(len(rows))]  # in input order, none missing
+    assert temporaries(tmp_path) == []
+
+
+def read_rows(path: Path) -> list[str]:
+    if path.suffix == ".parquet":
+        return pq.read_table(path).column("path").to_pylist()
+    if path.suffix == ".csv":
+        lines = path.read_text().splitlines()
+        assert lines[0] == "path,rank,label,score"
+        return [line.split(",")[0] for line in lines[1:]]
+    return [json.loads(line)["path"] for line in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("output", ["out.parquet", "out.csv"])
+def test_sigkill_leaves_the_previous_file_and_the_next_run_cleans_up(tmp_path, output):
+    copies(tmp_path / "imgs", 1500)
+    previous = ["classify", str(SAMPLES / "seen"), "-m", "tiny-shapes", "-l", "x,y", "-o", output]
+    code, _, err = finish(clipcli(*previous, cwd=tmp_path))
+    assert code == 0, err
+    before = (tmp_path / output).read_bytes()
+    run = clipcli("classify", "imgs", "-m", "tiny-shapes", "-l", "a,b", "-b", "1", "-o", output, cwd=tmp_path)
+    wait_for(lambda: any(p.stat().st_size > 4096 for p in tmp_path.glob(f".{output}.*.tmp")), run)
+    run.kill()
+    finish(run)
+    assert (tmp_path / output).read_bytes() == before
+    assert len(list(tmp_path.glob(f".{output}.*.tmp"))) == 1  # what the killed run left
+    code, _, err = finish(clipcli(*previous, cwd=tmp_path))
+    assert code == 0, err
+    assert temporaries(tmp_path) == []
+    assert len(read_rows(tmp_path / output)) == 16 * 2
+
+
+@pytest.mark.parametrize("output", ["out.parquet", "out.csv", "out.jsonl"])
+def test_an_output_holds_this_runs_result_even_when_every_input_is_skipped(cli, tmp_path, output):
+    old = ["classify", str(SAMPLES / "seen"), "-m", "tiny-shapes", "-l", "x,y", "-o", str(tmp_path / output)]
+    assert cli(*old).exit_code == 0
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    ran = cli("classify", str(broken), "-m", "tiny-shapes", "-l", "x,y", "-o", str(tmp_path / output))
+    assert ran.exit_code == 1
+    path = tmp_path / output
+    if output.endswith(".parquet"):
+        table = pq.read_table(path)
+        assert table.num_rows == 0 and table.column_names == ["path", "rank", "label", "score"]
+    elif output.endswith(".csv"):
+        assert path.read_text() == "path,rank,label,score\n"
+    else:
+        assert path.read_text() == ""
+
+
+def test_a_failed_model_load_leaves_the_previous_output(cli, tmp_path):
+    out = tmp_path / "out.csv"
+    assert cli("classify", str(SAMPLES / "seen"), "-m", "tiny-shapes", "-l", "x,y", "-o", str(out)).exit_code == 0
+    before = out.read_bytes()
+    ran = cli("classify", str(SAMPLES / "seen"), "-m", str(tmp_path / "missing.pt"), "-l", "x,y", "-o", str(out))
+    assert ran.exit_code == 2
+    assert out.read_bytes() == before
+    assert temporaries(tmp_path) == []
+
+
+# 6. The same file twice
+
+
+def test_overlapping_inputs_are_embedded_once(cli, tmp_path, monkeypatch):
+    folder = tmp_path / "folder"
+    shutil.copytree(SAMPLES / "seen", folder)
+    monkeypatch.chdir(tmp_path)
+    first = next(iter(sorted(folder.iterdir()))).name
+    ran = cli("embed", f"folder/{first}", f"./folder/{first}", "folder/", "-m", "tiny-shapes", "-o", "dup/")
+    assert ran.exit_code == 0, ran.stderr
+    paths = pq.ParquetDataset("dup").read(columns=["path"]).column("path").to_pylist()
+    assert len(paths) == 16 and len({os.path.normpath(p) for p in paths}) == 16
+
+
+def test_duplicate_rows_left_by_an_earlier_version_are_dropped_on_the_next_run(cli, tmp_path, monkeypatch):
+    import pyarrow as pa
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(SAMPLES / "seen", "seen")
+    assert cli("embed", "seen", "-m", "tiny-shapes", "-o", "e.parquet").exit_code == 0
+    table = pq.read_table("e.parquet")
+    pq.write_table(pa.concat_tables([table, table.slice(0, 3)]), "e.parquet")
+    ran = cli("embed", "seen", "-m", "tiny-shapes", "-o", "e.parquet")
+    assert ran.exit_code == 0
+    paths = pq.read_table("e.parquet").column("path").to_pylist()
+    assert sorted(paths) == sorted(set(paths)) and len(paths) == 16
+
+
+# 14. Names that are not UTF-8
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "jsonl", "npy", "dir"])
+def test_a_name_that_is_not_utf8_is_stored_losslessly_or_skipped(cli, tmp_path, monkeypatch, fmt):
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(SAMPLES / "seen", "imgs")
+    odd = "imgs/" + os.fsdecode(b"caf\xe9.jpg")
+    shutil.copy(SAMPLES / "busy" / "red-circle.jpg", odd)
+    output = "emb/" if fmt == "dir" else f"emb.{fmt}"
+    ran = cli("embed", "imgs", "-m", "tiny-shapes", "-o", output)
+    if fmt in ("parquet", "dir"):
+        assert ran.exit_code == 1
+        assert "skipped imgs/caf\\xe9.jpg: file name is not UTF-8, which Parquet cannot store" in ran.stderr
+        assert len(embedded_names(Path(output))) == 16
+        return
+    assert ran.exit_code == 0, ran.stderr
+    if fmt == "npy":
+        saved = open_npy(Path(output))
+        assert odd in {saved.name(i) for i in range(saved.header.rows)}
+    elif fmt == "csv":
+        first_cells = [line.split(b",")[0] for line in Path(output).read_bytes().splitlines()]
+        assert os.fsencode(odd) in first_cells  # the name's own bytes, as `find` prints them
+    else:
+        assert odd in {json.loads(line)["path"] for line in Path(output).read_text().splitlines()}
+
+
+# 15, 16. Outputs that cannot be written
+
+
+def test_an_output_under_a_read_only_filesystem_fails_before_the_first_image(tmp_path):
+    broken = tmp_path / "in" / "broken.jpg"
+    broken.parent.mkdir()
+    broken.write_bytes(b"not an image")
+    with tmpfs(tmp_path / "ro", "1m", readonly=True) as ro:
+        for output in (f"{ro}/emb/", f"{ro}/emb.parquet", f"{ro}/emb.npy", f"{ro}/emb.csv"):
+            code, _out, err = finish(clipcli("embed", str(broken.parent), "-m", "tiny-shapes", "-o", output))
+            assert code == 2
+            assert err.strip() == f"Error: {output.rstrip('/')}: cannot write (Read-only file system)"
+            assert "broken.jpg" not in err  # refused before any image was read
+
+
+def test_an_output_whose_folder_is_a_file_fails_before_the_first_image(cli, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    ran = cli("embed", str(broken), "-m", "tiny-shapes", "-o", str(tmp_path / "afile" / "emb") + "/")
+    assert ran.exit_code == 2
+    assert ran.stderr.startswith(f"Error: {tmp_path / 'afile' / 'emb'}: cannot write (")
+    assert "broken.jpg" not in ran.stderr
+
+
+@pytest.mark.parametrize("command", ["classify", "embed"])
+@pytest.mark.parametrize("output", ["out.csv", "out.jsonl", "out.parquet"])
+def test_a_full_disk_is_a_one_line_error_and_keeps_the_previous_file(tmp_path, command, output):
+    distinct(tmp_path / "many", 1000)
+    extra = ["-l", "a,b"] if command == "classify" else []
+    with tmpfs(tmp_path / "small", "64k") as small:
+        target = small / output
+        code, _, err = finish(clipcli(command, str(SAMPLES / "seen"), "-m", "tiny-shapes", *extra, "-o", str(target)))
+        assert code == 0, err
+        before = target.read_bytes()
+        code, _, err = finish(clipcli(command, str(tmp_path / "many"), "-m", "tiny-shapes", *extra, "-o", str(target)))
+        assert code == 2, err
+        assert err.strip() == (
+            f"Error: {target}: cannot write (no space left on the device); any previous file is left as it was"
+        ), err
+        assert target.read_bytes() == before
+        assert temporaries(small) == []
+
+
+def test_a_failing_write_is_a_one_line_error_and_keeps_the_previous_file(cli, tmp_path, monkeypatch):
+    out = tmp_path / "out.csv"
+    assert cli("classify", str(SAMPLES / "seen"), "-m", "tiny-shapes", "-l", "x,y", "-o", str(out)).exit_code == 0
+    before = out.read_bytes()
+    from clipcli import io
+
+    def full_disk(self: object, rows: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(io.CsvWriter, "_write", full_disk)
+    ran = cli("classify", str(SAMPLES / "seen"), "-m", "tiny-shapes", "-l", "a,b", "-o", str(out))
+    assert ran.exit_code == 2
+    assert ran.stderr.strip() == (
+        f"Error: {out}: cannot write (no space left on the device); any previous file is left as it was"
+    )
+    assert out.read_bytes() == before
+    assert temporaries(tmp_path) == []
+
+
+# 18. A folder named like a file
+
+
+def test_embed_into_an_existing_folder_named_csv_is_refused(cli, tmp_path):
+    (tmp_path / "existing.csv").mkdir()
+    ran = cli("embed", str(SAMPLES / "seen"), "-m", "tiny-shapes", "-o", str(tmp_path / "existing.csv"))
+    assert ran.exit_code == 2
+    assert ran.stderr.strip() == f"Error: {tmp_path / 'existing.csv'}: cannot write (is a directory)"
+    assert list((tmp_path / "existing.csv").iterdir()) == []
+
+
+def test_npy_needs_an_output_file(cli):
+    ran = cli("embed", str(SAMPLES / "seen"), "-m", "tiny-shapes", "-f", "npy")
+    assert ran.exit_code == 2
+    assert ran.stderr.strip() == "Error: NPY is written to a file with its sidecar: pass -o FILE.npy"
+    assert not Path("embeddings.npy").exists()
+
+
+def test_embeddings_npy_reads_like_numpy(cli, tmp_path):
+    out = tmp_path / "e.npy"
+    assert cli("embed", str(SAMPLES / "seen"), "-m", "tiny-shapes", "-o", str(out)).exit_code == 0
+    matrix = np.load(out)
+    assert matrix.shape == (16, 64) and np.allclose(np.linalg.norm(matrix, axis=1), 1, atol=1e-5)
+    header = json.loads(npy_sidecar(out).read_text().splitlines()[0])
+    assert header["model"] == "tiny-shapes" and header["rows"] == 16 and header["key"] == "path"
