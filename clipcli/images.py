@@ -9,7 +9,7 @@ from __future__ import annotations
 import glob
 import os
 import re
-import warnings
+import stat
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -27,6 +27,21 @@ IMAGE_EXTENSIONS = frozenset(
 )
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _ORIENTATION = 0x0112  # EXIF tag; values 5-8 mean the picture is shown rotated by 90 degrees
+
+# A 108 MP phone photo is ordinary, so Pillow's 89.5 Mpx bomb limit is too low; the limit is a guard
+# against files that would need gigabytes to decode, and one that the user can raise.
+DEFAULT_MAX_PIXELS = 250_000_000
+# clipcli checks sizes itself in decode(), against a limit the caller chooses; Pillow's own global check
+# would refuse (or warn about) big photos first, with a reason that names no way round it.
+Image.MAX_IMAGE_PIXELS = None
+
+
+class NotARegularFile(OSError):
+    """A FIFO, socket or device: opening one can block forever (a FIFO with no writer) or act on hardware."""
+
+
+class ImageTooLarge(ValueError):
+    """More pixels than the caller's limit; raised before any pixel is decoded."""
 
 
 @dataclass(frozen=True, slots=True)  # one per input: slots keep a million of them small
@@ -48,10 +63,38 @@ def natural_key(text: str) -> list[Any]:
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", text)]
 
 
+def _directory_id(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _walk_once(top: str, hidden: bool = True) -> Iterator[tuple[str, list[str]]]:
+    """(folder, file names) for ``top`` and every folder under it, following directory symlinks.
+
+    Each real directory is entered once: a link back up the tree (``self -> .``, ``sub/up -> ..``)
+    would otherwise be walked again at every level until the path is too long, and two such links
+    make that exponential. Of two paths to one directory, the first one walked is kept.
+    """
+    visited = {_directory_id(top)}
+    for root, dirs, files in os.walk(top, followlinks=True):
+        names = sorted((name for name in dirs if hidden or not name.startswith(".")), key=natural_key)
+        unvisited = set()
+        # A directory keeps its own name over a link to it from the same folder (a stable sort).
+        for name in sorted(names, key=lambda name: os.path.islink(os.path.join(root, name))):
+            ident = _directory_id(os.path.join(root, name))
+            if ident is not None and ident not in visited:
+                visited.add(ident)
+                unvisited.add(name)
+        dirs[:] = [name for name in names if name in unvisited]
+        yield root, files
+
+
 def _walk_folder(folder: str) -> list[ImageRef]:
     found = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs.sort(key=natural_key)
+    for root, files in _walk_once(folder):
         for name in files:
             if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
                 full = os.path.join(root, name)
@@ -60,31 +103,81 @@ def _walk_folder(folder: str) -> list[ImageRef]:
     return found
 
 
+def _glob(pattern: str) -> list[str]:
+    """``glob.glob(pattern, recursive=True)``, but a ``**`` enters each real directory once.
+
+    glob's own ``**`` follows directory symlinks with no memory of where it has been, so one link back
+    up the tree lists every file 40 times over and two never finish (see :func:`_walk_once`).
+    """
+    parts = pattern.split(os.sep)
+    if "**" not in parts:
+        return glob.glob(pattern)
+    at = parts.index("**")
+    head, tail = os.sep.join(parts[:at]) or (os.sep if at else ""), parts[at + 1 :]
+    bases = glob.glob(head) if _GLOB_CHARS.search(head) else [head]
+    found: list[str] = []
+    for base in bases:
+        if base and not os.path.isdir(base):
+            continue
+        for root, files in _walk_once(base or os.curdir, hidden=False):
+            # For a pattern that starts with **, glob writes "sub/x.jpg", not "./sub/x.jpg".
+            folder = root if base else os.path.relpath(root)
+            prefix = "" if folder == os.curdir and not base else folder
+            if tail:
+                found.extend(_glob(os.path.join(glob.escape(prefix), *tail)))
+            else:  # a trailing ** matches every file below (and folders, which are no images)
+                found.extend(os.path.join(prefix, name) for name in files if not name.startswith("."))
+    return found
+
+
+def _stdin_paths(text: str) -> list[str]:
+    """One path per line, exactly as written but for the line ending.
+
+    Spaces, and the other characters ``str.splitlines`` breaks at (``\\x0b``, ``\\x1c``, ``\\u2028``...),
+    are legal in file names, so only ``\\n`` (or ``\\r\\n``) ends a line.
+    """
+    lines = (line[:-1] if line.endswith("\r") else line for line in text.split("\n"))
+    return [line for line in lines if line]
+
+
+def _drop_repeats(refs: list[ImageRef]) -> list[ImageRef]:
+    """The first ref to each file as the user wrote it: ``x.jpg ./x.jpg folder/`` classifies x.jpg once."""
+    cwd = os.getcwd()  # once, where os.path.abspath would ask again for every path
+    seen: set[str] = set()
+    unique = []
+    for ref in refs:
+        key = os.path.normpath(os.path.join(cwd, ref.path))
+        if key not in seen:
+            seen.add(key)
+            unique.append(ref)
+    return unique
+
+
 def discover(arguments: Sequence[str], stdin: IO[str] | None = None) -> tuple[list[ImageRef], list[Skipped]]:
     """Expand files, folders, globs and ``-`` (paths on stdin) into images, in input order.
 
     Arguments that name nothing are returned as skipped, not raised: one typo must not cost a batch.
+    A file named twice (directly, by a folder or a glob) is listed once, where it was first named.
     """
     refs: list[ImageRef] = []
     missing: list[Skipped] = []
     for arg in arguments:
         if arg == "-":
-            lines = (stdin.read() if stdin else "").splitlines()
             # Lines from `find` name files one by one: a directory here is a mistake, not a folder to walk.
-            refs.extend(ImageRef(line, Path(line)) for line in (ln.strip() for ln in lines) if line)
+            refs.extend(ImageRef(line, Path(line)) for line in _stdin_paths(stdin.read() if stdin else ""))
         elif os.path.isdir(arg):
             refs.extend(_walk_folder(arg))
         elif os.path.lexists(arg):
             refs.append(ImageRef(arg, Path(arg)))
         elif _GLOB_CHARS.search(arg):
-            matches = sorted(glob.glob(arg, recursive=True), key=natural_key)
+            matches = sorted(_glob(arg), key=natural_key)
             files = [m for m in matches if not os.path.isdir(m)]
             if not files:
                 missing.append(Skipped(arg, "no file matches this pattern"))
             refs.extend(ImageRef(m, Path(m)) for m in files)
         else:
             missing.append(Skipped(arg, "no such file or directory"))
-    return refs, missing
+    return _drop_repeats(refs), missing
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -107,39 +200,75 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
-def load_image(file: Path, draft_size: int | None = None) -> Image.Image:
+def load_image(file: Path, draft_size: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open an image as RGB: first frame, EXIF orientation applied (see :func:`decode`)."""
-    return decode(file, draft_size)[0]
+    return decode(file, draft_size, max_pixels)[0]
 
 
-def decode(file: Path, draft_size: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+def decode(
+    file: Path, draft_size: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> tuple[Image.Image, tuple[int, int]]:
     """Open an image as RGB, with its full-resolution (width, height) as shown upright.
 
     ``draft_size`` lets JPEGs decode at a reduced DCT scale that still covers that many pixels on each
     side, several times faster for large photos with no visible change after resizing to the model.
+    An image of more than ``max_pixels`` pixels (None: no limit) is refused from its header alone.
     Raises OSError or ValueError (with PIL's reason) for anything unreadable.
     """
-    with warnings.catch_warnings():
-        # A decompression-bomb warning is a reason to skip the file, not to print a warning.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        if file.is_dir():
-            raise IsADirectoryError("is a directory")
-        with Image.open(file) as im:
-            if getattr(im, "n_frames", 1) > 1:
-                im.seek(0)
-            width, height = im.size
-            orientation = im.getexif().get(_ORIENTATION, 1)
-            if orientation in (5, 6, 7, 8):
-                width, height = height, width
-            if draft_size and im.format == "JPEG":
-                im.draft("RGB", (draft_size, draft_size))
-            im.load()
-            # exif_transpose copies even an upright image; most photos are upright.
-            oriented = ImageOps.exif_transpose(im) if orientation != 1 else im
-            return _to_rgb(oriented), (width, height)
+    _require_regular_file(file)
+    with Image.open(file) as im:
+        width, height = im.size
+        _require_at_most(width * height, max_pixels)
+        if getattr(im, "n_frames", 1) > 1:
+            im.seek(0)
+        orientation = im.getexif().get(_ORIENTATION, 1)
+        if orientation in (5, 6, 7, 8):
+            width, height = height, width
+        if draft_size and im.format == "JPEG":
+            im.draft("RGB", (draft_size, draft_size))
+        im.load()
+        # exif_transpose copies even an upright image; most photos are upright.
+        oriented = ImageOps.exif_transpose(im) if orientation != 1 else im
+        return _to_rgb(oriented), (width, height)
+
+
+_FILE_KINDS = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def _require_regular_file(file: Path) -> None:
+    """Refuse anything but a file (or a link to one) before opening it.
+
+    Opening a FIFO blocks until something writes to it, in a call that Ctrl-C cannot interrupt, and
+    opening a device can act on the hardware; ``stat`` does neither.
+    """
+    mode = os.stat(file).st_mode
+    if stat.S_ISREG(mode):
+        return
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError("is a directory")
+    kind = next((name for is_kind, name in _FILE_KINDS if is_kind(mode)), "a special file")
+    raise NotARegularFile(f"not a regular file ({kind})")
+
+
+def _require_at_most(pixels: int, max_pixels: int | None) -> None:
+    if max_pixels is not None and pixels > max_pixels:
+        raise ImageTooLarge(
+            f"image too large ({_megapixels(pixels)} Mpx > limit {_megapixels(max_pixels)} Mpx; raise --max-megapixels)"
+        )
+
+
+def _megapixels(pixels: int) -> str:
+    return f"{pixels / 1e6:.4g}"
 
 
 def describe_error(exc: BaseException) -> str:
+    if isinstance(exc, NotARegularFile | ImageTooLarge):
+        return str(exc)
     if isinstance(exc, Image.DecompressionBombError | Image.DecompressionBombWarning):
         return "image too large (possible decompression bomb)"
     if isinstance(exc, FileNotFoundError):
@@ -217,17 +346,20 @@ class Batch:
 
 
 class _ImageDataset:
-    def __init__(self, refs: Sequence[ImageRef], n_px: int, exact: bool) -> None:
+    def __init__(
+        self, refs: Sequence[ImageRef], n_px: int, exact: bool, max_pixels: int | None = DEFAULT_MAX_PIXELS
+    ) -> None:
         self.refs = refs
         self.n_px = n_px
         self.draft = None if exact else n_px
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.refs)
 
     def __getitem__(self, i: int) -> tuple[int, Any]:
         try:
-            image, size = decode(self.refs[i].file, self.draft)
+            image, size = decode(self.refs[i].file, self.draft, self.max_pixels)
             return i, (resize_and_crop(image, self.n_px), size)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             return i, describe_error(e)
@@ -262,13 +394,15 @@ def iter_batches(
     workers: int = 0,
     exact: bool = False,
     overlap: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> Iterator[Batch]:
     """Decode and preprocess ``refs`` in input order, ``batch_size`` at a time.
 
     With ``workers`` 0, threads in this process decode (see :func:`_decoded_batches` for ``overlap``);
-    otherwise that many worker processes do, ahead of the caller.
+    otherwise that many worker processes do, ahead of the caller. Images of more than ``max_pixels``
+    pixels (None: no limit) are skipped unread.
     """
-    return _batches(_ImageDataset(refs, n_px, exact), batch_size, workers, overlap)
+    return _batches(_ImageDataset(refs, n_px, exact, max_pixels), batch_size, workers, overlap)
 
 
 class _ArrayDataset:

@@ -18,7 +18,9 @@ from PIL import Image
 from clipcli.images import (
     PREFETCH_BATCHES,
     ImageRef,
+    ImageTooLarge,
     _decoded_batches,
+    decode,
     discover,
     iter_batches,
     load_image,
@@ -47,6 +49,92 @@ def test_discover_reports_missing_files_and_empty_globs(tmp_path):
     refs, missing = discover([str(tmp_path / "nope.jpg"), str(tmp_path / "*.gif")])
     assert refs == []
     assert [m.reason for m in missing] == ["no such file or directory", "no file matches this pattern"]
+
+
+def test_a_file_named_twice_is_listed_once_as_first_written(tmp_path, monkeypatch):
+    make_image(tmp_path / "folder" / "x.jpg")
+    make_image(tmp_path / "folder" / "y.jpg", seed=1)
+    monkeypatch.chdir(tmp_path / "folder")
+    refs, _ = discover(["x.jpg", "x.jpg", ".", "./x.jpg", str(tmp_path / "folder" / "x.jpg"), "*.jpg"])
+    assert [r.path for r in refs] == ["x.jpg", "./y.jpg"]
+    monkeypatch.chdir(tmp_path)
+    stdin = io.StringIO("folder/y.jpg\nfolder/../folder/x.jpg\n")
+    refs, _ = discover(["folder/x.jpg", "-", "folder/", "folder"], stdin)
+    assert [r.path for r in refs] == ["folder/x.jpg", "folder/y.jpg"]
+
+
+def test_paths_on_stdin_lose_only_their_line_ending(tmp_path):
+    names = [" lead.jpg", "trail.jpg ", "tab\tname.jpg", "vt\x0bname.jpg", "fs\x1cname.jpg", "ls\u2028name.jpg"]
+    names += ["nel\x85name.jpg", "inner\rcr.jpg"]
+    files = [tmp_path / name for name in names]
+    for file in files:
+        file.write_bytes(b"")
+    text = "\n".join(map(str, files[:4])) + "\r\n\n\r\n" + "\r\n".join(map(str, files[4:])) + "\n"
+    refs, missing = discover(["-"], io.StringIO(text))
+    assert [r.file for r in refs] == files
+    assert all(r.file.exists() for r in refs) and missing == []
+
+
+@pytest.fixture(scope="module")
+def photo_108mp(tmp_path_factory) -> Path:
+    """A 12000 x 9000 JPEG of one grey: a phone's 108 MP photo in pixels, 1 MB on disk."""
+    path = tmp_path_factory.mktemp("large") / "108mp.jpg"
+    Image.new("L", (12000, 9000), 128).save(path, quality=50)
+    return path
+
+
+def test_a_108_megapixel_photo_decodes_under_the_default_limit(photo_108mp):
+    assert Image.MAX_IMAGE_PIXELS is None  # Pillow's own check (89.5 Mpx) is off; decode checks sizes
+    image, size = decode(photo_108mp, draft_size=224)
+    assert size == (12000, 9000) and image.mode == "RGB"
+    (batch,) = iter_batches([ImageRef("photo", photo_108mp)], 32)
+    assert batch.indices == [0] and batch.sizes == [(12000, 9000)] and batch.skipped == []
+
+
+def test_images_above_max_pixels_are_skipped_with_the_limit_named(photo_108mp):
+    (batch,) = iter_batches([ImageRef("photo", photo_108mp)], 32, max_pixels=50_000_000)
+    assert batch.indices == []
+    assert batch.skipped == [(0, "image too large (108 Mpx > limit 50 Mpx; raise --max-megapixels)")]
+
+
+def test_a_bomb_is_refused_before_any_pixel_is_decoded(tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    Image.new("1", (20000, 20000)).save(tmp_path / "bomb.png")  # 48 kB of PNG, 1.2 GB as RGB
+
+    def decoded(*args, **kwargs):
+        raise AssertionError("pixels were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", decoded)
+    with pytest.raises(ImageTooLarge, match=r"^image too large \(400 Mpx > limit 250 Mpx; raise --max-megapixels\)$"):
+        decode(tmp_path / "bomb.png")
+    with pytest.raises(ImageTooLarge, match=r"400 Mpx > limit 399\.9 Mpx"):
+        decode(tmp_path / "bomb.png", max_pixels=399_900_000)
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    ["**/*.jpg", "t/**/*.jpg", "t/**", "t/**/", "t/**/s*/*.png", "t/*/**/*.jpg", "t/**/b/**/*.jpg", "t/**/[ab]*"],
+)
+def test_recursive_globs_match_what_glob_matches(tmp_path, monkeypatch, pattern):
+    """discover walks ** itself (to enter each directory once); on a tree without loops, glob agrees."""
+    import glob
+
+    for name in ["t/a.jpg", "t/b/c.jpg", "t/b/d/e.jpg", "t/sub/f.png", "t/.hidden/g.jpg", "t/b/.h.jpg", "u.jpg"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "t" / "link").symlink_to(tmp_path / "t" / "sub", target_is_directory=True)
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "t" / "out").symlink_to(tmp_path / "outside", target_is_directory=True)
+    (tmp_path / "outside" / "o.jpg").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    expected = sorted(m for m in glob.glob(pattern, recursive=True) if not os.path.isdir(m))
+    # Folders that glob enters twice are walked once: t/sub (not its link), outside (if walked itself).
+    twice = ("t/link/", "t/out/") if pattern.startswith("**") else ("t/link/",)
+    expected = [m for m in expected if not m.startswith(twice)]
+    for prefix in ("", str(tmp_path) + "/"):
+        refs, _ = discover([prefix + pattern])
+        assert sorted(r.path for r in refs) == [prefix + m for m in expected]
 
 
 def test_exif_orientation_is_applied(tmp_path):
@@ -137,7 +225,7 @@ def test_bad_inputs_are_skipped_by_name_and_the_run_goes_on(cli, tmp_path, vit_c
         "empty": "not an image",
         "text": "not an image",
         "truncated": "truncated",
-        "bomb": "decompression bomb",
+        "bomb": "image too large (400 Mpx > limit 250 Mpx",
         "broken": "broken link",
         "dir": "is a directory",
     }
@@ -285,3 +373,29 @@ def test_preprocess_equals_openai_preprocess(size):
         one_level = 1 / 255 / min(CLIP_STD) + 1e-6
         assert differ.max() <= one_level
         assert (differ > 1e-5).float().mean() < 2e-3
+
+
+@pytest.mark.parametrize("command", ["classify", "embed", "rank", "eval"])
+def test_max_megapixels_reaches_every_command(cli, tmp_path, command):
+    folder = tmp_path / "by-class" / "red"
+    make_image(folder / "small.png", (40, 40))
+    make_image(folder / "large.png", (400, 300), seed=1)
+    args = {
+        "classify": ["classify", str(folder), "-l", "a,b"],
+        "embed": ["embed", str(folder)],
+        "rank": ["rank", "a red circle", str(folder)],
+        "eval": ["eval", str(tmp_path / "by-class")],
+    }[command]
+    ran = cli(*args, "-m", "tiny-shapes", "--max-megapixels", "0.1")
+    assert ran.exit_code == 1
+    assert f"skipped {folder / 'large.png'}: image too large (0.12 Mpx > limit 0.1 Mpx; raise --max-megapixels)" in (
+        ran.stderr
+    )
+    assert "small.png" not in ran.stderr
+
+
+def test_the_default_limit_is_the_same_in_the_cli_and_the_core():
+    from clipcli.commands.options import DEFAULT_MAX_MEGAPIXELS, max_pixels
+    from clipcli.images import DEFAULT_MAX_PIXELS
+
+    assert max_pixels(DEFAULT_MAX_MEGAPIXELS) == DEFAULT_MAX_PIXELS
