@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from clipcli.encode import iter_image_embeddings
-from clipcli.images import ImageRef, Skipped
+from clipcli.images import DEFAULT_MAX_PIXELS, ImageRef, Skipped
 from clipcli.models import LoadedModel
 from clipcli.prompts import TemplateSet, zero_shot_classifier
 
@@ -54,6 +54,8 @@ def classify_images(
     exact: bool = False,
     on_batch: Callable[[int], None] | None = None,
     on_prompts: Callable[[int], None] | None = None,
+    *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> Iterator[Prediction | Skipped]:
     """Predictions in input order; unreadable images come back as :class:`Skipped`.
 
@@ -64,7 +66,7 @@ def classify_images(
     classifier = zero_shot_classifier(lm, labels, templates, on_progress=on_prompts)
     scale = lm.model.logit_scale.exp().float().cpu()
     k = min(top_k, len(labels))
-    for batch in iter_image_embeddings(lm, refs, batch_size, workers, exact):
+    for batch in iter_image_embeddings(lm, refs, batch_size, workers, exact, max_pixels=max_pixels):
         yield from batch.skipped
         if batch.names:
             probs = (scale * batch.embeddings @ classifier.T).softmax(dim=-1)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from clipcli.atomic import OutputLock, remove_temporaries
 from clipcli.encode import encode_texts, iter_image_embeddings
-from clipcli.images import ImageRef, Skipped
+from clipcli.images import DEFAULT_MAX_PIXELS, ImageRef, Skipped
 from clipcli.io import OutputFormat, RowWriter, keep_partial, open_writer, parquet_storable
 from clipcli.models import LoadedModel
 from clipcli.prompts import TemplateSet
@@ -39,8 +39,9 @@ def iter_rows(
     workers: int,
     exact: bool,
     normalize: bool,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> Iterator[tuple[Rows, list[Skipped]]]:
-    for batch in iter_image_embeddings(lm, refs, batch_size, workers, exact, normalize):
+    for batch in iter_image_embeddings(lm, refs, batch_size, workers, exact, normalize, max_pixels=max_pixels):
         stats = [stat_of(path) or Stat(0, 0.0) for path in batch.names]
         rows = Rows(batch.names, batch.embeddings.numpy(), batch.sizes, stats)
         yield rows, batch.skipped
@@ -67,6 +68,7 @@ def embed_images(
     workers: int = 0,
     exact: bool = False,
     part_size: int = 4096,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
     on_skip: Callable[[Skipped], None] | None = None,
     on_plan: Callable[[int], None] | None = None,
     on_batch: Callable[[int], None] | None = None,
@@ -103,7 +105,7 @@ def embed_images(
         on_plan(len(refs))
 
     try:
-        for rows, skipped in iter_rows(lm, refs, batch_size, workers, exact, normalize):
+        for rows, skipped in iter_rows(lm, refs, batch_size, workers, exact, normalize, max_pixels):
             for s in skipped:
                 summary.skipped += 1
                 if on_skip:

@@ -8,7 +8,7 @@ from functools import cache
 from typing import TYPE_CHECKING, Any
 
 from clipcli.errors import InputError
-from clipcli.images import Batch, ImageRef, Skipped, iter_batches, normalize_pixels
+from clipcli.images import DEFAULT_MAX_PIXELS, Batch, ImageRef, Skipped, iter_batches, normalize_pixels
 from clipcli.models import LoadedModel, clip_module
 
 if TYPE_CHECKING:
@@ -127,7 +127,11 @@ def iter_image_embeddings(
     workers: int = 0,
     exact: bool = False,
     normalize: bool = True,
+    *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> Iterator[EmbeddedBatch]:
-    """Embed image files batch by batch, in input order; unreadable images come back as skipped."""
-    batches = iter_batches(refs, lm.input_resolution, batch_size, workers, exact, overlap=runs_elsewhere(lm))
+    """Embed image files batch by batch, in input order; unreadable images (and images of more than
+    ``max_pixels`` pixels) come back as skipped."""
+    overlap = runs_elsewhere(lm)
+    batches = iter_batches(refs, lm.input_resolution, batch_size, workers, exact, overlap, max_pixels)
     return embed_batches(lm, batches, [r.path for r in refs], normalize)

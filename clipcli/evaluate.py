@@ -21,7 +21,7 @@ import numpy as np
 from clipcli import __version__
 from clipcli.atomic import atomic_write
 from clipcli.datasets import CaptionPairs, LabelledImages
-from clipcli.images import Skipped, iter_array_batches, iter_batches
+from clipcli.images import DEFAULT_MAX_PIXELS, Skipped, iter_array_batches, iter_batches
 from clipcli.metrics import confusion_matrix, per_class, retrieval_recall, topk_accuracy, true_label_rank
 from clipcli.models import LoadedModel, cache_dir
 from clipcli.prompts import TemplateSet, zero_shot_classifier
@@ -79,12 +79,14 @@ def embed_dataset(
     workers: int = 0,
     exact: bool = False,
     on_batch: Callable[[int], None] | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> ImageEmbeddings:
     from clipcli.encode import embed_batches, runs_elsewhere
 
     start = time.perf_counter()
     if data.refs is not None:
-        batches = iter_batches(data.refs, lm.input_resolution, batch_size, workers, exact, runs_elsewhere(lm))
+        overlap = runs_elsewhere(lm)
+        batches = iter_batches(data.refs, lm.input_resolution, batch_size, workers, exact, overlap, max_pixels)
         names = [r.path for r in data.refs]
     else:
         batches = iter_array_batches(data.arrays, lm.input_resolution, batch_size, runs_elsewhere(lm))

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from clipcli.encode import iter_image_embeddings
 from clipcli.errors import InputError
-from clipcli.images import Skipped, discover
+from clipcli.images import DEFAULT_MAX_PIXELS, Skipped, discover
 from clipcli.models import LoadedModel
 from clipcli.store import ModelTag, open_npy, read_parquet
 
@@ -233,6 +233,7 @@ def rank_sources(
     on_skip: Callable[[Skipped], None] | None = None,
     stdin: object = None,
     use_cache: bool = True,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> list[Hit]:
     """The ``top_k`` sources most similar to ``query`` (a unit vector), best first.
 
@@ -251,7 +252,7 @@ def rank_sources(
         for m in missing:
             if on_skip:
                 on_skip(m)
-        for batch in iter_image_embeddings(lm, refs, batch_size, workers, exact):
+        for batch in iter_image_embeddings(lm, refs, batch_size, workers, exact, max_pixels=max_pixels):
             for s in batch.skipped:
                 if on_skip:
                     on_skip(s)

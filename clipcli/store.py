@@ -271,8 +271,14 @@ class ParquetStore:
             # Dictionary-encoding unique floats only to fall back to plain pages makes reads slower.
             pq.write_table(table.replace_schema_metadata(self.schema.metadata), out.file, use_dictionary=["model"])
         except OSError as e:
+            reason = describe_os_error(e, target)
             out.discard()
-            raise OutputError(f"{target}: cannot write ({describe_os_error(e)})") from e
+            kept = (
+                "the parts already written are kept: run again to resume"
+                if self.is_dir
+                else "any previous file is left as it was"
+            )
+            raise OutputError(f"{target}: cannot write ({reason}); {kept}") from e
         except BaseException:
             out.discard()
             raise

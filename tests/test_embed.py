@@ -17,13 +17,12 @@ import pandas as pd
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-
-from clipcli.store import open_npy
 import torch
 from conftest import make_image
 from PIL import Image
 
 from clipcli.models import import_clip
+from clipcli.store import open_npy
 
 
 def reference_embeddings(ckpt: Path, files: list[Path]) -> np.ndarray:

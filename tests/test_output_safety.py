@@ -417,6 +417,20 @@ def test_a_full_disk_is_a_one_line_error_and_keeps_the_previous_file(tmp_path, c
         assert temporaries(small) == []
 
 
+def test_a_full_disk_under_a_directory_output_keeps_every_part_written(tmp_path):
+    import pyarrow.dataset as ds
+
+    distinct(tmp_path / "many", 600)
+    with tmpfs(tmp_path / "small", "64k") as small:
+        run = clipcli("embed", str(tmp_path / "many"), "-m", "tiny-shapes", "--part-size", "20", "-o", f"{small}/emb/")
+        code, _, err = finish(run)
+        assert code == 2, err
+        assert err.count("\n") == 1 and "the parts already written are kept: run again to resume" in err, err
+        kept = ds.dataset(small / "emb", format="parquet").to_table()
+        assert kept.num_rows >= 20 and kept.num_rows % 20 == 0  # whole parts, each readable
+        assert temporaries(small) == []
+
+
 def test_a_failing_write_is_a_one_line_error_and_keeps_the_previous_file(cli, tmp_path, monkeypatch):
     out = tmp_path / "out.csv"
     assert cli("classify", str(SAMPLES / "seen"), "-m", "tiny-shapes", "-l", "x,y", "-o", str(out)).exit_code == 0

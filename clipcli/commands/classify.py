@@ -35,6 +35,7 @@ def classify(
     batch_size: opt.BatchSize = 32,
     workers: opt.Workers = 0,
     exact: opt.Exact = False,
+    max_megapixels: opt.MaxMegapixels = opt.DEFAULT_MAX_MEGAPIXELS,
 ) -> None:
     """Classify images zero-shot: the probability of each label, best first."""
     from clipcli.classify import PREDICTION_COLUMNS, Prediction, classify_images, prediction_schema
@@ -64,7 +65,17 @@ def classify(
         n_prompts = len(label_list) * len(template_set.templates)
         with prompt_progress("encoding prompts", n_prompts) as on_prompts, Progress("classifying", len(refs)) as bar:
             predictions = classify_images(
-                lm, refs, label_list, template_set, top_k, batch_size, workers, exact, bar.advance, on_prompts
+                lm,
+                refs,
+                label_list,
+                template_set,
+                top_k,
+                batch_size,
+                workers,
+                exact,
+                bar.advance,
+                on_prompts,
+                max_pixels=opt.max_pixels(max_megapixels),
             )
             for item in predictions:
                 if not isinstance(item, Prediction):

@@ -65,6 +65,7 @@ def embed(
     batch_size: opt.BatchSize = 32,
     workers: opt.Workers = 0,
     exact: opt.Exact = False,
+    max_megapixels: opt.MaxMegapixels = opt.DEFAULT_MAX_MEGAPIXELS,
 ) -> None:
     """Embed images (or texts) with CLIP; reruns into a Parquet output only embed what changed."""
     from clipcli.console import Progress, prompt_progress, say, skipped
@@ -120,6 +121,7 @@ def embed(
                 workers=workers,
                 exact=exact,
                 part_size=part_size,
+                max_pixels=opt.max_pixels(max_megapixels),
                 on_skip=lambda s: skipped(s.path, s.reason),
                 on_plan=lambda n: bar.update(total=n),
                 on_batch=bar.advance,

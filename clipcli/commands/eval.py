@@ -61,6 +61,7 @@ def evaluate(
     batch_size: opt.BatchSize = 32,
     workers: opt.Workers = 0,
     exact: opt.Exact = False,
+    max_megapixels: opt.MaxMegapixels = opt.DEFAULT_MAX_MEGAPIXELS,
 ) -> None:
     """Evaluate zero-shot classification (or caption retrieval) and compare models and prompt sets."""
     from clipcli import datasets
@@ -113,7 +114,8 @@ def evaluate(
         lm = opt.load(name, device, precision)
         total = len(source.refs) if source.refs is not None else len(source.arrays)
         with Progress(f"embedding ({name})", total) as bar:
-            images = embed_dataset(lm, source, batch_size, workers, exact, on_batch=bar.advance)
+            limit_px = opt.max_pixels(max_megapixels)
+            images = embed_dataset(lm, source, batch_size, workers, exact, bar.advance, limit_px)
         for s in images.skipped:
             skipped(s.path, s.reason)
         n_skipped = max(n_skipped, len(images.skipped))

@@ -35,6 +35,22 @@ Exact = Annotated[
     bool,
     typer.Option(help="Decode JPEGs at full size, bit for bit OpenAI's preprocessing (slower on large photos)."),
 ]
+MaxMegapixels = Annotated[
+    float,
+    typer.Option(
+        "--max-megapixels",
+        min=0.0,
+        help="Skip images larger than this many megapixels, read from the header before any pixel is decoded: "
+        "today's cameras fit (108 MP phones), decompression bombs do not.",
+    ),
+]
+DEFAULT_MAX_MEGAPIXELS = 250.0
+
+
+def max_pixels(megapixels: float) -> int:
+    return int(megapixels * 1_000_000)
+
+
 Output = Annotated[
     str | None, typer.Option("--output", "-o", help="Write to this file (format from its extension); '-' = stdout.")
 ]

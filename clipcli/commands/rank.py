@@ -49,6 +49,7 @@ def rank(
     batch_size: opt.BatchSize = 32,
     workers: opt.Workers = 0,
     exact: opt.Exact = False,
+    max_megapixels: opt.MaxMegapixels = opt.DEFAULT_MAX_MEGAPIXELS,
     cache: Annotated[
         bool,
         typer.Option(
@@ -87,7 +88,8 @@ def rank(
         lm = opt.load(model, device, precision)
         if image:
             refs, missing = discover([image])
-            batch = next(iter_image_embeddings(lm, refs, 1, 0, exact), None) if refs else None
+            limit = opt.max_pixels(max_megapixels)
+            batch = next(iter_image_embeddings(lm, refs, 1, 0, exact, max_pixels=limit), None) if refs else None
             if batch is None or not batch.names:
                 reason = (missing or (batch.skipped if batch else []))[0].reason
                 raise InputError(f"{image}: cannot use as the query ({reason})")
@@ -110,8 +112,9 @@ def rank(
                 embeddings = encode_texts(lm, texts, on_progress=on_progress).numpy()
             hits = rank_texts(query, texts, embeddings, top_k, threshold)
         else:
+            limit = opt.max_pixels(max_megapixels)
             hits = rank_sources(
-                lm, query, args, top_k, threshold, batch_size, workers, exact, on_skip, sys.stdin, use_cache=cache
+                lm, query, args, top_k, threshold, batch_size, workers, exact, on_skip, sys.stdin, cache, limit
             )
         if out_format is OutputFormat.PARQUET:
             for h in hits:
