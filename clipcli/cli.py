@@ -9,10 +9,11 @@ import contextlib
 import os
 import signal
 import sys
+from collections.abc import Sequence
 from typing import Annotated, Any, NoReturn
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from clipcli import __version__
 from clipcli.commands.classify import classify
@@ -26,6 +27,34 @@ from clipcli.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, Cli
 
 class _Group(TyperGroup):
     """Turns core errors into ``Error: ...`` and an exit code; a traceback only with --debug."""
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        windows_expand_args: bool = True,
+        **extra: Any,
+    ) -> Any:
+        """Usage errors as one line, ``Error: ... (see 'clipcli CMD --help')``, and ``--debug`` anywhere."""
+        argv = _debug_first(list(sys.argv[1:] if args is None else args))
+        if not standalone_mode:
+            return super().main(argv, prog_name, complete_var, False, windows_expand_args, **extra)
+        try:
+            result = super().main(argv, prog_name, complete_var, False, windows_expand_args, **extra)
+        except typer.TyperException as e:
+            ctx = getattr(e, "ctx", None)
+            if type(e).__name__ == "NoArgsIsHelpError" and hasattr(e, "show"):
+                e.show()  # `clipcli` alone shows the help
+            else:
+                where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+                typer.echo(f"Error: {e.format_message()}{where}", err=True)
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            typer.echo("Aborted.", err=True)
+            sys.exit(1)
+        sys.exit(result if isinstance(result, int) else 0)
 
     def invoke(self, ctx: Any) -> Any:
         try:
@@ -48,6 +77,61 @@ class _Group(TyperGroup):
                 raise
             _report(e, ctx, prefix="internal error: ", hint=" (rerun with --debug for the traceback)")
             raise typer.Exit(EXIT_INTERNAL) from None
+
+
+class _Command(TyperCommand):
+    """A subcommand that refuses an option given twice (which would otherwise keep the last silently),
+    and whose help names arguments by their metavar alone (``INPUTS...``, not ``{inputs}... <list[str]>``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if param.param_type_name == "argument" and param.metavar:
+                param.display_type_rich = lambda ctx: None  # type: ignore[attr-defined]
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.params:
+            if param.param_type_name == "argument":
+                name = param.metavar or f"{param.name.upper()}{'...' if param.nargs != 1 else ''}"
+                pieces.append(name if param.required or name.startswith("[") else f"[{name}]")
+        return pieces
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        _refuse_repeats(self.params, args)
+        return super().parse_args(ctx, args)
+
+
+def _refuse_repeats(params: Sequence[Any], args: Sequence[str]) -> None:
+    from clipcli.errors import InputError
+
+    options = {}  # option string -> (the parameter, whether it takes a value)
+    for param in params:
+        if param.param_type_name == "option" and not param.multiple:
+            for flag in (*param.opts, *param.secondary_opts):
+                options[flag] = (param, not param.is_flag)
+    seen: dict[str, str] = {}
+    tokens = iter(args)
+    for token in tokens:
+        if token == "--":
+            break
+        flag = token.split("=", 1)[0] if token.startswith("--") else token[:2]
+        if flag not in options or not token.startswith("-"):
+            continue
+        param, takes_value = options[flag]
+        if param.name in seen:
+            raise InputError(f"{flag} given more than once ({seen[param.name]} came first); give it once")
+        seen[param.name] = token.split("=", 1)[0] if "=" in token else flag
+        if takes_value and "=" not in token and (token.startswith("--") or len(token) == 2):
+            next(tokens, None)  # its value, which may look like an option
+
+
+def _debug_first(argv: list[str]) -> list[str]:
+    """Move ``--debug`` before the command, where the group reads it, wherever the user typed it."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    if "--debug" not in argv[:end]:
+        return argv
+    return ["--debug", *(a for i, a in enumerate(argv) if not (a == "--debug" and i < end))]
 
 
 def _debug(ctx: typer.Context) -> bool:
@@ -93,13 +177,13 @@ def _root(
     ctx.obj = {"debug": debug}
 
 
-app.command()(classify)
-app.command()(embed)
-app.command()(rank)
-app.command("eval")(evaluate)
-app.command()(models)
-app.command()(train)
-app.command("make-shapes")(make_shapes)
+app.command(cls=_Command)(classify)
+app.command(cls=_Command)(embed)
+app.command(cls=_Command)(rank)
+app.command("eval", cls=_Command)(evaluate)
+app.command(cls=_Command)(models)
+app.command(cls=_Command)(train)
+app.command("make-shapes", cls=_Command)(make_shapes)
 
 
 def _terminate(signum: int, frame: object) -> None:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
 from clipcli.io import printable
+
+if TYPE_CHECKING:
+    from clipcli.images import Skipped
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -19,6 +22,23 @@ def say(message: str) -> None:
 
 def skipped(path: str, reason: str) -> None:
     err.print(f"skipped {printable(path)}: {reason}", markup=False)
+
+
+class Tally:
+    """The one consumer of a run's per-batch callbacks: reports each skipped input on stderr (one line,
+    ``skipped PATH: reason``), counts them, and advances a progress bar if there is one."""
+
+    def __init__(self, bar: Progress | None = None) -> None:
+        self.bar = bar
+        self.skipped = 0
+
+    def on_skip(self, item: Skipped) -> None:
+        self.skipped += 1
+        skipped(item.path, item.reason)
+
+    def on_batch(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.advance(n)
 
 
 class Progress:
@@ -47,42 +67,55 @@ class Progress:
             transient=True,
         )
         self._task = self._bar.add_task(description, total=total, rate="")
+        self._entered = self._shown = False
 
     def advance(self, n: int) -> None:
+        self._show()
         self._bar.advance(self._task, n)
         speed = self._bar.tasks[0].speed
         if speed:
             self._bar.update(self._task, rate=f"{speed:,.1f} {self.unit}/s")
 
     def update(self, **fields: Any) -> None:
+        self._show()
         self._bar.update(self._task, **fields)
 
+    def _show(self) -> None:
+        # Shown from its first news, not from __enter__: a stage that runs before it (encoding prompts)
+        # has the terminal to itself, as rich allows one live display at a time.
+        if self._entered and not self._shown:
+            self._bar.start()
+            self._shown = True
+
+    def hide(self) -> None:
+        if self._shown:
+            self._bar.stop()
+            self._shown = False
+
     def __enter__(self) -> Progress:
-        self._bar.start()
+        self._entered = True
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._bar.stop()
+        self._entered = False
+        self.hide()
 
 
 @contextmanager
 def prompt_progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
-    """A callback for encoding prompts whose bar appears with the first batch, so a cache hit shows none."""
-    bar = Progress(description, total, unit="prompts")
-    started = False
+    """A callback for encoding prompts: its bar appears with the first batch (a cache hit shows none)
+    and goes when the last prompt is encoded, before the next stage's bar."""
+    with Progress(description, total, unit="prompts") as bar:
+        done = 0
 
-    def advance(n: int) -> None:
-        nonlocal started
-        if not started:
-            bar.__enter__()
-            started = True
-        bar.advance(n)
+        def advance(n: int) -> None:
+            nonlocal done
+            done += n
+            bar.advance(n)
+            if done >= total:
+                bar.hide()
 
-    try:
         yield advance
-    finally:
-        if started:
-            bar.__exit__(None, None, None)
 
 
 @contextmanager

@@ -64,8 +64,13 @@ def choose_format(
         fmt = OutputFormat.TABLE if stdout_is_tty and OutputFormat.TABLE in allowed else piped
     if fmt not in allowed:
         raise OutputError(f"format {fmt.value} is not available here; use one of {', '.join(f.value for f in allowed)}")
-    if fmt is OutputFormat.TABLE and output and output != "-":
+    to_stdout = not output or output == "-"
+    if fmt is OutputFormat.TABLE and not to_stdout:
         raise OutputError(f"{output}: a table is for the terminal; write csv, jsonl or parquet to files")
+    if fmt is OutputFormat.NPY and to_stdout:
+        raise OutputError("NPY is written to a file with its sidecar: pass -o FILE.npy")
+    if fmt is OutputFormat.PARQUET and to_stdout and stdout_is_tty:
+        raise OutputError("Parquet is binary: pass -o FILE.parquet, or pipe stdout into a program that reads it")
     return fmt
 
 

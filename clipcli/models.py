@@ -291,7 +291,21 @@ def resolve_precision(spec: str, device: torch.device) -> Precision:
 
 def _offline_hint(name: str) -> str:
     file = OPENAI_MODELS[name].split("/")[-1]
-    return f"pass a local checkpoint with --model /path/to/{file}, or place {file} in {cache_dir()}"
+    bundled = " or ".join(BUNDLED_MODELS)
+    return (
+        f"pass a local checkpoint with --model /path/to/{file}, or place {file} in {cache_dir()}; "
+        f"--model {bundled} works offline"
+    )
+
+
+def _did_you_mean(spec: str) -> str:
+    """`` (did you mean ViT-B/32?)`` for a name that differs from a known one in case or a typo or two."""
+    import difflib
+
+    names = [*OPENAI_MODELS, *BUNDLED_MODELS]
+    same_case = [n for n in names if n.lower() == spec.lower()]
+    close = same_case or difflib.get_close_matches(spec, names, n=1, cutoff=0.75)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def resolve_checkpoint(spec: str, on_download: DownloadProgress | None = None) -> Path:
@@ -321,6 +335,9 @@ def resolve_checkpoint(spec: str, on_download: DownloadProgress | None = None) -
     if path.is_file():
         return path
     names = ", ".join([*OPENAI_MODELS, *BUNDLED_MODELS])
+    hint = _did_you_mean(spec)
+    if hint:
+        raise ModelError(f"unknown model {spec!r}{hint}")
     if "/" in spec or os.sep in spec or spec.endswith((".pt", ".pth")):
         raise ModelError(f"{spec}: no such checkpoint file (or use a model name: {names})")
     raise ModelError(f"unknown model {spec!r}; valid names: {names}; or pass a checkpoint file path")

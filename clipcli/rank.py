@@ -9,12 +9,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from clipcli.encode import iter_image_embeddings
+from clipcli.encode import encode_texts, iter_image_embeddings
 from clipcli.errors import InputError
 from clipcli.images import DEFAULT_MAX_PIXELS, Skipped, discover
 from clipcli.models import LoadedModel
+from clipcli.prompts import TemplateSet, zero_shot_classifier
 from clipcli.store import ModelTag, open_npy, read_parquet
 
 if TYPE_CHECKING:
@@ -231,7 +232,7 @@ def rank_sources(
     workers: int = 0,
     exact: bool = False,
     on_skip: Callable[[Skipped], None] | None = None,
-    stdin: object = None,
+    stdin: IO[str] | None = None,
     use_cache: bool = True,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> list[Hit]:
@@ -248,7 +249,9 @@ def rank_sources(
         else:
             image_args.append(source)
     if image_args:
-        refs, missing = discover(image_args, stdin)  # type: ignore[arg-type]
+        refs, missing = discover(image_args, stdin)
+        if not refs and not missing:
+            raise InputError(f"no images found in {', '.join(image_args)}")
         for m in missing:
             if on_skip:
                 on_skip(m)
@@ -267,3 +270,27 @@ def rank_texts(
     best = TopK(top_k, threshold)
     best.offer(embeddings @ query, lambda idx: [texts[int(i)] for i in idx])
     return best.hits()
+
+
+def query_embedding(
+    lm: LoadedModel,
+    text: str | None = None,
+    image: str | None = None,
+    templates: TemplateSet | None = None,
+    exact: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """The unit vector a search compares with: an image's embedding, a text's, or a text's prompt
+    ensemble when ``templates`` are given."""
+    if image is not None:
+        refs, missing = discover([image])
+        batch = next(iter_image_embeddings(lm, refs, 1, 0, exact, max_pixels=max_pixels), None) if refs else None
+        if batch is None or not batch.names:
+            reason = (missing or (batch.skipped if batch else []) or [Skipped(image, "not an image")])[0].reason
+            raise InputError(f"{image}: cannot use as the query ({reason})")
+        return batch.embeddings[0].numpy()
+    if text is None:
+        raise InputError("no query: pass a text QUERY, or --image FILE")
+    if templates is not None:
+        return zero_shot_classifier(lm, [text], templates)[0].numpy()
+    return encode_texts(lm, [text])[0].numpy()

@@ -49,7 +49,7 @@ def test_image_query_and_reverse_direction(cli, tmp_path):
     query = SAMPLES / "busy" / "blue-star.jpg"
     ran = cli("rank", "--image", str(query), str(SAMPLES), "-m", "tiny-shapes", "-k", "2", "-f", "csv")
     top = pd.read_csv(io.StringIO(ran.stdout))
-    assert list(top.columns) == ["score", "path"]
+    assert list(top.columns) == ["path", "score"]  # data outputs name the row first, as classify does
     assert top["path"][0] == str(query) and top["score"][0] == pytest.approx(1.0, abs=1e-3)
     captions = tmp_path / "captions.txt"
     captions.write_text("a photo of a red circle.\na photo of a blue star.\na photo of a green arrow.\n")

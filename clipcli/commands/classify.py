@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from enum import Enum
 from typing import Annotated
 
 import typer
@@ -10,28 +11,46 @@ import typer
 from clipcli.commands import options as opt
 from clipcli.io import OutputFormat
 
-FORMATS = (OutputFormat.TABLE, OutputFormat.CSV, OutputFormat.JSONL, OutputFormat.PARQUET)
+
+class Format(str, Enum):
+    TABLE = "table"
+    CSV = "csv"
+    JSONL = "jsonl"
+    PARQUET = "parquet"
+
+
+FORMATS = tuple(OutputFormat(f.value) for f in Format)
 
 
 def classify(
-    inputs: Annotated[list[str], typer.Argument(help="Image files, folders, globs, or - to read paths from stdin.")],
+    inputs: opt.Inputs,
     labels: Annotated[
         str | None,
         typer.Option(
             "--labels",
             "-l",
+            metavar="A,B,...",
             help="Comma-separated labels; quote one that has a comma: --labels '\"New York, NY\",Paris'.",
         ),
     ] = None,
-    labels_file: Annotated[str | None, typer.Option(help="File with one label per line.")] = None,
+    labels_file: Annotated[str | None, typer.Option(metavar="FILE", help="File with one label per line.")] = None,
     template: opt.Template = None,
     templates: opt.Templates = None,
-    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Labels to show per image.")] = 5,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, metavar="K", help="Labels to show per image.")] = 5,
     output: opt.Output = None,
-    fmt: opt.Format = None,
+    fmt: Annotated[
+        Format | None,
+        typer.Option(
+            "--format",
+            "-f",
+            case_sensitive=False,
+            show_default=False,
+            help="Default: from --output's extension, else a table on a terminal, else csv.",
+        ),
+    ] = None,
     model: opt.Model = None,
     device: opt.Device = "auto",
-    precision: opt.Precision = "auto",
+    precision: opt.Precision = opt.PrecisionChoice.AUTO,
     batch_size: opt.BatchSize = 32,
     workers: opt.Workers = 0,
     exact: opt.Exact = False,
@@ -39,24 +58,26 @@ def classify(
 ) -> None:
     """Classify images zero-shot: the probability of each label, best first."""
     from clipcli.classify import PREDICTION_COLUMNS, Prediction, classify_images, prediction_schema
-    from clipcli.console import Progress, prompt_progress, say, skipped
-    from clipcli.errors import EXIT_PARTIAL
+    from clipcli.console import Progress, Tally, prompt_progress, say
+    from clipcli.errors import EXIT_PARTIAL, InputError
     from clipcli.images import discover
     from clipcli.io import choose_format, open_writer, parquet_storable, stdout_is_tty
     from clipcli.prompts import resolve_labels, resolve_templates
 
     label_list = resolve_labels(labels, labels_file)
     template_set = resolve_templates(template, templates)
-    out_format = choose_format(fmt, output, stdout_is_tty(), FORMATS)
+    out_format = choose_format(opt.output_format(fmt), output, stdout_is_tty(), FORMATS)
     refs, missing = discover(inputs, sys.stdin)
     if out_format is OutputFormat.PARQUET:
         refs, unstorable = parquet_storable(refs)
         missing += unstorable
+    if not refs and not missing:
+        raise InputError(f"no images found in {', '.join(inputs)}")
+    tally = Tally()
     for m in missing:
-        skipped(m.path, m.reason)
+        tally.on_skip(m)
 
     n_ok = 0
-    n_skipped = len(missing)
     # The output is locked and opened before the model loads: a second run into it, or a folder that
     # cannot be written, is refused before any work; a failure before the first row leaves it as it was.
     schema = prediction_schema() if out_format is OutputFormat.PARQUET else None
@@ -64,6 +85,7 @@ def classify(
         lm = opt.load(model, device, precision)
         n_prompts = len(label_list) * len(template_set.templates)
         with prompt_progress("encoding prompts", n_prompts) as on_prompts, Progress("classifying", len(refs)) as bar:
+            tally.bar = bar
             predictions = classify_images(
                 lm,
                 refs,
@@ -73,14 +95,13 @@ def classify(
                 batch_size,
                 workers,
                 exact,
-                bar.advance,
+                tally.on_batch,
                 on_prompts,
                 max_pixels=opt.max_pixels(max_megapixels),
             )
             for item in predictions:
                 if not isinstance(item, Prediction):
-                    skipped(item.path, item.reason)
-                    n_skipped += 1
+                    tally.on_skip(item)
                     continue
                 n_ok += 1
                 if out_format is OutputFormat.JSONL:
@@ -89,6 +110,6 @@ def classify(
                     writer.write([{**row, "score": f"{row['score']:.2%}"} for row in item.rows()])
                 else:
                     writer.write(item.rows())
-    say(f"classified {n_ok} image{'s' * (n_ok != 1)}, skipped {n_skipped}")
-    if n_skipped:
+    say(f"classified {n_ok} image{'s' * (n_ok != 1)}, skipped {tally.skipped}")
+    if tally.skipped:
         raise typer.Exit(EXIT_PARTIAL)

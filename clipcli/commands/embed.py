@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from contextlib import AbstractContextManager, nullcontext
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -13,7 +14,20 @@ import typer
 from clipcli.commands import options as opt
 from clipcli.io import OutputFormat
 
-FORMATS = (OutputFormat.CSV, OutputFormat.JSONL, OutputFormat.PARQUET, OutputFormat.NPY)
+
+class Format(str, Enum):
+    CSV = "csv"
+    JSONL = "jsonl"
+    PARQUET = "parquet"
+    NPY = "npy"
+
+
+class Dtype(str, Enum):
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+
+
+FORMATS = tuple(OutputFormat(f.value) for f in Format)
 
 
 def _is_dataset_dir(output: str | None) -> bool:
@@ -35,7 +49,9 @@ def embed(
     inputs: Annotated[
         list[str] | None,
         typer.Argument(
-            help="Image files, folders, globs, or - for paths on stdin (texts with --text).", show_default=False
+            metavar="INPUTS...",
+            help="Image files, folders, globs, or - for paths on stdin (texts with --text).",
+            show_default=False,
         ),
     ] = None,
     output: Annotated[
@@ -43,47 +59,57 @@ def embed(
         typer.Option(
             "--output",
             "-o",
+            metavar="FILE|DIR/",
             help="File (.parquet, .npy, .csv, .jsonl) or a directory for a Parquet "
             "dataset written part by part (incremental, resumable). Default: CSV on stdout.",
         ),
     ] = None,
-    fmt: opt.Format = None,
+    fmt: Annotated[
+        Format | None,
+        typer.Option(
+            "--format",
+            "-f",
+            case_sensitive=False,
+            show_default=False,
+            help="Default: from --output (a directory is parquet), else csv. npy needs -o FILE.npy.",
+        ),
+    ] = None,
     text: Annotated[
         bool, typer.Option("--text", help="Embed texts (arguments, --texts-file, or - for stdin lines).")
     ] = False,
-    texts_file: Annotated[str | None, typer.Option(help="With --text: a file with one text per line.")] = None,
+    texts_file: Annotated[
+        str | None, typer.Option(metavar="FILE", help="With --text: a file with one text per line.")
+    ] = None,
     template: opt.Template = None,
     templates: opt.Templates = None,
     normalize: Annotated[bool, typer.Option(help="L2-normalise embeddings.")] = True,
-    dtype: Annotated[str, typer.Option(help="float32, or float16 to halve the size.")] = "float32",
+    dtype: Annotated[Dtype, typer.Option(case_sensitive=False, help="float16 halves the size.")] = Dtype.FLOAT32,
     part_size: Annotated[
-        int, typer.Option(min=1, help="Rows per part file in a directory output (each written when full).")
+        int,
+        typer.Option(min=1, metavar="ROWS", help="Rows per part file in a directory output (each written when full)."),
     ] = 4096,
     model: opt.Model = None,
     device: opt.Device = "auto",
-    precision: opt.Precision = "auto",
+    precision: opt.Precision = opt.PrecisionChoice.AUTO,
     batch_size: opt.BatchSize = 32,
     workers: opt.Workers = 0,
     exact: opt.Exact = False,
     max_megapixels: opt.MaxMegapixels = opt.DEFAULT_MAX_MEGAPIXELS,
 ) -> None:
     """Embed images (or texts) with CLIP; reruns into a Parquet output only embed what changed."""
-    from clipcli.console import Progress, prompt_progress, say, skipped
+    from clipcli.console import Progress, Tally, prompt_progress, say
     from clipcli.embed import embed_images, embed_text_list
     from clipcli.errors import EXIT_PARTIAL, InputError
     from clipcli.images import discover
-    from clipcli.io import choose_format
+    from clipcli.io import choose_format, stdout_is_tty
     from clipcli.prompts import read_lines, resolve_templates
 
-    if dtype not in ("float32", "float16"):
-        raise InputError(f"--dtype must be float32 or float16, not {dtype!r}")
+    element = dtype.value
     inputs = inputs or []
-    if _is_dataset_dir(output) and fmt in (None, OutputFormat.PARQUET):
+    if _is_dataset_dir(output) and fmt in (None, Format.PARQUET):
         out_format = OutputFormat.PARQUET
     else:
-        out_format = choose_format(fmt, output, False, FORMATS)
-    if out_format is OutputFormat.NPY and (not output or output == "-"):
-        raise InputError("NPY is written to a file with its sidecar: pass -o FILE.npy")
+        out_format = choose_format(opt.output_format(fmt), output, stdout_is_tty(), FORMATS)
 
     if text:
         texts = [t for arg in inputs for t in (sys.stdin.read().splitlines() if arg == "-" else [arg])]
@@ -97,36 +123,42 @@ def embed(
             lm = opt.load(model, device, precision)
             n_prompts = len(texts) * (len(ensemble.templates) if ensemble else 1)
             with prompt_progress("embedding texts", n_prompts) as on_progress:
-                n = embed_text_list(lm, texts, ensemble, out_format, output, dtype, normalize, on_progress)
+                n = embed_text_list(lm, texts, ensemble, out_format, output, element, normalize, on_progress)
         say(f"embedded {n} text{'s' * (n != 1)}")
         return
 
     if not inputs:
         raise InputError("no inputs: pass image files, folders, globs, or - to read paths from stdin")
     refs, missing = discover(inputs, sys.stdin)
+    if not refs and not missing:
+        raise InputError(f"no images found in {', '.join(inputs)}")
+    tally = Tally()
     for m in missing:
-        skipped(m.path, m.reason)
+        tally.on_skip(m)
     # Locked before the model loads: a second run into this output is refused at once.
     with _output_lock(output, _is_dataset_dir(output)):
         lm = opt.load(model, device, precision)
         with Progress("embedding", len(refs)) as bar:
+            tally.bar = bar
             summary = embed_images(
                 lm,
                 refs,
                 out_format,
                 output,
-                dtype=dtype,
+                dtype=element,
                 normalize=normalize,
                 batch_size=batch_size,
                 workers=workers,
                 exact=exact,
                 part_size=part_size,
                 max_pixels=opt.max_pixels(max_megapixels),
-                on_skip=lambda s: skipped(s.path, s.reason),
+                on_skip=tally.on_skip,
                 on_plan=lambda n: bar.update(total=n),
-                on_batch=bar.advance,
+                on_batch=tally.on_batch,
             )
-    n_skipped = summary.skipped + len(missing)
-    say(f"embedded {summary.embedded}, unchanged {summary.unchanged}, removed {summary.removed}, skipped {n_skipped}")
-    if n_skipped:
+    say(
+        f"embedded {summary.embedded}, unchanged {summary.unchanged}, removed {summary.removed}, "
+        f"skipped {tally.skipped}"
+    )
+    if tally.skipped:
         raise typer.Exit(EXIT_PARTIAL)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -11,25 +12,39 @@ from clipcli.io import OutputFormat
 if TYPE_CHECKING:
     from clipcli.models import LoadedModel
 
+class PrecisionChoice(str, Enum):
+    AUTO = "auto"
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+
 Model = Annotated[
     str | None,
     typer.Option(
         "--model",
         "-m",
+        metavar="NAME|FILE",
         help="OpenAI model name (ViT-B/32, RN50, ...), the bundled 'tiny-shapes', or a checkpoint file. "
         "Default: $CLIPCLI_MODEL or ViT-B/32.",
         show_default=False,
     ),
 ]
-Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps (auto: cuda, then mps, then cpu).")]
-Precision = Annotated[
-    str,
-    typer.Option(help="auto, fp32, bf16 or fp16 (auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32)."),
+Device = Annotated[
+    str, typer.Option(metavar="DEVICE", help="auto, cpu, cuda, cuda:N or mps (auto: cuda, then mps, then cpu).")
 ]
-BatchSize = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")]
+Precision = Annotated[
+    PrecisionChoice,
+    typer.Option(
+        case_sensitive=False, help="auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32.", show_default=True
+    ),
+]
+BatchSize = Annotated[int, typer.Option("--batch-size", "-b", min=1, metavar="N", help="Images per forward pass.")]
 Workers = Annotated[
     int,
-    typer.Option(min=0, help="Decoding processes (0: threads in this process, taking turns with a CPU model)."),
+    typer.Option(
+        min=0, metavar="N", help="Decoding processes (0: threads in this process, taking turns with a CPU model)."
+    ),
 ]
 Exact = Annotated[
     bool,
@@ -40,6 +55,7 @@ MaxMegapixels = Annotated[
     typer.Option(
         "--max-megapixels",
         min=0.0,
+        metavar="MP",
         help="Skip images larger than this many megapixels, read from the header before any pixel is decoded: "
         "today's cameras fit (108 MP phones), decompression bombs do not.",
     ),
@@ -52,33 +68,45 @@ def max_pixels(megapixels: float) -> int:
 
 
 Output = Annotated[
-    str | None, typer.Option("--output", "-o", help="Write to this file (format from its extension); '-' = stdout.")
-]
-Format = Annotated[
-    OutputFormat | None,
+    str | None,
     typer.Option(
-        "--format",
-        "-f",
-        help="Output format (default: from --output, else table on a terminal, else csv).",
-        case_sensitive=False,
-        show_default=False,
+        "--output", "-o", metavar="FILE", help="Write to this file (format from its extension); '-' = stdout."
     ),
 ]
 Template = Annotated[
     list[str] | None,
-    typer.Option("--template", "-t", help="Prompt template with {} for the label (repeatable).", show_default=False),
-]
-Templates = Annotated[
-    str | None,
     typer.Option(
-        help="Template set: simple, cifar, imagenet, or a file with one template per line.", show_default=False
+        "--template",
+        "-t",
+        metavar="TEMPLATE",
+        help="Prompt template with {} for the label (repeatable: an ensemble).",
+        show_default=False,
     ),
 ]
+Templates = Annotated[
+    list[str] | None,
+    typer.Option(
+        metavar="SET",
+        help="Template set: simple, cifar, imagenet, or a file with one template per line (repeatable: the "
+        "sets are pooled into one ensemble). Default: simple.",
+        show_default=False,
+    ),
+]
+Inputs = Annotated[
+    list[str],
+    typer.Argument(metavar="INPUTS...", help="Image files, folders, globs, or - to read paths from stdin."),
+]
 
 
-def load(model: str | None, device: str, precision: str) -> LoadedModel:
+def output_format(fmt: Enum | None) -> OutputFormat | None:
+    """A command's own format choice (an enum of what it can write) as the shared OutputFormat."""
+    return None if fmt is None else OutputFormat(fmt.value)
+
+
+def load(model: str | None, device: str, precision: PrecisionChoice | str) -> LoadedModel:
     from clipcli.console import download_progress
     from clipcli.models import default_model, load_model
 
     with download_progress(model or default_model()) as on_chunk:
-        return load_model(model, device, precision, on_download=on_chunk)
+        choice = precision.value if isinstance(precision, PrecisionChoice) else precision
+        return load_model(model, device, choice, on_download=on_chunk)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from enum import Enum
 from typing import Annotated
 
 import typer
@@ -10,7 +11,16 @@ import typer
 from clipcli.commands import options as opt
 from clipcli.io import OutputFormat
 
-FORMATS = (OutputFormat.TABLE, OutputFormat.TSV, OutputFormat.CSV, OutputFormat.JSONL, OutputFormat.PARQUET)
+
+class Format(str, Enum):
+    TABLE = "table"
+    TSV = "tsv"
+    CSV = "csv"
+    JSONL = "jsonl"
+    PARQUET = "parquet"
+
+
+FORMATS = tuple(OutputFormat(f.value) for f in Format)
 
 
 def rank(
@@ -23,29 +33,34 @@ def rank(
             show_default=False,
         ),
     ] = None,
-    image: Annotated[str | None, typer.Option("--image", "-i", help="Query by this image instead of a text.")] = None,
+    image: Annotated[
+        str | None, typer.Option("--image", "-i", metavar="FILE", help="Query by this image instead of a text.")
+    ] = None,
     texts_file: Annotated[
-        str | None, typer.Option(help="Rank the texts in this file (one per line) for the --image query.")
+        str | None,
+        typer.Option(metavar="FILE", help="Rank the texts in this file (one per line) for the --image query."),
     ] = None,
     template: opt.Template = None,
     templates: opt.Templates = None,
-    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="How many results to keep.")] = 10,
-    threshold: Annotated[float | None, typer.Option(help="Drop results with a cosine score below this.")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, metavar="K", help="How many results to keep.")] = 10,
+    threshold: Annotated[
+        float | None, typer.Option(metavar="SCORE", help="Drop results with a cosine score below this.")
+    ] = None,
     output: opt.Output = None,
     fmt: Annotated[
-        OutputFormat | None,
+        Format | None,
         typer.Option(
             "--format",
             "-f",
             case_sensitive=False,
             show_default=False,
-            help="table, tsv (score<TAB>path), csv, jsonl or parquet (default: table on a terminal, "
-            "tsv in a pipe, else from --output).",
+            help="tsv is score<TAB>path lines; the others have path (or text) and score columns. Default: a "
+            "table on a terminal, tsv in a pipe, else from --output's extension.",
         ),
     ] = None,
     model: opt.Model = None,
     device: opt.Device = "auto",
-    precision: opt.Precision = "auto",
+    precision: opt.Precision = opt.PrecisionChoice.AUTO,
     batch_size: opt.BatchSize = 32,
     workers: opt.Workers = 0,
     exact: opt.Exact = False,
@@ -59,69 +74,66 @@ def rank(
     ] = True,
 ) -> None:
     """Rank sources by similarity to a query, best first (cosine similarity of normalised embeddings)."""
-    from clipcli.console import prompt_progress, say, skipped
-    from clipcli.encode import encode_texts, iter_image_embeddings
+    from clipcli.console import Tally, prompt_progress, say
+    from clipcli.encode import encode_texts
     from clipcli.errors import EXIT_PARTIAL, InputError
-    from clipcli.images import Skipped, discover
+    from clipcli.images import Skipped
     from clipcli.io import NOT_UTF8, choose_format, is_utf8, open_writer, stdout_is_tty
-    from clipcli.prompts import read_lines, resolve_templates, zero_shot_classifier
-    from clipcli.rank import rank_sources, rank_texts
+    from clipcli.prompts import read_lines, resolve_templates
+    from clipcli.rank import query_embedding, rank_sources, rank_texts
 
     args = list(arguments or [])
-    out_format = choose_format(fmt, output, stdout_is_tty(), FORMATS, piped=OutputFormat.TSV)
+    out_format = choose_format(opt.output_format(fmt), output, stdout_is_tty(), FORMATS, piped=OutputFormat.TSV)
     if image is None and not args:
         raise InputError("no query: pass a text QUERY, or --image FILE")
+    if image is not None and args and _looks_like_text(args[0]):
+        raise InputError(f"give a QUERY or --image, not both ({args[0]!r} is not a file, folder or pattern)")
     query_text = None if image else args.pop(0)
     if texts_file and not image:
         raise InputError("--texts-file ranks texts for an image: pass --image FILE")
     if not args and not texts_file:
         raise InputError("no sources to rank: pass images, folders, or embeddings written by `clipcli embed`")
+    ensemble = resolve_templates(template, templates) if (template or templates) else None
+    limit = opt.max_pixels(max_megapixels)
 
     key = "text" if texts_file else "path"
     schema = None
     if out_format is OutputFormat.PARQUET:
         import pyarrow as pa
 
-        schema = pa.schema([("score", pa.float64()), (key, pa.string())])
+        schema = pa.schema([(key, pa.string()), ("score", pa.float64())])
+    tally = Tally()
     # Opened first: an output another run is writing, or one that cannot be written, is refused at once.
-    with open_writer(out_format, output, schema=schema, columns=("score", key)) as writer:
+    with open_writer(out_format, output, schema=schema, columns=(key, "score")) as writer:
         lm = opt.load(model, device, precision)
-        if image:
-            refs, missing = discover([image])
-            limit = opt.max_pixels(max_megapixels)
-            batch = next(iter_image_embeddings(lm, refs, 1, 0, exact, max_pixels=limit), None) if refs else None
-            if batch is None or not batch.names:
-                reason = (missing or (batch.skipped if batch else []))[0].reason
-                raise InputError(f"{image}: cannot use as the query ({reason})")
-            query = batch.embeddings[0].numpy()
-        elif template or templates:
-            query = zero_shot_classifier(lm, [query_text], resolve_templates(template, templates))[0].numpy()  # type: ignore[list-item]
-        else:
-            query = encode_texts(lm, [query_text])[0].numpy()  # type: ignore[list-item]
-
-        n_skipped = 0
-
-        def on_skip(s: object) -> None:
-            nonlocal n_skipped
-            n_skipped += 1
-            skipped(s.path, s.reason)  # type: ignore[attr-defined]
-
+        query = query_embedding(lm, query_text, image, ensemble, exact, limit)
         if texts_file:
             texts = read_lines(texts_file, "texts")
             with prompt_progress("encoding texts", len(texts)) as on_progress:
                 embeddings = encode_texts(lm, texts, on_progress=on_progress).numpy()
             hits = rank_texts(query, texts, embeddings, top_k, threshold)
         else:
-            limit = opt.max_pixels(max_megapixels)
             hits = rank_sources(
-                lm, query, args, top_k, threshold, batch_size, workers, exact, on_skip, sys.stdin, cache, limit
+                lm, query, args, top_k, threshold, batch_size, workers, exact, tally.on_skip, sys.stdin, cache, limit
             )
         if out_format is OutputFormat.PARQUET:
             for h in hits:
                 if not is_utf8(h.name):
-                    on_skip(Skipped(h.name, NOT_UTF8))
+                    tally.on_skip(Skipped(h.name, NOT_UTF8))
             hits = [h for h in hits if is_utf8(h.name)]
-        writer.write([{"score": round(h.score, 6), key: h.name} for h in hits])
-    say(f"ranked {len(hits)} result{'s' * (len(hits) != 1)}" + (f", skipped {n_skipped}" if n_skipped else ""))
-    if n_skipped:
+        if out_format is OutputFormat.TSV:  # score first, for sort -n and cut
+            writer.write([{"score": round(h.score, 6), key: h.name} for h in hits])
+        else:
+            writer.write([{key: h.name, "score": round(h.score, 6)} for h in hits])
+    found = f"ranked {len(hits)} result{'s' * (len(hits) != 1)}"
+    say(found + (f", skipped {tally.skipped}" if tally.skipped else ""))
+    if tally.skipped:
         raise typer.Exit(EXIT_PARTIAL)
+
+
+def _looks_like_text(argument: str) -> bool:
+    """Whether the first argument given with --image is a query text rather than a source."""
+    import glob
+    import os
+
+    return argument != "-" and not os.path.lexists(argument) and not glob.glob(argument)

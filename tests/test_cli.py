@@ -1,0 +1,184 @@
+"""The command line as a new user meets it: one-line usage errors, options given twice, help that lists
+what is accepted, empty inputs, and progress on a real terminal."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+IMAGE = str(SAMPLES / "seen" / "red-cross.jpg")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["classify", IMAGE, "--bogus"],
+        ["classify", IMAGE, "-l", "a,b", "--top-k", "zero"],
+        ["embed", IMAGE, "-f", "table"],
+        ["rank", "a", IMAGE, "-f", "npy"],
+        ["nonsense"],
+    ],
+)
+def test_usage_errors_are_one_line(cli, args):
+    ran = cli(*args)
+    assert ran.exit_code == 2
+    lines = ran.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), ran.stderr
+    assert "--help" in lines[0]
+
+
+def test_debug_works_after_the_command(cli):
+    ran = cli("classify", IMAGE, "-l", "a,b", "-m", "/nonexistent/model.pt", "--debug")
+    assert ran.exit_code == 2
+    assert "Traceback" in ran.stderr
+    assert ran.stderr.strip().splitlines()[-1].startswith("Error: /nonexistent/model.pt: no such checkpoint file")
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["classify", IMAGE, "-l", "a,b", "--top-k", "3", "--top-k", "1"], "--top-k"),
+        (["classify", IMAGE, "-l", "a,b", "-k", "3", "-k1"], "-k"),
+        (["classify", IMAGE, "--labels=a,b", "--labels", "c"], "--labels"),
+        (["rank", "a red cross", IMAGE, "--exact", "--no-exact"], "--no-exact"),
+        (["embed", IMAGE, "-o", "a.csv", "--output", "b.csv"], "--output"),
+    ],
+)
+def test_an_option_given_twice_is_refused(cli, tmp_path, args, flag):
+    ran = cli(*args)
+    assert ran.exit_code == 2
+    assert re.fullmatch(rf"Error: {re.escape(flag)} given more than once \(.+ came first\); give it once\n", ran.stderr)
+
+
+def test_a_repeated_option_value_that_looks_like_an_option_is_a_value(cli):
+    ran = cli("classify", IMAGE, "-m", "tiny-shapes", "-l", "a,b", "--template", "--top-k {}", "-k", "1")
+    assert ran.exit_code == 0, ran.stderr
+
+
+def test_templates_repeat_into_one_ensemble(cli):
+    from clipcli.prompts import builtin_templates, resolve_templates
+
+    pooled = resolve_templates(None, ["simple", "cifar"])
+    assert pooled.name == "simple+cifar"
+    expected = dict.fromkeys(builtin_templates("simple").templates + builtin_templates("cifar").templates)
+    assert pooled.templates == tuple(expected)
+    ran = cli("classify", IMAGE, "-m", "tiny-shapes", "--labels-file", str(SAMPLES / "labels.txt"), "-k", "1",
+              "--templates", "simple", "--templates", "cifar")  # fmt: skip
+    assert ran.exit_code == 0, ran.stderr
+    assert ran.stdout.splitlines()[1].split(",")[2] == "red cross"
+
+
+def test_rank_refuses_a_query_text_with_image(cli):
+    ran = cli("rank", "a red cross", "--image", IMAGE, str(SAMPLES / "seen"), "-m", "tiny-shapes")
+    assert ran.exit_code == 2
+    assert (
+        ran.stderr.strip()
+        == "Error: give a QUERY or --image, not both ('a red cross' is not a file, folder or pattern)"
+    )
+
+
+@pytest.mark.parametrize("command", ["classify", "embed", "rank"])
+@pytest.mark.parametrize("source", ["folder", "stdin"])
+def test_no_images_found_is_an_error(cli, tmp_path, command, source):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    where = str(empty) if source == "folder" else "-"
+    args = {"classify": ["classify", where, "-l", "a,b"], "embed": ["embed", where], "rank": ["rank", "x", where]}
+    ran = cli(*args[command], "-m", "tiny-shapes", "-o", str(tmp_path / "out.csv"), input="")
+    assert ran.exit_code == 2
+    assert ran.stderr.strip() == f"Error: no images found in {where}"
+    assert not (tmp_path / "out.csv").exists()
+
+
+def test_parquet_is_not_written_to_a_terminal(cli, monkeypatch):
+    import clipcli.io
+
+    monkeypatch.setattr(clipcli.io, "stdout_is_tty", lambda: True)
+    for args in (["classify", IMAGE, "-l", "a,b", "-f", "parquet"], ["embed", IMAGE, "-f", "parquet"]):
+        ran = cli(*args, "-m", "tiny-shapes")
+        assert ran.exit_code == 2
+        assert ran.stderr.startswith("Error: Parquet is binary: pass -o FILE.parquet")
+        assert ran.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("command", "formats"),
+    [
+        ("classify", "table|csv|jsonl|parquet"),
+        ("embed", "csv|jsonl|parquet|npy"),
+        ("rank", "table|tsv|csv|jsonl|parquet"),
+    ],
+)
+def test_help_lists_exactly_the_formats_a_command_writes(cli, command, formats):
+    ran = cli(command, "--help", env={"COLUMNS": "200"})
+    assert re.search(rf"--format \[?<?{re.escape(formats)}>?\]?", ran.stdout), ran.stdout
+    assert "<list[str]>" not in ran.stdout and "<int range>" not in ran.stdout and "{inputs}" not in ran.stdout
+
+
+def test_rank_data_outputs_put_the_path_first_and_tsv_keeps_score_first(cli, tmp_path):
+    base = ["rank", "a photo of a red cross.", str(SAMPLES / "seen"), "-m", "tiny-shapes", "-k", "2"]
+    ran = cli(*base, "-f", "csv")
+    assert ran.stdout.splitlines()[0] == "path,score"
+    assert ran.stdout.splitlines()[1].startswith(str(SAMPLES / "seen" / "red-cross.jpg") + ",")
+    ran = cli(*base)
+    score, path = ran.stdout.splitlines()[0].split("\t")
+    assert float(score) > 0 and path.endswith("red-cross.jpg")
+
+
+def test_progress_appears_on_a_terminal_and_prompts_have_their_own_bar(tmp_path):
+    """Encoding many prompts and classifying are two bars, one after the other (rich allows one at a time)."""
+    leader, follower = os.openpty()
+    labels = ["--labels-file", str(SAMPLES / "labels.txt"), "--templates", "imagenet"]
+    command = [sys.executable, "-m", "clipcli", "classify", str(SAMPLES / "seen"), "-m", "tiny-shapes", *labels]
+    command += ["-o", str(tmp_path / "o.csv")]
+    env = {**os.environ, "CLIPCLI_CACHE": str(tmp_path / "cache"), "COLUMNS": "120"}
+    run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=follower, stdin=subprocess.DEVNULL, env=env)
+    os.close(follower)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+    assert run.wait(timeout=120) == 0, seen.decode(errors="replace")
+    text = seen.decode(errors="replace")
+    assert "encoding prompts" in text and "5120/5120" in text
+    assert "classifying" in text and "Traceback" not in text
+    assert (tmp_path / "o.csv").read_text().count("\n") == 1 + 16 * 5
+
+
+def test_one_file_named_two_ways_in_two_runs_is_stored_once(cli, tmp_path, monkeypatch):
+    import shutil
+
+    import pyarrow.dataset as ds
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(IMAGE, "cat.jpg")
+    assert cli("embed", ".", "-m", "tiny-shapes", "-o", "emb/").exit_code == 0
+    again = cli("embed", "cat.jpg", "-m", "tiny-shapes", "-o", "emb/")
+    assert again.exit_code == 0 and "embedded 0, unchanged 1" in again.stderr
+    assert ds.dataset("emb", format="parquet").to_table().column("path").to_pylist() == ["cat.jpg"]
+
+
+def test_model_names_suggest_the_right_spelling_and_the_offline_model(cli, tmp_path):
+    ran = cli("classify", IMAGE, "-l", "a,b", "-m", "vit-b/32")
+    assert ran.stderr.strip() == "Error: unknown model 'vit-b/32' (did you mean ViT-B/32?)"
+    env = {"CLIPCLI_CACHE": str(tmp_path), "CLIPCLI_MIRROR": "http://127.0.0.1:9"}
+    ran = cli("classify", IMAGE, "-l", "a,b", "-m", "ViT-B/32", env=env)
+    assert ran.exit_code == 2 and ran.stderr.strip().endswith("--model tiny-shapes works offline")
+
+
+def test_models_prints_plain_rows_in_a_pipe(cli):
+    ran = cli("models")
+    rows = [line.split("\t") for line in ran.stdout.splitlines()]
+    assert rows[-1][:3] == ["tiny-shapes", "bundled", "bundled"] and all(len(r) == 5 for r in rows)
+    assert "─" not in ran.stdout and "│" not in ran.stdout
