@@ -40,17 +40,22 @@ def tokenize(texts: Sequence[str], context_length: int = 77) -> torch.Tensor:
     return tokens
 
 
-def encode_tokens(lm: LoadedModel, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-    """Text features for a token batch, cut to its longest text.
+def trim_padding(tokens: torch.Tensor) -> torch.Tensor:
+    """A token batch cut after its longest text's end token: the padding no text reaches is dropped.
 
     The causal mask means no position after a text's end token can change that token's feature, so
-    trimming the padding gives the same result for a fraction of the work.
+    encoding the trimmed batch gives the same features for a fraction of the work.
     """
+    length = int(tokens.argmax(dim=-1).max()) + 1  # the end token has the highest id
+    return tokens[:, :length]
+
+
+def encode_tokens(lm: LoadedModel, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """Text features for a token batch, cut to its longest text (see :func:`trim_padding`)."""
     import torch
 
-    length = int(tokens.argmax(dim=-1).max()) + 1  # the end token has the highest id
     with torch.inference_mode():
-        features = lm.model.encode_text(tokens[:, :length].to(lm.device)).float()
+        features = lm.model.encode_text(trim_padding(tokens).to(lm.device)).float()
     return (torch.nn.functional.normalize(features, dim=-1) if normalize else features).cpu()
 
 

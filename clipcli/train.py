@@ -10,20 +10,24 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from clipcli.errors import InputError, ModelError
-from clipcli.images import describe_error, load_image, preprocess
+from clipcli.images import Skipped, describe_error, load_image, preprocess
 
 if TYPE_CHECKING:
+    import pandas as pd
     import torch
     from clip.model import CLIP
 
 MAX_LOGIT_SCALE = math.log(100.0)
 # Preprocessed images are kept in memory (fp16) up to this size; beyond it, decoded every step.
 PRELOAD_LIMIT_BYTES = 6 * 2**30
+# The architectures `--arch` offers. models.ARCHITECTURES also holds tiny shapes for the test suite
+# (test-vit, test-rn): still accepted, but not offered.
+PUBLIC_ARCHITECTURES = ("tiny-shapes", "ViT-B/32", "ViT-B/16", "RN50")
 
 
 @dataclass
@@ -43,9 +47,9 @@ class TrainConfig:
     val_fraction: float = 0.0
     checkpoint_every: int = 500
     resume: bool = False
-    bad_images: str = "skip"  # or "stop"
+    bad_images: Literal["skip", "stop"] = "skip"
     workers: int = 0
-    device: str = "cpu"
+    device: str = "auto"  # as models.resolve_device reads it
     half: bool = True
 
 
@@ -58,11 +62,11 @@ class Pairs:
 
 @dataclass
 class StepInfo:
-    step: int
+    step: int  # steps done, counting those before a resume
     total: int
     loss: float
     lr: float
-    samples_per_s: float
+    samples_per_s: float  # image-text pairs per second since this run (or resume) started training
 
 
 @dataclass
@@ -70,7 +74,6 @@ class TrainResult:
     steps: int
     final_loss: float
     seconds: float
-    skipped: list[str] = field(default_factory=list)
     val_image_to_text_r1: float | None = None
     val_text_to_image_r1: float | None = None
 
@@ -79,7 +82,7 @@ def read_pairs(path: Path) -> Pairs:
     """Read CSV/Parquet/JSONL with ``image`` (relative to the file's folder) and ``text`` columns."""
     import pandas as pd
 
-    readers: dict[str, Callable[[Path], Any]] = {
+    readers: dict[str, Callable[[Path], pd.DataFrame]] = {
         ".csv": lambda p: pd.read_csv(p, dtype=str, keep_default_na=False),
         ".parquet": pd.read_parquet,
         ".jsonl": lambda p: pd.read_json(p, lines=True, dtype=False),
@@ -124,7 +127,7 @@ def _initial_model(config: TrainConfig) -> CLIP:
         return model
     name = config.arch or "tiny-shapes"
     if name not in ARCHITECTURES:
-        raise ModelError(f"unknown architecture {name!r}; valid: {', '.join(ARCHITECTURES)}")
+        raise ModelError(f"unknown architecture {name!r}; valid: {', '.join(PUBLIC_ARCHITECTURES)}")
     return ARCHITECTURES[name].build().float()
 
 
@@ -141,12 +144,22 @@ class _PixelSource:
         self.cache: torch.Tensor | None = None
         if len(files) * 3 * n_px * n_px * 2 <= PRELOAD_LIMIT_BYTES:
             self.cache = self._preload(workers, on_progress)
+        else:
+            # Without a cache, every file is checked once up front so bad rows are known before training.
+            self._check_all()
 
     def _decode(self, i: int) -> torch.Tensor | str:
         try:
             return preprocess(load_image(self.files[i], self.n_px), self.n_px)
         except (OSError, ValueError, SyntaxError) as e:
             return describe_error(e)
+
+    def _check_all(self) -> None:
+        for i in range(len(self.files)):
+            got = self._decode(i)
+            if isinstance(got, str):
+                self.ok[i] = False
+                self.reasons[i] = got
 
     def _preload(self, workers: int, on_progress: Callable[[int], None] | None) -> torch.Tensor:
         import torch
@@ -209,11 +222,6 @@ def contrastive_loss(
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
 
-def _encode_text_trimmed(model: CLIP, tokens: torch.Tensor) -> torch.Tensor:
-    length = int(tokens.argmax(dim=-1).max()) + 1
-    return model.encode_text(tokens[:, :length])
-
-
 def _split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     import torch
 
@@ -237,11 +245,12 @@ def _batch_at(train_idx: Sequence[int], seed: int, step: int, batch_size: int) -
     return order[k * batch_size : (k + 1) * batch_size]
 
 
-def _checkpoint_path(output: Path) -> Path:
+def checkpoint_path(output: Path) -> Path:
+    """Where a run writing ``output`` keeps its resumable checkpoint."""
     return output.with_name(output.name + ".ckpt")
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
+def _atomic_save(obj: dict[str, Any], path: Path) -> None:
     import torch
 
     from clipcli.atomic import atomic_write
@@ -331,13 +340,18 @@ def recall_at_1(model: CLIP, pixels: torch.Tensor, tokens: torch.Tensor, texts: 
     import torch
     import torch.nn.functional as F
 
+    from clipcli.encode import trim_padding
+
     model.eval()
     with torch.inference_mode():
         img = torch.cat(
             [F.normalize(model.encode_image(pixels[i : i + 256]), dim=-1) for i in range(0, len(pixels), 256)]
         )
         txt = torch.cat(
-            [F.normalize(_encode_text_trimmed(model, tokens[i : i + 256]), dim=-1) for i in range(0, len(tokens), 256)]
+            [
+                F.normalize(model.encode_text(trim_padding(tokens[i : i + 256])), dim=-1)
+                for i in range(0, len(tokens), 256)
+            ]
         )
     sim = img @ txt.T
     best_text = sim.argmax(dim=1).tolist()
@@ -347,13 +361,61 @@ def recall_at_1(model: CLIP, pixels: torch.Tensor, tokens: torch.Tensor, texts: 
     return _Recall(i2t, t2i)
 
 
+class _Throughput:
+    """Pairs per second since training began: what a step rate means to someone sizing a run."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.pairs = 0
+
+    def add(self, pairs: int) -> float:
+        self.pairs += pairs
+        elapsed = time.perf_counter() - self.started
+        return self.pairs / elapsed if elapsed > 0 else 0.0
+
+
+def _report_bad_images(
+    config: TrainConfig, pairs: Pairs, pixels: _PixelSource, on_skip: Callable[[Skipped], None] | None
+) -> None:
+    """Stop at the first unreadable image, or report each one that will be left out."""
+    for i, reason in sorted(pixels.reasons.items()):
+        if config.bad_images == "stop":
+            raise InputError(f"{config.pairs}: row {pairs.rows[i]}: {pairs.files[i]}: {reason}")
+        if on_skip:
+            on_skip(Skipped(str(pairs.files[i]), f"row {pairs.rows[i]}: {reason}"))
+
+
+def _train_step(
+    model: CLIP, optimizer: torch.optim.Optimizer, images: torch.Tensor, tokens: torch.Tensor, grad_clip: float
+) -> float:
+    """One optimiser step on one batch; the batch's loss before the step."""
+    import torch
+
+    from clipcli.encode import trim_padding
+
+    # Trimmed like encode's batches, but through encode_text itself: training needs the gradients.
+    loss = contrastive_loss(model.encode_image(images), model.encode_text(trim_padding(tokens)), model.logit_scale)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+    return float(loss.detach())
+
+
 def train(
     config: TrainConfig,
     on_step: Callable[[StepInfo], None] | None = None,
     on_preload: Callable[[int, int], None] | None = None,
-    on_skip: Callable[[str, str], None] | None = None,
+    on_skip: Callable[[Skipped], None] | None = None,
+    on_resume: Callable[[int, int], None] | None = None,
 ) -> TrainResult:
-    """Train and write ``config.output`` (atomically); checkpoints go to ``OUTPUT.ckpt``."""
+    """Train and write ``config.output`` (atomically); checkpoints go to ``OUTPUT.ckpt``.
+
+    Callbacks: ``on_preload(images done, total)`` while images are read, ``on_skip`` for each image left
+    out, ``on_resume(step, total steps)`` when a checkpoint is continued, ``on_step`` after each step.
+    """
     import torch
 
     from clipcli.encode import tokenize
@@ -371,21 +433,7 @@ def train(
     pixels = _PixelSource(
         pairs.files, n_px, config.workers, (lambda n: on_preload(n, total_pairs)) if on_preload else None
     )
-    if pixels.cache is None:
-        # Without a cache, check every file once up front so bad rows are known before training starts.
-        for i in range(total_pairs):
-            got = pixels._decode(i)
-            if isinstance(got, str):
-                pixels.ok[i] = False
-                pixels.reasons[i] = got
-    skipped_messages = []
-    for i, reason in sorted(pixels.reasons.items()):
-        message = f"{config.pairs}: row {pairs.rows[i]}: {pairs.files[i]}: {reason}"
-        if config.bad_images == "stop":
-            raise InputError(message)
-        skipped_messages.append(message)
-        if on_skip:
-            on_skip(str(pairs.files[i]), f"row {pairs.rows[i]}: {reason}")
+    _report_bad_images(config, pairs, pixels, on_skip)
 
     usable = [i for i in range(total_pairs) if pixels.ok[i]]
     train_idx, val_idx = _split(len(usable), config.val_fraction, config.seed)
@@ -401,38 +449,29 @@ def train(
     model = model.to(device).train()
     optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
     step = 0
-    ckpt = _checkpoint_path(config.output)
+    ckpt = checkpoint_path(config.output)
     signature = {k: str(v) for k, v in asdict(config).items() if k not in ("resume", "workers", "checkpoint_every")}
     if config.resume and ckpt.exists():
         step = _resume(ckpt, signature, model, optimizer)
+        if on_resume:
+            on_resume(step, total_steps)
 
-    loss_value = float("nan")
-    window_start, window_samples = time.perf_counter(), 0
+    loss = float("nan")
+    throughput = _Throughput()
     while step < total_steps:
         idx = _batch_at(train_idx, config.seed, step, batch_size)
         lr = lr_at(step, total_steps, config.lr, warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        images = pixels.get(idx).to(device)
-        loss = contrastive_loss(
-            model.encode_image(images), _encode_text_trimmed(model, tokens[idx].to(device)), model.logit_scale
-        )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        loss = _train_step(model, optimizer, pixels.get(idx).to(device), tokens[idx].to(device), config.grad_clip)
         step += 1
-        loss_value = float(loss.detach())
-        window_samples += len(idx)
+        pairs_per_s = throughput.add(len(idx))
         if on_step:
-            elapsed = time.perf_counter() - window_start
-            on_step(StepInfo(step, total_steps, loss_value, lr, window_samples / elapsed if elapsed > 0 else 0.0))
+            on_step(StepInfo(step, total_steps, loss, lr, pairs_per_s))
         if step % config.checkpoint_every == 0 and step < total_steps:
             _atomic_save(_checkpoint_state(model, optimizer, step, signature), ckpt)
 
-    result = TrainResult(step, loss_value, 0.0, skipped_messages)
+    result = TrainResult(step, loss, 0.0)
     if val_idx:
         recall = recall_at_1(
             model, pixels.get(val_idx).to(device), tokens[val_idx].to(device), [pairs.texts[i] for i in val_idx]

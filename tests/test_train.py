@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import csv
 import itertools
+import time
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from conftest import Ran
 
-from clipcli.models import import_clip
+from clipcli.commands.train import TrainingBar, step_fields
+from clipcli.encode import tokenize, trim_padding
+from clipcli.models import ARCHITECTURES, import_clip
 from clipcli.synth import generate
-from clipcli.train import TrainConfig, contrastive_loss, lr_at, train
+from clipcli.train import PUBLIC_ARCHITECTURES, StepInfo, TrainConfig, contrastive_loss, lr_at, train
+
+Cli = Callable[..., Ran]
 
 
 @pytest.fixture(scope="module")
@@ -21,13 +30,18 @@ def pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder / "pairs.csv"
 
 
-def _config(pairs: Path, out: Path, **kw: object) -> TrainConfig:
-    base: dict[str, object] = {"arch": "test-rn", "steps": 24, "batch_size": 16, "lr": 2e-3, "seed": 3}
-    base.update(kw)
-    return TrainConfig(pairs=pairs, output=out, **base)  # type: ignore[arg-type]
+def _config(pairs: Path, out: Path, **changes: Any) -> TrainConfig:
+    # On the CPU, where a resumed run is bit-identical to an uninterrupted one.
+    base = TrainConfig(pairs, out, arch="test-rn", steps=24, batch_size=16, lr=2e-3, seed=3, device="cpu")
+    return replace(base, **changes)
 
 
-def test_loss_goes_down_and_clip_loads_the_result(pairs, tmp_path):
+class Stop(Exception):
+    """Raised from on_step: an interrupted run."""
+
+
+@pytest.mark.slow
+def test_loss_goes_down_and_clip_loads_the_result(pairs: Path, tmp_path: Path) -> None:
     losses: list[float] = []
     result = train(_config(pairs, tmp_path / "m.pt", val_fraction=0.25), on_step=lambda s: losses.append(s.loss))
     assert result.steps == 24 and len(losses) == 24
@@ -39,14 +53,12 @@ def test_loss_goes_down_and_clip_loads_the_result(pairs, tmp_path):
     assert not (tmp_path / "m.pt.ckpt").exists()
 
 
-def test_resume_matches_an_uninterrupted_run(pairs, tmp_path):
+@pytest.mark.slow
+def test_resume_matches_an_uninterrupted_run(pairs: Path, tmp_path: Path) -> None:
     straight = tmp_path / "straight.pt"
     train(_config(pairs, straight, checkpoint_every=10))
 
-    class Stop(Exception):
-        pass
-
-    def stop_at_15(info):
+    def stop_at_15(info: StepInfo) -> None:
         if info.step == 15:
             raise Stop
 
@@ -55,25 +67,32 @@ def test_resume_matches_an_uninterrupted_run(pairs, tmp_path):
         train(_config(pairs, resumed, checkpoint_every=10), on_step=stop_at_15)
     assert (tmp_path / "resumed.pt.ckpt").exists() and not resumed.exists()
     steps: list[int] = []
-    train(_config(pairs, resumed, checkpoint_every=10, resume=True), on_step=lambda s: steps.append(s.step))
-    assert steps[0] == 11  # continued from the checkpoint at step 10
+    resumed_at: list[tuple[int, int]] = []
+    train(
+        _config(pairs, resumed, checkpoint_every=10, resume=True),
+        on_step=lambda s: steps.append(s.step),
+        on_resume=lambda step, total: resumed_at.append((step, total)),
+    )
+    assert resumed_at == [(10, 24)] and steps[0] == 11  # continued from the checkpoint at step 10
     a, b = torch.load(straight, weights_only=True), torch.load(resumed, weights_only=True)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_contrastive_loss_is_symmetric_cross_entropy():
+def test_contrastive_loss_is_symmetric_cross_entropy() -> None:
     torch.manual_seed(0)
     img, txt = torch.randn(4, 8), torch.randn(4, 8)
     scale = torch.tensor(2.0)
     i = torch.nn.functional.normalize(img, dim=-1)
     t = torch.nn.functional.normalize(txt, dim=-1)
     logits = scale.exp() * i @ t.T
-    by_hand = sum(-torch.log_softmax(logits, 1)[k, k] - torch.log_softmax(logits, 0)[k, k] for k in range(4)) / 8
+    diagonal = range(4)
+    by_hand = -(torch.log_softmax(logits, 1)[diagonal, diagonal] + torch.log_softmax(logits, 0)[diagonal, diagonal])
+    by_hand = by_hand.sum() / 8
     assert contrastive_loss(img, txt, scale).item() == pytest.approx(by_hand.item(), rel=1e-6)
 
 
-def test_schedule_warms_up_then_decays():
+def test_schedule_warms_up_then_decays() -> None:
     lrs = [lr_at(s, 100, 1.0, 10) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in itertools.pairwise(lrs[9:]))
@@ -88,7 +107,7 @@ def _write_pairs(path: Path, rows: list[dict[str, str]]) -> Path:
     return path
 
 
-def test_bad_pairs_name_the_row(cli, pairs, tmp_path):
+def test_bad_pairs_name_the_row(cli: Cli, pairs: Path, tmp_path: Path) -> None:
     folder = pairs.parent
     images = sorted(p.name for p in folder.iterdir() if p.suffix in (".jpg", ".png"))
     out = tmp_path / "out.pt"
@@ -122,7 +141,7 @@ def test_bad_pairs_name_the_row(cli, pairs, tmp_path):
     assert "Traceback" not in ran.stderr
 
 
-def test_train_exits_1_when_an_image_was_skipped(cli, pairs, tmp_path):
+def test_train_exits_1_when_an_image_was_skipped(cli: Cli, pairs: Path, tmp_path: Path) -> None:
     from clipcli.errors import EXIT_PARTIAL
 
     folder = pairs.parent
@@ -137,3 +156,87 @@ def test_train_exits_1_when_an_image_was_skipped(cli, pairs, tmp_path):
     complete = _write_pairs(tmp_path / "complete.csv", [{**r, "image": str(folder / r["image"])} for r in rows[:4]])
     ran = cli("train", str(complete), "-o", str(tmp_path / "ok.pt"), "--arch", "test-vit", "--steps", "1", "-b", "4")
     assert ran.exit_code == 0, ran.stderr
+
+
+def _first_pairs(pairs: Path, n: int, tmp_path: Path) -> Path:
+    """The first ``n`` of ``pairs``, for runs that need a few steps, not a model that learns."""
+    with pairs.open(newline="") as f:
+        rows = list(itertools.islice(csv.DictReader(f), n))
+    absolute = [{"image": str(pairs.parent / r["image"]), "text": r["text"]} for r in rows]
+    return _write_pairs(tmp_path / "few.csv", absolute)
+
+
+def test_step_rate_counts_pairs_not_steps(pairs: Path, tmp_path: Path) -> None:
+    seen: list[tuple[float, StepInfo]] = []
+    few = _first_pairs(pairs, 16, tmp_path)
+    config = _config(few, tmp_path / "m.pt", steps=2, batch_size=8)
+    train(config, on_step=lambda info: seen.append((time.perf_counter(), info)))
+    (t1, first), (t2, second) = seen
+    # Pairs done / pairs per second is the time since training began, so the difference between two
+    # steps is the wall time between them; a rate in steps per second would be 8 (the batch) times too small.
+    between = 2 * 8 / second.samples_per_s - 1 * 8 / first.samples_per_s
+    assert between == pytest.approx(t2 - t1, rel=0.05, abs=0.02)
+
+
+def test_resume_says_where_it_continues(cli: Cli, pairs: Path, tmp_path: Path) -> None:
+    few, out = _first_pairs(pairs, 8, tmp_path), tmp_path / "m.pt"
+    # The CLI's own defaults, so the CLI run below accepts this checkpoint as its own.
+    config = TrainConfig(few, out, arch="test-rn", steps=4, batch_size=4, checkpoint_every=2, device="cpu")
+
+    def stop_at_3(info: StepInfo) -> None:  # after step 2's checkpoint
+        if info.step == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(config, on_step=stop_at_3)
+    args = ["--arch", "test-rn", "--steps", "4", "-b", "4", "--checkpoint-every", "2", "--device", "cpu"]
+    ran = cli("train", str(few), "-o", str(out), *args, "--resume")
+    assert ran.exit_code == 0, ran.stderr
+    lines = ran.stderr.splitlines()
+    assert lines[0] == f"resuming from step 2 of 4 ({out}.ckpt)"
+    assert lines[1].startswith("trained 4 steps") and out.exists()
+
+
+def test_step_fields_show_loss_lr_and_pairs_per_second() -> None:
+    fields = step_fields(StepInfo(step=3, total=10, loss=2.34567, lr=0.00125, samples_per_s=1234.4))
+    assert fields == {"loss": "loss 2.346", "lr": "lr 1.25e-03", "pairs_per_s": "1,234 pairs/s"}
+    assert step_fields(None) == {"loss": "", "lr": "", "pairs_per_s": ""}
+
+
+def test_training_bar_starts_at_the_resumed_step_and_keeps_its_fields() -> None:
+    with TrainingBar() as bar:
+        bar.resume_at(6, 10)
+        assert (bar.task.completed, bar.task.total) == (6, 10)
+        assert bar.task.time_remaining is None  # no time left guessed from the jump to 6
+        bar.on_step(StepInfo(step=7, total=10, loss=1.5, lr=1e-3, samples_per_s=640.0))
+        bar.on_step(StepInfo(step=8, total=10, loss=1.25, lr=5e-4, samples_per_s=650.0))
+        assert (bar.task.completed, bar.task.remaining) == (8, 2)  # what the time left is reckoned on
+        assert bar.task.fields == {"loss": "loss 1.250", "lr": "lr 5.00e-04", "pairs_per_s": "650 pairs/s"}
+
+
+def test_unknown_arch_lists_the_public_architectures_only(cli: Cli, pairs: Path, tmp_path: Path) -> None:
+    assert set(PUBLIC_ARCHITECTURES) == {"tiny-shapes", "ViT-B/32", "ViT-B/16", "RN50"} <= set(ARCHITECTURES)
+    ran = cli("train", str(pairs), "-o", str(tmp_path / "m.pt"), "--arch", "nope")
+    assert ran.exit_code == 2
+    assert ran.stderr.strip() == "Error: unknown architecture 'nope'; valid: tiny-shapes, ViT-B/32, ViT-B/16, RN50"
+    helped = cli("train", "--help")
+    assert "test-vit" not in helped.stdout and "test-rn" not in helped.stdout
+    assert all(name in helped.stdout for name in PUBLIC_ARCHITECTURES)
+
+
+def test_train_device_defaults_to_auto() -> None:
+    import typer
+
+    from clipcli.cli import app
+
+    group = typer.main.get_command(app)
+    assert isinstance(group, typer.core.TyperGroup)
+    assert {p.name: p.default for p in group.commands["train"].params}["device"] == "auto"
+
+
+def test_trim_padding_cuts_to_the_longest_text() -> None:
+    tokens = tokenize(["a", "a red circle on a grey ground", "cat"])
+    longest = int((tokens[1] != 0).sum())  # start, 7 words, end
+    trimmed = trim_padding(tokens)
+    assert trimmed.shape == (3, longest) == (3, 9)
+    assert torch.equal(trimmed, tokens[:, :longest]) and not tokens[:, longest:].any()

@@ -3,11 +3,97 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Literal, TypedDict
 
 import typer
 
 from clipcli.commands import options as opt
+
+if TYPE_CHECKING:
+    from rich.progress import Task
+
+    from clipcli.train import StepInfo, TrainResult
+
+# synth.Split and synth.Background, spelt out so the CLI starts without importing PIL (mypy checks they fit).
+Split = Literal["seen", "held-out", "all"]
+Background = Literal["varied", "saturated", "grey"]
+
+
+class StepFields(TypedDict):
+    loss: str
+    lr: str
+    pairs_per_s: str
+
+
+def step_fields(info: StepInfo | None) -> StepFields:
+    """The training bar's fields, blank before the first step. Each has a column of its own, so nothing
+    overwrites another, and the rate is the core's pairs/s, not rich's speed (which would count steps)."""
+    if info is None:
+        return StepFields(loss="", lr="", pairs_per_s="")
+    return StepFields(
+        loss=f"loss {info.loss:.3f}", lr=f"lr {info.lr:.2e}", pairs_per_s=f"{info.samples_per_s:,.0f} pairs/s"
+    )
+
+
+class TrainingBar:
+    """Steps done of all, loss, learning rate, pairs/s and time left, on a terminal only.
+
+    It appears with the first step (or resume), once the image-loading bar has gone: rich shows one live
+    display at a time.
+    """
+
+    def __init__(self) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            TaskProgressColumn,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+        from rich.progress import Progress as RichProgress
+
+        from clipcli.console import err
+
+        self._bar = RichProgress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.fields[loss]}"),
+            TextColumn("{task.fields[lr]}"),
+            TextColumn("{task.fields[pairs_per_s]}"),
+            TimeRemainingColumn(),
+            console=err,
+            disable=not err.is_terminal,
+            transient=True,
+        )
+        self._task = self._bar.add_task("training", total=None, **step_fields(None))
+        self._shown = False
+
+    @property
+    def task(self) -> Task:
+        return self._bar.tasks[0]
+
+    def resume_at(self, step: int, total: int) -> None:
+        """Start the count at ``step``: a reset, so the time left is estimated from this run's steps only."""
+        self._bar.reset(self._task, total=total, completed=step)
+        self._show()
+
+    def on_step(self, info: StepInfo) -> None:
+        self._bar.update(self._task, total=info.total, completed=info.step, **step_fields(info))
+        self._show()
+
+    def _show(self) -> None:
+        if not self._shown:
+            self._bar.start()
+            self._shown = True
+
+    def __enter__(self) -> TrainingBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._shown:
+            self._bar.stop()
 
 
 def train(
@@ -19,7 +105,10 @@ def train(
         str | None, typer.Option("--model", "-m", help="Fine-tune this model (name or checkpoint).")
     ] = None,
     arch: Annotated[
-        str | None, typer.Option(help="Train from scratch with this architecture (default tiny-shapes).")
+        str | None,
+        typer.Option(
+            help="Train from scratch with this architecture: tiny-shapes (the default), ViT-B/32, ViT-B/16 or RN50."
+        ),
     ] = None,
     epochs: Annotated[int, typer.Option(min=1, help="Passes over the training pairs (unless --steps).")] = 10,
     steps: Annotated[int | None, typer.Option(min=1, help="Optimiser steps (overrides --epochs).")] = None,
@@ -31,19 +120,19 @@ def train(
     val_fraction: Annotated[float, typer.Option(min=0.0, max=0.5, help="Pairs held out for recall@1.")] = 0.0,
     checkpoint_every: Annotated[int, typer.Option(min=1, help="Save a resumable checkpoint every N steps.")] = 500,
     resume: Annotated[bool, typer.Option(help="Continue from OUTPUT.ckpt if a previous run left one.")] = False,
-    bad_images: Annotated[str, typer.Option(help="skip (report and train on the rest) or stop.")] = "skip",
+    bad_images: Annotated[
+        Literal["skip", "stop"], typer.Option(help="skip (report and train on the rest) or stop.")
+    ] = "skip",
     fp16: Annotated[bool, typer.Option("--fp16/--fp32", help="Save weights as fp16 (OpenAI's layout) or fp32.")] = True,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or mps.")] = "cpu",
+    device: opt.Device = "auto",
     workers: opt.Workers = 0,
 ) -> None:
     """Train a CLIP model contrastively on image-caption pairs, from scratch or from a model."""
-    from clipcli.console import Progress, say, skipped
-    from clipcli.errors import EXIT_PARTIAL, InputError
-    from clipcli.train import StepInfo, TrainConfig
+    from clipcli.console import Progress, Tally, say
+    from clipcli.errors import EXIT_PARTIAL
+    from clipcli.train import TrainConfig, checkpoint_path
     from clipcli.train import train as run_training
 
-    if bad_images not in ("skip", "stop"):
-        raise InputError(f"--bad-images must be skip or stop, not {bad_images!r}")
     config = TrainConfig(
         pairs=pairs,
         output=output,
@@ -65,27 +154,40 @@ def train(
         half=fp16,
     )
     preload = Progress("loading images", None)
-    bar = Progress("training", None, unit="pairs")
+    bar = TrainingBar()
+    tally = Tally()
+
+    loaded = 0
 
     def on_preload(n: int, total: int) -> None:
+        nonlocal loaded
+        loaded += n
         preload.update(total=total)
         preload.advance(n)
+        if loaded >= total:
+            preload.hide()  # rich shows one live display at a time: make way for the training bar
 
-    def on_step(info: StepInfo) -> None:
-        bar.update(total=info.total, rate=f"loss {info.loss:.3f}  lr {info.lr:.2e}  {info.samples_per_s:,.0f} pairs/s")
-        bar.advance(1)
+    def on_resume(step: int, total: int) -> None:
+        say(f"resuming from step {step} of {total} ({checkpoint_path(output)})")
+        bar.resume_at(step, total)
 
     with preload, bar:
-        result = run_training(config, on_step=on_step, on_preload=on_preload, on_skip=skipped)
+        result = run_training(
+            config, on_step=bar.on_step, on_preload=on_preload, on_skip=tally.on_skip, on_resume=on_resume
+        )
+    say(_summary(result, tally.skipped, output))
+    if tally.skipped:
+        raise typer.Exit(EXIT_PARTIAL)  # the model is written, but not from every pair asked for
+
+
+def _summary(result: TrainResult, skipped: int, output: Path) -> str:
     line = f"trained {result.steps} steps in {result.seconds:.0f} s, final loss {result.final_loss:.4f}"
     if result.val_image_to_text_r1 is not None:
         i2t, t2i = result.val_image_to_text_r1, result.val_text_to_image_r1
         line += f", val recall@1 image->text {i2t:.1%} text->image {t2i:.1%}"
-    if result.skipped:
-        line += f"; skipped {len(result.skipped)} image(s)"
-    say(f"{line}; wrote {output}")
-    if result.skipped:
-        raise typer.Exit(EXIT_PARTIAL)  # the model is written, but not from every pair asked for
+    if skipped:
+        line += f"; skipped {skipped} image(s)"
+    return f"{line}; wrote {output}"
 
 
 def make_shapes(
@@ -93,21 +195,16 @@ def make_shapes(
     count: Annotated[int, typer.Option("--count", "-n", min=1, help="Number of images.")] = 1000,
     seed: Annotated[int, typer.Option(help="Random seed (different seeds give different images).")] = 0,
     split: Annotated[
-        str, typer.Option(help="seen, held-out (the ~20% combinations kept out of training) or all.")
+        Split, typer.Option(help="seen, held-out (the ~20% combinations kept out of training) or all.")
     ] = "seen",
-    background: Annotated[str, typer.Option(help="varied, saturated or grey.")] = "varied",
+    background: Annotated[Background, typer.Option(help="varied, saturated or grey.")] = "varied",
     workers: Annotated[int, typer.Option(min=1, help="Processes drawing images.")] = 2,
 ) -> None:
     """Draw captioned images of coloured shapes (8 shapes x 8 colours) for training and tests."""
     from clipcli.console import Progress, say
-    from clipcli.errors import InputError
     from clipcli.synth import generate
 
-    if split not in ("seen", "held-out", "all"):
-        raise InputError(f"--split must be seen, held-out or all, not {split!r}")
-    if background not in ("varied", "saturated", "grey"):
-        raise InputError(f"--background must be varied, saturated or grey, not {background!r}")
     with Progress("drawing", count) as bar:
-        for _ in generate(folder, count, seed, split, background, workers):  # type: ignore[arg-type]
+        for _ in generate(folder, count, seed, split, background, workers):
             bar.advance(1)
     say(f"wrote {count} images and {folder / 'pairs.csv'}")
