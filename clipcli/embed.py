@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from clipcli.atomic import OutputLock, remove_temporaries
 from clipcli.encode import encode_texts, iter_image_embeddings
 from clipcli.images import DEFAULT_MAX_PIXELS, ImageRef, Skipped
-from clipcli.io import OutputFormat, RowWriter, keep_partial, open_writer, parquet_storable
+from clipcli.io import OutputFormat, ParquetWriter, RowWriter, keep_partial, open_writer, parquet_storable
 from clipcli.models import LoadedModel
 from clipcli.prompts import TemplateSet
 from clipcli.store import ModelTag, ParquetStore, Rows, Stat, npy_sidecar, schema, stat_of, write_npy
@@ -183,8 +183,8 @@ class _WriterSink(_Sink):
     def add(self, rows: Rows) -> None:
         import numpy as np
 
-        if self.fmt is OutputFormat.PARQUET:
-            self.writer.write_table(rows.table(self.schema, self.model))  # type: ignore[attr-defined]
+        if isinstance(self.writer, ParquetWriter):
+            self.writer.write_table(rows.table(self.schema, self.model))
         else:
             embeddings = rows.embeddings.astype(np.float16) if self.dtype == "float16" else rows.embeddings
             self.writer.write(_flat_rows("path", rows.paths, embeddings, self.fmt))
@@ -229,11 +229,11 @@ def embed_text_list(
         return len(texts)
     columns = ["text", *(f"e{i}" for i in range(matrix.shape[1]))]
     with open_writer(fmt, output, columns=columns) as writer:
-        if fmt is OutputFormat.PARQUET:
+        if isinstance(writer, ParquetWriter):
             value = pa.float16() if dtype == "float16" else pa.float32()
             flat = pa.array(matrix.astype(np.float32).reshape(-1)).cast(value)
             emb = pa.FixedSizeListArray.from_arrays(flat, matrix.shape[1])
-            writer.write_table(pa.table({"text": pa.array(list(texts), pa.string()), "embedding": emb}))  # type: ignore[attr-defined]
+            writer.write_table(pa.table({"text": pa.array(list(texts), pa.string()), "embedding": emb}))
         else:
             writer.write(_flat_rows("text", texts, matrix, fmt))
     return len(texts)

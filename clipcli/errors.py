@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 # Exit codes, documented in the README.
-EXIT_OK = 0
 EXIT_PARTIAL = 1  # the run finished, but some inputs were skipped (or a --min-acc1 gate failed)
 EXIT_USAGE = 2  # nothing useful could be done: bad option, unknown model, unreadable config
 EXIT_INTERNAL = 3  # a bug in clipcli; rerun with --debug and report the traceback

@@ -104,8 +104,8 @@ class RowWriter:
     def _text_stream(self) -> IO[str]:
         """The output as text: UTF-8, with file names that are not UTF-8 written as their own bytes."""
         if self._file is None:
-            with contextlib.suppress(AttributeError, ValueError):
-                sys.stdout.reconfigure(errors="surrogateescape")  # type: ignore[union-attr]
+            if isinstance(sys.stdout, io.TextIOWrapper):
+                sys.stdout.reconfigure(errors="surrogateescape")
             return sys.stdout
         self._text = io.TextIOWrapper(
             self._file.file, encoding="utf-8", errors="surrogateescape", newline="", write_through=True

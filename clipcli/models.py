@@ -21,7 +21,7 @@ from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from clipcli.errors import DownloadError, ModelError
 
@@ -281,7 +281,7 @@ def resolve_precision(spec: str, device: torch.device) -> Precision:
     if spec not in PRECISIONS:
         raise ModelError(f"unknown precision {spec!r}: use one of {', '.join(PRECISIONS)}")
     if spec != "auto":
-        return spec  # type: ignore[return-value]
+        return cast(Precision, spec)  # checked against PRECISIONS above
     if device.type == "cuda":
         return "fp16"
     if device.type == "cpu" and cpu_has_native_bf16():

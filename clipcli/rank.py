@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -110,7 +111,24 @@ def _chunks(matrix: np.ndarray, unit: bool, name_rows: Callable[[list[int]], lis
 
     for start in range(0, matrix.shape[0], CHUNK_ROWS):
         chunk = np.asarray(matrix[start : start + CHUNK_ROWS], dtype=np.float32)
-        yield (chunk if unit else _normalized(chunk)), lambda idx, s=start: name_rows([s + int(i) for i in idx])  # type: ignore[misc]
+        yield (chunk if unit else _normalized(chunk)), partial(_offset_names, name_rows, start)
+
+
+# What a chunk's rows are called, bound per chunk (a lambda in a loop would see the last chunk's values).
+def _offset_names(name_rows: Callable[[list[int]], list[Any]], start: int, idx: np.ndarray) -> list[Any]:
+    return name_rows([start + int(i) for i in idx])
+
+
+def _arrow_names(column: Any, idx: np.ndarray) -> list[Any]:
+    return list(column.take(idx).to_pylist())
+
+
+def _list_names(names: Sequence[str], idx: np.ndarray) -> list[Any]:
+    return [names[int(i)] for i in idx]
+
+
+def _add_chunk(builder: Builder, chunk: np.ndarray) -> None:
+    builder.add(chunk)
 
 
 @dataclass(frozen=True)
@@ -158,10 +176,9 @@ def _iter_parquet(source: Path, lm: LoadedModel, use_cache: bool) -> Iterator[Ch
         for reader, unit, key in readers:
             for batch in reader.iter_batches(batch_size=CHUNK_ROWS, columns=[key, "embedding"]):
                 stored = batch.column("embedding").values.to_numpy(zero_copy_only=False).reshape(len(batch), -1)
-                builder = _cache_step(builder, lambda b, m=stored: b.add(m))  # type: ignore[misc]
+                builder = _cache_step(builder, partial(_add_chunk, chunk=stored))
                 chunk = stored.astype("float32", copy=False)
-                names = batch.column(key)
-                yield (chunk if unit else _normalized(chunk)), lambda idx, c=names: c.take(idx).to_pylist()  # type: ignore[misc]
+                yield (chunk if unit else _normalized(chunk)), partial(_arrow_names, batch.column(key))
         _, unit, key = readers[0]
         builder = _cache_step(builder, lambda b: b.commit(lm.checksum, key, unit))
         builder = None  # committed, or abandoned by _cache_step
@@ -260,7 +277,7 @@ def rank_sources(
                 if on_skip:
                     on_skip(s)
             if batch.names:
-                best.offer(batch.embeddings.numpy() @ query, lambda idx, n=batch.names: [n[int(i)] for i in idx])  # type: ignore[misc]
+                best.offer(batch.embeddings.numpy() @ query, partial(_list_names, batch.names))
     return best.hits()
 
 

@@ -31,6 +31,15 @@ def write_checkpoint(path: Path, arch: str, seed: int = 0) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test (and every process it starts) keeps its caches in a folder of its own, never in the
+    real ~/.cache/clip: classifier, search and download caches must not leak between tests or runs."""
+    cache = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("CLIPCLI_CACHE", str(cache))
+    return cache
+
+
 @pytest.fixture(scope="session")
 def vit_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "test-vit.pt", "test-vit")

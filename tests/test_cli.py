@@ -182,3 +182,14 @@ def test_models_prints_plain_rows_in_a_pipe(cli):
     rows = [line.split("\t") for line in ran.stdout.splitlines()]
     assert rows[-1][:3] == ["tiny-shapes", "bundled", "bundled"] and all(len(r) == 5 for r in rows)
     assert "─" not in ran.stdout and "│" not in ran.stdout
+
+
+def test_tests_keep_their_caches_out_of_the_home_folder(cli, private_cache, tmp_path):
+    from clipcli.models import cache_dir
+
+    assert cache_dir() == private_cache and Path.home() not in cache_dir().parents
+    folder = tmp_path / "by-class" / "red cross"
+    folder.mkdir(parents=True)
+    (folder / "a.jpg").write_bytes(Path(IMAGE).read_bytes())
+    assert cli("eval", str(tmp_path / "by-class"), "-m", "tiny-shapes").exit_code == 0
+    assert list((private_cache / "clipcli-classifiers").iterdir())  # the classifier cache went here

@@ -27,11 +27,9 @@ SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 
 def clipcli(*args: str, cwd: Path | None = None, **popen: object) -> subprocess.Popen[bytes]:
     """The real console entry point in a child process (signals reach it as they would a user's run)."""
-    env = {**os.environ, "CLIPCLI_CACHE": str(Path(cwd or ".").resolve() / ".cache")}
     return subprocess.Popen(  # type: ignore[call-overload,no-any-return]
         [sys.executable, "-m", "clipcli", *args],
         cwd=cwd,
-        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         **popen,

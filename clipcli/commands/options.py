@@ -12,6 +12,7 @@ from clipcli.io import OutputFormat
 if TYPE_CHECKING:
     from clipcli.models import LoadedModel
 
+
 class PrecisionChoice(str, Enum):
     AUTO = "auto"
     FP32 = "fp32"
