@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from clipcli.encode import iter_image_embeddings
 from clipcli.images import DEFAULT_MAX_PIXELS, ImageRef, Skipped
 from clipcli.models import LoadedModel
-from clipcli.prompts import TemplateSet, zero_shot_classifier
+from clipcli.prompts import TemplateSet, zero_shot_classifier, zero_shot_probabilities
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -64,12 +64,11 @@ def classify_images(
     import torch
 
     classifier = zero_shot_classifier(lm, labels, templates, on_progress=on_prompts)
-    scale = lm.model.logit_scale.exp().float().cpu()
     k = min(top_k, len(labels))
     for batch in iter_image_embeddings(lm, refs, batch_size, workers, exact, max_pixels=max_pixels):
         yield from batch.skipped
         if batch.names:
-            probs = (scale * batch.embeddings @ classifier.T).softmax(dim=-1)
+            probs = zero_shot_probabilities(lm, batch.embeddings, classifier)
             top = torch.topk(probs, k, dim=-1)
             for path, scores, idx in zip(batch.names, top.values.tolist(), top.indices.tolist(), strict=True):
                 yield Prediction(path, tuple(labels[i] for i in idx), tuple(scores))

@@ -6,12 +6,24 @@ import os
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from clipcli.errors import InputError
-from clipcli.images import ImageRef, _walk_folder, natural_key
 from clipcli.prompts import read_lines
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from clipcli.images import ImageRef  # images imports PIL, which `clipcli --help` does without
+
+
+class Benchmark(str, Enum):
+    """The datasets torchvision downloads and reads for us (their test split)."""
+
+    CIFAR10 = "cifar10"
+    CIFAR100 = "cifar100"
 
 
 @dataclass(frozen=True)
@@ -23,10 +35,14 @@ class LabelledImages:
     targets: list[int]
     classes: list[str]  # the names used in prompts
     refs: list[ImageRef] | None = None
-    arrays: Any = None
+    arrays: np.ndarray | None = None  # N x H x W x 3 uint8, as torchvision's CIFAR holds them
     # Folders under an image folder that hold no image, so no class: the CLI tells the user, since a
     # class silently missing from the report reads as a class that was evaluated.
     empty_folders: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        """The number of images."""
+        return len(self.targets)
 
     def subset(self, keep: list[int]) -> LabelledImages:
         return replace(
@@ -46,6 +62,36 @@ class CaptionPairs:
     refs: list[ImageRef]  # unique images
     texts: list[str]
     text_to_image: list[int]  # the image each caption belongs to
+
+    def __len__(self) -> int:
+        """The number of images (not of captions)."""
+        return len(self.refs)
+
+
+EvalData = LabelledImages | CaptionPairs
+
+
+def load_dataset(
+    data: Path | None,
+    dataset: Benchmark | None = None,
+    data_root: Path = Path("data"),
+    download: bool = False,
+    classnames: str | None = None,
+) -> EvalData:
+    """What ``eval`` evaluates: a benchmark (``dataset``), or ``data``, an image folder or a manifest.
+
+    ``classnames`` names the classes of a folder or a labelled manifest in prompts (see
+    :func:`image_folder`); a benchmark brings its own names.
+    """
+    if dataset is not None and data is None:
+        return cifar(dataset, data_root, download)
+    if data is not None and dataset is None:
+        if data.is_dir():
+            return image_folder(data, classnames)
+        if data.is_file():
+            return manifest(data, classnames)
+        raise InputError(f"{data}: no such folder or manifest")
+    raise InputError("give a folder or manifest, or --dataset cifar10|cifar100 (one of them)")
 
 
 def _class_names(folder_names: list[str], classnames: str | None) -> list[str]:
@@ -67,9 +113,11 @@ def _class_names(folder_names: list[str], classnames: str | None) -> list[str]:
 
 def image_folder(root: Path, classnames: str | None = None) -> LabelledImages:
     """Every image under ``root``; its class is the name of the folder it sits in."""
+    from clipcli.images import natural_key, walk_folder
+
     if not root.is_dir():
         raise InputError(f"{root}: not a folder")
-    refs = _walk_folder(str(root))
+    refs = walk_folder(str(root))
     if not refs:
         raise InputError(f"{root}: no images found")
     leaf = [os.path.basename(os.path.dirname(r.path)) for r in refs]
@@ -90,6 +138,8 @@ def _empty_folders(root: str, image_dirs: Iterable[str]) -> list[str]:
 
     Only the top-most is named: its empty sub-folders are the same missing class, said once.
     """
+    from clipcli.images import natural_key
+
     holding = {root}  # every folder with an image somewhere below it
     for folder in image_dirs:
         while folder not in holding and len(folder) > len(root):
@@ -106,10 +156,12 @@ def _empty_folders(root: str, image_dirs: Iterable[str]) -> list[str]:
     return sorted(empty, key=natural_key)
 
 
-def manifest(path: Path, classnames: str | None = None) -> LabelledImages | CaptionPairs:
+def manifest(path: Path, classnames: str | None = None) -> EvalData:
     """A CSV or Parquet file with ``path`` (or ``image``) and ``label`` (classification) or ``text``
     (image-caption retrieval) columns; relative paths are relative to the manifest's folder."""
     import pandas as pd
+
+    from clipcli.images import ImageRef, natural_key
 
     try:
         if path.suffix.lower() in (".parquet", ".pq"):
@@ -166,11 +218,12 @@ def _cells(manifest: Path, column: Iterable[Any], what: str) -> list[str]:
     return values
 
 
-def cifar(name: str, root: Path, download: bool = False) -> LabelledImages:
+def cifar(benchmark: Benchmark, root: Path, download: bool = False) -> LabelledImages:
     """The test split of CIFAR-10 or CIFAR-100, through torchvision's own loader and file layout."""
     from torchvision import datasets
 
-    factory = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[name]
+    name = benchmark.value
+    factory = {Benchmark.CIFAR10: datasets.CIFAR10, Benchmark.CIFAR100: datasets.CIFAR100}[benchmark]
     try:
         data = factory(root=str(root), train=False, download=download)
     except RuntimeError as e:

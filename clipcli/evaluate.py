@@ -24,7 +24,7 @@ from clipcli.datasets import CaptionPairs, LabelledImages
 from clipcli.images import DEFAULT_MAX_PIXELS, Skipped, iter_array_batches, iter_batches
 from clipcli.metrics import confusion_matrix, per_class, retrieval_recall, topk_accuracy, true_label_rank
 from clipcli.models import LoadedModel, cache_dir
-from clipcli.prompts import TemplateSet, zero_shot_classifier
+from clipcli.prompts import TemplateSet, zero_shot_classifier, zero_shot_logits, zero_shot_probabilities
 
 if TYPE_CHECKING:
     import torch
@@ -134,7 +134,7 @@ class EvalResult:
     predictions: Predictions | None = None
 
     def record(self) -> dict[str, Any]:
-        """The JSON report record (see the README's report schema)."""
+        """The JSON report record, as clipcli/report.schema.json describes it."""
         import torch
 
         return {
@@ -159,6 +159,16 @@ class EvalResult:
         }
 
 
+def gate_score(result: EvalResult) -> tuple[str, float]:
+    """The figure ``--min-acc1`` holds a result to, and its name: top-1 accuracy when classifying; for
+    caption retrieval, the smaller of image->text and text->image recall@1, so that a model passes only
+    when it finds captions from images and images from captions. NaN when nothing was measured."""
+    if "acc1" in result.metrics:
+        return "acc1", result.metrics["acc1"]
+    both = [result.metrics.get(f"{way}_recall@1", float("nan")) for way in ("image_to_text", "text_to_image")]
+    return "recall@1", float("nan") if any(v != v for v in both) else min(both)
+
+
 def classification_result(
     lm: LoadedModel,
     data: LabelledImages,
@@ -168,11 +178,13 @@ def classification_result(
     on_progress: Callable[[int], None] | None = None,
 ) -> EvalResult:
     """Metrics of one template set; ``on_progress`` as for :func:`cached_classifier`."""
+    import torch
+
     start = time.perf_counter()
     classifier, hit = cached_classifier(lm, data.classes, templates, use_cache, on_progress)
     text_seconds = time.perf_counter() - start
-    scale = float(lm.model.logit_scale.exp())
-    logits = scale * images.embeddings @ classifier.numpy().T
+    embeddings = torch.from_numpy(images.embeddings)
+    logits = zero_shot_logits(lm, embeddings, classifier).numpy()
     targets = np.array([data.targets[i] for i in images.kept], dtype=np.int64)
     n_classes = len(data.classes)
     predicted = logits.argmax(axis=1) if len(targets) else np.empty(0, np.int64)
@@ -182,8 +194,7 @@ def classification_result(
     if n_classes >= 5:
         metrics["acc5"] = topk_accuracy(logits, targets, 5)
     metrics["mean_per_class_recall"] = stats.mean_recall
-    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probs /= probs.sum(axis=1, keepdims=True)
+    probs = zero_shot_probabilities(lm, embeddings, classifier).numpy()  # the scores `classify` gives
     return EvalResult(
         model=lm.name,
         model_sha256=lm.checksum,

@@ -92,7 +92,7 @@ def _walk_once(top: str, hidden: bool = True) -> Iterator[tuple[str, list[str]]]
         yield root, files
 
 
-def _walk_folder(folder: str) -> list[ImageRef]:
+def walk_folder(folder: str) -> list[ImageRef]:
     found = []
     for root, files in _walk_once(folder):
         for name in files:
@@ -141,15 +141,18 @@ def _stdin_paths(text: str) -> list[str]:
 
 
 def _drop_repeats(refs: list[ImageRef]) -> list[ImageRef]:
-    """The first ref to each file as the user wrote it: ``x.jpg ./x.jpg folder/`` classifies x.jpg once."""
+    """Each file once, named in normal form: ``x.jpg ./x.jpg folder/`` classifies x.jpg once, as
+    ``x.jpg``, so that the names stored by one run match those of the next however the file was named.
+    The file itself is opened by the path given."""
     cwd = os.getcwd()  # once, where os.path.abspath would ask again for every path
     seen: set[str] = set()
     unique = []
     for ref in refs:
-        key = os.path.normpath(os.path.join(cwd, ref.path))
+        name = os.path.normpath(ref.path)
+        key = os.path.join(cwd, name)
         if key not in seen:
             seen.add(key)
-            unique.append(ref)
+            unique.append(ref if name == ref.path else ImageRef(name, ref.file))
     return unique
 
 
@@ -166,7 +169,7 @@ def discover(arguments: Sequence[str], stdin: IO[str] | None = None) -> tuple[li
             # Lines from `find` name files one by one: a directory here is a mistake, not a folder to walk.
             refs.extend(ImageRef(line, Path(line)) for line in _stdin_paths(stdin.read() if stdin else ""))
         elif os.path.isdir(arg):
-            refs.extend(_walk_folder(arg))
+            refs.extend(walk_folder(arg))
         elif os.path.lexists(arg):
             refs.append(ImageRef(arg, Path(arg)))
         elif _GLOB_CHARS.search(arg):

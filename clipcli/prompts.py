@@ -53,13 +53,25 @@ def builtin_templates(name: str) -> TemplateSet:
     return TemplateSet(name, _check([ln.strip() for ln in text.splitlines() if ln.strip()], name))
 
 
-def resolve_templates(template: Sequence[str] | None = None, templates: str | None = None) -> TemplateSet:
-    """``--template`` strings (repeatable) or ``--templates NAME|FILE``; the default is ``simple``."""
+def resolve_templates(
+    template: Sequence[str] | None = None, templates: str | Sequence[str] | None = None
+) -> TemplateSet:
+    """``--template`` strings (repeatable) or ``--templates NAME|FILE`` (repeatable: the sets are pooled
+    into one ensemble, each template once); the default is ``simple``."""
     if template and templates:
         raise InputError("give --template or --templates, not both")
     if template:
         return TemplateSet("custom" if len(template) > 1 else template[0], _check(template, "--template"))
-    name = templates or DEFAULT_TEMPLATES
+    names = [templates] if isinstance(templates, str) else list(templates or [DEFAULT_TEMPLATES])
+    sets = [template_set(name) for name in names]
+    if len(sets) == 1:
+        return sets[0]
+    pooled = dict.fromkeys(t for s in sets for t in s.templates)
+    return TemplateSet("+".join(s.name for s in sets), tuple(pooled))
+
+
+def template_set(name: str) -> TemplateSet:
+    """A built-in set by name, or a file with one template per line."""
     if name in BUILTIN_TEMPLATE_SETS:
         return builtin_templates(name)
     if Path(name).is_file():
@@ -119,3 +131,18 @@ def zero_shot_classifier(
     prompts = [p for label in labels for p in templates.fill(label)]
     per_prompt = encode_texts(lm, prompts, on_progress=on_progress).view(len(labels), len(templates.templates), -1)
     return torch.nn.functional.normalize(per_prompt.mean(dim=1), dim=-1)
+
+
+def zero_shot_logits(lm: LoadedModel, image_embeddings: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
+    """``logit_scale`` x cosine similarity of normalised image embeddings (N x D) with a classifier (L x D):
+    CLIP's own ``logits_per_image`` (N x L). Rankings and accuracies are read from these, not from
+    probabilities, which round far-off labels to the same 0."""
+    scale = lm.model.logit_scale.exp().float().cpu()
+    return scale * image_embeddings @ classifier.T
+
+
+def zero_shot_probabilities(lm: LoadedModel, image_embeddings: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
+    """Each image's probability over the labels (N x L, rows sum to 1): the softmax of
+    :func:`zero_shot_logits`, as OpenAI's zero-shot example computes it. ``classify`` and ``eval`` both
+    score with this one function, so their scores agree."""
+    return zero_shot_logits(lm, image_embeddings, classifier).softmax(dim=-1)

@@ -9,7 +9,7 @@ import random
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import jsonschema
 import numpy as np
@@ -18,6 +18,11 @@ import pytest
 from conftest import Ran
 
 from clipcli.synth import render
+
+if TYPE_CHECKING:
+    from clipcli.evaluate import EvalResult
+
+Cli = Callable[..., Ran]
 
 CLASSES = [
     ("red", "circle"),
@@ -46,11 +51,11 @@ def shapes_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
+def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CLIPCLI_CACHE", str(tmp_path / "cache"))
 
 
-def test_acc1_equals_the_fraction_classify_gets_right(cli, shapes_folder, tmp_path):
+def test_acc1_equals_the_fraction_classify_gets_right(cli: Cli, shapes_folder: Path, tmp_path: Path) -> None:
     data = shapes_folder / "data"
     report = tmp_path / "r.json"
     ran = cli("eval", str(data), "-m", "tiny-shapes", "--report", str(report), "--templates", "cifar")
@@ -66,7 +71,7 @@ def test_acc1_equals_the_fraction_classify_gets_right(cli, shapes_folder, tmp_pa
     assert acc1 > 0.5  # the bundled model knows these shapes
 
 
-def test_folder_and_manifest_give_the_same_report(cli, shapes_folder, tmp_path):
+def test_folder_and_manifest_give_the_same_report(cli: Cli, shapes_folder: Path, tmp_path: Path) -> None:
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     cli("eval", str(shapes_folder / "data"), "-m", "tiny-shapes", "--report", str(a))
     cli("eval", str(shapes_folder / "manifest.csv"), "-m", "tiny-shapes", "--report", str(b))
@@ -75,7 +80,9 @@ def test_folder_and_manifest_give_the_same_report(cli, shapes_folder, tmp_path):
     assert ra["confusion_matrix"] == rb["confusion_matrix"]
 
 
-def test_report_matches_its_schema_and_predictions_file(cli, shapes_folder, tmp_path, vit_ckpt):
+def test_report_matches_its_schema_and_predictions_file(
+    cli: Cli, shapes_folder: Path, tmp_path: Path, vit_ckpt: Path
+) -> None:
     report, preds = tmp_path / "r.json", tmp_path / "p.parquet"
     ran = cli(
         "eval",
@@ -115,12 +122,19 @@ def test_report_matches_its_schema_and_predictions_file(cli, shapes_folder, tmp_
     assert "vs simple" in ran.stderr and "cifar (18)" in ran.stderr
 
 
-def test_text_cache_is_hit_on_a_rerun(cli, shapes_folder, tmp_path, monkeypatch):
+def test_text_cache_is_hit_on_a_rerun(
+    cli: Cli, shapes_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import clipcli.encode
 
-    calls = []
+    calls: list[int] = []
     real = clipcli.encode.encode_texts
-    monkeypatch.setattr(clipcli.encode, "encode_texts", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(clipcli.encode, "encode_texts", counted)
     args = ["eval", str(shapes_folder / "data"), "-m", "tiny-shapes", "--templates", "cifar"]
     cli(*args, "--report", str(tmp_path / "1.json"))
     assert len(calls) == 1
@@ -131,14 +145,60 @@ def test_text_cache_is_hit_on_a_rerun(cli, shapes_folder, tmp_path, monkeypatch)
     assert len(calls) == 2
 
 
-def test_min_acc1_gate(cli, shapes_folder):
+def test_min_acc1_gate(cli: Cli, shapes_folder: Path, tmp_path: Path) -> None:
     data = str(shapes_folder / "data")
     assert cli("eval", data, "-m", "tiny-shapes", "--min-acc1", "0.2").exit_code == 0
-    failed = cli("eval", data, "-m", "tiny-shapes", "--min-acc1", "1.01")
-    assert failed.exit_code == 1 and "below --min-acc1 1.01" in failed.stderr
+    assert cli("eval", data, "-m", "tiny-shapes", "--min-acc1", "1").exit_code == 0  # acc1 is 1.0: not below
+    # Each class named after the next one: the model, right about the pictures, is wrong about the names.
+    names = sorted(f"{c} {s}" for c, s in CLASSES)
+    rotated = tmp_path / "rotated.txt"
+    rotated.write_text("\n".join(names[1:] + names[:1]) + "\n")
+    failed = cli("eval", data, "-m", "tiny-shapes", "--classnames", str(rotated), "--min-acc1", "0.5")
+    assert failed.exit_code == 1
+    assert "acc1 0.0000 of tiny-shapes / simple is below --min-acc1 0.5" in failed.stderr.splitlines()
 
 
-def test_limit_and_seed(cli, shapes_folder, tmp_path):
+@pytest.mark.parametrize("value", ["80", "1.01", "-0.1"])
+def test_min_acc1_outside_0_1_is_a_usage_error(cli: Cli, shapes_folder: Path, value: str) -> None:
+    ran = cli("eval", str(shapes_folder / "data"), "-m", "tiny-shapes", "--min-acc1", value)
+    line = _one_line_error(ran)
+    assert "--min-acc1" in line and "zero-shot evaluation" not in ran.stderr  # refused before any work
+
+
+def _captions(shapes_folder: Path) -> Path:
+    """Two images per class, one caption each: tiny-shapes finds half of them at rank 1 both ways."""
+    rows = [{"path": f"data/{c}_{s}/{i}.png", "text": f"a photo of a {c} {s}."} for c, s in CLASSES for i in range(2)]
+    manifest = shapes_folder / "captions.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    return manifest
+
+
+def test_min_acc1_gates_retrieval_on_the_smaller_recall_at_1(cli: Cli, shapes_folder: Path, tmp_path: Path) -> None:
+    manifest = str(_captions(shapes_folder))
+    report = tmp_path / "r.json"
+    passed = cli("eval", manifest, "-m", "tiny-shapes", "--report", str(report), "--min-acc1", "0.5")
+    metrics = json.loads(report.read_text())["results"][0]["metrics"]
+    assert min(metrics["image_to_text_recall@1"], metrics["text_to_image_recall@1"]) == 0.5
+    assert passed.exit_code == 0, passed.stderr
+    failed = cli("eval", manifest, "-m", "tiny-shapes", "--min-acc1", "0.6")
+    assert failed.exit_code == 1
+    assert "recall@1 0.5000 of tiny-shapes is below --min-acc1 0.6" in failed.stderr.splitlines()
+
+
+def test_gate_score_is_acc1_or_the_smaller_recall_at_1() -> None:
+    from clipcli.evaluate import EvalResult, gate_score
+
+    def result(metrics: dict[str, float]) -> EvalResult:
+        return EvalResult("m", "0" * 64, "none", 0, "manifest:x.csv", 4, 0, metrics)
+
+    assert gate_score(result({"acc1": 0.25, "acc5": 0.5})) == ("acc1", 0.25)
+    both = {"image_to_text_recall@1": 0.75, "text_to_image_recall@1": 0.5, "image_to_text_recall@5": 1.0}
+    assert gate_score(result(both)) == ("recall@1", 0.5)
+    name, value = gate_score(result({"image_to_text_recall@1": 0.75}))
+    assert name == "recall@1" and np.isnan(value)  # one direction missing: nothing to pass the gate with
+
+
+def test_limit_and_seed(cli: Cli, shapes_folder: Path, tmp_path: Path) -> None:
     report = tmp_path / "r.json"
     cli(
         "eval",
@@ -168,7 +228,9 @@ def _fake_cifar10(root: Path, n: int = 20) -> None:
         pickle.dump({"label_names": names}, f)
 
 
-def test_cifar_from_torchvision_layout(cli, tmp_path, monkeypatch, vit_ckpt):
+def test_cifar_from_torchvision_layout(
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, vit_ckpt: Path
+) -> None:
     import torchvision.datasets.cifar as tv_cifar
 
     # torchvision checks its files' md5 against the real release; the fake has its own bytes
@@ -195,15 +257,13 @@ def test_cifar_from_torchvision_layout(cli, tmp_path, monkeypatch, vit_ckpt):
     assert pd.read_csv(tmp_path / "p.csv")["path"][0] == "cifar10/test/00000"
 
 
-def test_cifar_missing_offline_is_a_clear_error(cli, tmp_path, vit_ckpt):
+def test_cifar_missing_offline_is_a_clear_error(cli: Cli, tmp_path: Path, vit_ckpt: Path) -> None:
     ran = cli("eval", "--dataset", "cifar100", "--data-root", str(tmp_path / "none"), "-m", str(vit_ckpt))
     assert ran.exit_code == 2 and "cifar100 not found under" in ran.stderr and "--download" in ran.stderr
 
 
-def test_retrieval_manifest(cli, shapes_folder, tmp_path):
-    rows = [{"path": f"data/{c}_{s}/{i}.png", "text": f"a photo of a {c} {s}."} for c, s in CLASSES for i in range(2)]
-    manifest = shapes_folder / "captions.csv"
-    pd.DataFrame(rows).to_csv(manifest, index=False)
+def test_retrieval_manifest(cli: Cli, shapes_folder: Path, tmp_path: Path) -> None:
+    manifest = _captions(shapes_folder)
     report = tmp_path / "r.json"
     ran = cli("eval", str(manifest), "-m", "tiny-shapes", "--report", str(report))
     assert ran.exit_code == 0, ran.stderr
@@ -212,7 +272,7 @@ def test_retrieval_manifest(cli, shapes_folder, tmp_path):
     assert metrics["image_to_text_recall@10"] >= metrics["image_to_text_recall@1"]
 
 
-def test_plots(cli, shapes_folder, tmp_path):
+def test_plots(cli: Cli, shapes_folder: Path, tmp_path: Path) -> None:
     ran = cli("eval", str(shapes_folder / "data"), "-m", "tiny-shapes", "--plots", str(tmp_path / "plots"))
     assert ran.exit_code == 0, ran.stderr
     pngs = list((tmp_path / "plots").glob("confusion-*.png"))
@@ -220,9 +280,6 @@ def test_plots(cli, shapes_folder, tmp_path):
     assert len(pngs) == 1 and len(pages) == 1
     assert pngs[0].read_bytes()[:4] == b"\x89PNG"
     assert "Most confused classes" in pages[0].read_text()
-
-
-Cli = Callable[..., Ran]
 
 
 def _one_line_error(ran: Ran) -> str:
@@ -327,6 +384,9 @@ class _FakeProgress:
     def update(self, **fields: object) -> None:
         pass
 
+    def hide(self) -> None:
+        pass
+
     def __enter__(self) -> _FakeProgress:
         self.entered = True
         return self
@@ -349,4 +409,179 @@ def test_prompt_encoding_shows_progress_unless_cached(
     _FakeProgress.made.clear()
     assert cli(*args).exit_code == 0  # the classifier now comes from the cache
     [bar] = [p for p in _FakeProgress.made if p.description.startswith("encoding prompts")]
-    assert bar.done == 0 and not bar.entered
+    assert bar.done == 0  # nothing encoded: a bar is drawn from its first advance, so none shows
+
+
+# --- the summary table -------------------------------------------------------------------------------
+
+LONG_CHECKPOINT = "/tmp/pytest-of-someone/pytest-123/checkpoints0/very-long-checkpoint-name-vit-b-32-finetuned.pt"
+
+
+def _result(model: str, templates: str, n_templates: int, metrics: dict[str, float]) -> EvalResult:
+    from clipcli.evaluate import EvalResult
+
+    return EvalResult(model, "0" * 64, templates, n_templates, "folder:/data/photos-by-class", 500, 0, metrics)
+
+
+def _classified(model: str, templates: str, n_templates: int, acc1: float) -> EvalResult:
+    return _result(model, templates, n_templates, {"acc1": acc1, "acc5": 0.9912, "mean_per_class_recall": 0.345})
+
+
+def _render(results: list[EvalResult]) -> list[str]:
+    """The table as an 80-column terminal shows it (the CLI's console soft-wraps, as this one does)."""
+    from rich.console import Console
+
+    from clipcli.commands.eval import _print_table
+
+    console = Console(width=80, record=True, file=io.StringIO(), soft_wrap=True, highlight=False)
+    _print_table(console, results)
+    return console.export_text().rstrip("\n").splitlines()
+
+
+def _header_lines(lines: list[str]) -> list[str]:
+    top = next(i for i, line in enumerate(lines) if line.startswith("┏"))
+    rule = next(i for i, line in enumerate(lines) if line.startswith("┡"))
+    return lines[top + 1 : rule]
+
+
+def test_table_fits_80_columns_without_splitting_a_header_or_a_figure() -> None:
+    lines = _render(
+        [
+            _classified("ViT-B/32", "simple", 1, 0.5),
+            _classified("ViT-B/32", "imagenet", 80, 0.5612),
+            _classified(LONG_CHECKPOINT, "cifar", 18, 0.345),
+        ]
+    )
+    assert all(len(line) <= 80 for line in lines), "\n".join(lines)
+    [header] = _header_lines(lines)  # one line of headers: none is folded
+    assert [h.strip() for h in header.strip("┃").split("┃")] == [
+        "model",
+        "templates",
+        "acc@1",
+        "acc@5",
+        "mpcr",
+        "vs simple",
+    ]
+    rows = "\n".join(lines)
+    for figure in ("56.12%", "50.00%", "34.50%", "99.12%", "+6.12 pts"):
+        assert figure in rows  # whole, on one line
+    assert lines[-1] == "acc@k: top-k accuracy; mpcr: mean per-class recall; vs simple: acc@1 gain"
+    body = [line for line in lines if line.startswith("│") and "%" in line]
+    assert [line.split("│")[2].strip() for line in body] == ["imagenet (80)", "simple (1)", "cifar (18)"]  # best first
+    assert "+6.12 pts" in body[0] and "pts" not in body[1] + body[2]  # no gain for the baseline or without one
+
+
+def test_table_has_no_comparison_for_a_single_template_set() -> None:
+    lines = _render([_classified("ViT-B/32", "simple", 1, 0.5), _classified("RN50", "simple", 1, 0.6)])
+    text = "\n".join(lines)
+    assert "vs simple" not in text and "pts" not in text
+    [header] = _header_lines(lines)
+    assert "vs simple" not in header and header.split() == [
+        "┃",
+        "model",
+        "┃",
+        "templates",
+        "┃",
+        "acc@1",
+        "┃",
+        "acc@5",
+        "┃",
+        "mpcr",
+        "┃",
+    ]
+    assert lines[-1] == "acc@k: top-k accuracy; mpcr: mean per-class recall"
+    # a set other than simple, with no simple run to compare it with: nothing to compare either
+    assert "vs simple" not in "\n".join(_render([_classified("RN50", "cifar", 18, 0.6)]))
+
+
+def test_retrieval_table_has_no_templates_column() -> None:
+    recalls = {f"{way}_recall@{k}": 0.5 for k in (1, 5, 10) for way in ("image_to_text", "text_to_image")}
+    lines = _render([_result(LONG_CHECKPOINT, "none", 0, recalls)])
+    assert all(len(line) <= 80 for line in lines), "\n".join(lines)
+    [header] = _header_lines(lines)
+    assert header.split("┃")[1:-1] == [
+        " model                  ",
+        "  i2t@1 ",
+        "  t2i@1 ",
+        "  i2t@5 ",
+        "  t2i@5 ",
+        " i2t@10 ",
+        " t2i@10 ",
+    ]
+    text = "\n".join(lines)
+    assert "templates" not in text and "none (0)" not in text and "vs simple" not in text
+    assert lines[-1] == "i2t@k, t2i@k: recall@k from images to texts and from texts to images"
+
+
+def test_eval_table_on_stderr_for_one_template_set(cli: Cli, shapes_folder: Path) -> None:
+    ran = cli("eval", str(shapes_folder / "data"), "-m", "tiny-shapes", env={"COLUMNS": "80"})
+    assert ran.exit_code == 0, ran.stderr
+    lines = ran.stderr.splitlines()
+    assert all(len(line) <= 80 for line in lines), ran.stderr
+    assert "vs simple" not in ran.stderr and "acc@1" in ran.stderr and "simple (1)" in ran.stderr
+    assert lines[-1] == "acc@k: top-k accuracy; mpcr: mean per-class recall"
+
+
+# --- where the data comes from -----------------------------------------------------------------------
+
+
+def test_load_dataset_picks_folder_manifest_or_benchmark(shapes_folder: Path, tmp_path: Path) -> None:
+    from clipcli.datasets import Benchmark, CaptionPairs, LabelledImages, load_dataset
+    from clipcli.errors import InputError
+
+    folder = load_dataset(shapes_folder / "data")
+    assert isinstance(folder, LabelledImages) and len(folder) == 36 and folder.classes[0] == "blue star"
+    labelled = load_dataset(shapes_folder / "manifest.csv")
+    assert isinstance(labelled, LabelledImages) and labelled.classes == folder.classes
+    assert sorted(labelled.targets) == sorted(folder.targets)
+    captions = load_dataset(_captions(shapes_folder))
+    assert isinstance(captions, CaptionPairs) and len(captions) == 12 and len(captions.texts) == 12
+    with pytest.raises(
+        InputError, match=r"^give a folder or manifest, or --dataset cifar10\|cifar100 \(one of them\)$"
+    ):
+        load_dataset(None)
+    with pytest.raises(InputError, match="one of them"):
+        load_dataset(shapes_folder / "data", Benchmark.CIFAR10)
+    with pytest.raises(InputError, match=f"^{tmp_path / 'absent'}: no such folder or manifest$"):
+        load_dataset(tmp_path / "absent")
+
+
+def test_dataset_choices_are_typers_own(cli: Cli) -> None:
+    help_text = " ".join(cli("eval", "--help", env={"COLUMNS": "200"}).stdout.split())
+    assert "cifar10|cifar100" in help_text
+    line = _one_line_error(cli("eval", "--dataset", "imagenet"))
+    assert "--dataset" in line and "'imagenet' is not one of 'cifar10', 'cifar100'" in line
+
+
+def test_report_help_names_the_schema_that_ships(cli: Cli) -> None:
+    help_text = " ".join(cli("eval", "--help", env={"COLUMNS": "200"}).stdout.split())
+    assert "schema in the README" not in help_text
+    assert "clipcli/report.schema.json, installed with the package" in help_text
+    assert (resources.files("clipcli") / "report.schema.json").is_file()
+
+
+def test_walk_folder_is_public_and_datasets_use_it() -> None:
+    import clipcli.datasets
+    import clipcli.images
+
+    assert not hasattr(clipcli.images, "_walk_folder")
+    assert clipcli.datasets.walk_folder is clipcli.images.walk_folder
+
+
+def test_eval_scores_are_classifys_probabilities(cli: Cli, shapes_folder: Path, tmp_path: Path) -> None:
+    data = shapes_folder / "data"
+    preds = tmp_path / "p.csv"
+    # Letters for names leave the model unsure, so the scores are far from 1.0 and comparing them says something.
+    names = list("abcdef")
+    letters = tmp_path / "letters.txt"
+    letters.write_text("\n".join(names) + "\n")
+    ran = cli("eval", str(data), "-m", "tiny-shapes", "--classnames", str(letters), "--predictions", str(preds))
+    assert ran.exit_code == 0, ran.stderr
+    by_eval = pd.read_csv(preds).set_index("path")
+    labels = ",".join(names)
+    out = cli("classify", str(data), "--labels", labels, "-m", "tiny-shapes", "-k", "1", "-f", "csv")
+    by_classify = pd.read_csv(io.StringIO(out.stdout)).set_index("path")
+    assert len(by_eval) == len(by_classify) == 36
+    assert (by_eval["predicted_label"] == by_classify.loc[by_eval.index, "label"]).all()
+    assert np.allclose(by_eval["score"], by_classify.loc[by_eval.index, "score"], atol=1e-6)
+    assert by_eval["score"].min() < 0.5

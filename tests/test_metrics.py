@@ -26,13 +26,13 @@ SCORES = np.array(
 TARGETS = np.array([0, 1, 1, 2, 2])
 
 
-def test_topk_and_ranks():
+def test_topk_and_ranks() -> None:
     assert topk_accuracy(SCORES, TARGETS, 1) == pytest.approx(2 / 5)
     assert topk_accuracy(SCORES, TARGETS, 2) == pytest.approx(4 / 5)
     assert true_label_rank(SCORES, TARGETS).tolist() == [1, 1, 2, 2, 2]
 
 
-def test_confusion_and_per_class_with_a_class_never_predicted_and_one_never_seen():
+def test_confusion_and_per_class_with_a_class_never_predicted_and_one_never_seen() -> None:
     predicted = SCORES.argmax(1)
     matrix = confusion_matrix(predicted, TARGETS, 4)
     assert matrix.tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 0, 1], [0, 0, 0, 0]]
@@ -46,7 +46,7 @@ def test_confusion_and_per_class_with_a_class_never_predicted_and_one_never_seen
     assert worst_confusions(matrix, ["a", "b", "c", "d"], 2) == [("b", "a", 1), ("c", "a", 1)]
 
 
-def test_retrieval_recall_counts_any_caption_for_images():
+def test_retrieval_recall_counts_any_caption_for_images() -> None:
     # 2 images, 3 captions: captions 0 and 1 belong to image 0, caption 2 to image 1
     sim = np.array([[0.1, 0.9, 0.3], [0.8, 0.2, 0.4]])
     owner = np.array([0, 0, 1])

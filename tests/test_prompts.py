@@ -113,3 +113,22 @@ def test_classify_reports_prompt_encoding_before_the_first_image(tiny_shapes: Lo
     prompts = [n for kind, n in events if kind == "prompts"]
     assert sum(prompts) == 40 * 80 and len(prompts) > 1
     assert events[-1] == ("images", 1)  # the text stage is reported first, while it runs
+
+
+def test_zero_shot_probabilities_are_softmax_of_scaled_cosine(tiny_shapes: LoadedModel) -> None:
+    from clipcli.prompts import zero_shot_logits, zero_shot_probabilities
+
+    classifier = zero_shot_classifier(
+        tiny_shapes, ["red circle", "blue star", "green cross"], builtin_templates("simple")
+    )
+    embeddings = torch.nn.functional.normalize(
+        torch.randn(4, classifier.shape[1], generator=torch.Generator().manual_seed(0)), dim=-1
+    )
+    scale = float(tiny_shapes.model.logit_scale.exp())
+    expected_logits = scale * embeddings @ classifier.T
+    assert torch.allclose(zero_shot_logits(tiny_shapes, embeddings, classifier), expected_logits, atol=1e-5)
+    probs = zero_shot_probabilities(tiny_shapes, embeddings, classifier)
+    assert probs.shape == (4, 3)
+    assert torch.allclose(probs.sum(dim=-1), torch.ones(4), atol=1e-6)
+    assert torch.allclose(probs, torch.softmax(expected_logits, dim=-1), atol=1e-6)
+    assert probs.max() - probs.min() > 1e-3  # the comparison is not trivially flat

@@ -2,34 +2,50 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from clipcli.commands import options as opt
+from clipcli.datasets import Benchmark
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from clipcli.evaluate import EvalResult
 
 
 def evaluate(
     data: Annotated[
         Path | None,
         typer.Argument(
+            metavar="[DATA]",
             help="An image folder (leaf folder = class) or a CSV/Parquet manifest (path + label, or "
             "path + text for retrieval).",
             show_default=False,
         ),
     ] = None,
-    dataset: Annotated[str | None, typer.Option(help="cifar10 or cifar100 (test split, via torchvision).")] = None,
-    data_root: Annotated[Path, typer.Option(help="Where CIFAR files are (or are downloaded to).")] = Path("data"),
+    dataset: Annotated[
+        Benchmark | None, typer.Option(help="A benchmark's test split, via torchvision.", show_default=False)
+    ] = None,
+    data_root: Annotated[
+        Path, typer.Option(metavar="DIR", help="Where CIFAR files are (or are downloaded to).")
+    ] = Path("data"),
     download: Annotated[bool, typer.Option(help="Download CIFAR if missing (needs a network).")] = False,
     classnames: Annotated[
-        str | None, typer.Option(help="Names for prompts: 'folder<TAB>name' lines, or one name per class in order.")
+        str | None,
+        typer.Option(
+            metavar="FILE", help="Names for prompts: 'folder<TAB>name' lines, or one name per class in order."
+        ),
     ] = None,
     models: Annotated[
         list[str] | None,
         typer.Option(
             "--model",
             "-m",
+            metavar="NAME|FILE",
             help="Model to evaluate (repeatable). Default: $CLIPCLI_MODEL or ViT-B/32.",
             show_default=False,
         ),
@@ -38,26 +54,42 @@ def evaluate(
     templates: Annotated[
         list[str] | None,
         typer.Option(
-            help="Template set to compare (repeatable): simple, cifar, imagenet or a file.", show_default=False
+            metavar="SET",
+            help="Template set to compare (repeatable): simple, cifar, imagenet or a file.",
+            show_default=False,
         ),
     ] = None,
-    limit: Annotated[int | None, typer.Option(min=1, help="Evaluate a random subset of N images.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed for --limit.")] = 0,
+    limit: Annotated[int | None, typer.Option(min=1, metavar="N", help="Evaluate a random subset of N images.")] = None,
+    seed: Annotated[int, typer.Option(metavar="N", help="Seed for --limit.")] = 0,
     cache: Annotated[
         bool, typer.Option(help="Reuse cached class text embeddings (keyed by model, templates, class names).")
     ] = True,
-    report: Annotated[Path | None, typer.Option(help="Write the JSON report here (schema in the README).")] = None,
+    report: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="FILE",
+            help="Write the JSON report here. Its JSON Schema is clipcli/report.schema.json, installed with the "
+            "package; the README shows an example.",
+        ),
+    ] = None,
     predictions: Annotated[
-        str | None, typer.Option(help="Write per-image predictions here (.csv or .parquet).")
+        str | None, typer.Option(metavar="FILE", help="Write per-image predictions here (.csv or .parquet).")
     ] = None,
     plots: Annotated[
-        Path | None, typer.Option(help="Write a confusion-matrix PNG and an HTML page of mistakes here.")
+        Path | None, typer.Option(metavar="DIR", help="Write a confusion-matrix PNG and an HTML page of mistakes here.")
     ] = None,
     min_acc1: Annotated[
-        float | None, typer.Option(help="Exit 1 when any top-1 accuracy is below this (0-1), for CI gates.")
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            metavar="X",
+            help="Exit 1 when any top-1 accuracy is below this fraction (0-1), for CI gates. For a retrieval "
+            "manifest, the gate is recall@1: the smaller of image->text and text->image.",
+        ),
     ] = None,
     device: opt.Device = "auto",
-    precision: opt.Precision = "auto",
+    precision: opt.Precision = opt.PrecisionChoice.AUTO,
     batch_size: opt.BatchSize = 32,
     workers: opt.Workers = 0,
     exact: opt.Exact = False,
@@ -66,7 +98,7 @@ def evaluate(
     """Evaluate zero-shot classification (or caption retrieval) and compare models and prompt sets."""
     from clipcli import datasets
     from clipcli.console import Progress, err, prompt_progress, say, skipped
-    from clipcli.errors import EXIT_PARTIAL, InputError, OutputError
+    from clipcli.errors import EXIT_PARTIAL, OutputError
     from clipcli.evaluate import (
         classification_result,
         embed_dataset,
@@ -78,8 +110,6 @@ def evaluate(
     from clipcli.models import default_model
     from clipcli.prompts import resolve_templates
 
-    if (data is None) == (dataset is None):
-        raise InputError("give a folder or manifest, or --dataset cifar10|cifar100 (one of them)")
     if plots is not None:
         from clipcli.plots import require_matplotlib
 
@@ -93,27 +123,17 @@ def evaluate(
     template_sets = [resolve_templates(template, None)] if template else []
     template_sets += [resolve_templates(None, name) for name in (templates or ([] if template else ["simple"]))]
 
-    if dataset is not None:
-        if dataset not in ("cifar10", "cifar100"):
-            raise InputError(f"unknown dataset {dataset!r}: use cifar10 or cifar100")
-        source: datasets.LabelledImages | datasets.CaptionPairs = datasets.cifar(dataset, data_root, download)
-    elif data is not None and data.is_dir():
-        source = datasets.image_folder(data, classnames)
-    elif data is not None and data.is_file():
-        source = datasets.manifest(data, classnames)
-    else:
-        raise InputError(f"{data}: no such folder or manifest")
+    source = datasets.load_dataset(data, dataset, data_root, download, classnames)
     if isinstance(source, datasets.LabelledImages):
         for folder in source.empty_folders:
             say(f"note: {folder}: no images, class left out")
         source = datasets.limit(source, limit, seed)
 
-    results = []
+    results: list[EvalResult] = []
     n_skipped = 0
     for name in models or [default_model()]:
         lm = opt.load(name, device, precision)
-        total = len(source.refs) if source.refs is not None else len(source.arrays)
-        with Progress(f"embedding ({name})", total) as bar:
+        with Progress(f"embedding ({name})", len(source)) as bar:
             limit_px = opt.max_pixels(max_megapixels)
             images = embed_dataset(lm, source, batch_size, workers, exact, bar.advance, limit_px)
         for s in images.skipped:
@@ -139,27 +159,117 @@ def evaluate(
         for r in results:
             if r.predictions is not None:
                 say(f"wrote {write_plots(r, plots)}")
-    below = [r for r in results if min_acc1 is not None and r.metrics.get("acc1", 1.0) < min_acc1]
-    for r in below:
-        say(f"acc1 {r.metrics['acc1']:.4f} of {r.model} / {r.templates} is below --min-acc1 {min_acc1}")
-    if below or n_skipped:
+    failed = _gate(results, min_acc1)
+    for line in failed:
+        say(line)
+    if failed or n_skipped:
         raise typer.Exit(EXIT_PARTIAL)
 
 
-def _print_table(console: object, results: list) -> None:
+def _gate(results: Sequence[EvalResult], min_acc1: float | None) -> list[str]:
+    """One line for each result below ``--min-acc1`` (a result with nothing measured is below it)."""
+    from clipcli.evaluate import gate_score
+
+    if min_acc1 is None:
+        return []
+    lines = []
+    for r in results:
+        name, value = gate_score(r)
+        if not value >= min_acc1:
+            lines.append(f"{name} {value:.4f} of {_run_name(r)} is below --min-acc1 {min_acc1}")
+    return lines
+
+
+def _run_name(result: EvalResult) -> str:
+    """The model, and the template set where there is one (retrieval has none)."""
+    return f"{result.model} / {result.templates}" if result.n_templates else result.model
+
+
+# Short headers keep the table inside 80 columns; the legend under it says what they stand for.
+_SHORT = {"acc1": "acc@1", "acc5": "acc@5", "mean_per_class_recall": "mpcr"}
+_DIRECTIONS = {"image_to_text": "i2t", "text_to_image": "t2i"}
+_COMPARISON = "vs simple"
+
+
+def _header(metric: str) -> str:
+    """``acc1`` -> ``acc@1``, ``image_to_text_recall@5`` -> ``i2t@5``; an unknown metric keeps its name."""
+    way, found, k = metric.partition("_recall@")
+    if found and way in _DIRECTIONS:
+        return f"{_DIRECTIONS[way]}@{k}"
+    return _SHORT.get(metric, metric)
+
+
+def _legend(metrics: Sequence[str], compare: bool) -> str:
+    parts = []
+    if any(m.startswith("acc") for m in metrics):
+        parts.append("acc@k: top-k accuracy")
+    if "mean_per_class_recall" in metrics:
+        parts.append("mpcr: mean per-class recall")
+    if any("_recall@" in m for m in metrics):
+        parts.append("i2t@k, t2i@k: recall@k from images to texts and from texts to images")
+    if compare:
+        parts.append(f"{_COMPARISON}: acc@1 gain")  # the header says over what
+    return "; ".join(parts)
+
+
+def _baselines(results: Sequence[EvalResult]) -> dict[str, float]:
+    """acc@1 of each model's 'simple' templates, for models that were also run with another set: the
+    comparison shows only where there is something to compare."""
+    sets: dict[str, set[str]] = {}
+    for r in results:
+        sets.setdefault(r.model, set()).add(r.templates)
+    return {
+        r.model: r.metrics["acc1"]
+        for r in results
+        if r.templates == "simple" and "acc1" in r.metrics and len(sets[r.model]) > 1
+    }
+
+
+def _gain(result: EvalResult, baselines: dict[str, float]) -> str:
+    base = baselines.get(result.model)
+    if base is None or result.templates == "simple" or "acc1" not in result.metrics:
+        return ""
+    gain = (result.metrics["acc1"] - base) * 100
+    return "" if gain != gain else f"{gain:+.2f} pts"  # NaN: a run with no image read
+
+
+def _percent(value: float | None) -> str:
+    return "" if value is None or value != value else f"{value:.2%}"
+
+
+def _print_table(console: Console, results: Sequence[EvalResult]) -> None:
+    """The side-by-side summary on ``console``: one row per model x template set, best first, in 80 columns."""
     from rich.table import Table
+    from rich.text import Text
+
+    from clipcli.evaluate import gate_score
+    from clipcli.io import printable
 
     if not results:
         return
-    metric_names = list(dict.fromkeys(k for r in results for k in r.metrics))
-    baseline = {r.model: r.metrics.get("acc1") for r in results if r.templates == "simple"}
-    table = Table(title=f"zero-shot evaluation on {results[0].dataset} ({results[0].n} images)")
-    for column in ("model", "templates", *metric_names, "vs simple"):
-        table.add_column(column, justify="left" if column in ("model", "templates") else "right", overflow="fold")
-    ordered = sorted(results, key=lambda r: -(r.metrics.get("acc1") or r.metrics.get("image_to_text_recall@1") or 0))
-    for r in ordered:
-        base = baseline.get(r.model)
-        gain = f"{(r.metrics['acc1'] - base) * 100:+.2f} pts" if base is not None and "acc1" in r.metrics else ""
-        cells = [f"{r.metrics[m]:.2%}" if m in r.metrics and r.metrics[m] == r.metrics[m] else "" for m in metric_names]
-        table.add_row(r.model, f"{r.templates} ({r.n_templates})", *cells, gain)
-    console.print(table)  # type: ignore[attr-defined]
+    metrics = list(dict.fromkeys(k for r in results for k in r.metrics))
+    with_templates = any(r.n_templates for r in results)
+    baselines = _baselines(results)
+    # Names come from the user (paths, templates): Text keeps rich from reading "[...]" in them as markup.
+    # The title wraps at the table's width, where the console would leave a long dataset path to the terminal.
+    title = f"zero-shot evaluation on {results[0].dataset} ({results[0].n} images)"
+    table = Table(title=Text(printable(title), no_wrap=False, overflow="fold"))
+    table.add_column("model", overflow="fold")
+    if with_templates:
+        table.add_column("templates", overflow="fold")
+    for header in [*map(_header, metrics), *([_COMPARISON] if baselines else [])]:
+        # A figure is never split across lines: names give up the width first.
+        table.add_column(header, justify="right", no_wrap=True, min_width=len(header))
+
+    def rank(r: EvalResult) -> float:
+        score = gate_score(r)[1]
+        return -score if score == score else float("inf")  # best first, unmeasured last
+
+    for r in sorted(results, key=rank):
+        names = [Text(printable(r.model))]
+        if with_templates:
+            names.append(Text(printable(f"{r.templates} ({r.n_templates})")))
+        figures = [_percent(r.metrics.get(m)) for m in metrics]
+        table.add_row(*names, *figures, *([_gain(r, baselines)] if baselines else []))
+    console.print(table)
+    console.print(_legend(metrics, bool(baselines)), markup=False, highlight=False)
