@@ -21,6 +21,23 @@ from clipcli.errors import OutputError
 LOCK_NAME = ".clipcli.lock"  # inside a directory output
 
 
+def is_stream(path: Path) -> bool:
+    """Whether ``path`` is a FIFO, a device or a pipe (``-o /dev/stdout``, ``-o >(gzip > x)``): written
+    in place as a stream, since renaming a file onto it would replace it rather than write to it."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
+
+
+def real_path(path: Path) -> Path:
+    """``path`` with symbolic links resolved: the file a link names is the one written (and locked)."""
+    return Path(os.path.realpath(path))
+
+
 def temporary_sibling(path: Path, suffix: str = "tmp") -> Path:
     """Where ``path`` is written before it is renamed: same folder, so the rename is atomic."""
     return path.with_name(f".{path.name}.{os.getpid()}.{suffix}")
@@ -58,12 +75,23 @@ def _is_full(path: Path) -> bool:
         return False
 
 
+def replace_file(tmp: Path, path: Path) -> None:
+    """Put a complete temporary file in place: flushed to disk first, so that after a power cut the
+    name holds the old file or the new one, never a truncated one. Raises OSError."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
 class AtomicFile:
     """A file written under a temporary name; :meth:`commit` puts it in place, :meth:`discard` drops it."""
 
     def __init__(self, path: Path, mode: str = "wb", **open_args: Any) -> None:
-        self.path = path
-        self.tmp = temporary_sibling(path)
+        self.path = real_path(path)
+        self.tmp = temporary_sibling(self.path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             if path.is_dir():
@@ -75,10 +103,8 @@ class AtomicFile:
     def commit(self) -> None:
         """Flush to disk and rename onto the final name; on failure the previous file stays."""
         try:
-            self.file.flush()
-            os.fsync(self.file.fileno())
             self.file.close()
-            os.replace(self.tmp, self.path)
+            replace_file(self.tmp, self.path)
         except OSError as e:
             self.discard()
             raise OutputError(
@@ -93,17 +119,22 @@ class AtomicFile:
 
 @contextlib.contextmanager
 def atomic_write(path: Path, mode: str = "wb", **open_args: Any) -> Iterator[IO[Any]]:
-    """Write ``path`` whole or not at all: any error inside the block leaves the previous file."""
-    out = AtomicFile(path, mode, **open_args)
-    try:
-        yield out.file
-    except OSError as e:
-        out.discard()
-        raise OutputError(f"{path}: cannot write ({describe_os_error(e)}); any previous file is left as it was") from e
-    except BaseException:
-        out.discard()
-        raise
-    out.commit()
+    """Write ``path`` whole or not at all: any error inside the block leaves the previous file. The file
+    is locked meanwhile, and temporaries of runs killed while writing it are removed."""
+    with OutputLock(path, is_dir=False):
+        remove_temporaries(real_path(path))
+        out = AtomicFile(path, mode, **open_args)
+        try:
+            yield out.file
+        except OSError as e:
+            out.discard()
+            raise OutputError(
+                f"{path}: cannot write ({describe_os_error(e)}); any previous file is left as it was"
+            ) from e
+        except BaseException:
+            out.discard()
+            raise
+        out.commit()
 
 
 def lock_path(output: Path, is_dir: bool) -> Path:
@@ -124,7 +155,7 @@ class OutputLock:
 
     def __init__(self, output: Path, is_dir: bool) -> None:
         self.output = output
-        self.path = lock_path(output, is_dir).absolute()
+        self.path = lock_path(real_path(output), is_dir)
         self.created_dir = False
         self.held = False
         if self.path in self._held:

@@ -87,6 +87,8 @@ def load_tensors(path: Path, remedy: str = RESAVE) -> Any:
     """
     import torch
 
+    if is_torchscript(path):  # torch.load would only say weights_only=False is needed: code, refused here
+        raise refusal(path, "TorchScript code", remedy)
     try:
         with warnings.catch_warnings():
             # torch warns on stderr about pickle protocols and deprecations; the CLI prints one line.

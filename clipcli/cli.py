@@ -206,10 +206,10 @@ def main() -> NoReturn:
 def _exit_now(code: object) -> NoReturn:
     """Flush the streams and end the process at once.
 
-    Unloading torch (its CUDA build above all) at interpreter exit touches about 190 MiB of library
-    pages and takes a few tenths of a second: it would set the peak memory of an embedding run and
-    slow every short command. Nothing clipcli writes is pending by the time a command returns: files
-    are closed and renamed, and the two streams are flushed here.
+    Unloading torch (its CUDA build above all) at interpreter exit touches hundreds of megabytes of
+    library pages: it would set the peak memory of an embedding run and slow every short command
+    (the README's benchmark section has the figures). Nothing clipcli writes is pending by the time a
+    command returns: files are closed and renamed, and the two streams are flushed here.
     """
     if code is None:
         status = 0

@@ -12,8 +12,9 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from clipcli.atomic import temporary_sibling
+from clipcli.atomic import replace_file, temporary_sibling
 from clipcli.errors import DownloadError
 
 _CHUNK = 1 << 20
@@ -48,7 +49,7 @@ def fetch(
         digest = hashlib.sha256()
         received = 0
         with (
-            urllib.request.urlopen(url, timeout=read_timeout) as response,
+            _open_within(url, read_timeout, stall_seconds) as response,
             tmp.open("wb") as out,
         ):
             length = response.headers.get("Content-Length")
@@ -64,13 +65,11 @@ def fetch(
                 if progress:
                     progress(len(chunk), total)
                 stall.received(len(chunk))
-            out.flush()
-            os.fsync(out.fileno())
         if total is not None and received != total:
             raise DownloadError(f"connection closed after {received} of {total} bytes from {url}")
         if digest.hexdigest() != sha256.lower():
             raise DownloadError(f"checksum mismatch for {url}: expected sha256 {sha256}, got {digest.hexdigest()}")
-        os.replace(tmp, dest)
+        replace_file(tmp, dest)
         return dest
     except _Stalled as e:
         raise DownloadError(f"download stalled: {e} from {url}") from None
@@ -90,6 +89,34 @@ def fetch(
 
 class _Stalled(Exception):
     pass
+
+
+def _open_within(url: str, read_timeout: float, deadline: float) -> Any:
+    """``urlopen``, abandoned when the status line and headers take longer than ``deadline`` seconds.
+
+    A server that trickles its headers a byte at a time never trips the socket's per-read timeout, and
+    urlopen returns only once they are complete: so it runs in a thread the download waits on for at
+    most ``deadline``. An abandoned thread holds only its socket, which the process's exit closes.
+    """
+    import threading
+
+    opened: list[Any] = []
+    failed: list[BaseException] = []
+
+    def open_url() -> None:
+        try:
+            opened.append(urllib.request.urlopen(url, timeout=read_timeout))
+        except BaseException as e:
+            failed.append(e)
+
+    opener = threading.Thread(target=open_url, name="clipcli-download", daemon=True)
+    opener.start()
+    opener.join(deadline)
+    if opener.is_alive():
+        raise _Stalled(f"no complete response in {deadline:g} s")
+    if failed:
+        raise failed[0]
+    return opened[0]
 
 
 class _StallCheck:

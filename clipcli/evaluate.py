@@ -20,10 +20,11 @@ import numpy as np
 
 from clipcli import __version__
 from clipcli.atomic import atomic_write
+from clipcli.cache import cache_dir
 from clipcli.datasets import CaptionPairs, LabelledImages
 from clipcli.images import DEFAULT_MAX_PIXELS, Skipped, iter_array_batches, iter_batches
 from clipcli.metrics import confusion_matrix, per_class, retrieval_recall, topk_accuracy, true_label_rank
-from clipcli.models import LoadedModel, cache_dir
+from clipcli.models import LoadedModel
 from clipcli.prompts import TemplateSet, zero_shot_classifier, zero_shot_logits, zero_shot_probabilities
 
 if TYPE_CHECKING:

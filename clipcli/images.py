@@ -71,14 +71,20 @@ def _directory_id(path: str) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def _walk_once(top: str, hidden: bool = True) -> Iterator[tuple[str, list[str]]]:
+def _walk_once(
+    top: str, hidden: bool = True, visited: set[tuple[int, int] | None] | None = None
+) -> Iterator[tuple[str, list[str]]]:
     """(folder, file names) for ``top`` and every folder under it, following directory symlinks.
 
     Each real directory is entered once: a link back up the tree (``self -> .``, ``sub/up -> ..``)
     would otherwise be walked again at every level until the path is too long, and two such links
-    make that exponential. Of two paths to one directory, the first one walked is kept.
+    make that exponential. Of two paths to one directory, the first one walked is kept; ``visited``
+    carries that memory across walks (``A/ Alink/`` lists A's images once).
     """
-    visited = {_directory_id(top)}
+    visited = set() if visited is None else visited
+    if _directory_id(top) in visited:
+        return
+    visited.add(_directory_id(top))
     for root, dirs, files in os.walk(top, followlinks=True):
         names = sorted((name for name in dirs if hidden or not name.startswith(".")), key=natural_key)
         unvisited = set()
@@ -92,9 +98,10 @@ def _walk_once(top: str, hidden: bool = True) -> Iterator[tuple[str, list[str]]]
         yield root, files
 
 
-def walk_folder(folder: str) -> list[ImageRef]:
+def walk_folder(folder: str, visited: set[tuple[int, int] | None] | None = None) -> list[ImageRef]:
+    """Every image under ``folder`` (natural order), each real directory once; see :func:`_walk_once`."""
     found = []
-    for root, files in _walk_once(folder):
+    for root, files in _walk_once(folder, visited=visited):
         for name in files:
             if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
                 full = os.path.join(root, name)
@@ -131,11 +138,14 @@ def _glob(pattern: str) -> list[str]:
 
 
 def _stdin_paths(text: str) -> list[str]:
-    """One path per line, exactly as written but for the line ending.
+    """One path per line, exactly as written but for the line ending; or, when the text holds NUL
+    bytes (``find -print0``), one path per NUL-terminated record, newlines and all.
 
     Spaces, and the other characters ``str.splitlines`` breaks at (``\\x0b``, ``\\x1c``, ``\\u2028``...),
     are legal in file names, so only ``\\n`` (or ``\\r\\n``) ends a line.
     """
+    if "\0" in text:
+        return [path for path in text.split("\0") if path]
     lines = (line[:-1] if line.endswith("\r") else line for line in text.split("\n"))
     return [line for line in lines if line]
 
@@ -164,12 +174,13 @@ def discover(arguments: Sequence[str], stdin: IO[str] | None = None) -> tuple[li
     """
     refs: list[ImageRef] = []
     missing: list[Skipped] = []
+    walked: set[tuple[int, int] | None] = set()  # real directories, across folder arguments
     for arg in arguments:
         if arg == "-":
             # Lines from `find` name files one by one: a directory here is a mistake, not a folder to walk.
             refs.extend(ImageRef(line, Path(line)) for line in _stdin_paths(stdin.read() if stdin else ""))
         elif os.path.isdir(arg):
-            refs.extend(walk_folder(arg))
+            refs.extend(walk_folder(arg, walked))
         elif os.path.lexists(arg):
             refs.append(ImageRef(arg, Path(arg)))
         elif _GLOB_CHARS.search(arg):
@@ -435,7 +446,18 @@ def _batches(dataset: Any, batch_size: int, workers: int, overlap: bool) -> Iter
         return _decoded_batches(dataset, batch_size, overlap)
     from torch.utils.data import DataLoader
 
-    return iter(DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate))
+    loader = DataLoader(
+        dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate, worker_init_fn=_leave_sigterm
+    )
+    return iter(loader)
+
+
+def _leave_sigterm(worker_id: int) -> None:
+    """Decoding processes ignore SIGTERM: a scheduler signals the whole process group, and the main
+    process, which writes what it has and stops the workers itself, must outlive them."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 PREFETCH_BATCHES = 2  # decoded ahead of the caller with ``overlap``: enough to ride out one slow batch
@@ -452,8 +474,8 @@ def _decoded_batches(dataset: Any, batch_size: int, overlap: bool) -> Iterator[B
     Without ``overlap`` the caller and the pool take turns: each batch is decoded on every core
     once the caller asks for it, then the caller has the cores to itself. When the caller's model
     runs on the same CPU cores this beats decoding alongside it, where a decoding thread that holds a
-    core stalls torch's threads at every barrier of every operator: 7% more images per second on two
-    cores (median of 16 alternations in one process). With ``overlap`` (the model runs on a GPU), the next
+    core stalls torch's threads at every barrier of every operator (measured in the README's benchmark
+    section). With ``overlap`` (the model runs on a GPU), the next
     :data:`PREFETCH_BATCHES` batches are decoded while the caller works. Within a batch the largest
     files start first, so no core waits at the end for one big photo.
     """

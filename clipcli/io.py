@@ -17,7 +17,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any
 
-from clipcli.atomic import AtomicFile, OutputLock, describe_os_error, remove_temporaries, temporary_sibling
+from clipcli.atomic import AtomicFile, OutputLock, describe_os_error, is_stream, real_path, remove_temporaries
 from clipcli.errors import OutputError
 
 if TYPE_CHECKING:
@@ -50,15 +50,19 @@ def choose_format(
     stdout_is_tty: bool,
     allowed: Sequence[OutputFormat],
     piped: OutputFormat = OutputFormat.CSV,
+    format_flag: str | None = "--format",
 ) -> OutputFormat:
-    """``--format`` wins, then the output file's extension, then table on a terminal, else ``piped``."""
+    """``--format`` wins, then the output file's extension, then table on a terminal, else ``piped``.
+
+    ``format_flag`` is the option that names a format, for the error; None where there is none."""
     if explicit is not None:
         fmt = explicit
     elif output and output != "-":
         suffix = Path(output).suffix.lower()
         if suffix not in _BY_SUFFIX:
             known = ", ".join(s for s, f in _BY_SUFFIX.items() if f in allowed)
-            raise OutputError(f"{output}: cannot tell the format from the extension (use {known} or --format)")
+            flag = f" or {format_flag}" if format_flag else ""
+            raise OutputError(f"{output}: cannot tell the format from the extension (use {known}{flag})")
         fmt = _BY_SUFFIX[suffix]
     else:
         fmt = OutputFormat.TABLE if stdout_is_tty and OutputFormat.TABLE in allowed else piped
@@ -90,25 +94,38 @@ class RowWriter:
         self.rows_written = 0
         self._lock: OutputLock | None = None
         self._file: AtomicFile | None = None
+        self._stream: IO[bytes] | None = None  # a FIFO, device or pipe named by -o, written in place
         self._text: io.TextIOWrapper | None = None
-        if self.output is not None:
-            path = Path(self.output)
-            self._lock = OutputLock(path, is_dir=False)
+        if self.output is None:
+            return
+        path = Path(self.output)
+        if is_stream(path):
             try:
-                remove_temporaries(path)
-                self._file = AtomicFile(path, "wb")
-            except BaseException:
-                self._lock.release()
-                raise
+                self._stream = open(path, "wb")  # noqa: SIM115 (closed by close/abort)
+            except OSError as e:
+                raise OutputError(f"{path}: cannot write ({describe_os_error(e)})") from e
+            return
+        self._lock = OutputLock(path, is_dir=False)
+        try:
+            remove_temporaries(real_path(path))
+            self._file = AtomicFile(path, "wb")
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _binary(self) -> IO[bytes]:
+        if self._file is not None:
+            return self._file.file
+        return self._stream if self._stream is not None else sys.stdout.buffer
 
     def _text_stream(self) -> IO[str]:
         """The output as text: UTF-8, with file names that are not UTF-8 written as their own bytes."""
-        if self._file is None:
+        if self._file is None and self._stream is None:
             if isinstance(sys.stdout, io.TextIOWrapper):
                 sys.stdout.reconfigure(errors="surrogateescape")
             return sys.stdout
         self._text = io.TextIOWrapper(
-            self._file.file, encoding="utf-8", errors="surrogateescape", newline="", write_through=True
+            self._binary(), encoding="utf-8", errors="surrogateescape", newline="", write_through=True
         )
         return self._text
 
@@ -143,7 +160,7 @@ class RowWriter:
                 if self._file is not None:
                     self._file.commit()
                 else:
-                    sys.stdout.flush()
+                    self._binary().flush()
         except BaseException:
             self.abort()
             raise
@@ -161,6 +178,10 @@ class RowWriter:
             with contextlib.suppress(ValueError, OSError):
                 self._text.detach()  # the file is closed by commit or discard, not by the wrapper
             self._text = None
+        if self._stream is not None:
+            with contextlib.suppress(OSError):
+                self._stream.close()
+            self._stream = None
         if self._lock is not None:
             self._lock.release()
 
@@ -188,20 +209,35 @@ class CsvWriter(RowWriter):
     def __init__(self, output: str | None, columns: Sequence[str] | None = None) -> None:
         super().__init__(output, columns)
         self.stream = self._text_stream()
+        self._line = io.StringIO()
         self.writer: csv.DictWriter[str] | None = None
 
     def _write(self, rows: Sequence[Mapping[str, Any]]) -> None:
         if not rows:
             return
-        self._start(list(rows[0]))
-        assert self.writer is not None
-        self.writer.writerows(rows)
+        writer = self._start(list(rows[0]))
+        lines = []
+        for row in rows:
+            writer.writerow(row)
+            lines.append(self._taken())
+        self.stream.write("".join(lines))
         self.stream.flush()
 
-    def _start(self, columns: list[str]) -> None:
+    def _start(self, columns: list[str]) -> csv.DictWriter[str]:
         if self.writer is None:
-            self.writer = csv.DictWriter(self.stream, fieldnames=self.columns or columns, lineterminator="\n")
+            # Rows are formatted with CRLF endings, which makes the csv module quote a field holding a
+            # \r (legal in file names) as well as one holding a \n; each row then ends in \n alone.
+            self.writer = csv.DictWriter(self._line, fieldnames=self.columns or columns, lineterminator="\r\n")
             self.writer.writeheader()
+            self.stream.write(self._taken())
+        return self.writer
+
+    def _taken(self) -> str:
+        """The row just formatted, with its line ending as \\n."""
+        line = self._line.getvalue()
+        self._line.seek(0)
+        self._line.truncate()
+        return line[:-2] + "\n"
 
     def _finish(self) -> None:
         if self.writer is None and self.columns:
@@ -239,37 +275,49 @@ def json_line(value: Any) -> str:
 
 
 class ParquetWriter(RowWriter):
-    """Row groups are written per batch; the footer is written when the run ends, also after an error."""
+    """Rows are gathered into row groups of :data:`ROW_GROUP_ROWS` (one per image would make the file
+    slow to write and to read); the footer is written when the run ends, also after an error."""
+
+    ROW_GROUP_ROWS = 8192
 
     def __init__(self, output: str | None, schema: Any = None) -> None:
         super().__init__(output)
         self.schema = schema
         self.writer: Any = None
-
-    def _sink(self) -> Any:
-        return self._file.file if self._file is not None else sys.stdout.buffer
+        self._pending: list[Mapping[str, Any]] = []
 
     def write_table(self, table: Any) -> None:
+        self._append(table)
+        self.rows_written += table.num_rows
+
+    def _append(self, table: Any) -> None:
         import pyarrow.parquet as pq
 
         with self._write_errors():
             if self.writer is None:
-                self.writer = pq.ParquetWriter(self._sink(), self.schema or table.schema)
+                self.writer = pq.ParquetWriter(self._binary(), self.schema or table.schema)
             self.writer.write_table(table.cast(self.writer.schema) if self.schema else table)
-        self.rows_written += table.num_rows
 
     def write(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        self._pending.extend(rows)
+        self.rows_written += len(rows)
+        if len(self._pending) >= self.ROW_GROUP_ROWS:
+            self._write_pending()
+
+    def _write_pending(self) -> None:
         import pyarrow as pa
 
-        if rows:
-            self.write_table(pa.Table.from_pylist(list(rows), schema=self.schema))
+        if self._pending:
+            rows, self._pending = self._pending, []
+            self._append(pa.Table.from_pylist(rows, schema=self.schema))
 
     def _finish(self) -> None:
+        self._write_pending()
         if self.writer is None and self.schema is not None:
             import pyarrow as pa
 
             # No rows at all still gives a valid, empty file with the right columns.
-            self.write_table(pa.Table.from_pylist([], schema=self.schema))
+            self._append(pa.Table.from_pylist([], schema=self.schema))
         if self.writer is not None:
             self.writer.close()
 
@@ -351,9 +399,6 @@ def open_writer(
     if fmt is OutputFormat.TABLE:
         return TableWriter(output)
     raise OutputError(f"format {fmt.value} cannot be written row by row")
-
-
-atomic_path = temporary_sibling
 
 
 def stdout_is_tty() -> bool:

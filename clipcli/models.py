@@ -23,6 +23,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Literal, cast
 
+from clipcli.cache import cache_dir
 from clipcli.errors import DownloadError, ModelError
 
 if TYPE_CHECKING:
@@ -69,8 +70,8 @@ def clip_module(name: str) -> ModuleType:
     """One module of OpenAI's ``clip`` package (``model`` or ``simple_tokenizer``), loaded on its own.
 
     ``import clip`` runs the package's ``__init__``, which imports torchvision, and through it torch's
-    compiler stack (dynamo, sympy, triton): 2.5 s and ~190 MiB on a CUDA build, for a preprocessing
-    pipeline and downloader clipcli does not use. These two modules import only torch, numpy, ftfy and
+    compiler stack (dynamo, sympy, triton): seconds and hundreds of megabytes on a CUDA build, for a
+    preprocessing pipeline and downloader clipcli does not use. These two modules import only torch, numpy, ftfy and
     regex, so they load alone. If the package is already imported in full, its modules are reused.
     """
     if "clip" in sys.modules:
@@ -88,10 +89,6 @@ def clip_module(name: str) -> ModuleType:
     sys.modules[key] = module
     spec.loader.exec_module(module)
     return module
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("CLIPCLI_CACHE") or Path.home() / ".cache" / "clip")
 
 
 def default_model() -> str:
@@ -205,8 +202,8 @@ ARCHITECTURES: dict[str, Architecture] = {
 def _skipping_init() -> Iterator[None]:
     """Turn torch.nn.init's random fills into no-ops while a model that will load a state dict is built.
 
-    Drawing random weights only to overwrite them takes 1.8 s for ViT-B/32 on a CPU, most of a
-    command's start-up. (The same trick as transformers' ``no_init_weights``; building on the meta
+    Drawing random weights only to overwrite them is most of a command's start-up for a full-size
+    model on a CPU. (The same trick as transformers' ``no_init_weights``; building on the meta
     device instead costs as much the first time, importing torch's symbolic-shape machinery.)
     """
     from torch.nn import init
@@ -472,8 +469,8 @@ def cast_weights(model: CLIP, precision: Precision) -> None:
     The same tensors (convolutions, linear and attention projections), for bf16 as well: layer norms,
     batch norms and embeddings stay fp32, and CLIP's own forward casts its inputs to the weights' type
     and computes layer norms in fp32. Casting once at load beats autocast, which casts every weight
-    again on each call: a one-text query encodes twice as fast (ViT-B/32 at bf16 on a CPU: 12 ms
-    against 25 ms), image batches as fast, and the weights take half the memory.
+    again on each call: short text queries encode about twice as fast, image batches as fast, and the
+    weights take half the memory.
     """
     import torch
     from torch import nn

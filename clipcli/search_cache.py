@@ -1,7 +1,7 @@
 """A memory-mapped copy of saved Parquet embeddings, so that repeated searches skip Parquet decoding.
 
-Decoding Parquet's nested ``embedding`` column costs about 4 s per million 512-d rows on two cores;
-scanning the same rows memory-mapped from an ``.npy`` file takes about 0.2 s. So the first search over
+Decoding Parquet's nested ``embedding`` column costs an order of magnitude more than scanning the same
+rows memory-mapped from an ``.npy`` file (figures in the README's benchmark section). So the first search over
 a Parquet file or directory copies its embeddings, row for row, to
 ``$CLIPCLI_CACHE/clipcli-search/<key>/matrix.npy``; later searches use that copy for as long as every
 part file keeps its name, size and mtime, and rebuild it when one changes. Paths are not copied: the
@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from clipcli.io import atomic_path
-from clipcli.models import cache_dir
+from clipcli.atomic import replace_file, temporary_sibling
+from clipcli.cache import cache_dir
 
 if TYPE_CHECKING:
     import numpy as np
@@ -84,7 +83,7 @@ class Builder:
         self.manifest: dict[str, Any] = {"version": _VERSION, "parts": fingerprint(parts), "rows": rows}
         self.entry.mkdir(parents=True, exist_ok=True)
         (self.entry / "manifest.json").unlink(missing_ok=True)
-        self.tmp = atomic_path(self.entry / "matrix.npy")
+        self.tmp = temporary_sibling(self.entry / "matrix.npy")
         self.matrix = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=dtype, shape=(sum(rows), dim))
         self.filled = 0
 
@@ -97,11 +96,11 @@ class Builder:
             return self.abandon()
         self.matrix.flush()
         del self.matrix
-        os.replace(self.tmp, self.entry / "matrix.npy")
+        replace_file(self.tmp, self.entry / "matrix.npy")
         self.manifest.update(model_sha256=model_sha256, key=key, normalized=normalized)
-        manifest_tmp = atomic_path(self.entry / "manifest.json")
+        manifest_tmp = temporary_sibling(self.entry / "manifest.json")
         manifest_tmp.write_text(json.dumps(self.manifest))
-        os.replace(manifest_tmp, self.entry / "manifest.json")
+        replace_file(manifest_tmp, self.entry / "manifest.json")
 
     def abandon(self) -> None:
         self.__dict__.pop("matrix", None)

@@ -52,7 +52,9 @@ class ModelTag:
     def require_model(self, name: str, sha256: str, where: Path) -> None:
         """Refuse embeddings made with another model than the one loaded (``name``, ``sha256``)."""
         if self.sha256 != sha256:
-            raise ModelError(f"{where}: embeddings were made with {self.name}, not {name}; re-embed or pass --model")
+            made_with = self.name if self.name != name else f"{self.name} of checksum {self.sha256[:12]}"
+            loaded = name if self.name != name else f"the loaded {sha256[:12]}"
+            raise ModelError(f"{where}: embeddings were made with {made_with}, not {loaded}; re-embed or pass --model")
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +120,7 @@ class Rows:
 
 
 # Arrays are built from their buffers because pa.array() imports pandas on first use (to recognise
-# pandas inputs): about 145 MiB of peak memory and 0.3 s of start-up that an embedding run never needs.
+# pandas inputs): peak memory and start-up time that an embedding run never needs.
 def arrow_array(values: np.ndarray) -> pa.Array:
     """A 1-d numeric numpy array as an Arrow array, sharing its memory."""
     import pyarrow as pa
@@ -188,7 +190,9 @@ class ParquetStore:
 
     @property
     def is_dir(self) -> bool:
-        return self.path.suffix.lower() not in (".parquet", ".pq")
+        """A directory of parts, unless named ``*.parquet``; an existing ``*.parquet`` folder (as Spark
+        writes them) is a directory too."""
+        return self.path.suffix.lower() not in (".parquet", ".pq") or self.path.is_dir()
 
     def _parts(self) -> list[tuple[int, Path]]:
         if not self.is_dir:

@@ -415,7 +415,21 @@ def train(
 
     Callbacks: ``on_preload(images done, total)`` while images are read, ``on_skip`` for each image left
     out, ``on_resume(step, total steps)`` when a checkpoint is continued, ``on_step`` after each step.
+    The output is locked for the whole run: a second run into it is refused before it starts.
     """
+    from clipcli.atomic import OutputLock
+
+    with OutputLock(config.output, is_dir=False), OutputLock(checkpoint_path(config.output), is_dir=False):
+        return _train(config, on_step, on_preload, on_skip, on_resume)
+
+
+def _train(
+    config: TrainConfig,
+    on_step: Callable[[StepInfo], None] | None,
+    on_preload: Callable[[int, int], None] | None,
+    on_skip: Callable[[Skipped], None] | None,
+    on_resume: Callable[[int, int], None] | None,
+) -> TrainResult:
     import torch
 
     from clipcli.encode import tokenize

@@ -185,7 +185,7 @@ def test_models_prints_plain_rows_in_a_pipe(cli):
 
 
 def test_tests_keep_their_caches_out_of_the_home_folder(cli, private_cache, tmp_path):
-    from clipcli.models import cache_dir
+    from clipcli.cache import cache_dir
 
     assert cache_dir() == private_cache and Path.home() not in cache_dir().parents
     folder = tmp_path / "by-class" / "red cross"
@@ -193,3 +193,20 @@ def test_tests_keep_their_caches_out_of_the_home_folder(cli, private_cache, tmp_
     (folder / "a.jpg").write_bytes(Path(IMAGE).read_bytes())
     assert cli("eval", str(tmp_path / "by-class"), "-m", "tiny-shapes").exit_code == 0
     assert list((private_cache / "clipcli-classifiers").iterdir())  # the classifier cache went here
+
+
+def test_eval_predictions_with_an_unknown_extension_names_what_works(cli, tmp_path):
+    ran = cli("eval", str(SAMPLES), "-m", "tiny-shapes", "--predictions", str(tmp_path / "p.xlsx"))
+    assert ran.exit_code == 2
+    assert (
+        ran.stderr.strip()
+        == f"Error: {tmp_path / 'p.xlsx'}: cannot tell the format from the extension (use .csv, .parquet, .pq)"
+    )
+
+
+@pytest.mark.parametrize("command", ["classify", "embed", "rank", "eval", "train", "make-shapes", "models"])
+def test_help_names_values_not_python_types(cli, command):
+    ran = cli(command, "--help", env={"COLUMNS": "200"})
+    assert ran.exit_code == 0
+    python_types = re.findall(r"<(?:str|int|float|path|list\[[a-z]+\]|[a-z]+ range)>", ran.stdout)
+    assert python_types == [] and not re.search(r"\{[a-z_]+\}", ran.stdout), ran.stdout

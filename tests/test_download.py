@@ -31,6 +31,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if self.path.endswith("/missing.pt"):
             self.send_error(404)
             return
+        if "/slow-headers/" in self.path:  # a status line, then a header one byte at a time, for ever
+            self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+            self._send_slowly(b"X-Pad: " + b"a" * 10_000, 1, 0.1)
+            return
         self.send_response(200)
         self.send_header("Content-Length", str(len(PAYLOAD)))
         self.end_headers()
@@ -158,6 +162,13 @@ def test_a_silent_server_is_given_up_on_within_the_stall_window(server: str, tmp
     with pytest.raises(DownloadError, match=r"^download stalled: nothing received in 1 s"):
         within(20, lambda: fetch(f"{server}/silent/model.pt", tmp_path / "model.pt", SHA, stall_seconds=1))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_server_trickling_its_headers_is_given_up_on(server: str, tmp_path: Path):
+    """urlopen returns only with the whole header, and each byte resets the socket's timeout."""
+    with pytest.raises(DownloadError, match=r"^download stalled: no complete response in 1 s from http"):
+        within(20, lambda: fetch(f"{server}/slow-headers/model.pt", tmp_path / "model.pt", SHA, stall_seconds=1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_a_slow_but_steady_download_is_not_a_stall(server: str, tmp_path: Path):

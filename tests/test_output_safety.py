@@ -244,17 +244,36 @@ def test_rank_refuses_an_npy_made_by_another_model_of_the_same_width(cli, tmp_pa
 @pytest.mark.parametrize("output", ["out.parquet", "out.csv", "out.jsonl"])
 def test_sigterm_keeps_the_rows_written_so_far_and_exits_143(tmp_path, output):
     copies(tmp_path / "imgs", 1500)
-    run = clipcli(
-        "classify", "imgs", "-m", "tiny-shapes", "-l", "a,b", "-k", "1", "-b", "1", "-o", output, cwd=tmp_path
-    )
+    # 64 rows an image, so that Parquet's row groups (8,192 rows) reach the disk after 128 images.
+    labels = ["--labels-file", str(SAMPLES / "labels.txt"), "-k", "64"]
+    run = clipcli("classify", "imgs", "-m", "tiny-shapes", *labels, "-b", "1", "-o", output, cwd=tmp_path)
     wait_for(lambda: any(p.stat().st_size > 4096 for p in tmp_path.glob(f".{output}.*.tmp")), run)
     run.send_signal(signal.SIGTERM)
     code, _, err = finish(run)
     assert code == 143, err
     assert err.strip().endswith("Terminated.")
     rows = read_rows(tmp_path / output)
-    assert 0 < len(rows) < 1500
-    assert rows == [f"imgs/img-{i}.jpg" for i in range(len(rows))]  # in input order, none missing
+    images = list(dict.fromkeys(rows))
+    per_image = 1 if output.endswith(".jsonl") else 64  # JSONL holds an image's predictions in one record
+    assert 0 < len(images) < 1500 and len(rows) == per_image * len(images)  # whole images only
+    assert images == [f"imgs/img-{i}.jpg" for i in range(len(images))]  # in input order, none missing
+    assert temporaries(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_with_worker_processes(tmp_path):
+    """Schedulers signal the whole group: the decoding processes must leave the stopping to the run."""
+    copies(tmp_path / "imgs", 1500)
+    args = ["classify", "imgs", "-m", "tiny-shapes", "-l", "a,b", "-k", "1", "-b", "1", "--workers", "2"]
+    run = clipcli(*args, "-o", "out.csv", cwd=tmp_path, start_new_session=True)
+    wait_for(lambda: any(p.stat().st_size > 4096 for p in tmp_path.glob(".out.csv.*.tmp")), run)
+    os.killpg(run.pid, signal.SIGTERM)
+    code, _, err = finish(run)
+    assert code == 143, err
+    assert err.strip() == "Terminated." or err.strip().endswith("\nTerminated."), err
+    assert "Traceback" not in err and "Exception" not in err
+    rows = read_rows(tmp_path / "out.csv")
+    assert 0 < len(rows) < 1500 and rows == [f"imgs/img-{i}.jpg" for i in range(len(rows))]
     assert temporaries(tmp_path) == []
 
 
@@ -473,3 +492,126 @@ def test_embeddings_npy_reads_like_numpy(cli, tmp_path):
     assert matrix.shape == (16, 64) and np.allclose(np.linalg.norm(matrix, axis=1), 1, atol=1e-5)
     header = json.loads(npy_sidecar(out).read_text().splitlines()[0])
     assert header["model"] == "tiny-shapes" and header["rows"] == 16 and header["key"] == "path"
+
+
+# Found by attacking the first fixes: outputs that are not plain files, and outputs of eval and train
+
+
+def test_an_output_that_is_a_fifo_or_a_device_is_written_in_place(cli, tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    reader = subprocess.Popen(["cat", str(fifo)], stdout=subprocess.PIPE)
+    ran = cli(
+        "classify", str(SAMPLES / "seen"), "-m", "tiny-shapes", "-l", "a,b", "-k", "1", "-f", "csv", "-o", str(fifo)
+    )
+    got = reader.communicate(timeout=60)[0].decode()
+    assert ran.exit_code == 0, ran.stderr
+    assert got.splitlines()[0] == "path,rank,label,score" and len(got.splitlines()) == 17
+    assert fifo.is_fifo()  # still a FIFO, not replaced by a file
+    ran = cli("embed", str(SAMPLES / "seen"), "-m", "tiny-shapes", "-f", "jsonl", "-o", "/dev/null")
+    assert ran.exit_code == 0 and Path("/dev/null").is_char_device()
+    assert temporaries(tmp_path) == []
+
+
+def test_an_output_that_is_a_symlink_writes_and_locks_its_target(cli, tmp_path):
+    real = tmp_path / "real.csv"
+    real.write_text("old\n")
+    link = tmp_path / "link.csv"
+    link.symlink_to(real)
+    from clipcli.atomic import OutputLock
+
+    with OutputLock(real, is_dir=False):  # another run writing the real file blocks the link too
+        probe = (
+            f"from pathlib import Path; from clipcli.atomic import OutputLock; OutputLock(Path({str(link)!r}), False)"
+        )
+        refused = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 1 and "another clipcli run" in refused.stderr
+    assert cli("classify", str(SAMPLES / "seen"), "-m", "tiny-shapes", "-l", "a,b", "-o", str(link)).exit_code == 0
+    assert link.is_symlink() and real.read_text().startswith("path,rank,label,score\n")
+
+
+def test_embed_writes_csv_to_a_name_without_an_extension(cli, tmp_path):
+    ran = cli("embed", str(SAMPLES / "seen"), "-m", "tiny-shapes", "-f", "csv", "-o", str(tmp_path / "noext"))
+    assert ran.exit_code == 0, ran.stderr
+    assert (tmp_path / "noext").read_text().startswith("path,e0,")
+
+
+def test_an_existing_parquet_folder_is_a_dataset_as_spark_writes_them(cli, tmp_path):
+    assert cli("embed", str(SAMPLES / "seen"), "-m", "tiny-shapes", "-o", f"{tmp_path}/s/").exit_code == 0
+    (tmp_path / "s").rename(tmp_path / "s.parquet")
+    ran = cli(
+        "embed", str(SAMPLES / "seen"), str(SAMPLES / "busy"), "-m", "tiny-shapes", "-o", str(tmp_path / "s.parquet")
+    )
+    assert ran.exit_code == 0, ran.stderr
+    assert "embedded 6, unchanged 16" in ran.stderr
+    assert embedded_names(tmp_path / "s.parquet") == {p.name for p in (SAMPLES / "seen").iterdir()} | {
+        p.name for p in (SAMPLES / "busy").iterdir()
+    }
+
+
+@pytest.mark.slow
+def test_a_second_train_into_the_same_output_is_refused(tmp_path):
+    make_pairs = ["make-shapes", str(tmp_path / "pairs"), "-n", "64", "--workers", "1"]
+    assert finish(clipcli(*make_pairs))[0] == 0
+    train = ["train", str(tmp_path / "pairs" / "pairs.csv"), "-o", "m.pt", "--arch", "test-vit", "--steps", "400"]
+    first = clipcli(*train, "-b", "8", "--checkpoint-every", "50", cwd=tmp_path)
+    wait_for((tmp_path / ".m.pt.lock").exists, first)
+    code, _, err = finish(clipcli(*train, "--seed", "5", cwd=tmp_path))
+    assert code == 2 and f"another clipcli run (pid {first.pid}) is writing this output" in err
+    first.kill()
+    finish(first)
+
+
+def test_eval_outputs_are_checked_before_the_evaluation(cli, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    for option, name in (("--report", "r.json"), ("--predictions", "p.csv")):
+        ran = cli("eval", str(SAMPLES), "-m", "tiny-shapes", option, str(tmp_path / "afile" / name))
+        assert ran.exit_code == 2 and ran.stderr.startswith(f"Error: {tmp_path / 'afile' / name}: cannot write (")
+        assert "zero-shot evaluation" not in ran.stderr and "acc@1" not in ran.stderr  # nothing was evaluated
+
+
+def test_eval_report_removes_what_a_killed_run_left(cli, tmp_path):
+    stale = tmp_path / ".r.json.99999999.tmp"
+    stale.write_text("{")
+    assert cli("eval", str(SAMPLES), "-m", "tiny-shapes", "--report", str(tmp_path / "r.json")).exit_code == 0
+    assert not stale.exists() and json.loads((tmp_path / "r.json").read_text())["schema_version"] == 1
+    assert temporaries(tmp_path) == []
+
+
+def test_csv_quotes_names_holding_a_carriage_return(cli, tmp_path):
+    import pandas as pd
+
+    folder = tmp_path / "odd"
+    for i, name in enumerate(["c\rd.jpg", "plain.jpg", 'q"uote.jpg', "com,ma.jpg"]):
+        make_image(folder / name, seed=i)
+    for command in (["embed", str(folder)], ["classify", str(folder), "-l", "a,b", "-k", "1"]):
+        out = tmp_path / f"{command[0]}.csv"
+        assert cli(*command, "-m", "tiny-shapes", "-o", str(out)).exit_code == 0
+        paths = pd.read_csv(out)["path"].tolist()
+        assert sorted(paths) == sorted(str(p) for p in folder.iterdir())
+        assert b"\r\n" not in out.read_bytes().replace(b"c\rd", b"")  # rows end in \n alone
+
+
+def test_stdin_paths_separated_by_nul_bytes(cli, tmp_path):
+    first = make_image(tmp_path / "new\nline.jpg")
+    second = make_image(tmp_path / "plain.jpg", seed=1)
+    ran = cli("embed", "-", "-m", "tiny-shapes", "-f", "jsonl", input=f"{first}\0{second}\0")
+    assert ran.exit_code == 0, ran.stderr
+    assert [json.loads(line)["path"] for line in ran.stdout.splitlines()] == [str(first), str(second)]
+
+
+def test_a_folder_named_twice_through_a_link_is_walked_once(cli, tmp_path):
+    (tmp_path / "alias").symlink_to(SAMPLES / "seen")
+    ran = cli("embed", str(SAMPLES / "seen"), str(tmp_path / "alias"), "-m", "tiny-shapes", "-f", "jsonl")
+    assert ran.exit_code == 0 and len(ran.stdout.splitlines()) == 16
+
+
+def test_rank_ranks_an_image_folder_that_holds_a_parquet_file(cli, tmp_path):
+    folder = tmp_path / "imgs"
+    shutil.copytree(SAMPLES / "seen", folder)
+    assert (
+        cli("classify", str(folder), "-m", "tiny-shapes", "-l", "a,b", "-o", str(folder / "x.parquet")).exit_code == 0
+    )
+    ran = cli("rank", "a photo of a red cross.", str(folder), "-m", "tiny-shapes", "-k", "1")
+    assert ran.exit_code == 0, ran.stderr
+    assert ran.stdout.split("\t")[1].strip() == str(folder / "red-cross.jpg")

@@ -92,7 +92,7 @@ def test_usage_errors(cli):
 
 def test_search_cache_answers_like_parquet_and_follows_changes(cli, tmp_path, monkeypatch):
     """The memory-mapped copy gives the same hits, is used once built, and is rebuilt when a part changes."""
-    import clipcli.rank as rank_module
+    import clipcli.saved as saved_module
 
     emb = tmp_path / "emb"
     assert cli("embed", str(SAMPLES / "seen"), "-m", "tiny-shapes", "-o", f"{emb}/").exit_code == 0
@@ -106,7 +106,7 @@ def test_search_cache_answers_like_parquet_and_follows_changes(cli, tmp_path, mo
     assert np.load(entry / "matrix.npy").shape == (16, 64)  # one row per sample, tiny-shapes' width
 
     decoded = []
-    monkeypatch.setattr(rank_module, "_open_saved", lambda *a: decoded.append(a) or pytest.fail("decoded"))
+    monkeypatch.setattr(saved_module, "_open_saved", lambda *a: decoded.append(a) or pytest.fail("decoded"))
     second = cli("rank", *query)  # served by the copy: no Parquet file is opened for embeddings
     assert first.stdout == direct.stdout == second.stdout and not decoded
     monkeypatch.undo()

@@ -372,3 +372,21 @@ def test_resume_checkpoints_load_as_tensors_only(tmp_path):
     steps: list[int] = []
     train(config, on_step=lambda info: steps.append(info.step))
     assert steps == [2, 3] and out.exists()
+
+
+def test_resume_from_a_torchscript_archive_is_refused_in_clipclis_words(tmp_path: Path) -> None:
+    import torch
+
+    from clipcli.checkpoint import load_tensors
+    from clipcli.errors import ModelError
+
+    archive = tmp_path / "out.pt.ckpt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(archive))
+    with pytest.raises(ModelError) as refused:
+        load_tensors(archive, remedy="delete it to start the run over")
+    message = str(refused.value)
+    assert message == (
+        f"{archive}: contains code or objects clipcli will not load (only tensors are read from checkpoints); "
+        "it refers to TorchScript code; delete it to start the run over"
+    )
+    assert "weights_only" not in message

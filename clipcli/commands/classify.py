@@ -58,7 +58,7 @@ def classify(
 ) -> None:
     """Classify images zero-shot: the probability of each label, best first."""
     from clipcli.classify import PREDICTION_COLUMNS, Prediction, classify_images, prediction_schema
-    from clipcli.console import Progress, Tally, prompt_progress, say
+    from clipcli.commands.console import Progress, Tally, prompt_progress, say
     from clipcli.errors import EXIT_PARTIAL, InputError
     from clipcli.images import discover
     from clipcli.io import choose_format, open_writer, parquet_storable, stdout_is_tty

@@ -97,7 +97,7 @@ def embed(
     max_megapixels: opt.MaxMegapixels = opt.DEFAULT_MAX_MEGAPIXELS,
 ) -> None:
     """Embed images (or texts) with CLIP; reruns into a Parquet output only embed what changed."""
-    from clipcli.console import Progress, Tally, prompt_progress, say
+    from clipcli.commands.console import Progress, Tally, prompt_progress, say
     from clipcli.embed import embed_images, embed_text_list
     from clipcli.errors import EXIT_PARTIAL, InputError
     from clipcli.images import discover
@@ -106,7 +106,8 @@ def embed(
 
     element = dtype.value
     inputs = inputs or []
-    if _is_dataset_dir(output) and fmt in (None, Format.PARQUET):
+    into_dir = _is_dataset_dir(output) and fmt in (None, Format.PARQUET)
+    if into_dir:
         out_format = OutputFormat.PARQUET
     else:
         out_format = choose_format(opt.output_format(fmt), output, stdout_is_tty(), FORMATS)
@@ -119,7 +120,7 @@ def embed(
         if not texts:
             raise InputError("no texts: pass them as arguments, with --texts-file, or on stdin with -")
         ensemble = resolve_templates(template, templates) if (template or templates) else None
-        with _output_lock(output, _is_dataset_dir(output)):
+        with _output_lock(output, into_dir):
             lm = opt.load(model, device, precision)
             n_prompts = len(texts) * (len(ensemble.templates) if ensemble else 1)
             with prompt_progress("embedding texts", n_prompts) as on_progress:
@@ -136,7 +137,7 @@ def embed(
     for m in missing:
         tally.on_skip(m)
     # Locked before the model loads: a second run into this output is refused at once.
-    with _output_lock(output, _is_dataset_dir(output)):
+    with _output_lock(output, into_dir):
         lm = opt.load(model, device, precision)
         with Progress("embedding", len(refs)) as bar:
             tally.bar = bar

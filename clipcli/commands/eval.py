@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -97,7 +98,7 @@ def evaluate(
 ) -> None:
     """Evaluate zero-shot classification (or caption retrieval) and compare models and prompt sets."""
     from clipcli import datasets
-    from clipcli.console import Progress, err, prompt_progress, say, skipped
+    from clipcli.commands.console import Progress, err, prompt_progress, say, skipped
     from clipcli.errors import EXIT_PARTIAL, OutputError
     from clipcli.evaluate import (
         classification_result,
@@ -115,10 +116,11 @@ def evaluate(
 
         require_matplotlib()
     pred_format = (
-        choose_format(None, predictions, False, (OutputFormat.CSV, OutputFormat.PARQUET)) if predictions else None
+        choose_format(None, predictions, False, (OutputFormat.CSV, OutputFormat.PARQUET), format_flag=None)
+        if predictions
+        else None
     )
     if report is not None and report.is_dir():
-        # Found now, not after the whole evaluation has run (write_report would refuse it too).
         raise OutputError(f"{report}: cannot write (is a directory)")
     template_sets = [resolve_templates(template, None)] if template else []
     template_sets += [resolve_templates(None, name) for name in (templates or ([] if template else ["simple"]))]
@@ -129,41 +131,59 @@ def evaluate(
             say(f"note: {folder}: no images, class left out")
         source = datasets.limit(source, limit, seed)
 
-    results: list[EvalResult] = []
-    n_skipped = 0
-    for name in models or [default_model()]:
-        lm = opt.load(name, device, precision)
-        with Progress(f"embedding ({name})", len(source)) as bar:
-            limit_px = opt.max_pixels(max_megapixels)
-            images = embed_dataset(lm, source, batch_size, workers, exact, bar.advance, limit_px)
-        for s in images.skipped:
-            skipped(s.path, s.reason)
-        n_skipped = max(n_skipped, len(images.skipped))
-        if isinstance(source, datasets.CaptionPairs):
-            results.append(retrieval_result(lm, source, images))
-        else:
-            for ts in template_sets:
-                with prompt_progress(f"encoding prompts ({name})", len(source.classes) * len(ts.templates)) as bar:
-                    results.append(classification_result(lm, source, images, ts, cache, on_progress=bar))
+    # Every output is locked (and so found writable) now, not after the whole evaluation has run.
+    with _locked_outputs(report, predictions, plots):
+        results: list[EvalResult] = []
+        n_skipped = 0
+        for name in models or [default_model()]:
+            lm = opt.load(name, device, precision)
+            with Progress(f"embedding ({name})", len(source)) as bar:
+                limit_px = opt.max_pixels(max_megapixels)
+                images = embed_dataset(lm, source, batch_size, workers, exact, bar.advance, limit_px)
+            for s in images.skipped:
+                skipped(s.path, s.reason)
+            n_skipped = max(n_skipped, len(images.skipped))
+            if isinstance(source, datasets.CaptionPairs):
+                results.append(retrieval_result(lm, source, images))
+            else:
+                for ts in template_sets:
+                    with prompt_progress(f"encoding prompts ({name})", len(source.classes) * len(ts.templates)) as bar:
+                        results.append(classification_result(lm, source, images, ts, cache, on_progress=bar))
 
-    _print_table(err, results)
-    if report:
-        write_report(results, report)
-    if predictions and pred_format:
-        with open_writer(pred_format, predictions) as writer:
+        _print_table(err, results)
+        if report:
+            write_report(results, report)
+        if predictions and pred_format:
+            with open_writer(pred_format, predictions) as writer:
+                for r in results:
+                    writer.write(prediction_rows(r))
+        if plots is not None:
+            from clipcli.plots import write_plots
+
             for r in results:
-                writer.write(prediction_rows(r))
-    if plots is not None:
-        from clipcli.plots import write_plots
-
-        for r in results:
-            if r.predictions is not None:
-                say(f"wrote {write_plots(r, plots)}")
+                if r.predictions is not None:
+                    say(f"wrote {write_plots(r, plots)}")
     failed = _gate(results, min_acc1)
     for line in failed:
         say(line)
     if failed or n_skipped:
         raise typer.Exit(EXIT_PARTIAL)
+
+
+def _locked_outputs(report: Path | None, predictions: str | None, plots: Path | None) -> ExitStack:
+    from clipcli.atomic import OutputLock
+
+    held = ExitStack()
+    try:
+        for file in (report, predictions):
+            if file:
+                held.enter_context(OutputLock(Path(file), is_dir=False))
+        if plots is not None:
+            held.enter_context(OutputLock(plots, is_dir=True))
+    except BaseException:
+        held.close()
+        raise
+    return held
 
 
 def _gate(results: Sequence[EvalResult], min_acc1: float | None) -> list[str]:

@@ -11,8 +11,9 @@ def models() -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from clipcli.cache import cache_dir
     from clipcli.io import stdout_is_tty
-    from clipcli.models import cache_dir, default_model, list_models
+    from clipcli.models import default_model, list_models
 
     rows = []
     for entry in list_models():

@@ -58,14 +58,15 @@ MaxMegapixels = Annotated[
         min=0.0,
         metavar="MP",
         help="Skip images larger than this many megapixels, read from the header before any pixel is decoded: "
-        "today's cameras fit (108 MP phones), decompression bombs do not.",
+        "today's cameras fit (108 MP phones), decompression bombs do not. 0: no limit.",
     ),
 ]
 DEFAULT_MAX_MEGAPIXELS = 250.0
 
 
-def max_pixels(megapixels: float) -> int:
-    return int(megapixels * 1_000_000)
+def max_pixels(megapixels: float) -> int | None:
+    """The pixel limit for ``--max-megapixels`` (0: no limit)."""
+    return int(megapixels * 1_000_000) or None
 
 
 Output = Annotated[
@@ -105,7 +106,7 @@ def output_format(fmt: Enum | None) -> OutputFormat | None:
 
 
 def load(model: str | None, device: str, precision: PrecisionChoice | str) -> LoadedModel:
-    from clipcli.console import download_progress
+    from clipcli.commands.console import download_progress
     from clipcli.models import default_model, load_model
 
     with download_progress(model or default_model()) as on_chunk:

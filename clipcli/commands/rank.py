@@ -74,7 +74,7 @@ def rank(
     ] = True,
 ) -> None:
     """Rank sources by similarity to a query, best first (cosine similarity of normalised embeddings)."""
-    from clipcli.console import Tally, prompt_progress, say
+    from clipcli.commands.console import Tally, prompt_progress, say
     from clipcli.encode import encode_texts
     from clipcli.errors import EXIT_PARTIAL, InputError
     from clipcli.images import Skipped

@@ -52,7 +52,7 @@ class TrainingBar:
         )
         from rich.progress import Progress as RichProgress
 
-        from clipcli.console import err
+        from clipcli.commands.console import err
 
         self._bar = RichProgress(
             TextColumn("{task.description}"),
@@ -98,27 +98,38 @@ class TrainingBar:
 
 def train(
     pairs: Annotated[
-        Path, typer.Argument(help="CSV, Parquet or JSONL with 'image' (relative to the file) and 'text'.")
+        Path,
+        typer.Argument(metavar="PAIRS", help="CSV, Parquet or JSONL with 'image' (relative to the file) and 'text'."),
     ],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the trained state dict (.pt).")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", metavar="FILE", help="Where to write the trained state dict (.pt).")
+    ],
     model: Annotated[
-        str | None, typer.Option("--model", "-m", help="Fine-tune this model (name or checkpoint).")
+        str | None,
+        typer.Option("--model", "-m", metavar="NAME|FILE", help="Fine-tune this model (name or checkpoint)."),
     ] = None,
     arch: Annotated[
         str | None,
         typer.Option(
-            help="Train from scratch with this architecture: tiny-shapes (the default), ViT-B/32, ViT-B/16 or RN50."
+            metavar="ARCH",
+            help="Train from scratch with this architecture: tiny-shapes (the default), ViT-B/32, ViT-B/16 or RN50.",
         ),
     ] = None,
-    epochs: Annotated[int, typer.Option(min=1, help="Passes over the training pairs (unless --steps).")] = 10,
-    steps: Annotated[int | None, typer.Option(min=1, help="Optimiser steps (overrides --epochs).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=2, help="Pairs per step.")] = 128,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 1e-3,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay on weight matrices.")] = 0.1,
-    warmup: Annotated[float, typer.Option(help="Fraction of steps for the linear warm-up.")] = 0.05,
-    seed: Annotated[int, typer.Option(help="Seed for initialisation, split and data order.")] = 0,
-    val_fraction: Annotated[float, typer.Option(min=0.0, max=0.5, help="Pairs held out for recall@1.")] = 0.0,
-    checkpoint_every: Annotated[int, typer.Option(min=1, help="Save a resumable checkpoint every N steps.")] = 500,
+    epochs: Annotated[
+        int, typer.Option(min=1, metavar="N", help="Passes over the training pairs (unless --steps).")
+    ] = 10,
+    steps: Annotated[int | None, typer.Option(min=1, metavar="N", help="Optimiser steps (overrides --epochs).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=2, metavar="N", help="Pairs per step.")] = 128,
+    lr: Annotated[float, typer.Option(metavar="LR", help="Peak learning rate (AdamW).")] = 1e-3,
+    weight_decay: Annotated[float, typer.Option(metavar="X", help="AdamW weight decay on weight matrices.")] = 0.1,
+    warmup: Annotated[float, typer.Option(metavar="FRACTION", help="Fraction of steps for the linear warm-up.")] = 0.05,
+    seed: Annotated[int, typer.Option(metavar="N", help="Seed for initialisation, split and data order.")] = 0,
+    val_fraction: Annotated[
+        float, typer.Option(min=0.0, max=0.5, metavar="FRACTION", help="Pairs held out for recall@1.")
+    ] = 0.0,
+    checkpoint_every: Annotated[
+        int, typer.Option(min=1, metavar="N", help="Save a resumable checkpoint every N steps.")
+    ] = 500,
     resume: Annotated[bool, typer.Option(help="Continue from OUTPUT.ckpt if a previous run left one.")] = False,
     bad_images: Annotated[
         Literal["skip", "stop"], typer.Option(help="skip (report and train on the rest) or stop.")
@@ -128,7 +139,7 @@ def train(
     workers: opt.Workers = 0,
 ) -> None:
     """Train a CLIP model contrastively on image-caption pairs, from scratch or from a model."""
-    from clipcli.console import Progress, Tally, say
+    from clipcli.commands.console import Progress, Tally, say
     from clipcli.errors import EXIT_PARTIAL
     from clipcli.train import TrainConfig, checkpoint_path
     from clipcli.train import train as run_training
@@ -191,17 +202,17 @@ def _summary(result: TrainResult, skipped: int, output: Path) -> str:
 
 
 def make_shapes(
-    folder: Annotated[Path, typer.Argument(help="Folder to write images and pairs.csv into.")],
-    count: Annotated[int, typer.Option("--count", "-n", min=1, help="Number of images.")] = 1000,
-    seed: Annotated[int, typer.Option(help="Random seed (different seeds give different images).")] = 0,
+    folder: Annotated[Path, typer.Argument(metavar="FOLDER", help="Folder to write images and pairs.csv into.")],
+    count: Annotated[int, typer.Option("--count", "-n", min=1, metavar="N", help="Number of images.")] = 1000,
+    seed: Annotated[int, typer.Option(metavar="N", help="Random seed (different seeds give different images).")] = 0,
     split: Annotated[
         Split, typer.Option(help="seen, held-out (the ~20% combinations kept out of training) or all.")
     ] = "seen",
     background: Annotated[Background, typer.Option(help="varied, saturated or grey.")] = "varied",
-    workers: Annotated[int, typer.Option(min=1, help="Processes drawing images.")] = 2,
+    workers: Annotated[int, typer.Option(min=1, metavar="N", help="Processes drawing images.")] = 2,
 ) -> None:
     """Draw captioned images of coloured shapes (8 shapes x 8 colours) for training and tests."""
-    from clipcli.console import Progress, say
+    from clipcli.commands.console import Progress, say
     from clipcli.synth import generate
 
     with Progress("drawing", count) as bar:
