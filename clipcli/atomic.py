@@ -90,6 +90,7 @@ class AtomicFile:
     """A file written under a temporary name; :meth:`commit` puts it in place, :meth:`discard` drops it."""
 
     def __init__(self, path: Path, mode: str = "wb", **open_args: Any) -> None:
+        self.named = path  # as the user wrote it, for messages
         self.path = real_path(path)
         self.tmp = temporary_sibling(self.path)
         try:
@@ -108,7 +109,7 @@ class AtomicFile:
         except OSError as e:
             self.discard()
             raise OutputError(
-                f"{self.path}: cannot write ({describe_os_error(e)}); any previous file is left as it was"
+                f"{self.named}: cannot write ({describe_os_error(e)}); any previous file is left as it was"
             ) from e
 
     def discard(self) -> None:

@@ -295,7 +295,9 @@ def test_sigkill_leaves_the_previous_file_and_the_next_run_cleans_up(tmp_path, o
     code, _, err = finish(clipcli(*previous, cwd=tmp_path))
     assert code == 0, err
     before = (tmp_path / output).read_bytes()
-    run = clipcli("classify", "imgs", "-m", "tiny-shapes", "-l", "a,b", "-b", "1", "-o", output, cwd=tmp_path)
+    # 64 rows an image, so that Parquet's row groups (8,192 rows) reach the disk after 128 images.
+    labels = ["--labels-file", str(SAMPLES / "labels.txt"), "-k", "64"]
+    run = clipcli("classify", "imgs", "-m", "tiny-shapes", *labels, "-b", "1", "-o", output, cwd=tmp_path)
     wait_for(lambda: any(p.stat().st_size > 4096 for p in tmp_path.glob(f".{output}.*.tmp")), run)
     run.kill()
     finish(run)
@@ -419,7 +421,8 @@ def test_an_output_whose_folder_is_a_file_fails_before_the_first_image(cli, tmp_
 @pytest.mark.parametrize("output", ["out.csv", "out.jsonl", "out.parquet"])
 def test_a_full_disk_is_a_one_line_error_and_keeps_the_previous_file(tmp_path, command, output):
     distinct(tmp_path / "many", 1000)
-    extra = ["-l", "a,b"] if command == "classify" else []
+    # classify: 8 scores an image, which no compression fits into the small filesystem
+    extra = ["--labels-file", str(SAMPLES / "labels.txt"), "-k", "8"] if command == "classify" else []
     with tmpfs(tmp_path / "small", "64k") as small:
         target = small / output
         code, _, err = finish(clipcli(command, str(SAMPLES / "seen"), "-m", "tiny-shapes", *extra, "-o", str(target)))
