@@ -89,6 +89,8 @@ def load_tensors(path: Path, remedy: str = RESAVE) -> Any:
 
     if is_torchscript(path):  # torch.load would only say weights_only=False is needed: code, refused here
         raise refusal(path, "TorchScript code", remedy)
+    if not _looks_like_torch_save(path):
+        raise ModelError(f"{path}: not a readable checkpoint (not a PyTorch file: neither a zip nor a pickle)")
     try:
         with warnings.catch_warnings():
             # torch warns on stderr about pickle protocols and deprecations; the CLI prints one line.
@@ -116,6 +118,16 @@ def _refused_global(message: str) -> str | None:
     if not found:
         return None
     return found.group(1) if "." in found.group(1) else f"builtins.{found.group(1)}"  # torch drops "builtins."
+
+
+def _looks_like_torch_save(path: Path) -> bool:
+    """A zip (torch.save's format since 1.6) or a pickle of protocol 2 or later (the legacy format)."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(4)
+    except OSError:
+        return True  # let torch.load report the reason it cannot read it
+    return head.startswith((b"PK\x03\x04", b"\x80")) or not head
 
 
 def is_torchscript(path: Path) -> bool:

@@ -122,6 +122,11 @@ def image_folder(root: Path, classnames: str | None = None) -> LabelledImages:
         raise InputError(f"{root}: no images found")
     leaf = [os.path.basename(os.path.dirname(r.path)) for r in refs]
     folder_names = sorted(set(leaf), key=natural_key)
+    if len(folder_names) < 2:
+        raise InputError(
+            f"{root}: its images are all in one class folder ({folder_names[0]!r}); zero-shot accuracy needs "
+            "a folder per class, two or more"
+        )
     index = {n: i for i, n in enumerate(folder_names)}
     return LabelledImages(
         name=f"folder:{root}",

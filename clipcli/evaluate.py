@@ -278,6 +278,9 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+PREDICTION_COLUMNS = ("model", "templates", "path", "true_label", "predicted_label", "score", "true_rank")
+
+
 def prediction_rows(result: EvalResult) -> list[dict[str, Any]]:
     p = result.predictions
     if p is None:

@@ -18,6 +18,8 @@ from typing import IO, TYPE_CHECKING, Any
 
 from PIL import Image, ImageOps
 
+from clipcli.errors import InputError
+
 if TYPE_CHECKING:
     import numpy as np
     import torch
@@ -164,6 +166,12 @@ def _drop_repeats(refs: list[ImageRef]) -> list[ImageRef]:
             seen.add(key)
             unique.append(ref if name == ref.path else ImageRef(name, ref.file))
     return unique
+
+
+def nothing_found(arguments: Sequence[str], missing: Sequence[Skipped]) -> InputError:
+    """The error for a run with no image to work on, with the reasons its arguments gave none."""
+    reasons = "; ".join(f"{m.path}: {m.reason}" for m in missing[:3]) + ("; ..." if len(missing) > 3 else "")
+    return InputError(f"no images found in {', '.join(arguments)}" + (f" ({reasons})" if reasons else ""))
 
 
 def discover(arguments: Sequence[str], stdin: IO[str] | None = None) -> tuple[list[ImageRef], list[Skipped]]:

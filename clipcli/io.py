@@ -71,7 +71,7 @@ def choose_format(
     to_stdout = not output or output == "-"
     if fmt is OutputFormat.TABLE and not to_stdout:
         raise OutputError(f"{output}: a table is for the terminal; write csv, jsonl or parquet to files")
-    if fmt is OutputFormat.NPY and to_stdout:
+    if fmt is OutputFormat.NPY and (to_stdout or Path(output or "").suffix.lower() != ".npy"):
         raise OutputError("NPY is written to a file with its sidecar: pass -o FILE.npy")
     if fmt is OutputFormat.PARQUET and to_stdout and stdout_is_tty:
         raise OutputError("Parquet is binary: pass -o FILE.parquet, or pipe stdout into a program that reads it")

@@ -14,7 +14,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from clipcli.encode import encode_texts, iter_image_embeddings
 from clipcli.errors import InputError
-from clipcli.images import DEFAULT_MAX_PIXELS, Skipped, discover
+from clipcli.images import DEFAULT_MAX_PIXELS, Skipped, discover, nothing_found
 from clipcli.models import LoadedModel
 from clipcli.prompts import TemplateSet, zero_shot_classifier
 from clipcli.saved import PartRow, is_embedding_source, iter_saved
@@ -98,8 +98,8 @@ def rank_sources(
             image_args.append(source)
     if image_args:
         refs, missing = discover(image_args, stdin)
-        if not refs and not missing:
-            raise InputError(f"no images found in {', '.join(image_args)}")
+        if not refs and len(image_args) == len(sources):  # nothing at all to rank
+            raise nothing_found(image_args, missing)
         for m in missing:
             if on_skip:
                 on_skip(m)

@@ -52,6 +52,17 @@ class TrainConfig:
     device: str = "auto"  # as models.resolve_device reads it
     half: bool = True
 
+    def check(self) -> None:
+        """Refuse settings that cannot train, before anything is read or built."""
+        import math
+
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise InputError(f"--lr must be a positive number, not {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise InputError(f"--weight-decay must be 0 or more, not {self.weight_decay}")
+        if not 0 <= self.warmup < 1:
+            raise InputError(f"--warmup is a fraction of the steps, from 0 up to 1, not {self.warmup}")
+
 
 @dataclass
 class Pairs:
@@ -419,6 +430,7 @@ def train(
     """
     from clipcli.atomic import OutputLock
 
+    config.check()
     with OutputLock(config.output, is_dir=False), OutputLock(checkpoint_path(config.output), is_dir=False):
         return _train(config, on_step, on_preload, on_skip, on_resume)
 

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -188,9 +189,10 @@ def test_tests_keep_their_caches_out_of_the_home_folder(cli, private_cache, tmp_
     from clipcli.cache import cache_dir
 
     assert cache_dir() == private_cache and Path.home() not in cache_dir().parents
-    folder = tmp_path / "by-class" / "red cross"
-    folder.mkdir(parents=True)
-    (folder / "a.jpg").write_bytes(Path(IMAGE).read_bytes())
+    for name, image in (("red cross", IMAGE), ("blue star", str(SAMPLES / "seen" / "blue-star.jpg"))):
+        folder = tmp_path / "by-class" / name
+        folder.mkdir(parents=True)
+        (folder / "a.jpg").write_bytes(Path(image).read_bytes())
     assert cli("eval", str(tmp_path / "by-class"), "-m", "tiny-shapes").exit_code == 0
     assert list((private_cache / "clipcli-classifiers").iterdir())  # the classifier cache went here
 
@@ -210,3 +212,97 @@ def test_help_names_values_not_python_types(cli, command):
     assert ran.exit_code == 0
     python_types = re.findall(r"<(?:str|int|float|path|list\[[a-z]+\]|[a-z]+ range)>", ran.stdout)
     assert python_types == [] and not re.search(r"\{[a-z_]+\}", ran.stdout), ran.stdout
+
+
+def test_bad_training_settings_are_usage_errors(cli, tmp_path):
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("image,text\nx.jpg,a red cross\n")
+    for option, value, expected in (
+        ("--lr", "-1", "--lr must be a positive number, not -1.0"),
+        ("--lr", "nan", "--lr must be a positive number, not nan"),
+        ("--weight-decay", "-1", "--weight-decay must be 0 or more, not -1.0"),
+        ("--warmup", "2", "--warmup is a fraction of the steps, from 0 up to 1, not 2.0"),
+    ):
+        ran = cli("train", str(pairs), "-o", str(tmp_path / "m.pt"), option, value)
+        assert (ran.exit_code, ran.stderr.strip()) == (2, f"Error: {expected}")
+
+
+def test_a_file_that_is_no_checkpoint_is_not_called_dangerous(cli):
+    readme = str(Path(__file__).resolve().parent.parent / "README.md")
+    ran = cli("classify", IMAGE, "-l", "a,b", "-m", readme)
+    assert (
+        ran.stderr.strip()
+        == f"Error: {readme}: not a readable checkpoint (not a PyTorch file: neither a zip nor a pickle)"
+    )
+
+
+def test_eval_refuses_what_a_retrieval_manifest_cannot_give(cli, tmp_path):
+    manifest = tmp_path / "captions.csv"
+    manifest.write_text(f"path,text\n{IMAGE},a red cross\n{SAMPLES / 'seen' / 'blue-star.jpg'},a blue star\n")
+    ran = cli("eval", str(manifest), "-m", "tiny-shapes", "--predictions", str(tmp_path / "p.csv"))
+    assert ran.exit_code == 2 and not (tmp_path / "p.csv").exists()
+    assert ran.stderr.strip() == (
+        f"Error: {manifest}: a retrieval manifest (path,text) has no classes: --predictions apply to classification"
+    )
+
+
+def test_eval_needs_two_classes_and_compares_each_template_set_once(cli, tmp_path):
+    ran = cli("eval", str(SAMPLES / "seen"), "-m", "tiny-shapes")
+    assert ran.exit_code == 2 and "all in one class folder ('seen')" in ran.stderr
+    report = tmp_path / "r.json"
+    args = ["eval", str(SAMPLES), "-m", "tiny-shapes", "--templates", "simple", "--templates", "simple"]
+    assert cli(*args, "--report", str(report)).exit_code == 0
+    import json
+
+    assert len(json.loads(report.read_text())["results"]) == 1
+
+
+def test_npy_needs_a_name_that_ends_in_npy(cli, tmp_path):
+    ran = cli("embed", str(SAMPLES / "busy"), "-m", "tiny-shapes", "-f", "npy", "-o", str(tmp_path / "outdir"))
+    assert (
+        ran.exit_code == 2
+        and ran.stderr.strip() == "Error: NPY is written to a file with its sidecar: pass -o FILE.npy"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["classify", "embed", "rank"])
+def test_a_mistyped_input_is_an_error_when_it_was_the_only_one(cli, tmp_path, command):
+    args = {
+        "classify": ["classify", "sampels/", "-l", "a,b"],
+        "embed": ["embed", "sampels/"],
+        "rank": ["rank", "x", "sampels/"],
+    }
+    ran = cli(*args[command], "-m", "tiny-shapes", "-o", str(tmp_path / "out.csv"))
+    assert ran.exit_code == 2
+    assert ran.stderr.strip() == "Error: no images found in sampels/ (sampels/: no such file or directory)"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_output_is_locked_while_stdin_is_read(tmp_path):
+    env = {**os.environ, "COLUMNS": "100"}
+    first = subprocess.Popen(
+        [sys.executable, "-m", "clipcli", "embed", "-", "-m", "tiny-shapes", "-o", "L.csv"],
+        cwd=tmp_path, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / ".L.csv.lock").exists():
+            assert time.monotonic() < deadline and first.poll() is None
+            time.sleep(0.01)
+        second = subprocess.run(
+            [sys.executable, "-m", "clipcli", "embed", IMAGE, "-m", "tiny-shapes", "-o", "L.csv"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env,
+        )  # fmt: skip
+        assert second.returncode == 2 and "another clipcli run" in second.stderr
+        _, err = first.communicate(f"{IMAGE}\n".encode(), timeout=120)
+        assert first.returncode == 0, err.decode()
+    finally:
+        first.kill()
+    assert (tmp_path / "L.csv").read_text().count("\n") == 2
+
+
+def test_rank_without_a_query_says_what_it_took_for_one(cli):
+    ran = cli("rank", str(SAMPLES / "seen"), "-m", "tiny-shapes")
+    assert ran.exit_code == 2
+    assert ran.stderr.strip().endswith(f"({str(SAMPLES / 'seen')!r} was taken as the query text)")

@@ -380,6 +380,7 @@ def test_max_megapixels_reaches_every_command(cli, tmp_path, command):
     folder = tmp_path / "by-class" / "red"
     make_image(folder / "small.png", (40, 40))
     make_image(folder / "large.png", (400, 300), seed=1)
+    make_image(tmp_path / "by-class" / "blue" / "small.png", (40, 40), seed=2)  # eval needs two classes
     args = {
         "classify": ["classify", str(folder), "-l", "a,b"],
         "embed": ["embed", str(folder)],

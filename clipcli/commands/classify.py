@@ -59,29 +59,28 @@ def classify(
     """Classify images zero-shot: the probability of each label, best first."""
     from clipcli.classify import PREDICTION_COLUMNS, Prediction, classify_images, prediction_schema
     from clipcli.commands.console import Progress, Tally, prompt_progress, say
-    from clipcli.errors import EXIT_PARTIAL, InputError
-    from clipcli.images import discover
+    from clipcli.errors import EXIT_PARTIAL
+    from clipcli.images import discover, nothing_found
     from clipcli.io import choose_format, open_writer, parquet_storable, stdout_is_tty
     from clipcli.prompts import resolve_labels, resolve_templates
 
     label_list = resolve_labels(labels, labels_file)
     template_set = resolve_templates(template, templates)
     out_format = choose_format(opt.output_format(fmt), output, stdout_is_tty(), FORMATS)
-    refs, missing = discover(inputs, sys.stdin)
-    if out_format is OutputFormat.PARQUET:
-        refs, unstorable = parquet_storable(refs)
-        missing += unstorable
-    if not refs and not missing:
-        raise InputError(f"no images found in {', '.join(inputs)}")
-    tally = Tally()
-    for m in missing:
-        tally.on_skip(m)
-
     n_ok = 0
-    # The output is locked and opened before the model loads: a second run into it, or a folder that
+    tally = Tally()
+    # The output is locked and opened before anything is read: a second run into it, or a folder that
     # cannot be written, is refused before any work; a failure before the first row leaves it as it was.
     schema = prediction_schema() if out_format is OutputFormat.PARQUET else None
     with open_writer(out_format, output, schema=schema, columns=PREDICTION_COLUMNS) as writer:
+        refs, missing = discover(inputs, sys.stdin)
+        if out_format is OutputFormat.PARQUET:
+            refs, unstorable = parquet_storable(refs)
+            missing += unstorable
+        if not refs:
+            raise nothing_found(inputs, missing)
+        for m in missing:
+            tally.on_skip(m)
         lm = opt.load(model, device, precision)
         n_prompts = len(label_list) * len(template_set.templates)
         with prompt_progress("encoding prompts", n_prompts) as on_prompts, Progress("classifying", len(refs)) as bar:

@@ -100,7 +100,7 @@ def embed(
     from clipcli.commands.console import Progress, Tally, prompt_progress, say
     from clipcli.embed import embed_images, embed_text_list
     from clipcli.errors import EXIT_PARTIAL, InputError
-    from clipcli.images import discover
+    from clipcli.images import discover, nothing_found
     from clipcli.io import choose_format, stdout_is_tty
     from clipcli.prompts import read_lines, resolve_templates
 
@@ -130,14 +130,14 @@ def embed(
 
     if not inputs:
         raise InputError("no inputs: pass image files, folders, globs, or - to read paths from stdin")
-    refs, missing = discover(inputs, sys.stdin)
-    if not refs and not missing:
-        raise InputError(f"no images found in {', '.join(inputs)}")
     tally = Tally()
-    for m in missing:
-        tally.on_skip(m)
-    # Locked before the model loads: a second run into this output is refused at once.
+    # Locked before anything is read: a second run into this output is refused at once.
     with _output_lock(output, into_dir):
+        refs, missing = discover(inputs, sys.stdin)
+        if not refs:
+            raise nothing_found(inputs, missing)
+        for m in missing:
+            tally.on_skip(m)
         lm = opt.load(model, device, precision)
         with Progress("embedding", len(refs)) as bar:
             tally.bar = bar

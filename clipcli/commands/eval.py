@@ -98,9 +98,10 @@ def evaluate(
 ) -> None:
     """Evaluate zero-shot classification (or caption retrieval) and compare models and prompt sets."""
     from clipcli import datasets
-    from clipcli.commands.console import Progress, err, prompt_progress, say, skipped
-    from clipcli.errors import EXIT_PARTIAL, OutputError
+    from clipcli.commands.console import Progress, Tally, err, prompt_progress, say
+    from clipcli.errors import EXIT_PARTIAL, InputError, OutputError
     from clipcli.evaluate import (
+        PREDICTION_COLUMNS,
         classification_result,
         embed_dataset,
         prediction_rows,
@@ -123,9 +124,18 @@ def evaluate(
     if report is not None and report.is_dir():
         raise OutputError(f"{report}: cannot write (is a directory)")
     template_sets = [resolve_templates(template, None)] if template else []
-    template_sets += [resolve_templates(None, name) for name in (templates or ([] if template else ["simple"]))]
+    names = dict.fromkeys(templates or ([] if template else ["simple"]))  # each set once
+    template_sets += [resolve_templates(None, name) for name in names]
 
     source = datasets.load_dataset(data, dataset, data_root, download, classnames)
+    if isinstance(source, datasets.CaptionPairs):
+        classification_only = [f for f, v in (("--predictions", predictions), ("--plots", plots)) if v]
+        classification_only += ["--template(s)"] if (template or templates) else []
+        if classification_only:
+            raise InputError(
+                f"{data}: a retrieval manifest (path,text) has no classes: {', '.join(classification_only)} "
+                "apply to classification"
+            )
     if isinstance(source, datasets.LabelledImages):
         for folder in source.empty_folders:
             say(f"note: {folder}: no images, class left out")
@@ -137,12 +147,13 @@ def evaluate(
         n_skipped = 0
         for name in models or [default_model()]:
             lm = opt.load(name, device, precision)
-            with Progress(f"embedding ({name})", len(source)) as bar:
+            tally = Tally()  # per model: each embeds the images again, and reports what it skipped
+            with Progress(f"embedding ({name})", len(source)) as tally.bar:
                 limit_px = opt.max_pixels(max_megapixels)
-                images = embed_dataset(lm, source, batch_size, workers, exact, bar.advance, limit_px)
+                images = embed_dataset(lm, source, batch_size, workers, exact, tally.on_batch, limit_px)
             for s in images.skipped:
-                skipped(s.path, s.reason)
-            n_skipped = max(n_skipped, len(images.skipped))
+                tally.on_skip(s)
+            n_skipped = max(n_skipped, tally.skipped)
             if isinstance(source, datasets.CaptionPairs):
                 results.append(retrieval_result(lm, source, images))
             else:
@@ -154,7 +165,7 @@ def evaluate(
         if report:
             write_report(results, report)
         if predictions and pred_format:
-            with open_writer(pred_format, predictions) as writer:
+            with open_writer(pred_format, predictions, columns=PREDICTION_COLUMNS) as writer:
                 for r in results:
                     writer.write(prediction_rows(r))
         if plots is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from enum import Enum
 from typing import Annotated
@@ -92,7 +93,10 @@ def rank(
     if texts_file and not image:
         raise InputError("--texts-file ranks texts for an image: pass --image FILE")
     if not args and not texts_file:
-        raise InputError("no sources to rank: pass images, folders, or embeddings written by `clipcli embed`")
+        hint = f" ({query_text!r} was taken as the query text)" if query_text and os.path.exists(query_text) else ""
+        raise InputError(
+            f"no sources to rank: pass a query, then images, folders, or embeddings written by `clipcli embed`{hint}"
+        )
     ensemble = resolve_templates(template, templates) if (template or templates) else None
     limit = opt.max_pixels(max_megapixels)
 

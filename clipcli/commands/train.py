@@ -192,7 +192,8 @@ def train(
 
 
 def _summary(result: TrainResult, skipped: int, output: Path) -> str:
-    line = f"trained {result.steps} steps in {result.seconds:.0f} s, final loss {result.final_loss:.4f}"
+    steps = f"{result.steps} step{'s' * (result.steps != 1)}"
+    line = f"trained {steps} in {result.seconds:.0f} s, final loss {result.final_loss:.4f}"
     if result.val_image_to_text_r1 is not None:
         i2t, t2i = result.val_image_to_text_r1, result.val_text_to_image_r1
         line += f", val recall@1 image->text {i2t:.1%} text->image {t2i:.1%}"
