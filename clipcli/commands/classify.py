@@ -39,14 +39,7 @@ def classify(
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, metavar="K", help="Labels to show per image.")] = 5,
     output: opt.Output = None,
     fmt: Annotated[
-        Format | None,
-        typer.Option(
-            "--format",
-            "-f",
-            case_sensitive=False,
-            show_default=False,
-            help="Default: from --output's extension, else a table on a terminal, else csv.",
-        ),
+        Format | None, opt.format_option("Default: from --output's extension, else a table on a terminal, else csv.")
     ] = None,
     model: opt.Model = None,
     device: opt.Device = "auto",

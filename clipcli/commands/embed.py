@@ -66,13 +66,7 @@ def embed(
     ] = None,
     fmt: Annotated[
         Format | None,
-        typer.Option(
-            "--format",
-            "-f",
-            case_sensitive=False,
-            show_default=False,
-            help="Default: from --output (a directory is parquet), else csv. npy needs -o FILE.npy.",
-        ),
+        opt.format_option("Default: from --output (a directory is parquet), else csv. npy needs -o FILE.npy."),
     ] = None,
     text: Annotated[
         bool, typer.Option("--text", help="Embed texts (arguments, --texts-file, or - for stdin lines).")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from enum import Enum
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -98,6 +98,11 @@ Inputs = Annotated[
     list[str],
     typer.Argument(metavar="INPUTS...", help="Image files, folders, globs, or - to read paths from stdin."),
 ]
+
+
+def format_option(help: str) -> Any:
+    """``--format/-f`` over a command's own enum of formats, so that its help lists exactly those."""
+    return typer.Option("--format", "-f", case_sensitive=False, show_default=False, help=help)
 
 
 def output_format(fmt: Enum | None) -> OutputFormat | None:

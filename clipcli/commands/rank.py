@@ -50,13 +50,9 @@ def rank(
     output: opt.Output = None,
     fmt: Annotated[
         Format | None,
-        typer.Option(
-            "--format",
-            "-f",
-            case_sensitive=False,
-            show_default=False,
-            help="tsv is score<TAB>path lines; the others have path (or text) and score columns. Default: a "
-            "table on a terminal, tsv in a pipe, else from --output's extension.",
+        opt.format_option(
+            "tsv is score<TAB>path lines; the others have path (or text) and score columns. Default: a "
+            "table on a terminal, tsv in a pipe, else from --output's extension."
         ),
     ] = None,
     model: opt.Model = None,
