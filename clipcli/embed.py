@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from clipcli.atomic import OutputLock, remove_temporaries
+from clipcli.atomic import OutputLock, real_path, remove_temporaries
 from clipcli.encode import encode_texts, iter_image_embeddings
 from clipcli.images import DEFAULT_MAX_PIXELS, ImageRef, Skipped
 from clipcli.io import OutputFormat, ParquetWriter, RowWriter, keep_partial, open_writer, parquet_storable
@@ -152,8 +152,8 @@ class _NpySink(_Sink):
     def __init__(self, path: Path, tag: ModelTag, dtype: str, dim: int) -> None:
         self.path, self.tag, self.dtype, self.dim = path, tag, dtype, dim
         self.lock = OutputLock(path, is_dir=False)
-        remove_temporaries(path)
-        remove_temporaries(npy_sidecar(path))
+        remove_temporaries(real_path(path))
+        remove_temporaries(real_path(npy_sidecar(path)))
         self.parts: list[np.ndarray] = []
         self.names: list[str] = []
 
