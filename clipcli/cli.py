@@ -200,6 +200,11 @@ def main() -> NoReturn:
         code: object = 0
     except SystemExit as done:
         code = done.code
+    if code == EXIT_INTERRUPTED and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        # SIGTERM came while Typer was still reading the command line, where it reports any
+        # interruption as Ctrl-C: say what it was.
+        typer.echo("Terminated.", err=True)
+        code = EXIT_TERMINATED
     _exit_now(code)
 
 

@@ -152,6 +152,7 @@ class _NpySink(_Sink):
     def __init__(self, path: Path, tag: ModelTag, dtype: str, dim: int) -> None:
         self.path, self.tag, self.dtype, self.dim = path, tag, dtype, dim
         self.lock = OutputLock(path, is_dir=False)
+        self.sidecar_lock = OutputLock(npy_sidecar(path), is_dir=False)  # written too: no one else may
         remove_temporaries(real_path(path))
         remove_temporaries(real_path(npy_sidecar(path)))
         self.parts: list[np.ndarray] = []
@@ -172,6 +173,7 @@ class _NpySink(_Sink):
                 matrix = np.concatenate(self.parts) if self.parts else empty
                 write_npy(self.path, matrix, self.names, self.tag)
         finally:
+            self.sidecar_lock.release()
             self.lock.release()
         return 0
 
@@ -224,7 +226,7 @@ def embed_text_list(
         matrix = matrix.astype(np.float16)
     if fmt is OutputFormat.NPY:
         path = Path(output or "")
-        with OutputLock(path, is_dir=False):
+        with OutputLock(path, is_dir=False), OutputLock(npy_sidecar(path), is_dir=False):
             write_npy(path, matrix, texts, model_tag(lm, normalize or templates is not None), key="text")
         return len(texts)
     columns = ["text", *(f"e{i}" for i in range(matrix.shape[1]))]

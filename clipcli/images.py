@@ -157,11 +157,15 @@ def _drop_repeats(refs: list[ImageRef]) -> list[ImageRef]:
     ``x.jpg``, so that the names stored by one run match those of the next however the file was named.
     The file itself is opened by the path given."""
     cwd = os.getcwd()  # once, where os.path.abspath would ask again for every path
+    real_dirs: dict[str, str] = {}  # a folder's real path, asked once per folder, not once per file
     seen: set[str] = set()
     unique = []
     for ref in refs:
         name = os.path.normpath(ref.path)
-        key = os.path.join(cwd, name)
+        folder, base = os.path.split(os.path.join(cwd, name))
+        if folder not in real_dirs:
+            real_dirs[folder] = os.path.realpath(folder)
+        key = os.path.join(real_dirs[folder], base)  # x.jpg and alias/x.jpg, alias -> ., are one file
         if key not in seen:
             seen.add(key)
             unique.append(ref if name == ref.path else ImageRef(name, ref.file))
@@ -455,17 +459,37 @@ def _batches(dataset: Any, batch_size: int, workers: int, overlap: bool) -> Iter
     from torch.utils.data import DataLoader
 
     loader = DataLoader(
-        dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate, worker_init_fn=_leave_sigterm
+        dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate, worker_init_fn=_start_worker
     )
     return iter(loader)
 
 
-def _leave_sigterm(worker_id: int) -> None:
-    """Decoding processes ignore SIGTERM: a scheduler signals the whole process group, and the main
-    process, which writes what it has and stops the workers itself, must outlive them."""
-    import signal
+def _start_worker(worker_id: int) -> None:
+    """Set up a decoding process so that it never outlives, nor outshouts, the run it serves.
 
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    SIGTERM (a scheduler signals the whole process group; torch's own shutdown sends it too) ends the
+    worker as Ctrl-C does, quietly, rather than killing it, which the main process would report as a
+    crash instead of writing what it has. And the kernel kills the worker when the main process dies
+    (``kill -9``, or the immediate exit after an interruption), so no orphan keeps decoding, blocks on
+    a pipe, or holds the output's lock file open.
+    """
+    import signal
+    import sys
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    if sys.platform == "linux":
+        import ctypes
+        import multiprocessing
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+        parent = multiprocessing.parent_process()
+        if parent is not None and os.getppid() != parent.pid:  # it died before the line above
+            os._exit(0)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 PREFETCH_BATCHES = 2  # decoded ahead of the caller with ``overlap``: enough to ride out one slow batch

@@ -55,25 +55,26 @@ def choose_format(
     """``--format`` wins, then the output file's extension, then table on a terminal, else ``piped``.
 
     ``format_flag`` is the option that names a format, for the error; None where there is none."""
+    on_stdout = not output or output == "-"
+    streamed = on_stdout or is_stream(Path(output or ""))  # stdout, or a FIFO, device or pipe given to -o
     if explicit is not None:
         fmt = explicit
-    elif output and output != "-":
-        suffix = Path(output).suffix.lower()
+    elif not streamed:
+        suffix = Path(output or "").suffix.lower()
         if suffix not in _BY_SUFFIX:
             known = ", ".join(s for s, f in _BY_SUFFIX.items() if f in allowed)
             flag = f" or {format_flag}" if format_flag else ""
             raise OutputError(f"{output}: cannot tell the format from the extension (use {known}{flag})")
         fmt = _BY_SUFFIX[suffix]
     else:
-        fmt = OutputFormat.TABLE if stdout_is_tty and OutputFormat.TABLE in allowed else piped
+        fmt = OutputFormat.TABLE if on_stdout and stdout_is_tty and OutputFormat.TABLE in allowed else piped
     if fmt not in allowed:
         raise OutputError(f"format {fmt.value} is not available here; use one of {', '.join(f.value for f in allowed)}")
-    to_stdout = not output or output == "-"
-    if fmt is OutputFormat.TABLE and not to_stdout:
+    if fmt is OutputFormat.TABLE and not on_stdout:
         raise OutputError(f"{output}: a table is for the terminal; write csv, jsonl or parquet to files")
-    if fmt is OutputFormat.NPY and (to_stdout or Path(output or "").suffix.lower() != ".npy"):
+    if fmt is OutputFormat.NPY and (streamed or Path(output or "").suffix.lower() != ".npy"):
         raise OutputError("NPY is written to a file with its sidecar: pass -o FILE.npy")
-    if fmt is OutputFormat.PARQUET and to_stdout and stdout_is_tty:
+    if fmt is OutputFormat.PARQUET and on_stdout and stdout_is_tty:
         raise OutputError("Parquet is binary: pass -o FILE.parquet, or pipe stdout into a program that reads it")
     return fmt
 

@@ -3,6 +3,7 @@ full and read-only filesystems, runs where every input is skipped, and names no 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -618,3 +619,87 @@ def test_rank_ranks_an_image_folder_that_holds_a_parquet_file(cli, tmp_path):
     ran = cli("rank", "a photo of a red cross.", str(folder), "-m", "tiny-shapes", "-k", "1")
     assert ran.exit_code == 0, ran.stderr
     assert ran.stdout.split("\t")[1].strip() == str(folder / "red-cross.jpg")
+
+
+# A second pass of attacks: worker processes that outlive the run, streams, the NPY sidecar
+
+
+def _group_gone(pgid: int, within: float = 15) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_the_process_group_with_workers_leaves_no_process_behind(tmp_path):
+    copies(tmp_path / "imgs", 1500)
+    args = ["classify", "imgs", "-m", "tiny-shapes", "-l", "a,b", "-k", "1", "-b", "1", "--workers", "2"]
+    run = clipcli(*args, "-o", "out.csv", cwd=tmp_path, start_new_session=True)
+    wait_for(lambda: any(p.stat().st_size > 4096 for p in tmp_path.glob(".out.csv.*.tmp")), run)
+    os.killpg(run.pid, signal.SIGINT)
+    code, _, err = finish(run)
+    assert code == 130 and err.strip().endswith("Interrupted."), err
+    try:
+        assert _group_gone(run.pid), "decoding processes outlived the run"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGKILL)
+    assert 0 < len(read_rows(tmp_path / "out.csv")) < 1500
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_run_with_workers_frees_its_output_for_the_next_run(tmp_path):
+    copies(tmp_path / "imgs", 1500)
+    args = ["classify", "imgs", "-m", "tiny-shapes", "-l", "a,b", "-k", "1", "-b", "1", "--workers", "2"]
+    run = clipcli(*args, "-o", "out.csv", cwd=tmp_path, start_new_session=True)
+    wait_for(lambda: any(p.stat().st_size > 4096 for p in tmp_path.glob(".out.csv.*.tmp")), run)
+    run.kill()  # the main process only: its workers must not live on holding the lock
+    finish(run)
+    try:
+        assert _group_gone(run.pid), "decoding processes outlived the run"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGKILL)
+    code, _, err = finish(
+        clipcli("classify", str(SAMPLES / "seen"), "-m", "tiny-shapes", "-l", "a,b", "-o", "out.csv", cwd=tmp_path)
+    )
+    assert code == 0, err
+    assert temporaries(tmp_path) == []
+
+
+def test_outputs_to_dev_stdout_and_to_a_pipe(tmp_path):
+    command = f"{sys.executable} -m clipcli embed {SAMPLES / 'seen'} -m tiny-shapes"
+    piped = subprocess.run(
+        ["bash", "-c", f"{command} -o /dev/stdout | wc -l"], capture_output=True, text=True, timeout=120
+    )
+    assert piped.stdout.strip() == "17", piped.stderr
+    substituted = f"{command} -o >(cat > {tmp_path / 'out.csv'}); sleep 1"
+    ran = subprocess.run(["bash", "-c", substituted], capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr
+    assert (tmp_path / "out.csv").read_text().startswith("path,e0,")
+    assert not list(tmp_path.glob(".*"))
+
+
+def test_the_npy_sidecar_is_locked_with_the_matrix(cli, tmp_path):
+    from clipcli.atomic import OutputLock
+
+    with OutputLock(tmp_path / "p.rows.jsonl", is_dir=False):
+        argv = ["clipcli", "embed", str(SAMPLES / "busy"), "-m", "tiny-shapes", "-o", str(tmp_path / "p.npy")]
+        script = f"import sys; from clipcli.cli import main; sys.argv = {argv!r}; main()"
+        ran = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 2 and "p.rows.jsonl: another clipcli run" in ran.stderr, ran.stderr
+    assert not (tmp_path / "p.npy").exists()
+
+
+def test_a_file_named_through_a_linked_folder_is_processed_once(cli, tmp_path):
+    (tmp_path / "alias").symlink_to(SAMPLES / "seen")
+    image = "red-cross.jpg"
+    ran = cli(
+        "embed", str(SAMPLES / "seen" / image), str(tmp_path / "alias" / image), "-m", "tiny-shapes", "-f", "jsonl"
+    )
+    assert ran.exit_code == 0 and len(ran.stdout.splitlines()) == 1

@@ -33,16 +33,21 @@ FORMATS = tuple(OutputFormat(f.value) for f in Format)
 def _is_dataset_dir(output: str | None) -> bool:
     """A directory of Parquet parts: named with a trailing slash or without an extension, or an
     existing folder named ``*.parquet`` (as Spark writes them); an existing ``x.csv`` folder is not."""
-    if not output or output == "-":
+    from clipcli.atomic import is_stream
+
+    if not output or output == "-" or is_stream(Path(output)):
         return False
     suffix = Path(output).suffix.lower()
     return output.endswith(("/", os.sep)) or not suffix or (suffix in (".parquet", ".pq") and Path(output).is_dir())
 
 
 def _output_lock(output: str | None, is_dir: bool) -> AbstractContextManager[object]:
-    from clipcli.atomic import OutputLock
+    """The output's lock, held from before anything is read; none for stdout, a FIFO or a pipe."""
+    from clipcli.atomic import OutputLock, is_stream
 
-    return nullcontext() if not output or output == "-" else OutputLock(Path(output), is_dir)
+    if not output or output == "-" or is_stream(Path(output)):
+        return nullcontext()
+    return OutputLock(Path(output), is_dir)
 
 
 def embed(
