@@ -261,13 +261,19 @@ def test_sigterm_keeps_the_rows_written_so_far_and_exits_143(tmp_path, output):
     assert temporaries(tmp_path) == []
 
 
-@pytest.mark.slow
-def test_sigterm_to_the_process_group_with_worker_processes(tmp_path):
-    """Schedulers signal the whole group: the decoding processes must leave the stopping to the run."""
+def classify_with_workers_under_way(tmp_path: Path) -> subprocess.Popen[bytes]:
+    """A `classify --workers 2` run in a process group of its own, once its output has rows on disk."""
     copies(tmp_path / "imgs", 1500)
     args = ["classify", "imgs", "-m", "tiny-shapes", "-l", "a,b", "-k", "1", "-b", "1", "--workers", "2"]
     run = clipcli(*args, "-o", "out.csv", cwd=tmp_path, start_new_session=True)
     wait_for(lambda: any(p.stat().st_size > 4096 for p in tmp_path.glob(".out.csv.*.tmp")), run)
+    return run
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_with_worker_processes(tmp_path):
+    """Schedulers signal the whole group: the decoding processes must leave the stopping to the run."""
+    run = classify_with_workers_under_way(tmp_path)
     os.killpg(run.pid, signal.SIGTERM)
     code, _, err = finish(run)
     assert code == 143, err
@@ -637,10 +643,7 @@ def _group_gone(pgid: int, within: float = 15) -> bool:
 
 @pytest.mark.slow
 def test_ctrl_c_to_the_process_group_with_workers_leaves_no_process_behind(tmp_path):
-    copies(tmp_path / "imgs", 1500)
-    args = ["classify", "imgs", "-m", "tiny-shapes", "-l", "a,b", "-k", "1", "-b", "1", "--workers", "2"]
-    run = clipcli(*args, "-o", "out.csv", cwd=tmp_path, start_new_session=True)
-    wait_for(lambda: any(p.stat().st_size > 4096 for p in tmp_path.glob(".out.csv.*.tmp")), run)
+    run = classify_with_workers_under_way(tmp_path)
     os.killpg(run.pid, signal.SIGINT)
     code, _, err = finish(run)
     assert code == 130 and err.strip().endswith("Interrupted."), err
@@ -654,10 +657,7 @@ def test_ctrl_c_to_the_process_group_with_workers_leaves_no_process_behind(tmp_p
 
 @pytest.mark.slow
 def test_kill_9_of_a_run_with_workers_frees_its_output_for_the_next_run(tmp_path):
-    copies(tmp_path / "imgs", 1500)
-    args = ["classify", "imgs", "-m", "tiny-shapes", "-l", "a,b", "-k", "1", "-b", "1", "--workers", "2"]
-    run = clipcli(*args, "-o", "out.csv", cwd=tmp_path, start_new_session=True)
-    wait_for(lambda: any(p.stat().st_size > 4096 for p in tmp_path.glob(".out.csv.*.tmp")), run)
+    run = classify_with_workers_under_way(tmp_path)
     run.kill()  # the main process only: its workers must not live on holding the lock
     finish(run)
     try:
