@@ -234,6 +234,10 @@ class LoadedModel:
     def input_resolution(self) -> int:
         return self.architecture.image_resolution
 
+    @property
+    def embed_dim(self) -> int:
+        return self.architecture.embed_dim
+
     @cached_property
     def checksum(self) -> str:
         """SHA-256 of the checkpoint file: identifies the weights in caches and reports."""
