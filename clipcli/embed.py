@@ -80,7 +80,7 @@ def embed_images(
     """
     summary = EmbedSummary()
     tag = model_tag(lm, normalize)
-    sch = schema(lm.architecture.embed_dim, dtype, tag)
+    sch = schema(lm.embed_dim, dtype, tag)
     if fmt is OutputFormat.PARQUET:
         refs, unstorable = parquet_storable(refs)
         for s in unstorable:
@@ -95,11 +95,11 @@ def embed_images(
         refs, summary.unchanged = plan.to_embed, plan.unchanged
         sink = _StoreSink(store)
     elif fmt is OutputFormat.NPY:
-        sink = _NpySink(Path(output or ""), tag, dtype, lm.architecture.embed_dim)
+        sink = _NpySink(Path(output or ""), tag, dtype, lm.embed_dim)
     elif fmt is OutputFormat.PARQUET:
         sink = _WriterSink(open_writer(fmt, output, schema=sch), sch, lm.name, dtype, fmt)
     else:
-        columns = ["path", *(f"e{i}" for i in range(lm.architecture.embed_dim))]
+        columns = ["path", *(f"e{i}" for i in range(lm.embed_dim))]
         sink = _WriterSink(open_writer(fmt, output, columns=columns), sch, lm.name, dtype, fmt)
     if on_plan:
         on_plan(len(refs))

@@ -74,11 +74,11 @@ def encode_texts(
     import torch
 
     if not texts:
-        return torch.empty(0, lm.architecture.embed_dim)
+        return torch.empty(0, lm.embed_dim)
     tokens = tokenize(texts, lm.architecture.context_length)
     # Batching texts of similar length together keeps the trimmed batches short.
     order = torch.argsort(tokens.argmax(dim=-1), stable=True)
-    out = torch.empty(len(texts), lm.architecture.embed_dim)
+    out = torch.empty(len(texts), lm.embed_dim)
     for start in range(0, len(texts), batch_size):
         idx = order[start : start + batch_size]
         out[idx] = encode_tokens(lm, tokens[idx], normalize)
@@ -119,7 +119,7 @@ def embed_batches(
     for batch in batches:
         skipped = [Skipped(names[i], reason) for i, reason in batch.skipped]
         if batch.images is None:
-            embeddings = torch.empty(0, lm.architecture.embed_dim)
+            embeddings = torch.empty(0, lm.embed_dim)
         else:
             embeddings = encode_pixels(lm, normalize_pixels(batch.images), normalize)
         yield EmbeddedBatch(batch.indices, [names[i] for i in batch.indices], embeddings, batch.sizes, skipped)

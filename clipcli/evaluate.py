@@ -101,7 +101,7 @@ def embed_dataset(
         skipped.extend(batch.skipped)
         if on_batch:
             on_batch(len(batch.indices) + len(batch.skipped))
-    dim = lm.architecture.embed_dim
+    dim = lm.embed_dim
     matrix = np.concatenate(chunks) if chunks else np.empty((0, dim), np.float32)
     return ImageEmbeddings(matrix, kept, skipped, time.perf_counter() - start)
 

@@ -183,7 +183,7 @@ def _start_cache(
     dtype = np.dtype(np.float16) if {str(t) for t in types} == {"halffloat"} else np.dtype(np.float32)
     rows = [r.metadata.num_rows for r, _, _ in readers]
     try:
-        return search_cache.Builder(source, files, rows, lm.architecture.embed_dim, dtype)
+        return search_cache.Builder(source, files, rows, lm.embed_dim, dtype)
     except OSError:
         return None
 
