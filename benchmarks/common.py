@@ -13,7 +13,7 @@ def random_checkpoint(arch: str, folder: Path) -> Path:
     """A random-weight checkpoint in OpenAI's fp16 layout (compute cost does not depend on values)."""
     import torch
 
-    from clipcli.models import ARCHITECTURES, import_clip
+    from clipcli.families.openai import ARCHITECTURES, import_clip
 
     path = folder / f"random-{arch.replace('/', '-')}.pt"
     if not path.exists():

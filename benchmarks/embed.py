@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import clipcli, random_checkpoint
 from photos import make_photos
 
-from clipcli.models import LoadedModel, import_clip, load_model
+from clipcli.families.openai import import_clip
+from clipcli.models import LoadedModel, load_model
 
 if TYPE_CHECKING:
     from clip.model import CLIP
@@ -185,7 +186,7 @@ def saved_embeddings(lm: LoadedModel, out: Path, rows: int) -> tuple[Path, Path]
     if not done.exists():
         shutil.rmtree(folder, ignore_errors=True)
         rng = np.random.default_rng(0)
-        dim = lm.architecture.embed_dim
+        dim = lm.embed_dim
         store = ParquetStore(folder, schema(dim, "float32", model_tag(lm, True)), lm.name)
         store.open()
         matrix = np.lib.format.open_memmap(npy, mode="w+", dtype=np.float32, shape=(rows, dim))

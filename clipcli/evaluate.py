@@ -87,10 +87,10 @@ def embed_dataset(
     start = time.perf_counter()
     if data.refs is not None:
         overlap = runs_elsewhere(lm)
-        batches = iter_batches(data.refs, lm.input_resolution, batch_size, workers, exact, overlap, max_pixels)
+        batches = iter_batches(data.refs, lm.image, batch_size, workers, exact, overlap, max_pixels)
         names = [r.path for r in data.refs]
     else:
-        batches = iter_array_batches(data.arrays, lm.input_resolution, batch_size, runs_elsewhere(lm))
+        batches = iter_array_batches(data.arrays, lm.image, batch_size, runs_elsewhere(lm))
         names = data.ids
     chunks: list[np.ndarray] = []
     kept: list[int] = []

@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 from PIL import Image, ImageOps
 
@@ -316,16 +316,47 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def resize_and_crop(image: Image.Image, n_px: int) -> np.ndarray:
-    """OpenAI's resize (shorter side to ``n_px``, bicubic) and centre crop, as an n_px x n_px x 3 array.
+@dataclass(frozen=True)
+class ImageSpec:
+    """The input a model was trained on: a ``size`` x ``size`` square made by ``resize``, scaled to 0..1
+    and normalised per channel by ``mean`` and ``std``.
 
-    Equal to torchvision's ``Resize`` then ``CenterCrop`` as the ``clip`` package composes them, with the
-    same output size and crop offsets, but one PIL resample of just the crop box: PIL's filter still
-    reads the pixels around the box up to the image edge, so the result is the same up to rounding
-    for less work, and torchvision (whose import pulls in torch's compiler stack) is not needed.
+    ``shortest``: the shorter side to ``size`` then a centre crop (OpenAI's CLIP, most open_clip and HF
+    CLIP models); ``squash``: the whole picture to ``size`` x ``size``, aspect ratio not kept (SigLIP).
+    """
+
+    size: int
+    resize: Literal["shortest", "squash"] = "shortest"
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+
+
+CLIP_IMAGE = ImageSpec(224)
+
+
+def image_spec(geometry: int | ImageSpec) -> ImageSpec:
+    """A bare size means OpenAI's preprocessing at that size."""
+    return geometry if isinstance(geometry, ImageSpec) else ImageSpec(geometry)
+
+
+_RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+
+
+def resize_and_crop(image: Image.Image, geometry: int | ImageSpec) -> np.ndarray:
+    """The model's resize (and centre crop) of ``image``, as a size x size x 3 uint8 array.
+
+    For ``shortest``, equal to torchvision's ``Resize`` then ``CenterCrop`` as the ``clip`` package composes
+    them, with the same output size and crop offsets, but one PIL resample of just the crop box: PIL's
+    filter still reads the pixels around the box up to the image edge, so the result is the same up to
+    rounding for less work, and torchvision (whose import pulls in torch's compiler stack) is not needed.
     """
     import numpy as np
 
+    spec = image_spec(geometry)
+    n_px, resample = spec.size, _RESAMPLING[spec.interpolation]
+    if spec.resize == "squash":
+        return np.asarray(image.resize((n_px, n_px), resample))
     w, h = image.size
     if w <= h:
         new_w, new_h = n_px, int(n_px * h / w)
@@ -334,10 +365,10 @@ def resize_and_crop(image: Image.Image, n_px: int) -> np.ndarray:
     left, top = round((new_w - n_px) / 2.0), round((new_h - n_px) / 2.0)
     sx, sy = w / new_w, h / new_h
     box = (left * sx, top * sy, (left + n_px) * sx, (top + n_px) * sy)
-    return np.asarray(image.resize((n_px, n_px), Image.Resampling.BICUBIC, box=box))
+    return np.asarray(image.resize((n_px, n_px), resample, box=box))
 
 
-def normalize_pixels(images: np.ndarray) -> torch.Tensor:
+def normalize_pixels(images: np.ndarray, geometry: int | ImageSpec = CLIP_IMAGE) -> torch.Tensor:
     """uint8 N x H x W x 3 images -> the model's N x 3 x H x W float input (ToTensor then Normalize).
 
     One copy into channel-first float and one fused scale-and-shift: a third of the passes over the
@@ -345,18 +376,19 @@ def normalize_pixels(images: np.ndarray) -> torch.Tensor:
     """
     import torch
 
+    spec = image_spec(geometry)
     channels_last = torch.from_numpy(images).permute(0, 3, 1, 2)
     pixels = torch.empty(channels_last.shape, dtype=torch.float32).copy_(channels_last)
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std).view(1, 3, 1, 1)
     return pixels.mul_(1.0 / (255.0 * std)).sub_(mean / std)
 
 
-def preprocess(image: Image.Image, n_px: int) -> torch.Tensor:
-    """One RGB image -> its 3 x n_px x n_px model input, as OpenAI's ``preprocess`` makes it."""
+def preprocess(image: Image.Image, geometry: int | ImageSpec) -> torch.Tensor:
+    """One RGB image -> its 3 x size x size model input, as the model's own preprocessing makes it."""
     import numpy as np
 
-    return normalize_pixels(np.stack([resize_and_crop(image, n_px)]))[0]
+    return normalize_pixels(np.stack([resize_and_crop(image, geometry)]), geometry)[0]
 
 
 @dataclass
@@ -373,11 +405,15 @@ class Batch:
 
 class _ImageDataset:
     def __init__(
-        self, refs: Sequence[ImageRef], n_px: int, exact: bool, max_pixels: int | None = DEFAULT_MAX_PIXELS
+        self,
+        refs: Sequence[ImageRef],
+        geometry: int | ImageSpec,
+        exact: bool,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> None:
         self.refs = refs
-        self.n_px = n_px
-        self.draft = None if exact else n_px
+        self.spec = image_spec(geometry)
+        self.draft = None if exact else self.spec.size
         self.max_pixels = max_pixels
 
     def __len__(self) -> int:
@@ -386,7 +422,7 @@ class _ImageDataset:
     def __getitem__(self, i: int) -> tuple[int, Any]:
         try:
             image, size = decode(self.refs[i].file, self.draft, self.max_pixels)
-            return i, (resize_and_crop(image, self.n_px), size)
+            return i, (resize_and_crop(image, self.spec), size)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             return i, describe_error(e)
         except Exception as e:
@@ -415,7 +451,7 @@ def _collate(items: list[tuple[int, Any]]) -> Batch:
 
 def iter_batches(
     refs: Sequence[ImageRef],
-    n_px: int,
+    geometry: int | ImageSpec,
     batch_size: int = 32,
     workers: int = 0,
     exact: bool = False,
@@ -428,29 +464,31 @@ def iter_batches(
     otherwise that many worker processes do, ahead of the caller. Images of more than ``max_pixels``
     pixels (None: no limit) are skipped unread.
     """
-    return _batches(_ImageDataset(refs, n_px, exact, max_pixels), batch_size, workers, overlap)
+    return _batches(_ImageDataset(refs, geometry, exact, max_pixels), batch_size, workers, overlap)
 
 
 class _ArrayDataset:
     """In-memory uint8 images (N x H x W x 3), as torchvision's CIFAR datasets hold them."""
 
-    def __init__(self, arrays: Any, n_px: int) -> None:
+    def __init__(self, arrays: Any, geometry: int | ImageSpec) -> None:
         self.arrays = arrays
-        self.n_px = n_px
+        self.spec = image_spec(geometry)
 
     def __len__(self) -> int:
         return len(self.arrays)
 
     def __getitem__(self, i: int) -> tuple[int, Any]:
         image = Image.fromarray(self.arrays[i], "RGB")
-        return i, (resize_and_crop(image, self.n_px), image.size)
+        return i, (resize_and_crop(image, self.spec), image.size)
 
     def decode_order(self, indices: range) -> Sequence[int]:
         return indices
 
 
-def iter_array_batches(arrays: Any, n_px: int, batch_size: int = 32, overlap: bool = False) -> Iterator[Batch]:
-    return _batches(_ArrayDataset(arrays, n_px), batch_size, 0, overlap)
+def iter_array_batches(
+    arrays: Any, geometry: int | ImageSpec, batch_size: int = 32, overlap: bool = False
+) -> Iterator[Batch]:
+    return _batches(_ArrayDataset(arrays, geometry), batch_size, 0, overlap)
 
 
 def _batches(dataset: Any, batch_size: int, workers: int, overlap: bool) -> Iterator[Batch]:

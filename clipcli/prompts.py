@@ -134,15 +134,15 @@ def zero_shot_classifier(
 
 
 def zero_shot_logits(lm: LoadedModel, image_embeddings: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
-    """``logit_scale`` x cosine similarity of normalised image embeddings (N x D) with a classifier (L x D):
-    CLIP's own ``logits_per_image`` (N x L). Rankings and accuracies are read from these, not from
-    probabilities, which round far-off labels to the same 0."""
-    scale = lm.model.logit_scale.exp().float().cpu()
-    return scale * image_embeddings @ classifier.T
+    """``logit_scale`` x cosine similarity (+ ``logit_bias`` for SigLIP) of normalised image embeddings
+    (N x D) with a classifier (L x D): the model's own ``logits_per_image`` (N x L). Rankings and
+    accuracies are read from these, not from probabilities, which round far-off labels to the same 0."""
+    return lm.logits(image_embeddings, classifier)
 
 
 def zero_shot_probabilities(lm: LoadedModel, image_embeddings: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
-    """Each image's probability over the labels (N x L, rows sum to 1): the softmax of
-    :func:`zero_shot_logits`, as OpenAI's zero-shot example computes it. ``classify`` and ``eval`` both
-    score with this one function, so their scores agree."""
-    return zero_shot_logits(lm, image_embeddings, classifier).softmax(dim=-1)
+    """Each image's probability per label (N x L): for CLIP the softmax of :func:`zero_shot_logits` over
+    the labels (rows sum to 1, as OpenAI's zero-shot example computes it); for SigLIP the sigmoid of each
+    logit on its own (rows need not sum to 1). ``classify`` and ``eval`` both score with this one function,
+    so their scores agree."""
+    return lm.probabilities(zero_shot_logits(lm, image_embeddings, classifier))

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 MAX_LOGIT_SCALE = math.log(100.0)
 # Preprocessed images are kept in memory (fp16) up to this size; beyond it, decoded every step.
 PRELOAD_LIMIT_BYTES = 6 * 2**30
-# The architectures `--arch` offers. models.ARCHITECTURES also holds tiny shapes for the test suite
+# The architectures `--arch` offers. families.openai.ARCHITECTURES also holds tiny shapes for the test suite
 # (test-vit, test-rn): still accepted, but not offered.
 PUBLIC_ARCHITECTURES = ("tiny-shapes", "ViT-B/32", "ViT-B/16", "RN50")
 
@@ -110,7 +110,7 @@ def read_pairs(path: Path) -> Pairs:
         raise InputError(f"{path}: missing column(s) {', '.join(missing)} (need image and text)")
     if frame.empty:
         raise InputError(f"{path}: no pairs")
-    from clipcli.encode import tokenize
+    from clipcli.families.openai import tokenize
 
     files, texts, rows = [], [], []
     for i, (image, text) in enumerate(zip(frame["image"], frame["text"], strict=True), start=1):
@@ -128,7 +128,7 @@ def read_pairs(path: Path) -> Pairs:
 
 
 def _initial_model(config: TrainConfig) -> CLIP:
-    from clipcli.models import ARCHITECTURES, build_from_state_dict, read_state_dict, resolve_checkpoint
+    from clipcli.families.openai import ARCHITECTURES, build_from_state_dict, read_state_dict, resolve_checkpoint
 
     if config.model and config.arch:
         raise InputError("give --model (fine-tune) or --arch (from scratch), not both")
@@ -351,7 +351,7 @@ def recall_at_1(model: CLIP, pixels: torch.Tensor, tokens: torch.Tensor, texts: 
     import torch
     import torch.nn.functional as F
 
-    from clipcli.encode import trim_padding
+    from clipcli.families.openai import trim_padding
 
     model.eval()
     with torch.inference_mode():
@@ -402,7 +402,7 @@ def _train_step(
     """One optimiser step on one batch; the batch's loss before the step."""
     import torch
 
-    from clipcli.encode import trim_padding
+    from clipcli.families.openai import trim_padding
 
     # Trimmed like encode's batches, but through encode_text itself: training needs the gradients.
     loss = contrastive_loss(model.encode_image(images), model.encode_text(trim_padding(tokens)), model.logit_scale)
@@ -444,8 +444,8 @@ def _train(
 ) -> TrainResult:
     import torch
 
-    from clipcli.encode import tokenize
-    from clipcli.models import resolve_device
+    from clipcli.families.openai import tokenize
+    from clipcli.precision import resolve_device
 
     started = time.perf_counter()
     torch.manual_seed(config.seed)

@@ -13,7 +13,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from clipcli.cli import app
-from clipcli.models import ARCHITECTURES, import_clip
+from clipcli.families.openai import ARCHITECTURES, import_clip
 
 
 def write_checkpoint(path: Path, arch: str, seed: int = 0) -> Path:

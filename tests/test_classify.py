@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from clipcli.models import import_clip
+from clipcli.families.openai import import_clip
 
 
 def reference_probs(ckpt: Path, image: Path, texts: list[str]) -> list[float]:
@@ -154,7 +154,8 @@ def test_prompt_ensemble_is_renormalised_mean(vit_ckpt):
 
 
 def test_trimmed_text_batches_equal_full_context(vit_ckpt):
-    from clipcli.encode import encode_texts, tokenize
+    from clipcli.encode import encode_texts
+    from clipcli.families.openai import tokenize
     from clipcli.models import load_model
 
     lm = load_model(str(vit_ckpt), "cpu", "fp32")

@@ -125,10 +125,11 @@ def test_http_error(server: str, tmp_path: Path):
 def test_named_model_downloads_through_a_mirror_into_the_cache(server, tmp_path, monkeypatch, vit_ckpt):
     """The whole path a user takes: name -> mirror URL -> verified file in the cache -> model."""
     from clipcli import models
+    from clipcli.families import openai
 
     data = vit_ckpt.read_bytes()
     sha = hashlib.sha256(data).hexdigest()
-    monkeypatch.setitem(models.OPENAI_MODELS, "RN50", f"{sha}/RN50.pt")
+    monkeypatch.setitem(openai.OPENAI_MODELS, "RN50", f"{sha}/RN50.pt")
     monkeypatch.setattr(_Handler, "do_GET", lambda self: _serve(self, data))
     monkeypatch.setenv("CLIPCLI_MIRROR", server)
     monkeypatch.setenv("CLIPCLI_CACHE", str(tmp_path / "cache"))
@@ -137,7 +138,7 @@ def test_named_model_downloads_through_a_mirror_into_the_cache(server, tmp_path,
     # A second load uses the cache: with the server gone it still works.
     monkeypatch.setenv("CLIPCLI_MIRROR", "http://127.0.0.1:9")
     assert models.load_model("RN50", "cpu", "fp32").path == lm.path
-    monkeypatch.setitem(models.OPENAI_MODELS, "RN101", "0" * 64 + "/RN101.pt")
+    monkeypatch.setitem(openai.OPENAI_MODELS, "RN101", "0" * 64 + "/RN101.pt")
     with pytest.raises(ModelError, match="could not be downloaded"):
         models.load_model("RN101", "cpu")
 

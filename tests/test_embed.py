@@ -21,7 +21,7 @@ import torch
 from conftest import make_image
 from PIL import Image
 
-from clipcli.models import import_clip
+from clipcli.families.openai import import_clip
 from clipcli.store import open_npy
 
 

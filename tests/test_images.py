@@ -360,8 +360,8 @@ def test_preprocess_equals_openai_preprocess(size):
 
     Up to rounding: a few values in ten thousand land one 8-bit level apart where a filter weight rounds
     the other way."""
+    from clipcli.families.openai import import_clip
     from clipcli.images import CLIP_STD, preprocess
-    from clipcli.models import import_clip
 
     rng = np.random.default_rng(sum(size))
     image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))

@@ -11,15 +11,9 @@ import pytest
 import torch
 
 from clipcli.errors import ModelError
-from clipcli.models import (
-    ARCHITECTURES,
-    OPENAI_MODELS,
-    Architecture,
-    import_clip,
-    load_model,
-    read_state_dict,
-    resolve_precision,
-)
+from clipcli.families.openai import ARCHITECTURES, OPENAI_MODELS, Architecture, import_clip, read_state_dict
+from clipcli.models import load_model
+from clipcli.precision import resolve_precision
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -178,7 +172,7 @@ def test_embedding_imports_neither_torchvision_nor_pandas(tmp_path, output):
 
 
 def test_tokenize_lays_out_tokens_as_clip_does():
-    from clipcli.encode import tokenize
+    from clipcli.families.openai import tokenize
 
     texts = ["a dog", "a photo of a purple hexagon.", "", "ünïcödé & <html> punctuation!!"]
     assert torch.equal(tokenize(texts), import_clip().tokenize(texts))
@@ -204,7 +198,7 @@ def test_building_for_a_state_dict_leaves_torch_init_as_it_was():
     """The no-op fills are only in place while the model is built (loading is checked by parity tests)."""
     from torch.nn import init
 
-    from clipcli.models import ARCHITECTURES
+    from clipcli.families.openai import ARCHITECTURES
 
     before = {name: getattr(init, name) for name in ("normal_", "uniform_", "kaiming_uniform_", "zeros_")}
     model = ARCHITECTURES["test-vit"].build(initialize=False)

@@ -17,7 +17,8 @@ import torch
 from conftest import make_image
 
 from clipcli.errors import ModelError
-from clipcli.models import import_clip, load_model, read_state_dict
+from clipcli.families.openai import import_clip, read_state_dict
+from clipcli.models import load_model
 
 REFUSED = "contains code or objects clipcli will not load (only tensors are read from checkpoints); "
 

@@ -16,8 +16,7 @@ import torch
 from conftest import Ran
 
 from clipcli.commands.train import TrainingBar, step_fields
-from clipcli.encode import tokenize, trim_padding
-from clipcli.models import ARCHITECTURES, import_clip
+from clipcli.families.openai import ARCHITECTURES, import_clip, tokenize, trim_padding
 from clipcli.synth import generate
 from clipcli.train import PUBLIC_ARCHITECTURES, StepInfo, TrainConfig, contrastive_loss, lr_at, train
 
