@@ -28,6 +28,7 @@ from clipcli.precision import Precision, resolve_device, resolve_precision
 
 if TYPE_CHECKING:
     import torch
+    from torch import nn
 
 DEFAULT_MODEL = "ViT-B/32"
 DownloadProgress = Callable[[int, "int | None"], None]
@@ -85,6 +86,11 @@ class LoadedModel(ABC):
     @abstractmethod
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """Image features (N x D, not normalised) of model input made by :func:`clipcli.images.normalize_pixels`."""
+
+    def towers(self) -> dict[str, nn.Module]:
+        """The torch modules that do the image and the text work (``image``, ``text``): what a precision
+        change such as int8 quantisation rewrites. Families that cannot offer them say so."""
+        raise ModelError(f"{self.name}: the {self.family} family does not expose its towers for this precision")
 
     def logits(self, image_embeddings: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
         """The model's own ``logits_per_image`` (N x L) for normalised embeddings."""

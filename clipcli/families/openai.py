@@ -32,6 +32,7 @@ from clipcli.precision import Precision, cast_weights
 if TYPE_CHECKING:
     import torch
     from clip.model import CLIP
+    from torch import nn
 
 _OPENAI_BASE = "https://openaipublic.azureedge.net/clip/models"
 # The sha256 in each path is what the download is checked against (as in OpenAI's own loader).
@@ -250,6 +251,9 @@ class OpenAIModel(LoadedModel):
 
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(pixels.to(self.device, non_blocking=True))
+
+    def towers(self) -> dict[str, nn.Module]:
+        return {"image": self.model.visual, "text": self.model.transformer}
 
 
 @cache
