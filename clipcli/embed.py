@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     import numpy as np
     import pyarrow as pa
 
+    from clipcli.shard import Shard
+
 
 @dataclass
 class EmbedSummary:
@@ -40,8 +42,12 @@ def iter_rows(
     exact: bool,
     normalize: bool,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    decode: str = "auto",
 ) -> Iterator[tuple[Rows, list[Skipped]]]:
-    for batch in iter_image_embeddings(lm, refs, batch_size, workers, exact, normalize, max_pixels=max_pixels):
+    embedded = iter_image_embeddings(
+        lm, refs, batch_size, workers, exact, normalize, max_pixels=max_pixels, decode=decode
+    )
+    for batch in embedded:
         stats = [stat_of(path) or Stat(0, 0.0) for path in batch.names]
         rows = Rows(batch.names, batch.embeddings.numpy(), batch.sizes, stats)
         yield rows, batch.skipped
@@ -72,6 +78,8 @@ def embed_images(
     on_skip: Callable[[Skipped], None] | None = None,
     on_plan: Callable[[int], None] | None = None,
     on_batch: Callable[[int], None] | None = None,
+    shard: Shard | None = None,
+    decode: str = "auto",
 ) -> EmbedSummary:
     """Embed images into ``output``; Parquet outputs are incremental (see :mod:`clipcli.store`).
 
@@ -89,7 +97,7 @@ def embed_images(
                 on_skip(s)
     sink: _Sink
     if fmt is OutputFormat.PARQUET and output not in (None, "-"):
-        store = ParquetStore(Path(output), sch, lm.name, part_rows=part_size)
+        store = ParquetStore(Path(output), sch, lm.name, part_rows=part_size, shard=shard)
         store.open()
         plan = store.plan(refs)
         refs, summary.unchanged = plan.to_embed, plan.unchanged
@@ -105,7 +113,7 @@ def embed_images(
         on_plan(len(refs))
 
     try:
-        for rows, skipped in iter_rows(lm, refs, batch_size, workers, exact, normalize, max_pixels):
+        for rows, skipped in iter_rows(lm, refs, batch_size, workers, exact, normalize, max_pixels, decode):
             for s in skipped:
                 summary.skipped += 1
                 if on_skip:

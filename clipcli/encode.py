@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from clipcli.gpu_decode import DeviceBatch, iter_device_batches, use_device_decoding
 from clipcli.images import DEFAULT_MAX_PIXELS, Batch, ImageRef, Skipped, iter_batches, normalize_pixels
 from clipcli.models import LoadedModel
 
@@ -75,18 +76,24 @@ class EmbeddedBatch:
 
 
 def embed_batches(
-    lm: LoadedModel, batches: Iterable[Batch], names: Sequence[str], normalize: bool = True
+    lm: LoadedModel, batches: Iterable[Batch | DeviceBatch], names: Sequence[str], normalize: bool = True
 ) -> Iterator[EmbeddedBatch]:
-    """Embed decoded batches; failures come back as skipped, named by ``names``."""
+    """Embed decoded batches (uint8 from the CPU, or model input already on the device); failures come
+    back as skipped, named by ``names``."""
     import torch
 
     for batch in batches:
         skipped = [Skipped(names[i], reason) for i, reason in batch.skipped]
-        if batch.images is None:
-            embeddings = torch.empty(0, lm.embed_dim)
-        else:
-            embeddings = encode_pixels(lm, normalize_pixels(batch.images, lm.image), normalize)
+        pixels = _model_input(lm, batch)
+        embeddings = torch.empty(0, lm.embed_dim) if pixels is None else encode_pixels(lm, pixels, normalize)
         yield EmbeddedBatch(batch.indices, [names[i] for i in batch.indices], embeddings, batch.sizes, skipped)
+
+
+def _model_input(lm: LoadedModel, batch: Batch | DeviceBatch) -> torch.Tensor | None:
+    if isinstance(batch, Batch):
+        return None if batch.images is None else normalize_pixels(batch.images, lm.image)
+    batch.wait()
+    return batch.pixels
 
 
 def iter_image_embeddings(
@@ -98,9 +105,17 @@ def iter_image_embeddings(
     normalize: bool = True,
     *,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    decode: str = "auto",
 ) -> Iterator[EmbeddedBatch]:
     """Embed image files batch by batch, in input order; unreadable images (and images of more than
-    ``max_pixels`` pixels) come back as skipped."""
-    overlap = runs_elsewhere(lm)
-    batches = iter_batches(refs, lm.image, batch_size, workers, exact, overlap, max_pixels)
+    ``max_pixels`` pixels) come back as skipped.
+
+    ``decode`` (see :func:`clipcli.gpu_decode.use_device_decoding`): ``auto`` decodes JPEGs on the
+    model's GPU when it runs on CUDA, ``gpu`` insists on it, ``cpu`` decodes with Pillow on the CPU.
+    """
+    batches: Iterable[Batch | DeviceBatch]
+    if use_device_decoding(decode, lm.device):
+        batches = iter_device_batches(refs, lm.image, lm.device, batch_size, exact, max_pixels)
+    else:
+        batches = iter_batches(refs, lm.image, batch_size, workers, exact, runs_elsewhere(lm), max_pixels)
     return embed_batches(lm, batches, [r.path for r in refs], normalize)

@@ -11,7 +11,7 @@ import os
 import re
 import stat
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal
@@ -330,6 +330,9 @@ class ImageSpec:
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+    # How an odd number of spare pixels is split by the centre crop: torchvision rounds the offset
+    # (OpenAI, open_clip); Hugging Face's image processors floor it.
+    crop_offset: Literal["round", "floor"] = "round"
 
 
 CLIP_IMAGE = ImageSpec(224)
@@ -362,7 +365,8 @@ def resize_and_crop(image: Image.Image, geometry: int | ImageSpec) -> np.ndarray
         new_w, new_h = n_px, int(n_px * h / w)
     else:
         new_w, new_h = int(n_px * w / h), n_px
-    left, top = round((new_w - n_px) / 2.0), round((new_h - n_px) / 2.0)
+    offset = round if spec.crop_offset == "round" else int
+    left, top = offset((new_w - n_px) / 2.0), offset((new_h - n_px) / 2.0)
     sx, sy = w / new_w, h / new_h
     box = (left * sx, top * sy, (left + n_px) * sx, (top + n_px) * sy)
     return np.asarray(image.resize((n_px, n_px), resample, box=box))
@@ -538,7 +542,9 @@ def decode_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _decoded_batches(dataset: Any, batch_size: int, overlap: bool) -> Iterator[Batch]:
+def _decoded_batches(
+    dataset: Any, batch_size: int, overlap: bool, collate: Callable[[list[tuple[int, Any]]], Any] = _collate
+) -> Generator[Any, None, None]:
     """Batches decoded by a pool of threads (PIL releases the GIL while it decodes and resizes).
 
     Without ``overlap`` the caller and the pool take turns: each batch is decoded on every core
@@ -548,6 +554,7 @@ def _decoded_batches(dataset: Any, batch_size: int, overlap: bool) -> Iterator[B
     section). With ``overlap`` (the model runs on a GPU), the next
     :data:`PREFETCH_BATCHES` batches are decoded while the caller works. Within a batch the largest
     files start first, so no core waits at the end for one big photo.
+    ``collate`` makes each batch of the (index, item) pairs, in input order (a :class:`Batch` by default).
     """
     from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -568,7 +575,7 @@ def _decoded_batches(dataset: Any, batch_size: int, overlap: bool) -> Iterator[B
             items = sorted((f.result() for f in queued.popleft()), key=lambda item: item[0])
             for _ in range(PREFETCH_BATCHES - len(queued) if overlap else 0):
                 submit_next()
-            yield _collate(items)
+            yield collate(items)
             if not queued:
                 submit_next()
     finally:

@@ -4,6 +4,11 @@ A Parquet output is incremental: rows carry each file's size and mtime, so a rer
 that are new or changed and drops rows of files that are gone. In a directory every part file is
 written under a temporary name and renamed when complete, so a run killed at any moment leaves only
 whole parts behind; the next run reconciles them (one row per path, the newest valid one wins).
+
+Parts are named ``part-NNNNNN[-TAG...].parquet``: NNNNNN orders runs (each run numbers its parts above
+every part it found), the tags keep the names of writers that run at once apart: ``-sIofN`` for a
+``--shard`` run, ``-rXXXX`` for each part a Ray worker writes. Readers of ``DIR/*.parquet`` need not
+know: every part has the same schema and metadata, whoever wrote it.
 """
 
 from __future__ import annotations
@@ -11,15 +16,16 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from clipcli.atomic import AtomicFile, OutputLock, describe_os_error, remove_temporaries
+from clipcli.atomic import AtomicFile, OutputLock, describe_os_error, real_path, remove_temporaries
 from clipcli.errors import InputError, ModelError, OutputError
 from clipcli.images import ImageRef
 from clipcli.io import json_line
+from clipcli.shard import Shard, ShardLocks, compaction, refuse_shard_runs, release_fd
 
 if TYPE_CHECKING:
     import numpy as np
@@ -28,7 +34,8 @@ if TYPE_CHECKING:
 META_MODEL = b"clipcli.model"
 META_SHA = b"clipcli.model_sha256"
 META_NORMALIZED = b"clipcli.normalized"
-_PART = re.compile(r"^part-(\d+)\.parquet$")
+_PART = re.compile(r"^part-(\d+)((?:-[0-9a-z]+)*)\.parquet$")
+PartKey = tuple[int, str]  # (run number, tags): later keys supersede earlier ones
 
 
 @dataclass(frozen=True)
@@ -164,8 +171,51 @@ def _check_compatible(found: pa.Schema, wanted: pa.Schema, where: Path) -> None:
 
 @dataclass(slots=True)  # one per stored row, kept for the whole run
 class _Stored:
-    part: int  # order of writing: later parts supersede earlier ones
+    part: PartKey  # order of writing: later parts supersede earlier ones
     stat: Stat
+
+
+def write_table(table: pa.Table, target: Path, sch: pa.Schema, kept: str) -> None:
+    """``table`` as the Parquet file ``target``, whole or not at all (see :class:`AtomicFile`);
+    ``kept`` says what is left as it was when writing fails."""
+    import pyarrow.parquet as pq
+
+    out = AtomicFile(target)
+    try:
+        # Dictionary-encoding unique floats only to fall back to plain pages makes reads slower.
+        pq.write_table(table.replace_schema_metadata(sch.metadata), out.file, use_dictionary=["model"])
+    except OSError as e:
+        reason = describe_os_error(e, target)
+        out.discard()
+        raise OutputError(f"{target}: cannot write ({reason}); {kept}") from e
+    except BaseException:
+        out.discard()
+        raise
+    out.commit()
+
+
+_KEPT_PARTS = "the parts already written are kept: run again to resume"
+
+
+@dataclass(frozen=True)
+class PartWriter:
+    """Writes whole parts into a dataset directory from any process (a Ray worker on another node):
+    each under a name no other writer uses, so writers need no coordination beyond the run's number,
+    which the store that planned the run reserved for them."""
+
+    folder: str
+    schema: pa.Schema
+    model: str
+    number: int
+    tags: str  # "" or "-sIofN"
+
+    def write(self, rows: Rows) -> str:
+        """Write ``rows`` as one new part; returns its file name."""
+        import uuid
+
+        name = f"part-{self.number:06d}{self.tags}-r{uuid.uuid4().hex[:16]}.parquet"
+        write_table(rows.table(self.schema, self.model), Path(self.folder) / name, self.schema, _KEPT_PARTS)
+        return name
 
 
 @dataclass
@@ -182,11 +232,13 @@ class ParquetStore:
     schema: pa.Schema
     model: str
     part_rows: int = 4096
+    shard: Shard | None = None  # a --shard run: only this shard's paths are planned, stored and cleaned
     stored: dict[str, list[_Stored]] = field(default_factory=dict)
     _pending: list[pa.Table] = field(default_factory=list)
     _pending_rows: int = 0
     _next_part: int = 0
-    _lock: OutputLock | None = None
+    _lock: OutputLock | ShardLocks | None = None
+    _shards_fd: int | None = None
 
     @property
     def is_dir(self) -> bool:
@@ -194,53 +246,90 @@ class ParquetStore:
         writes them) is a directory too."""
         return self.path.suffix.lower() not in (".parquet", ".pq") or self.path.is_dir()
 
-    def _parts(self) -> list[tuple[int, Path]]:
+    @property
+    def tags(self) -> str:
+        """What this run's part names carry after their number: its shard, if any."""
+        return f"-{self.shard.tag}" if self.shard else ""
+
+    def owns(self, path: str) -> bool:
+        """Whether this run plans, stores and cleans ``path`` (every path, unless sharded)."""
+        return self.shard is None or self.shard.owns(path)
+
+    def _parts(self) -> list[tuple[PartKey, Path]]:
         if not self.is_dir:
-            return [(0, self.path)] if self.path.exists() else []
+            return [((0, ""), self.path)] if self.path.exists() else []
         if not self.path.exists():
             return []
         if not self.path.is_dir():
             raise OutputError(f"{self.path}: exists and is not a directory")
-        found = [(int(m.group(1)), p) for p in self.path.iterdir() if (m := _PART.match(p.name))]
+        found = [((int(m.group(1)), m.group(2)), p) for p in self.path.iterdir() if (m := _PART.match(p.name))]
         return sorted(found)
 
     def _remove_dead_temporaries(self) -> None:
-        """Temporaries left by a run that was killed while writing (no other run holds the lock)."""
+        """Temporaries left by a run that was killed while writing: of any run when this one holds the
+        directory alone; of this shard's runs (named with its tag) when sharded."""
         if not self.is_dir:
             remove_temporaries(self.path)
             return
+        mine = re.compile(rf"^\.part-\d+{re.escape(self.tags)}(?:-[0-9a-z]+)*\.parquet\.\d+\.tmp$")
         for tmp in self.path.glob(".part-*.tmp"):
-            if not tmp.name.endswith(f".{os.getpid()}.tmp"):
+            if mine.match(tmp.name) and not tmp.name.endswith(f".{os.getpid()}.tmp"):
                 tmp.unlink(missing_ok=True)
 
     def open(self) -> None:
         """Lock the output for this run, then read what earlier runs stored: paths with their size and
         mtime (not the embeddings). A second run into the same output is refused here, at once."""
-        self._lock = OutputLock(self.path, self.is_dir)
+        if self.shard is not None and not self.is_dir:
+            raise InputError(f"{self.path}: --shard writes into a Parquet dataset directory: name one (-o DIR/)")
         try:
-            self._remove_dead_temporaries()
-            self._read_stored()
+            if self.shard is not None:
+                self._lock = ShardLocks(self.path, self.shard)
+            else:
+                self._lock = OutputLock(self.path, self.is_dir)
+                if self.is_dir:
+                    self._shards_fd = refuse_shard_runs(real_path(self.path), self.path)
+            with compaction(self.path, self.shard):
+                self._remove_dead_temporaries()
+                self._read_stored()
         except BaseException:
             self.release()
             raise
 
     def release(self) -> None:
+        release_fd(self._shards_fd)
+        self._shards_fd = None
         if self._lock is not None:
             self._lock.release()
             self._lock = None
 
-    def _read_stored(self) -> None:
+    def _scan(self) -> dict[str, list[_Stored]]:
+        """Path, size and mtime of every row of this run's paths in the parts on disk now."""
         import pyarrow.parquet as pq
 
-        for number, part in self._parts():
+        stored: dict[str, list[_Stored]] = {}
+        for key, part in self._parts():
             try:
                 _check_compatible(pq.read_schema(part), self.schema, part)
                 table = read_parquet(part, ["path", "bytes", "mtime"])
             except (OSError, ValueError) as e:
                 raise OutputError(f"{part}: cannot read existing embeddings ({e})") from e
             for p, b, m in zip(*(table.column(c).to_pylist() for c in ("path", "bytes", "mtime")), strict=True):
-                self.stored.setdefault(p, []).append(_Stored(number, Stat(b, m)))
-            self._next_part = max(self._next_part, number + 1)
+                if self.owns(p):
+                    stored.setdefault(p, []).append(_Stored(key, Stat(b, m)))
+            self._next_part = max(self._next_part, key[0] + 1)
+        return stored
+
+    def reserve_number(self) -> int:
+        """A run number for parts written elsewhere (see :class:`PartWriter`), above every part here."""
+        number = self._next_part
+        self._next_part += 1
+        return number
+
+    def part_writer(self) -> PartWriter:
+        return PartWriter(str(self.path), self.schema, self.model, self.reserve_number(), self.tags)
+
+    def _read_stored(self) -> None:
+        self.stored = self._scan()
         if self.stored and not any(os.path.lexists(p) for p in self.stored):
             raise InputError(
                 f"{self.path}: none of its {len(self.stored)} paths exist from here; run from the folder it "
@@ -250,6 +339,8 @@ class ParquetStore:
     def plan(self, refs: Sequence[ImageRef]) -> Plan:
         todo, unchanged = [], 0
         for ref in refs:
+            if not self.owns(ref.path):
+                continue
             current = stat_of(ref.path)
             if current is not None and any(s.stat == current for s in self.stored.get(ref.path, [])):
                 unchanged += 1
@@ -263,30 +354,16 @@ class ParquetStore:
         self._pending.append(rows.table(self.schema, self.model))
         self._pending_rows += len(rows.paths)
         for p, st in zip(rows.paths, rows.stats, strict=True):
-            self.stored.setdefault(p, []).append(_Stored(self._next_part, st))
+            self.stored.setdefault(p, []).append(_Stored((self._next_part, self.tags), st))
         if self.is_dir and self._pending_rows >= self.part_rows:
             self._flush()
 
     def _write(self, table: pa.Table, target: Path) -> None:
-        import pyarrow.parquet as pq
+        kept = _KEPT_PARTS if self.is_dir else "any previous file is left as it was"
+        write_table(table, target, self.schema, kept)
 
-        out = AtomicFile(target)
-        try:
-            # Dictionary-encoding unique floats only to fall back to plain pages makes reads slower.
-            pq.write_table(table.replace_schema_metadata(self.schema.metadata), out.file, use_dictionary=["model"])
-        except OSError as e:
-            reason = describe_os_error(e, target)
-            out.discard()
-            kept = (
-                "the parts already written are kept: run again to resume"
-                if self.is_dir
-                else "any previous file is left as it was"
-            )
-            raise OutputError(f"{target}: cannot write ({reason}); {kept}") from e
-        except BaseException:
-            out.discard()
-            raise
-        out.commit()
+    def _new_part(self) -> Path:
+        return self.path / f"part-{self.reserve_number():06d}{self.tags}.parquet"
 
     def _flush(self) -> None:
         import pyarrow as pa
@@ -294,11 +371,11 @@ class ParquetStore:
         if not self._pending:
             return
         self.path.mkdir(parents=True, exist_ok=True)
-        self._write(pa.concat_tables(self._pending), self.path / f"part-{self._next_part:06d}.parquet")
+        # The key the rows were stored under (see add) is the number before it is reserved.
+        self._write(pa.concat_tables(self._pending), self._new_part())
         self._pending, self._pending_rows = [], 0
-        self._next_part += 1
 
-    def _keep(self) -> dict[str, int]:
+    def _keep(self) -> dict[str, PartKey]:
         """For each path whose file is unchanged on disk: the part holding its newest matching row."""
         keep = {}
         for p, rows in self.stored.items():
@@ -320,47 +397,67 @@ class ParquetStore:
         import numpy as np
         import pyarrow as pa
 
-        keep = self._keep()
-        removed = sum(1 for p in self.stored if p not in keep)
         if not self.is_dir:
+            keep = self._keep()
+            removed = sum(1 for p in self.stored if p not in keep)
             tables, tags = [], []
             if self.path.exists():
                 tables.append(read_parquet(self.path))
-                tags += [0] * tables[0].num_rows
+                tags += [(0, "")] * tables[0].num_rows
             for t in self._pending:
                 tables.append(t)
-                tags += [self._next_part] * t.num_rows
+                tags += [(self._next_part, "")] * t.num_rows
             combined = pa.concat_tables(tables) if tables else self.schema.empty_table()
             paths = combined.column("path").to_pylist()
-            wanted = _first_rows(paths, tags, keep, set())
+            wanted = _first_rows(paths, tags, keep, set(), self.owns)
             self._write(combined.take(arrow_array(np.array(wanted, np.int64))), self.path)
             return removed
         self._flush()
+        with compaction(self.path, self.shard):
+            # Read again from the parts themselves: other writers (Ray workers, other shards rewriting
+            # parts that also hold this shard's rows) may have changed them since this run began.
+            self.stored = {}
+            self.stored = self._scan()
+            keep = self._keep()
+            removed = sum(1 for p in self.stored if p not in keep)
+            self._clean_parts(keep)
+        return removed
+
+    def _clean_parts(self, keep: dict[str, PartKey]) -> None:
+        import numpy as np
+
         written: set[str] = set()
-        for number, part in self._parts():
+        for key, part in self._parts():
             # Paths alone decide; the embeddings (most of the bytes) are read only for a part that changes.
             paths = read_parquet(part, ["path"]).column("path").to_pylist()
-            wanted = _first_rows(paths, [number] * len(paths), keep, written)
+            wanted = _first_rows(paths, [key] * len(paths), keep, written, self.owns)
             if len(wanted) == len(paths):
                 continue
             kept = read_parquet(part).take(arrow_array(np.array(wanted, np.int64)))
             # The cleaned copy is written before the original goes: a crash between leaves duplicates
             # that the next run resolves, never a lost row.
             if kept.num_rows:
-                self._write(kept, self.path / f"part-{self._next_part:06d}.parquet")
-                self._next_part += 1
+                self._write(kept, self._new_part())
             part.unlink()
         if not self._parts():
             self.path.mkdir(parents=True, exist_ok=True)
-            self._write(self.schema.empty_table(), self.path / f"part-{self._next_part:06d}.parquet")
-        return removed
+            self._write(self.schema.empty_table(), self._new_part())
 
 
-def _first_rows(paths: Sequence[str], tags: Sequence[int], keep: dict[str, int], written: set[str]) -> list[int]:
-    """Rows to keep: each path once, from the part ``keep`` chose for it (``written`` spans parts)."""
+def _first_rows(
+    paths: Sequence[str],
+    tags: Sequence[PartKey],
+    keep: dict[str, PartKey],
+    written: set[str],
+    owns: Callable[[str], bool],
+) -> list[int]:
+    """Rows to keep: each path once, from the part ``keep`` chose for it (``written`` spans parts);
+    rows of paths this run does not own (another shard's) are kept as they are."""
     wanted = []
     for i, (p, tag) in enumerate(zip(paths, tags, strict=True)):
-        if keep.get(p) == tag and p not in written:
+        if not owns(p):
+            wanted.append(i)
+        elif keep.get(p) == tag and p not in written:
             written.add(p)
             wanted.append(i)
     return wanted

@@ -27,6 +27,11 @@ class Dtype(str, Enum):
     FLOAT16 = "float16"
 
 
+class Engine(str, Enum):
+    LOCAL = "local"
+    RAY = "ray"
+
+
 FORMATS = tuple(OutputFormat(f.value) for f in Format)
 
 
@@ -41,13 +46,33 @@ def _is_dataset_dir(output: str | None) -> bool:
     return output.endswith(("/", os.sep)) or not suffix or (suffix in (".parquet", ".pq") and Path(output).is_dir())
 
 
-def _output_lock(output: str | None, is_dir: bool) -> AbstractContextManager[object]:
-    """The output's lock, held from before anything is read; none for stdout, a FIFO or a pipe."""
+def _output_lock(output: str | None, is_dir: bool, shard: str | None = None) -> AbstractContextManager[object]:
+    """The output's lock, held from before anything is read; none for stdout, a FIFO or a pipe. A shard
+    run takes its shard's locks instead, which let the other shards write the same directory."""
     from clipcli.atomic import OutputLock, is_stream
 
     if not output or output == "-" or is_stream(Path(output)):
         return nullcontext()
+    if shard is not None:
+        from clipcli.shard import Shard, ShardLocks
+
+        return ShardLocks(Path(output), Shard.parse(shard))
     return OutputLock(Path(output), is_dir)
+
+
+def _check_scale_out(engine: Engine, shard: str | None, text: bool, into_dir: bool, output: str | None) -> None:
+    """--engine ray and --shard write parts into a dataset directory, from several processes."""
+    wanted = [f for f, on in (("--engine ray", engine is Engine.RAY), (f"--shard {shard}", shard)) if on]
+    if not wanted:
+        return
+    from clipcli.errors import InputError
+
+    if text:
+        raise InputError(f"{' and '.join(wanted)}: texts are embedded in this process; drop the option")
+    if not into_dir:
+        raise InputError(
+            f"{' and '.join(wanted)} write a Parquet dataset directory: -o DIR/ (not {output or 'stdout'})"
+        )
 
 
 def embed(
@@ -94,6 +119,33 @@ def embed(
     workers: opt.Workers = 0,
     exact: opt.Exact = False,
     max_megapixels: opt.MaxMegapixels = opt.DEFAULT_MAX_MEGAPIXELS,
+    decode: opt.Decode = opt.DecodeChoice.AUTO,
+    engine: Annotated[
+        Engine,
+        typer.Option(
+            case_sensitive=False,
+            help="local: this process. ray: a Ray cluster (pip install 'clipcli[ray]'), into -o DIR/; "
+            "the inputs must be on a filesystem every node reads.",
+        ),
+    ] = Engine.LOCAL,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            envvar="RAY_ADDRESS",
+            metavar="HOST:PORT",
+            help="With --engine ray: the cluster to join (default: $RAY_ADDRESS, else start Ray here).",
+            show_default=False,
+        ),
+    ] = None,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            metavar="I/N",
+            help="Embed only shard I of N (by hashed path) into -o DIR/, for job arrays: N runs of 0/N..N-1/N "
+            "into one directory make the dataset one run would.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Embed images (or texts) with CLIP; reruns into a Parquet output only embed what changed."""
     from clipcli.commands.console import Progress, Tally, prompt_progress, say
@@ -110,6 +162,11 @@ def embed(
         out_format = OutputFormat.PARQUET
     else:
         out_format = choose_format(opt.output_format(fmt), output, stdout_is_tty(), FORMATS)
+    _check_scale_out(engine, shard, text, into_dir, output)
+    if shard is not None:
+        from clipcli.shard import Shard
+
+        Shard.parse(shard)  # a malformed I/N is refused before any file is touched
 
     if text:
         texts = [t for arg in inputs for t in (sys.stdin.read().splitlines() if arg == "-" else [arg])]
@@ -131,31 +188,62 @@ def embed(
         raise InputError("no inputs: pass image files, folders, globs, or - to read paths from stdin")
     tally = Tally()
     # Locked before anything is read: a second run into this output is refused at once.
-    with _output_lock(output, into_dir):
+    with _output_lock(output, into_dir, shard):
         refs, missing = discover(inputs, sys.stdin)
         if not refs:
             raise nothing_found(inputs, missing)
         for m in missing:
             tally.on_skip(m)
+        part_of = None
+        if shard is not None:
+            from clipcli.shard import Shard
+
+            part_of = Shard.parse(shard)
+            refs = part_of.select(refs)
         lm = opt.load(model, device, precision)
+        opt.check_decode(decode, lm)
         with Progress("embedding", len(refs)) as bar:
             tally.bar = bar
-            summary = embed_images(
-                lm,
-                refs,
-                out_format,
-                output,
-                dtype=element,
-                normalize=normalize,
-                batch_size=batch_size,
-                workers=workers,
-                exact=exact,
-                part_size=part_size,
-                max_pixels=opt.max_pixels(max_megapixels),
-                on_skip=tally.on_skip,
-                on_plan=lambda n: bar.update(total=n),
-                on_batch=tally.on_batch,
-            )
+            if engine is Engine.RAY:
+                from clipcli.engines.ray import embed_on_ray, model_spec
+
+                choice = precision.value if isinstance(precision, opt.PrecisionChoice) else str(precision)
+                summary = embed_on_ray(
+                    lm,
+                    model_spec(model, device, choice, lm),
+                    refs,
+                    str(output),
+                    address=ray_address,
+                    shard=part_of,
+                    dtype=element,
+                    normalize=normalize,
+                    batch_size=batch_size,
+                    exact=exact,
+                    part_size=part_size,
+                    max_pixels=opt.max_pixels(max_megapixels),
+                    on_skip=tally.on_skip,
+                    on_plan=lambda n: bar.update(total=n),
+                    on_batch=tally.on_batch,
+                )
+            else:
+                summary = embed_images(
+                    lm,
+                    refs,
+                    out_format,
+                    output,
+                    dtype=element,
+                    normalize=normalize,
+                    batch_size=batch_size,
+                    workers=workers,
+                    exact=exact,
+                    part_size=part_size,
+                    max_pixels=opt.max_pixels(max_megapixels),
+                    on_skip=tally.on_skip,
+                    on_plan=lambda n: bar.update(total=n),
+                    on_batch=tally.on_batch,
+                    shard=part_of,
+                    decode=decode.value,
+                )
     say(
         f"embedded {summary.embedded}, unchanged {summary.unchanged}, removed {summary.removed}, "
         f"skipped {tally.skipped}"

@@ -1,0 +1,418 @@
+"""``embed`` and ``eval`` on a Ray cluster: Ray Data's batch-inference pattern over clipcli's own code.
+
+The driver (this process) finds the inputs, loads the model once to learn what it writes (name,
+checksum, width: the dataset's schema), plans the run with the same :class:`ParquetStore` as the local
+engine, and hands Ray a list of (index, name, absolute path). Ray runs:
+
+- with GPUs: CPU tasks that decode and resize (:func:`clipcli.images.iter_batches`), then one model actor
+  per GPU (``num_gpus=1``) that turns pixels into embeddings (:func:`clipcli.encode.embed_batches`);
+- without: one model actor per node holding that node's cores, which decodes and embeds in turns as the
+  local engine does (:func:`clipcli.encode.iter_image_embeddings`): on CPUs, decoding beside the model
+  stalls the model's threads at every barrier, so taking turns is faster (see the README's benchmarks).
+
+Each actor loads the model once (it is given the model's name, never the model) and writes every batch
+it embeds as a whole part of the output (:class:`clipcli.store.PartWriter`), then returns only names and
+reasons for the driver's summary. A part is complete when it has its name, so a driver killed at any
+moment leaves whole parts, which the next run keeps (its plan skips their files). Ray restarts an actor
+whose process dies and retries its batch; a batch written twice that way, or by a run resumed after a
+crash, leaves duplicate rows that the store drops at the end (one row per file).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from clipcli.errors import ClipCliError, InputError, ModelError
+from clipcli.images import DEFAULT_MAX_PIXELS, ImageRef, Skipped
+from clipcli.store import PartWriter, Rows, Stat, stat_of
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from clipcli.embed import EmbedSummary
+    from clipcli.evaluate import ImageEmbeddings
+    from clipcli.images import ImageSpec
+    from clipcli.models import LoadedModel
+    from clipcli.shard import Shard
+
+GPU_ROWS_PER_CALL = 512  # decoded pixels travel through the object store: 512 x 150 KB per batch at 224 px
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What an actor needs to load the model itself: the names the user gave, and the checksum the
+    driver's copy had (a node that reads another file under that name is refused, not mixed in)."""
+
+    model: str | None
+    device: str
+    precision: str
+    checksum: str
+
+
+@dataclass(frozen=True)
+class Work:
+    """How images become rows: the local engine's settings, shared by every task and actor."""
+
+    geometry: ImageSpec | int
+    batch_size: int
+    exact: bool
+    normalize: bool
+    max_pixels: int | None
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the model runs: ``actors`` actors with these resources, decoding in tasks or in the actors."""
+
+    actors: int
+    cpus_per_actor: float
+    gpus_per_actor: float
+    device: str
+    decode_in_tasks: bool
+    rows_per_call: int
+
+
+def require_ray() -> Any:
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise ModelError("--engine ray needs Ray: pip install 'clipcli[ray]'") from None
+    return ray
+
+
+def model_spec(model: str | None, device: str, precision: str, lm: LoadedModel) -> ModelSpec:
+    """A checkpoint named by a relative path is named absolutely, as the actors' folders differ."""
+    if model and os.path.isfile(model):
+        model = os.path.abspath(model)
+    return ModelSpec(model, device, precision, lm.checksum)
+
+
+def _node_hint(reason: str) -> str:
+    """A file the driver listed that a worker cannot read is most often not on a filesystem it shares."""
+    if reason.startswith(("no such file", "permission denied")):
+        return (
+            f"{reason} on node {socket.gethostname()} (every Ray node must read the inputs at the same path: "
+            "a shared filesystem)"
+        )
+    return reason
+
+
+class Embedder:
+    """A model actor: loads the model once, then embeds batches (and writes them as parts)."""
+
+    def __init__(self, spec: ModelSpec, work: Work, writer: PartWriter | None) -> None:
+        self.work, self.writer = work, writer
+        self.error: str | None = None
+        try:
+            from clipcli.models import load_model
+
+            self.lm = load_model(spec.model, spec.device, spec.precision)
+            if self.lm.checksum != spec.checksum:
+                raise ModelError(f"{spec.model}: the file has another checksum here than on the driver")
+        except Exception as e:
+            # Raised with the first batch: a constructor that fails is restarted by Ray Data, model load
+            # after model load, before the run gives up; a failing batch ends the run at once.
+            self.error = f"{type(e).__name__}: {e}" if not isinstance(e, ClipCliError) else str(e)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import numpy as np
+
+        if self.error is not None:
+            raise ModelError(f"the model failed to load on Ray node {socket.gethostname()}: {self.error}")
+        names = [str(p) for p in batch["path"]]
+        files = [str(f) for f in batch["file"]]
+        refs = [ImageRef(n, Path(f)) for n, f in zip(names, files, strict=True)]
+        errors = [""] * len(refs)
+        chunks: list[np.ndarray] = []
+        rows: list[int] = []
+        sizes: list[tuple[int, int]] = []
+        position = {name: i for i, name in enumerate(names)}
+        for embedded in self._embedded(batch, refs):
+            for s in embedded.skipped:
+                errors[position[s.path]] = _node_hint(s.reason)
+            chunks.append(embedded.embeddings.numpy())
+            rows.extend(embedded.indices)
+            sizes.extend(embedded.sizes)
+        dim = self.lm.embed_dim
+        matrix = np.concatenate(chunks) if chunks else np.empty((0, dim), np.float32)
+        out = {"index": np.asarray(batch["index"], np.int64), "error": np.array(errors, dtype=object)}
+        if self.writer is None:  # eval: the embeddings go back to the driver, in input order
+            full = np.zeros((len(refs), dim), np.float32)
+            full[rows] = matrix
+            out["embedding"] = full
+        elif rows:
+            stats = [stat_of(files[i]) or Stat(0, 0.0) for i in rows]
+            self.writer.write(Rows([names[i] for i in rows], matrix, sizes, stats))
+        return out
+
+    def _embedded(self, batch: dict[str, np.ndarray], refs: list[ImageRef]) -> Iterator[Any]:
+        from clipcli.encode import embed_batches, iter_image_embeddings
+        from clipcli.images import Batch
+
+        w = self.work
+        names = [r.path for r in refs]
+        if "pixels" not in batch:
+            yield from iter_image_embeddings(
+                self.lm, refs, w.batch_size, 0, w.exact, w.normalize, max_pixels=w.max_pixels
+            )
+            return
+        bad = {i: str(batch["error"][i]) for i in range(len(refs)) if batch["error"][i]}
+        for start in range(0, len(refs), w.batch_size):
+            span = range(start, min(len(refs), start + w.batch_size))
+            good = [i for i in span if i not in bad]
+            images = batch["pixels"][good] if good else None
+            sizes = [(int(batch["width"][i]), int(batch["height"][i])) for i in good]
+            decoded = Batch(good, images, sizes, [(i, bad[i]) for i in span if i in bad])
+            yield from embed_batches(self.lm, [decoded], names, w.normalize)
+
+
+def decode_batch(batch: dict[str, np.ndarray], work: Work) -> dict[str, np.ndarray]:
+    """A CPU task: decode and resize images to the model's input, uint8 (the actor normalises them)."""
+    import numpy as np
+
+    from clipcli.images import image_spec, iter_batches
+
+    refs = [ImageRef(str(n), Path(str(f))) for n, f in zip(batch["path"], batch["file"], strict=True)]
+    size = image_spec(work.geometry).size
+    pixels = np.zeros((len(refs), size, size, 3), np.uint8)
+    width, height = np.zeros(len(refs), np.int32), np.zeros(len(refs), np.int32)
+    errors = [""] * len(refs)
+    for decoded in iter_batches(refs, work.geometry, max(1, len(refs)), 0, work.exact, False, work.max_pixels):
+        if decoded.images is not None:
+            pixels[decoded.indices] = decoded.images
+        for i, (w, h) in zip(decoded.indices, decoded.sizes, strict=True):
+            width[i], height[i] = w, h
+        for i, reason in decoded.skipped:
+            errors[i] = _node_hint(reason)
+    return {**batch, "pixels": pixels, "width": width, "height": height, "error": np.array(errors, dtype=object)}
+
+
+@contextmanager
+def connected(address: str | None) -> Iterator[Any]:
+    """Ray, connected to ``address`` (else $RAY_ADDRESS, else a Ray instance started here, as
+    ``ray.init`` does), quiet on stderr; disconnected afterwards if this call connected."""
+    import logging
+
+    ray = require_ray()
+    started = not ray.is_initialized()
+    if started:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        try:
+            ray.init(
+                address=address or None,
+                include_dashboard=False,
+                logging_level=logging.ERROR,
+                log_to_driver=False,
+            )
+        except ConnectionError as e:
+            raise InputError(f"--ray-address {address or os.environ.get('RAY_ADDRESS', '')}: {e}") from e
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    # Ray Data logs a worker's error with its traceback before raising it here; clipcli reports it in one line.
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    try:
+        yield ray
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def plan_layout(ray: Any, device: str, n: int, batch_size: int, part_size: int) -> Layout:
+    """One actor per GPU when the cluster has GPUs (and ``device`` allows them), else one per node
+    holding the smallest node's cores; batches small enough that every actor gets several."""
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    gpus = int(sum(node["Resources"].get("GPU", 0) for node in nodes))
+    wants_gpu = device == "auto" or device.startswith("cuda")
+    if device.startswith("cuda") and not gpus:
+        raise ModelError(f"--device {device}: the Ray cluster has no GPU")
+    if gpus and wants_gpu:
+        actors = gpus
+        rows = min(part_size, max(batch_size, GPU_ROWS_PER_CALL))
+        rows = min(rows, max(batch_size, math.ceil(n / (actors * 4))))
+        return Layout(min(actors, max(1, math.ceil(n / rows))), 1, 1, "cuda", True, rows)
+    cpus = min((node["Resources"].get("CPU", 0) for node in nodes), default=1) or 1
+    rows = min(part_size, max(batch_size, math.ceil(n / (len(nodes) * 4))))
+    return Layout(min(len(nodes), max(1, math.ceil(n / rows))), cpus, 0, "cpu", False, rows)
+
+
+def _pipeline(
+    ray: Any, refs: Sequence[ImageRef], layout: Layout, spec: ModelSpec, work: Work, writer: PartWriter | None
+) -> Any:
+    items = [{"index": i, "path": r.path, "file": os.path.abspath(r.file)} for i, r in enumerate(refs)]
+    blocks = max(1, math.ceil(len(items) / layout.rows_per_call))
+    ds = ray.data.from_items(items, override_num_blocks=blocks)
+    if layout.decode_in_tasks:
+        ds = ds.map_batches(decode_batch, batch_size=work.batch_size, fn_kwargs={"work": work}, num_cpus=1)
+    # Ray Data restarts an actor whose process dies and retries its batch (max_restarts and
+    # max_task_retries are unlimited by default), and retries a task whose worker dies.
+    return ds.map_batches(
+        Embedder,
+        batch_size=layout.rows_per_call,
+        fn_constructor_kwargs={
+            "spec": ModelSpec(spec.model, layout.device, spec.precision, spec.checksum),
+            "work": work,
+            "writer": writer,
+        },
+        compute=ray.data.ActorPoolStrategy(size=layout.actors),
+        num_cpus=layout.cpus_per_actor,
+        num_gpus=layout.gpus_per_actor,
+    )
+
+
+def _cause(error: BaseException) -> ClipCliError | None:
+    """The clipcli error a Ray task raised, under the layers Ray and Ray Data wrap around it."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [error]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ClipCliError) and type(e).__module__.startswith("clipcli"):
+            return e
+        stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+    # Ray Data hands back a user error as the text of its traceback: its last clipcli line is the error.
+    import re
+
+    from clipcli import errors
+
+    found = re.findall(r"^clipcli\.errors\.(\w+): (.+)$", str(error), re.MULTILINE)
+    if found:
+        kind = getattr(errors, found[-1][0], None)
+        if isinstance(kind, type) and issubclass(kind, ClipCliError):
+            return kind(found[-1][1])
+    return None
+
+
+def _results(ds: Any) -> Iterator[dict[str, np.ndarray]]:
+    """The pipeline's output batches; a clipcli error raised on a worker is raised here as itself."""
+    try:
+        yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+    except ClipCliError:
+        raise
+    except Exception as e:
+        cause = _cause(e)
+        if cause is not None:
+            raise type(cause)(str(cause)) from None
+        raise
+
+
+def embed_on_ray(
+    lm: LoadedModel,
+    spec: ModelSpec,
+    refs: Sequence[ImageRef],
+    output: str,
+    *,
+    address: str | None = None,
+    shard: Shard | None = None,
+    dtype: str = "float32",
+    normalize: bool = True,
+    batch_size: int = 32,
+    exact: bool = False,
+    part_size: int = 4096,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    on_skip: Callable[[Skipped], None] | None = None,
+    on_plan: Callable[[int], None] | None = None,
+    on_batch: Callable[[int], None] | None = None,
+    on_ready: Callable[[], None] | None = None,
+) -> EmbedSummary:
+    """Embed ``refs`` into the Parquet dataset directory ``output`` on a Ray cluster; the same rows,
+    schema and incremental bookkeeping as :func:`clipcli.embed.embed_images` (see the module's doc).
+
+    ``on_ready`` is called when Ray is connected and the pipeline is about to start (for benchmarks
+    that time the steady state apart from start-up).
+    """
+    from clipcli.embed import EmbedSummary, model_tag
+    from clipcli.io import parquet_storable
+    from clipcli.store import ParquetStore, schema
+
+    summary = EmbedSummary()
+    sch = schema(lm.embed_dim, dtype, model_tag(lm, normalize))
+    refs, unstorable = parquet_storable(refs)
+    for s in unstorable:
+        summary.skipped += 1
+        if on_skip:
+            on_skip(s)
+    store = ParquetStore(Path(output), sch, lm.name, part_rows=part_size, shard=shard)
+    if not store.is_dir:
+        raise InputError(f"{output}: --engine ray writes a Parquet dataset directory: name one (-o DIR/)")
+    store.open()
+    try:
+        plan = store.plan(refs)
+        todo, summary.unchanged = plan.to_embed, plan.unchanged
+        if on_plan:
+            on_plan(len(todo))
+        if todo:
+            work = Work(lm.image, batch_size, exact, normalize, max_pixels)
+            with connected(address) as ray:
+                layout = plan_layout(ray, spec.device, len(todo), batch_size, part_size)
+                ds = _pipeline(ray, todo, layout, spec, work, store.part_writer())
+                if on_ready:
+                    on_ready()
+                for batch in _results(ds):
+                    done = 0
+                    for index, error in zip(batch["index"], batch["error"], strict=True):
+                        if error:
+                            summary.skipped += 1
+                            if on_skip:
+                                on_skip(Skipped(todo[int(index)].path, str(error)))
+                        else:
+                            done += 1
+                    summary.embedded += done
+                    if on_batch:
+                        on_batch(len(batch["index"]))
+    except BaseException:
+        # The parts the workers wrote are whole and stay; the next run resumes from them.
+        store.release()
+        raise
+    summary.removed = store.finish()
+    return summary
+
+
+def embed_dataset_on_ray(
+    lm: LoadedModel,
+    spec: ModelSpec,
+    refs: Sequence[ImageRef],
+    *,
+    address: str | None = None,
+    batch_size: int = 32,
+    exact: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    on_batch: Callable[[int], None] | None = None,
+) -> ImageEmbeddings:
+    """``eval``'s image side on a Ray cluster: the embeddings of ``refs`` back in this process, in input
+    order, as :func:`clipcli.evaluate.embed_dataset` returns them (the text side stays here: it is small)."""
+    import time
+
+    import numpy as np
+
+    from clipcli.evaluate import ImageEmbeddings
+
+    start = time.perf_counter()
+    matrix = np.zeros((len(refs), lm.embed_dim), np.float32)
+    errors: dict[int, str] = {}
+    if refs:
+        work = Work(lm.image, batch_size, exact, True, max_pixels)
+        with connected(address) as ray:
+            layout = plan_layout(ray, spec.device, len(refs), batch_size, 4096)
+            for batch in _results(_pipeline(ray, refs, layout, spec, work, None)):
+                for row, (index, error) in enumerate(zip(batch["index"], batch["error"], strict=True)):
+                    if error:
+                        errors[int(index)] = str(error)
+                    else:
+                        matrix[int(index)] = batch["embedding"][row]
+                if on_batch:
+                    on_batch(len(batch["index"]))
+    kept = [i for i in range(len(refs)) if i not in errors]
+    skipped = [Skipped(refs[i].path, errors[i]) for i in sorted(errors)]
+    return ImageEmbeddings(matrix[kept], kept, skipped, time.perf_counter() - start)
