@@ -116,10 +116,25 @@ def load_model(
     precision: str = "auto",
     on_download: DownloadProgress | None = None,
 ) -> LoadedModel:
-    """The model ``spec`` names (see the module's grammar), on ``device`` at ``precision``."""
+    """The model ``spec`` names (see the module's grammar), on ``device`` at ``precision``.
+
+    int8 is a rewrite of an fp32 model's towers (:mod:`clipcli.quantize`): the family loads fp32, then
+    the towers are quantised; a device or family that cannot run it is refused (one line, exit 2).
+    """
     spec = spec or default_model()
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
+    if prec != "int8":
+        return _load_family(spec, dev, prec, on_download)
+    from clipcli.quantize import check_int8_device, quantize_model
+
+    check_int8_device(dev)
+    lm = _load_family(spec, dev, "fp32", on_download)
+    quantize_model(lm)
+    return lm
+
+
+def _load_family(spec: str, dev: torch.device, prec: Precision, on_download: DownloadProgress | None) -> LoadedModel:
     family = family_of(spec)
     if family == "open_clip":
         from clipcli.families import open_clip
@@ -153,8 +168,23 @@ class ModelEntry:
     size: int | None
 
 
-def list_models() -> list[ModelEntry]:
-    """OpenAI's and the bundled models, then what each installed optional family knows or has cached."""
+def list_models(families: bool = True) -> list[ModelEntry]:
+    """OpenAI's and the bundled models, then what each installed optional family knows or has cached:
+    open_clip's pretrained ``ARCH/TAG`` names, and the CLIP and SigLIP repos in the Hugging Face cache.
+    A family whose extra is not installed is skipped quietly."""
     from clipcli.families import openai
 
-    return openai.list_entries()
+    entries = openai.list_entries()
+    if not families:
+        return entries
+    import importlib.util
+
+    if importlib.util.find_spec("open_clip") is not None:
+        from clipcli.families import open_clip
+
+        entries += open_clip.list_entries()
+    if importlib.util.find_spec("huggingface_hub") is not None and importlib.util.find_spec("transformers"):
+        from clipcli.families import hf
+
+        entries += hf.list_entries()
+    return entries

@@ -6,6 +6,8 @@ from __future__ import annotations
 def models() -> None:
     """List model names, which are cached or bundled (with sizes), and the cache folder.
 
+    OpenAI's and the bundled models, then, where their extras are installed, open_clip's pretrained
+    names (open_clip:ARCH/TAG) and the CLIP and SigLIP repos in the Hugging Face cache (hf:ORG/REPO).
     A table on a terminal; in a pipe, tab-separated rows (name, kind, status, bytes, path) for cut and awk.
     """
     from rich.console import Console

@@ -140,10 +140,13 @@ def train(
 ) -> None:
     """Train a CLIP model contrastively on image-caption pairs, from scratch or from a model."""
     from clipcli.commands.console import Progress, Tally, say
-    from clipcli.errors import EXIT_PARTIAL
+    from clipcli.errors import EXIT_PARTIAL, ModelError
+    from clipcli.models import family_of
     from clipcli.train import TrainConfig, checkpoint_path
     from clipcli.train import train as run_training
 
+    if model and family_of(model) != "openai":
+        raise ModelError(f"train fine-tunes OpenAI-layout models only; {model} is of the {family_of(model)} family")
     config = TrainConfig(
         pairs=pairs,
         output=output,
