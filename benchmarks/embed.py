@@ -11,7 +11,12 @@ All figures come from one run on one machine, so compare the ratios:
 model under bf16 autocast, as the issue measured (b); and the CPU cost of decoding, which bounds
 (c)/(b) when decoding and the model share the cores.
 Targets: (c) >= 3x (a); (c) >= 0.85x (b); whole process >= 3x clip-retrieval's 5 img/s (measured
-elsewhere on the same machine class; not installed here). Then peak memory of `clipcli embed` into a
+elsewhere on the same machine class; not installed here).
+Per precision (issue: int8): whole `clipcli embed` processes at fp32, bf16 (where the CPU has it) and
+int8, in turns, against the tutorial loop, with the per-image cosine of int8 (and bf16) to fp32; the
+CPU's features head the output. `--precisions-only` runs just this part. An AVX2-only CPU can be
+approximated on a newer one with `--emulate-avx2` (torch's, oneDNN's, FBGEMM's and MKL's kernels
+limited to AVX2; an emulation, not a measurement on such a CPU). Then peak memory of `clipcli embed` into a
 directory over many small images (flat, <= model + 1 GiB), and `rank` over 1M saved 512-d embeddings
 (target <= 0.3 s per text query once the model is loaded).
 """
@@ -53,6 +58,17 @@ def tutorial_loop(ckpt: Path, photos: list[Path]) -> float:
         for p in photos:
             model.encode_image(preprocess(Image.open(p)).unsqueeze(0))
     return len(photos) / (time.perf_counter() - start)
+
+
+def tutorial_loop_process(ckpt: Path, photos: list[Path], env: dict[str, str]) -> float:
+    """The tutorial loop in a process of its own, under ``env`` (kernel limits are read at start-up)."""
+    code = (
+        "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); from embed import tutorial_loop; "
+        "print(tutorial_loop(Path(sys.argv[2]), [Path(p) for p in sys.argv[3:]]))"
+    )
+    args = [sys.executable, "-c", code, str(Path(__file__).parent), str(ckpt), *map(str, photos)]
+    done = subprocess.run(args, check=True, capture_output=True, text=True, env={**os.environ, **env})
+    return float(done.stdout.strip().splitlines()[-1])
 
 
 def timed(work: Callable[[], object]) -> float:
@@ -159,6 +175,61 @@ def whole_embed(ckpt: Path, folder: Path, out: Path) -> float:
     return time.perf_counter() - start
 
 
+AVX2_ONLY = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+}
+
+
+def embed_process(ckpt: Path, folder: Path, out: Path, precision: str, env: dict[str, str]) -> float:
+    """Seconds of one whole `clipcli embed --precision P` process into a Parquet directory."""
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    cmd = [*clipcli(), "embed", str(folder), "-m", str(ckpt), "--precision", precision, "-o", str(out) + "/"]
+    subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, **env})
+    return time.perf_counter() - start
+
+
+def read_embeddings(out: Path) -> dict[str, np.ndarray]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(out)
+    return dict(zip(table["path"].to_pylist(), np.asarray(table["embedding"].to_pylist(), np.float32), strict=True))
+
+
+def precisions(ckpt: Path, photos: list[Path], out: Path, rounds: int, avx2: bool) -> None:
+    """Whole `clipcli embed` processes per precision, in turns, against the tutorial loop."""
+    from clipcli.precision import cpu_class, cpu_has_native_bf16
+
+    env = AVX2_ONLY if avx2 else {}
+    emulated = " (emulated: kernels limited to AVX2 on this CPU; not a measurement on an AVX2-only CPU)"
+    print(f"CPU: {cpu_class()}{emulated if avx2 else ''}; {len(os.sched_getaffinity(0))} cores")
+    a = tutorial_loop_process(ckpt, photos[: min(len(photos), 60)], env)
+    chosen = ["fp32", *(["bf16"] if cpu_has_native_bf16() and not avx2 else []), "int8"]
+    seconds: dict[str, list[float]] = {p: [] for p in chosen}
+    for _ in range(rounds):
+        for p in chosen:
+            seconds[p].append(embed_process(ckpt, photos[0].parent, out / f"emb-{p}", p, env))
+    n = len(photos)
+    print(f"whole `clipcli embed` processes over {n} photos, median of {rounds} in turns (incl. start-up and load):")
+    print(f"    tutorial loop (one image at a time, fp32, after load): {a:6.1f} img/s")
+    fp32 = statistics.median(seconds["fp32"])
+    reference = read_embeddings(out / "emb-fp32")
+    for p in chosen:
+        median = statistics.median(seconds[p])
+        line = f"    {p:5s} {n / median:6.1f} img/s ({median:.1f} s): {fp32 / median:.2f}x fp32"
+        line += f", {n / median / a:.2f}x tutorial"
+        if "bf16" in seconds and p == "int8":
+            line += f", {statistics.median(seconds['bf16']) / median:.2f}x bf16"
+        if p != "fp32":
+            got = read_embeddings(out / f"emb-{p}")
+            cos = np.array([float(reference[k] @ got[k]) for k in reference])
+            line += f"; cosine to fp32 per image: min {cos.min():.5f}, median {np.median(cos):.5f}"
+        print(line)
+
+
 def peak_rss_mib(args: list[str]) -> float:
     """Peak resident memory of one child process, via GNU time's %M (KiB)."""
     done = subprocess.run(["/usr/bin/time", "-f", "%M", *args], check=True, capture_output=True, text=True)
@@ -241,11 +312,16 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--rounds", type=int, default=3, help="embed runs, each measuring (b) and (c) in turns")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out")
+    parser.add_argument("--precisions-only", action="store_true", help="only whole processes per precision")
+    parser.add_argument("--emulate-avx2", action="store_true", help="limit the kernels to AVX2 (see above)")
     args = parser.parse_args()
     args.out.mkdir(exist_ok=True)
     ckpt = random_checkpoint("ViT-B/32", args.out)
     photos = make_photos(args.out / "photos", args.photos)
     folder = photos[0].parent
+    precisions(ckpt, photos, args.out, args.rounds, args.emulate_avx2)
+    if args.precisions_only:
+        return
     print(f"{len(photos)} photos from 640x480 to 4000x3000, ViT-B/32-size random checkpoint, {os.cpu_count()} cores")
 
     a = tutorial_loop(ckpt, photos[: min(len(photos), 60)])

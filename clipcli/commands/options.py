@@ -18,6 +18,7 @@ class PrecisionChoice(str, Enum):
     FP32 = "fp32"
     BF16 = "bf16"
     FP16 = "fp16"
+    INT8 = "int8"
 
 
 Model = Annotated[
@@ -25,9 +26,10 @@ Model = Annotated[
     typer.Option(
         "--model",
         "-m",
-        metavar="NAME|FILE",
-        help="OpenAI model name (ViT-B/32, RN50, ...), the bundled 'tiny-shapes', or a checkpoint file. "
-        "Default: $CLIPCLI_MODEL or ViT-B/32.",
+        metavar="MODEL",
+        help="OpenAI model name (ViT-B/32, RN50, ...), the bundled 'tiny-shapes', or a checkpoint file; "
+        "open_clip:ARCH/TAG, open_clip:ARCH/FILE.pt or open_clip:hf-hub:ORG/REPO; hf:ORG/REPO or hf:DIR "
+        "(CLIP, SigLIP). Default: $CLIPCLI_MODEL or ViT-B/32.",
         show_default=False,
     ),
 ]
@@ -37,7 +39,11 @@ Device = Annotated[
 Precision = Annotated[
     PrecisionChoice,
     typer.Option(
-        case_sensitive=False, help="auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32.", show_default=True
+        case_sensitive=False,
+        help="auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32 (never int8). "
+        "int8: CPU only, weights quantised at load, faster where the CPU has no bf16; check its answers "
+        "first with 'clipcli bench-precision'.",
+        show_default=True,
     ),
 ]
 BatchSize = Annotated[int, typer.Option("--batch-size", "-b", min=1, metavar="N", help="Images per forward pass.")]
@@ -62,6 +68,30 @@ MaxMegapixels = Annotated[
     ),
 ]
 DEFAULT_MAX_MEGAPIXELS = 250.0
+
+
+class DecodeChoice(str, Enum):
+    AUTO = "auto"
+    CPU = "cpu"
+    GPU = "gpu"
+
+
+Decode = Annotated[
+    DecodeChoice,
+    typer.Option(
+        case_sensitive=False,
+        help="Where JPEGs are decoded and resized. gpu: on the model's CUDA GPU (nvJPEG), with files it cannot "
+        "take (PNG, WebP, progressive or CMYK JPEGs...) decoded on the CPU; cpu: Pillow on the CPU threads; "
+        "auto: gpu when the model runs on CUDA.",
+    ),
+]
+
+
+def check_decode(choice: DecodeChoice, lm: LoadedModel) -> None:
+    """Refuse ``--decode gpu`` for a model off CUDA before any image is read (one line, exit 2)."""
+    from clipcli.gpu_decode import use_device_decoding
+
+    use_device_decoding(choice.value, lm.device)
 
 
 def max_pixels(megapixels: float) -> int | None:
