@@ -181,7 +181,7 @@ def test_model_names_suggest_the_right_spelling_and_the_offline_model(cli, tmp_p
 def test_models_prints_plain_rows_in_a_pipe(cli):
     ran = cli("models")
     rows = [line.split("\t") for line in ran.stdout.splitlines()]
-    assert rows[-1][:3] == ["tiny-shapes", "bundled", "bundled"] and all(len(r) == 5 for r in rows)
+    assert ["tiny-shapes", "bundled", "bundled"] in [r[:3] for r in rows] and all(len(r) == 5 for r in rows)
     assert "─" not in ran.stdout and "│" not in ran.stdout
 
 

@@ -13,9 +13,13 @@ from clipcli.commands import options as opt
 from clipcli.datasets import Benchmark
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from rich.console import Console
 
-    from clipcli.evaluate import EvalResult
+    from clipcli.datasets import CaptionPairs, LabelledImages
+    from clipcli.evaluate import EvalResult, ImageEmbeddings
+    from clipcli.models import LoadedModel
 
 
 def evaluate(
@@ -95,10 +99,27 @@ def evaluate(
     workers: opt.Workers = 0,
     exact: opt.Exact = False,
     max_megapixels: opt.MaxMegapixels = opt.DEFAULT_MAX_MEGAPIXELS,
+    engine: Annotated[
+        str,
+        typer.Option(
+            metavar="local|ray",
+            help="ray: embed the images on a Ray cluster (pip install 'clipcli[ray]'); texts and scores stay here.",
+        ),
+    ] = "local",
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            envvar="RAY_ADDRESS",
+            metavar="HOST:PORT",
+            help="With --engine ray: the cluster to join (default: $RAY_ADDRESS, else start Ray here).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Evaluate zero-shot classification (or caption retrieval) and compare models and prompt sets."""
     from clipcli import datasets
     from clipcli.commands.console import Progress, Tally, err, prompt_progress, say
+    from clipcli.commands.eval_text import evaluate_texts
     from clipcli.errors import EXIT_PARTIAL, InputError, OutputError
     from clipcli.evaluate import (
         PREDICTION_COLUMNS,
@@ -111,7 +132,10 @@ def evaluate(
     from clipcli.io import OutputFormat, choose_format, open_writer
     from clipcli.models import default_model
     from clipcli.prompts import resolve_templates
+    from clipcli.text_eval import is_text_manifest as text_manifest
 
+    if engine not in ("local", "ray"):
+        raise InputError(f"--engine {engine}: choose local or ray")
     if plots is not None:
         from clipcli.plots import require_matplotlib
 
@@ -123,6 +147,10 @@ def evaluate(
     )
     if report is not None and report.is_dir():
         raise OutputError(f"{report}: cannot write (is a directory)")
+    if data is not None and dataset is None and text_manifest(data):  # text,label: NLI models (eval_text.py)
+        outputs, run = (report, predictions, min_acc1), (device, precision.value, batch_size)
+        image_only = {"--plots": plots, "--classnames": classnames}
+        return evaluate_texts(data, models, (template, templates), (limit, seed), outputs, run, image_only)
     template_sets = [resolve_templates(template, None)] if template else []
     names = dict.fromkeys(templates or ([] if template else ["simple"]))  # each set once
     template_sets += [resolve_templates(None, name) for name in names]
@@ -150,7 +178,12 @@ def evaluate(
             tally = Tally()  # per model: each embeds the images again, and reports what it skipped
             with Progress(f"embedding ({name})", len(source)) as tally.bar:
                 limit_px = opt.max_pixels(max_megapixels)
-                images = embed_dataset(lm, source, batch_size, workers, exact, tally.on_batch, limit_px)
+                if engine == "ray":
+                    images = _embed_on_ray(
+                        lm, name, device, precision, source, ray_address, batch_size, exact, tally.on_batch, limit_px
+                    )
+                else:
+                    images = embed_dataset(lm, source, batch_size, workers, exact, tally.on_batch, limit_px)
             for s in images.skipped:
                 tally.on_skip(s)
             n_skipped = max(n_skipped, tally.skipped)
@@ -179,6 +212,38 @@ def evaluate(
         say(line)
     if failed or n_skipped:
         raise typer.Exit(EXIT_PARTIAL)
+
+
+def _embed_on_ray(
+    lm: LoadedModel,
+    model: str,
+    device: str,
+    precision: opt.PrecisionChoice | str,
+    source: LabelledImages | CaptionPairs,
+    address: str | None,
+    batch_size: int,
+    exact: bool,
+    on_batch: Callable[[int], None],
+    max_pixels: int | None,
+) -> ImageEmbeddings:
+    """The dataset's images embedded on a Ray cluster, as :func:`clipcli.evaluate.embed_dataset` returns them."""
+    from clipcli.engines.ray import embed_dataset_on_ray, model_spec
+    from clipcli.errors import InputError
+
+    if source.refs is None:
+        raise InputError("--engine ray embeds image files; a torchvision benchmark lives in this process's memory")
+    choice = precision.value if isinstance(precision, opt.PrecisionChoice) else str(precision)
+    spec = model_spec(model, device, choice, lm)
+    return embed_dataset_on_ray(
+        lm,
+        spec,
+        source.refs,
+        address=address,
+        batch_size=batch_size,
+        exact=exact,
+        on_batch=on_batch,
+        max_pixels=max_pixels,
+    )
 
 
 def _locked_outputs(report: Path | None, predictions: str | None, plots: Path | None) -> ExitStack:
@@ -283,7 +348,8 @@ def _print_table(console: Console, results: Sequence[EvalResult]) -> None:
     baselines = _baselines(results)
     # Names come from the user (paths, templates): Text keeps rich from reading "[...]" in them as markup.
     # The title wraps at the table's width, where the console would leave a long dataset path to the terminal.
-    title = f"zero-shot evaluation on {results[0].dataset} ({results[0].n} images)"
+    unit = "texts" if results[0].dataset.startswith("texts:") else "images"
+    title = f"zero-shot evaluation on {results[0].dataset} ({results[0].n} {unit})"
     table = Table(title=Text(printable(title), no_wrap=False, overflow="fold"))
     table.add_column("model", overflow="fold")
     if with_templates:
