@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from clipcli.errors import InputError, ModelError
+from clipcli.hub import hub_cache, hub_offline
 from clipcli.precision import Precision, resolve_device, resolve_precision
 
 if TYPE_CHECKING:
@@ -142,18 +142,6 @@ def resolve_folder(name: str) -> Path:
     if not name.startswith(HF_PREFIX) or not _REPO.match(target) or target.count("/") > 1:
         raise ModelError(f"{name}: no such folder; name a Hugging Face model as hf:ORG/REPO, or pass a folder")
     return hub_snapshot(target)
-
-
-def hub_cache() -> Path:
-    """The Hugging Face hub cache as the environment says now (HF_HUB_CACHE, else HF_HOME/hub)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
-    return Path(home).expanduser() / "hub"
-
-
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def hub_snapshot(repo: str) -> Path:

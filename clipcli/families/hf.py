@@ -188,7 +188,7 @@ def _is_folder(rest: str) -> bool:
 
 def _fetch(repo: str, filename: str, spec: str) -> Path | None:
     """An optional file of the repo, or None when it has none (or, offline, none was cached)."""
-    from clipcli.families.open_clip import NotCached, hub_download
+    from clipcli.hub import NotCached, hub_download
 
     try:
         return hub_download(repo, filename, spec)
@@ -230,7 +230,7 @@ def _weight_files_in(folder: Path, spec: str) -> list[Path]:
 
 def _hub_files(repo: str, spec: str) -> Path:
     """Fetch what loading needs from a hub repo, safetensors before pickles; returns the snapshot folder."""
-    from clipcli.families.open_clip import first_available, hub_download
+    from clipcli.hub import first_available, hub_download
 
     config = first_available(repo, ["config.json"], spec)
     _check_config(config, spec)
@@ -315,10 +315,12 @@ def list_entries() -> list[ModelEntry]:
     try:
         from huggingface_hub import scan_cache_dir
         from huggingface_hub.errors import CacheNotFound
+
+        from clipcli.hub import hub_cache
     except ImportError:
         return []
     try:
-        cache = scan_cache_dir()
+        cache = scan_cache_dir(hub_cache())
     except (CacheNotFound, OSError):
         return []
     entries = []

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from clipcli.errors import ModelError
+from clipcli.hub import first_available, hub_cache, hub_download
 from clipcli.images import ImageSpec
 from clipcli.models import LoadedModel, ModelEntry, require_extra
 from clipcli.precision import Precision, cast_weights
@@ -218,51 +219,6 @@ def _is_file_source(source: str) -> bool:
     return source.endswith(WEIGHT_SUFFIXES) or os.sep in source or Path(source).expanduser().exists()
 
 
-class NotCached(ModelError):
-    """A hub file that is not in the cache and cannot be fetched (offline, or no network)."""
-
-
-def hub_download(repo: str, filename: str, spec: str) -> Path:
-    """One file of a hub repo through huggingface_hub's cache (``$HF_HOME``, ``$HF_HUB_OFFLINE``).
-
-    Raises FileNotFoundError when the repo has no such file, :class:`NotCached` when offline without it.
-    """
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-    try:
-        return Path(hf_hub_download(repo, filename))
-    except LocalEntryNotFoundError:
-        raise NotCached(_offline_reason(spec, repo, filename)) from None
-    except EntryNotFoundError:
-        raise FileNotFoundError(filename) from None
-    except RepositoryNotFoundError:
-        raise ModelError(f"{spec}: no such Hugging Face repository {repo!r} (or it is private)") from None
-    except OSError as e:
-        raise ModelError(f"{spec}: cannot fetch {filename} from {repo} ({str(e).splitlines()[0]})") from None
-
-
-def _offline_reason(spec: str, repo: str, filename: str) -> str:
-    from huggingface_hub import constants
-
-    where = constants.HF_HUB_CACHE
-    why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"
-    return f"{spec}: {filename} of {repo} is not in the Hugging Face cache ({where}) and {why}"
-
-
-def first_available(repo: str, names: Sequence[str], spec: str) -> Path:
-    """The first of ``names`` the repo has (safetensors are listed first), from the cache or fetched."""
-    offline: NotCached | None = None
-    for name in names:
-        try:
-            return hub_download(repo, name, spec)
-        except FileNotFoundError:
-            continue
-        except NotCached as e:  # offline, a later name may still be cached
-            offline = offline or e
-    raise offline or ModelError(f"{spec}: {repo} has none of {', '.join(names)}")
-
-
 def _tag_weights(oc: Any, arch: str, tag: str, spec: str) -> tuple[Path, dict[str, Any]]:
     from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
 
@@ -456,7 +412,7 @@ def _cached_tag(hub: str) -> Path | None:
         return None
     repo, names = _hub_source(hub)
     for name in names:
-        found = try_to_load_from_cache(repo, name)
+        found = try_to_load_from_cache(repo, name, cache_dir=hub_cache())
         if isinstance(found, str):
             return Path(found)
     return None
