@@ -102,6 +102,8 @@ def load_nli_model(spec: str | None, device: str = "auto", precision: str = "aut
     entailment, contradiction = nli_indices(config.get("label2id") or {}, name)
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
+    if prec == "int8":
+        raise ModelError("classify-text runs NLI models at fp32, bf16 or fp16; int8 is for the image models' towers")
     model = _load_weights(transformers, folder, name, prec).to(dev).eval()
     tokenizer = _load_tokenizer(transformers, folder, name)
     return NliModel(

@@ -364,3 +364,10 @@ def test_text_metrics_by_hand() -> None:
     assert [c["precision"] for c in r.per_class] == pytest.approx([1.0, 0.0, 0.5])
     assert [c["recall"] for c in r.per_class] == pytest.approx([0.5, 0.0, 1.0])
     assert r.predictions is not None and list(r.predictions.true_rank) == [3, 1, 1, 3]
+
+
+def test_int8_is_refused_in_one_line(cli: Callable[..., Ran], bert_dir: Path) -> None:
+    """int8 rewrites image models' towers; an NLI model has none, so asking for it is a usage error."""
+    ran = cli("classify-text", *TEXTS, "-l", LABELS, "-m", str(bert_dir), "--precision", "int8")
+    assert ran.exit_code == 2
+    assert ran.stderr.strip().startswith("Error: classify-text runs NLI models at fp32, bf16 or fp16")
