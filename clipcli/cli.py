@@ -16,9 +16,13 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 from clipcli import __version__
+from clipcli.commands.bench_precision import bench_precision
 from clipcli.commands.classify import classify
+from clipcli.commands.classify_text import classify_text
+from clipcli.commands.dedup import dedup
 from clipcli.commands.embed import embed
 from clipcli.commands.eval import evaluate
+from clipcli.commands.index import index
 from clipcli.commands.models import models
 from clipcli.commands.rank import rank
 from clipcli.commands.train import make_shapes, train
@@ -178,12 +182,16 @@ def _root(
 
 
 app.command(cls=_Command)(classify)
+app.command("classify-text", cls=_Command)(classify_text)
 app.command(cls=_Command)(embed)
 app.command(cls=_Command)(rank)
+app.command(cls=_Command)(index)
+app.command(cls=_Command)(dedup)
 app.command("eval", cls=_Command)(evaluate)
 app.command(cls=_Command)(models)
 app.command(cls=_Command)(train)
 app.command("make-shapes", cls=_Command)(make_shapes)
+app.command("bench-precision", cls=_Command)(bench_precision)
 
 
 def _terminate(signum: int, frame: object) -> None:

@@ -83,17 +83,68 @@ def rank_sources(
     stdin: IO[str] | None = None,
     use_cache: bool = True,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    index: IndexChoice | None = None,
 ) -> list[Hit]:
     """The ``top_k`` sources most similar to ``query`` (a unit vector), best first.
 
     ``use_cache``: scan saved Parquet embeddings through the search cache (:mod:`clipcli.search_cache`).
+    ``index``: which ANN index answers for saved embeddings (default: the one beside them, if any).
     """
-    best = TopK(top_k, threshold)
+    return rank_many(
+        lm,
+        query[None, :],
+        sources,
+        top_k,
+        threshold,
+        batch_size,
+        workers,
+        exact,
+        on_skip,
+        stdin,
+        use_cache,
+        max_pixels,
+        index,
+    )[0]
+
+
+@dataclass(frozen=True)
+class IndexChoice:
+    """How saved embeddings are searched: through the index beside them (or ``path``), or by a scan."""
+
+    use: bool = True
+    path: Path | None = None
+    on_note: Callable[[str], None] | None = None  # told when an index is skipped, and why
+
+
+def rank_many(
+    lm: LoadedModel,
+    queries: np.ndarray,
+    sources: Sequence[str],
+    top_k: int,
+    threshold: float | None = None,
+    batch_size: int = 32,
+    workers: int = 0,
+    exact: bool = False,
+    on_skip: Callable[[Skipped], None] | None = None,
+    stdin: IO[str] | None = None,
+    use_cache: bool = True,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    index: IndexChoice | None = None,
+) -> list[list[Hit]]:
+    """For each row of ``queries`` (Q x D unit vectors), its ``top_k`` sources, best first: every source
+    is read once for all the queries."""
+    choice = index or IndexChoice()
+    best = [TopK(top_k, threshold) for _ in range(len(queries))]
     image_args = []
+    saved = [s for s in sources if s != "-" and is_embedding_source(s)]
+    explicit = _explicit_index_source(choice, saved)
     for source in sources:
-        if source != "-" and is_embedding_source(source):
-            for chunk, name_of in iter_saved(Path(source), lm, use_cache):
-                best.offer(chunk @ query, name_of)
+        if source in saved:
+            # The index re-scores against the search cache, which --no-cache forbids writing for Parquet.
+            indexed = use_cache or Path(source).suffix.lower() == ".npy"
+            if not (indexed and _offer_from_index(lm, queries, Path(source), best, choice, explicit)):
+                for chunk, name_of in iter_saved(Path(source), lm, use_cache):
+                    _offer_all(best, chunk, queries, name_of)
         else:
             image_args.append(source)
     if image_args:
@@ -108,8 +159,64 @@ def rank_sources(
                 if on_skip:
                     on_skip(s)
             if batch.names:
-                best.offer(batch.embeddings.numpy() @ query, partial(_names_at, batch.names))
-    return best.hits()
+                _offer_all(best, batch.embeddings.numpy(), queries, partial(_names_at, batch.names))
+    return [b.hits() for b in best]
+
+
+QUERY_GROUP = 256  # queries scored against a chunk at once: 64k rows x 256 x 4 bytes = 64 MB of scores
+
+
+def _offer_all(best: list[TopK], chunk: np.ndarray, queries: np.ndarray, name_of: Callable[[Any], list[Any]]) -> None:
+    for start in range(0, len(queries), QUERY_GROUP):
+        scores = chunk @ queries[start : start + QUERY_GROUP].T
+        for j in range(scores.shape[1]):
+            best[start + j].offer(scores[:, j], name_of)
+
+
+def _explicit_index_source(choice: IndexChoice, saved: Sequence[str]) -> str | None:
+    """The source that ``--index PATH`` indexes (it must be one of the saved sources given)."""
+    from clipcli.index import read_meta
+
+    if not choice.use or choice.path is None:
+        return None
+    meta = read_meta(choice.path)
+    for source in saved:
+        if Path(source).resolve() == Path(meta.source):
+            return source
+    if len(saved) == 1:  # moved since it was built: open_index checks that it still fits
+        return saved[0]
+    raise InputError(f"{choice.path}: indexes {meta.source}, which is not among the sources given")
+
+
+def _offer_from_index(
+    lm: LoadedModel, queries: np.ndarray, source: Path, best: list[TopK], choice: IndexChoice, explicit: str | None
+) -> bool:
+    """Search ``source`` through its index; False when there is none to use (the caller scans)."""
+    import numpy as np
+
+    from clipcli.index import META, Stale, default_index_path, open_index
+    from clipcli.saved import Expect
+
+    if not choice.use:
+        return False
+    path = choice.path if explicit is not None and Path(explicit) == source else default_index_path(source)
+    if path is None or not (path / META).exists():
+        return False
+    try:
+        opened = open_index(path, source, Expect.of(lm))
+    except Stale as e:
+        if choice.on_note:
+            choice.on_note(f"{e}; scanning every row meanwhile")
+        return False
+    k = max(b.k for b in best)
+    scores, rows = opened.search(queries, k)
+    wanted = sorted({int(r) for r in rows.ravel() if r >= 0})
+    names = dict(zip(wanted, opened.saved.name_rows(wanted), strict=True))
+    for b, q_scores, q_rows in zip(best, scores, rows, strict=True):
+        keep = q_rows >= 0
+        found = [names[int(r)] for r in q_rows[keep]]
+        b.offer(np.asarray(q_scores[keep], np.float64), partial(_names_at, found))
+    return True
 
 
 def _names_at(names: Sequence[str], idx: np.ndarray) -> list[Any]:
@@ -122,6 +229,37 @@ def rank_texts(
     best = TopK(top_k, threshold)
     best.offer(embeddings @ query, partial(_names_at, texts))
     return best.hits()
+
+
+def query_embeddings(
+    lm: LoadedModel,
+    texts: Sequence[str] | None = None,
+    images: Sequence[str] | None = None,
+    templates: TemplateSet | None = None,
+    exact: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """Q x D unit vectors for many queries at once: texts (prompt ensembles with ``templates``), or
+    image files; an image that cannot be used is an error naming it."""
+    import numpy as np
+
+    if images is not None:
+        refs, missing = discover(list(images))
+        if missing:
+            raise InputError(f"{missing[0].path}: cannot use as a query ({missing[0].reason})")
+        rows = []
+        for batch in iter_image_embeddings(lm, refs, 32, 0, exact, max_pixels=max_pixels):
+            if batch.skipped:
+                raise InputError(f"{batch.skipped[0].path}: cannot use as a query ({batch.skipped[0].reason})")
+            rows.append(batch.embeddings.numpy())
+        if len(refs) != len(images):
+            raise InputError("each query image must be one file (not a folder or a pattern)")
+        return np.concatenate(rows) if rows else np.zeros((0, lm.embed_dim), np.float32)
+    if not texts:
+        return np.zeros((0, lm.embed_dim), np.float32)
+    if templates is not None:
+        return zero_shot_classifier(lm, list(texts), templates).numpy()
+    return encode_texts(lm, list(texts)).numpy()
 
 
 def query_embedding(

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from clipcli.errors import InputError
 from clipcli.models import LoadedModel
-from clipcli.store import ModelTag, open_npy, read_parquet
+from clipcli.store import ModelTag, npy_sidecar, open_npy, read_parquet
 
 if TYPE_CHECKING:
     import numpy as np
@@ -44,9 +44,22 @@ def _parquet_files(source: Path) -> list[Path]:
     return sorted(source.glob("*.parquet")) if source.is_dir() else [source]
 
 
-def _check_tag(tag: ModelTag, lm: LoadedModel, where: Path) -> bool:
-    """Raise unless the embeddings were made with ``lm``; returns whether they are normalised."""
-    tag.require_model(lm.name, lm.checksum, where)
+@dataclass(frozen=True)
+class Expect:
+    """The model saved embeddings must have been made with (a loaded model's, or an index's)."""
+
+    name: str
+    sha256: str
+    dim: int
+
+    @classmethod
+    def of(cls, lm: LoadedModel) -> Expect:
+        return cls(lm.name, lm.checksum, lm.embed_dim)
+
+
+def _check_tag(tag: ModelTag, expect: Expect, where: Path) -> bool:
+    """Raise unless the embeddings were made with the expected model; returns whether they are normalised."""
+    tag.require_model(expect.name, expect.sha256, where)
     return tag.normalized
 
 
@@ -57,12 +70,13 @@ Chunk = tuple["np.ndarray", Callable[["np.ndarray"], list[Any]]]
 def iter_saved(source: Path, lm: LoadedModel, use_cache: bool = True) -> Iterator[Chunk]:
     """Chunks of saved embeddings, normalised; Parquet sources through the search cache if allowed."""
 
+    expect = Expect.of(lm)
     if source.suffix.lower() == ".npy":
         saved = open_npy(source)
-        unit = _check_tag(saved.header.tag, lm, source)
+        unit = _check_tag(saved.header.tag, expect, source)
         yield from _chunks(saved.matrix, unit, lambda rows: [saved.name(r) for r in rows])
     else:
-        yield from _iter_parquet(source, lm, use_cache)
+        yield from _iter_parquet(source, expect, use_cache)
 
 
 def _chunks(matrix: np.ndarray, unit: bool, name_rows: Callable[[list[int]], list[Any]]) -> Iterator[Chunk]:
@@ -114,19 +128,19 @@ class PartRow:
     row: int
 
 
-def _iter_parquet(source: Path, lm: LoadedModel, use_cache: bool) -> Iterator[Chunk]:
+def _iter_parquet(source: Path, expect: Expect, use_cache: bool) -> Iterator[Chunk]:
     from itertools import accumulate
 
     from clipcli import search_cache
 
     files = _parquet_files(source)
-    cached = search_cache.load(source, files, lm.checksum) if use_cache else None
+    cached = search_cache.load(source, files, expect.sha256) if use_cache else None
     if cached is not None:
         parts = _Parts(tuple(files), tuple(accumulate(cached.rows, initial=0))[:-1], cached.key)
         yield from _chunks(cached.matrix, cached.normalized, lambda rows: [PartRow(parts, r) for r in rows])
         return
-    readers = [_open_saved(file, lm) for file in files]
-    builder = _start_cache(source, files, readers, lm) if use_cache else None
+    readers = [_open_saved(file, expect) for file in files]
+    builder = _start_cache(source, files, readers, expect) if use_cache else None
     try:
         for reader, unit, key in readers:
             for batch in reader.iter_batches(batch_size=CHUNK_ROWS, columns=[key, "embedding"]):
@@ -135,7 +149,7 @@ def _iter_parquet(source: Path, lm: LoadedModel, use_cache: bool) -> Iterator[Ch
                 chunk = stored.astype("float32", copy=False)
                 yield (chunk if unit else _normalized(chunk)), partial(_arrow_names, batch.column(key))
         _, unit, key = readers[0]
-        builder = _cache_step(builder, lambda b: b.commit(lm.checksum, key, unit))
+        builder = _cache_step(builder, lambda b: b.commit(expect.sha256, key, unit))
         builder = None  # committed, or abandoned by _cache_step
     finally:
         if builder is not None:
@@ -154,7 +168,7 @@ def _cache_step(builder: Builder | None, step: Callable[[Builder], None]) -> Bui
         return None
 
 
-def _open_saved(file: Path, lm: LoadedModel) -> tuple[Any, bool, str]:
+def _open_saved(file: Path, expect: Expect) -> tuple[Any, bool, str]:
     """(reader, whether its embeddings are normalised, its name column) for one Parquet file."""
     import pyarrow.parquet as pq
 
@@ -166,11 +180,11 @@ def _open_saved(file: Path, lm: LoadedModel) -> tuple[Any, bool, str]:
     if "embedding" not in names:
         raise InputError(f"{file}: no 'embedding' column (not written by clipcli embed?)")
     tag = ModelTag.from_metadata(reader.schema_arrow.metadata)
-    return reader, _check_tag(tag, lm, file), "path" if "path" in names else "text"
+    return reader, _check_tag(tag, expect, file), "path" if "path" in names else "text"
 
 
 def _start_cache(
-    source: Path, files: list[Path], readers: list[tuple[Any, bool, str]], lm: LoadedModel
+    source: Path, files: list[Path], readers: list[tuple[Any, bool, str]], expect: Expect
 ) -> Builder | None:
     """A cache builder for these parts, or None when they cannot share one matrix (or the disk says no)."""
     import numpy as np
@@ -183,7 +197,7 @@ def _start_cache(
     dtype = np.dtype(np.float16) if {str(t) for t in types} == {"halffloat"} else np.dtype(np.float32)
     rows = [r.metadata.num_rows for r, _, _ in readers]
     try:
-        return search_cache.Builder(source, files, rows, lm.embed_dim, dtype)
+        return search_cache.Builder(source, files, rows, expect.dim, dtype)
     except OSError:
         return None
 
@@ -192,3 +206,115 @@ def _normalized(chunk: np.ndarray) -> np.ndarray:
     import numpy as np
 
     return chunk / np.maximum(np.linalg.norm(chunk, axis=1, keepdims=True), 1e-12)
+
+
+@dataclass(frozen=True)
+class SavedMatrix:
+    """Saved embeddings opened whole: a memory-mapped N x D matrix in row order, as an index needs them."""
+
+    source: Path
+    matrix: np.ndarray  # as stored: float32 or float16, normalised or not
+    tag: ModelTag
+    key: str  # "path" or "text"
+    name_rows: Callable[[list[int]], list[str]]
+    iter_names: Callable[[], Iterator[list[str]]]  # every row's name, in order, a block at a time
+
+    def unit_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` as float32 unit vectors."""
+        import numpy as np
+
+        chunk = np.asarray(self.matrix[start:stop], dtype=np.float32)
+        return chunk if self.tag.normalized else _normalized(chunk)
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """Some rows as float32 unit vectors; read in row order, which a memory map pages in fastest."""
+        import numpy as np
+
+        order = np.argsort(rows, kind="stable")
+        picked = np.empty((len(rows), self.matrix.shape[1]), np.float32)
+        picked[order] = self.matrix[rows[order]]
+        return picked if self.tag.normalized else _normalized(picked)
+
+
+def saved_tag(source: Path) -> tuple[ModelTag, int]:
+    """The model a saved source was made with and its embedding width, read from metadata alone."""
+    import pyarrow.parquet as pq
+
+    if source.suffix.lower() == ".npy":
+        saved = open_npy(source)
+        return saved.header.tag, int(saved.matrix.shape[1])
+    files = _parquet_files(source)
+    if not files:
+        raise InputError(f"{source}: no Parquet files in it")
+    try:
+        schema = pq.read_schema(files[0])
+    except (OSError, ValueError) as e:
+        raise InputError(f"{files[0]}: cannot read embeddings ({e})") from e
+    if "embedding" not in schema.names:
+        raise InputError(f"{files[0]}: no 'embedding' column (not written by clipcli embed?)")
+    return ModelTag.from_metadata(schema.metadata), int(schema.field("embedding").type.list_size)
+
+
+def source_fingerprint(source: Path) -> list[Any]:
+    """What changes whenever ``embed`` rewrites a source: each file's name, size and mtime."""
+    from clipcli import search_cache
+
+    if source.suffix.lower() == ".npy":
+        return search_cache.fingerprint([source, npy_sidecar(source)])
+    return search_cache.fingerprint(_parquet_files(source))
+
+
+def open_matrix(source: Path, expect: Expect) -> SavedMatrix:
+    """A saved source as one memory-mapped matrix: NPY directly, Parquet through the search cache (built
+    on first use; read into memory when the cache cannot be written)."""
+    import numpy as np
+
+    if not source.exists():
+        raise InputError(f"{source}: no such file or directory")
+    if source.suffix.lower() == ".npy":
+        saved = open_npy(source)
+        _check_tag(saved.header.tag, expect, source)
+        names = _npy_names(saved)
+        n = saved.header.rows
+        blocks = partial(_blocks_of, names, n)
+        return SavedMatrix(source, saved.matrix, saved.header.tag, saved.header.key, names, blocks)
+    from itertools import accumulate
+
+    from clipcli import search_cache
+
+    files = _parquet_files(source)
+    if not files:
+        raise InputError(f"{source}: no Parquet files in it")
+    tag, _ = saved_tag(source)
+    cached = search_cache.load(source, files, expect.sha256)
+    if cached is None:
+        chunks = [np.array(c, np.float32) for c, _ in _iter_parquet(source, expect, True)]
+        cached = search_cache.load(source, files, expect.sha256)
+        if cached is None:  # no cache to be had: the rows in memory, normalised already
+            key = _open_saved(files[0], expect)[2]
+            rows = [pq_rows(f) for f in files]
+            matrix = np.concatenate(chunks) if chunks else np.zeros((0, expect.dim), np.float32)
+            cached = search_cache.Cached(matrix, rows, key, True)
+    tag = ModelTag(tag.name, tag.sha256, cached.normalized)
+    parts = _Parts(tuple(files), tuple(accumulate(cached.rows, initial=0))[:-1], cached.key)
+    return SavedMatrix(source, cached.matrix, tag, cached.key, parts.names, partial(_part_names, parts))
+
+
+def pq_rows(file: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return int(pq.ParquetFile(file).metadata.num_rows)
+
+
+def _npy_names(saved: Any) -> Callable[[list[int]], list[str]]:
+    return lambda rows: [saved.name(r) for r in rows]
+
+
+def _blocks_of(name_rows: Callable[[list[int]], list[str]], n: int) -> Iterator[list[str]]:
+    for start in range(0, n, CHUNK_ROWS):
+        yield name_rows(list(range(start, min(n, start + CHUNK_ROWS))))
+
+
+def _part_names(parts: _Parts) -> Iterator[list[str]]:
+    for file in parts.files:
+        yield [str(n) for n in read_parquet(file, [parts.key]).column(0).to_pylist()]

@@ -5,12 +5,16 @@ from __future__ import annotations
 import os
 import sys
 from enum import Enum
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from clipcli.commands import options as opt
 from clipcli.io import OutputFormat
+
+if TYPE_CHECKING:
+    from clipcli.prompts import TemplateSet
+    from clipcli.rank import IndexChoice
 
 
 class Format(str, Enum):
@@ -41,6 +45,29 @@ def rank(
         str | None,
         typer.Option(metavar="FILE", help="Rank the texts in this file (one per line) for the --image query."),
     ] = None,
+    queries_file: Annotated[
+        str | None,
+        typer.Option(
+            metavar="FILE",
+            help="Many text queries, one per line, answered in one pass over the sources; "
+            "the output gains a query column.",
+        ),
+    ] = None,
+    image_queries: Annotated[
+        str | None,
+        typer.Option(metavar="FILE", help="As --queries-file, with one query image path per line."),
+    ] = None,
+    index: Annotated[
+        str | None,
+        typer.Option(
+            metavar="INDEX",
+            help="Search saved embeddings through this index (built by `clipcli index`). Default: the "
+            "index beside them (emb/ -> emb.index, emb.npy -> emb.npy.index) when there is one.",
+        ),
+    ] = None,
+    no_index: Annotated[
+        bool, typer.Option("--no-index", help="Scan every saved embedding exactly, even where an index exists.")
+    ] = False,
     template: opt.Template = None,
     templates: opt.Templates = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, metavar="K", help="How many results to keep.")] = 10,
@@ -81,6 +108,32 @@ def rank(
 
     args = list(arguments or [])
     out_format = choose_format(opt.output_format(fmt), output, stdout_is_tty(), FORMATS, piped=OutputFormat.TSV)
+    if index and no_index:
+        raise InputError("give --index or --no-index, not both")
+    choice = _index_choice(index, no_index)
+    if queries_file or image_queries:
+        if image or texts_file or (queries_file and image_queries):
+            raise InputError("--queries-file/--image-queries take the place of QUERY, --image and --texts-file")
+        _rank_batch(
+            queries_file,
+            image_queries,
+            args,
+            ensemble_of(template, templates),
+            top_k,
+            threshold,
+            output,
+            out_format,
+            model,
+            device,
+            precision,
+            batch_size,
+            workers,
+            exact,
+            max_megapixels,
+            cache,
+            choice,
+        )
+        return
     if image is None and not args:
         raise InputError("no query: pass a text QUERY, or --image FILE")
     if image is not None and args and _looks_like_text(args[0]):
@@ -114,7 +167,19 @@ def rank(
             hits = rank_texts(query, texts, embeddings, top_k, threshold)
         else:
             hits = rank_sources(
-                lm, query, args, top_k, threshold, batch_size, workers, exact, tally.on_skip, sys.stdin, cache, limit
+                lm,
+                query,
+                args,
+                top_k,
+                threshold,
+                batch_size,
+                workers,
+                exact,
+                tally.on_skip,
+                sys.stdin,
+                cache,
+                limit,
+                choice,
             )
         if out_format is OutputFormat.PARQUET:
             for h in hits:
@@ -127,6 +192,93 @@ def rank(
             writer.write([{key: h.name, "score": round(h.score, 6)} for h in hits])
     found = f"ranked {len(hits)} result{'s' * (len(hits) != 1)}"
     say(found + (f", skipped {tally.skipped}" if tally.skipped else ""))
+    if tally.skipped:
+        raise typer.Exit(EXIT_PARTIAL)
+
+
+def ensemble_of(template: list[str] | None, templates: list[str] | None) -> TemplateSet | None:
+    from clipcli.prompts import resolve_templates
+
+    return resolve_templates(template, templates) if (template or templates) else None
+
+
+def _index_choice(index: str | None, no_index: bool) -> IndexChoice:
+    from pathlib import Path
+
+    from clipcli.commands.console import say
+    from clipcli.rank import IndexChoice
+
+    return IndexChoice(not no_index, Path(index) if index else None, say)
+
+
+def _rank_batch(
+    queries_file: str | None,
+    image_queries: str | None,
+    sources: list[str],
+    ensemble: TemplateSet | None,
+    top_k: int,
+    threshold: float | None,
+    output: str | None,
+    out_format: OutputFormat,
+    model: str | None,
+    device: str,
+    precision: opt.PrecisionChoice,
+    batch_size: int,
+    workers: int,
+    exact: bool,
+    max_megapixels: float,
+    cache: bool,
+    choice: IndexChoice,
+) -> None:
+    """Many queries, one pass over the sources: rows of (query, path, score), each query's best first."""
+    from clipcli.commands.console import Tally, say
+    from clipcli.errors import EXIT_PARTIAL, InputError
+    from clipcli.io import open_writer
+    from clipcli.prompts import read_lines
+    from clipcli.rank import query_embeddings, rank_many
+
+    if not sources:
+        raise InputError("no sources to rank: pass images, folders, or embeddings written by `clipcli embed`")
+    queries = read_lines(queries_file or image_queries or "-", "queries")
+    schema = None
+    if out_format is OutputFormat.PARQUET:
+        import pyarrow as pa
+
+        schema = pa.schema([("query", pa.string()), ("path", pa.string()), ("score", pa.float64())])
+    tally = Tally()
+    columns = ("query", "score", "path") if out_format is OutputFormat.TSV else ("query", "path", "score")
+    with open_writer(out_format, output, schema=schema, columns=columns) as writer:
+        lm = opt.load(model, device, precision)
+        limit = opt.max_pixels(max_megapixels)
+        if image_queries:
+            vectors = query_embeddings(lm, images=queries, exact=exact, max_pixels=limit)
+        else:
+            vectors = query_embeddings(lm, texts=queries, templates=ensemble)
+        results = rank_many(
+            lm,
+            vectors,
+            sources,
+            top_k,
+            threshold,
+            batch_size,
+            workers,
+            exact,
+            tally.on_skip,
+            sys.stdin,
+            cache,
+            limit,
+            choice,
+        )
+        rows = [
+            {"query": q, "path": h.name, "score": round(h.score, 6)}
+            for q, hits in zip(queries, results, strict=True)
+            for h in hits
+        ]
+        writer.write([{c: r[c] for c in columns} for r in rows])
+    say(
+        f"answered {len(queries)} quer{'ies' if len(queries) != 1 else 'y'} with {len(rows)} results"
+        + (f", skipped {tally.skipped}" if tally.skipped else "")
+    )
     if tally.skipped:
         raise typer.Exit(EXIT_PARTIAL)
 

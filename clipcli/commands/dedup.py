@@ -1,0 +1,189 @@
+"""`clipcli dedup`: groups of near-duplicate images, from saved embeddings or from images."""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from clipcli.commands import options as opt
+from clipcli.dedup import DEFAULT_THRESHOLD
+from clipcli.io import OutputFormat
+
+if TYPE_CHECKING:
+    from clipcli.dedup import Member
+
+
+class Format(str, Enum):
+    TABLE = "table"
+    CSV = "csv"
+    JSONL = "jsonl"
+    PARQUET = "parquet"
+
+
+class Keep(str, Enum):
+    FIRST = "first"
+    LARGEST = "largest"
+
+
+FORMATS = tuple(OutputFormat(f.value) for f in Format)
+COLUMNS = ("group", "path", "similarity_to_group_representative")
+
+
+def dedup(
+    inputs: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="EMB|IMAGES...",
+            help="Embeddings written by embed (a Parquet file or folder, or an NPY), or images, folders, globs.",
+        ),
+    ],
+    threshold: Annotated[
+        float,
+        typer.Option(
+            min=-1.0, max=1.0, metavar="T", help="Cosine similarity at which two images count as copies of each other."
+        ),
+    ] = DEFAULT_THRESHOLD,
+    keep: Annotated[
+        Keep | None,
+        typer.Option(
+            case_sensitive=False,
+            help="Print only the paths one could delete, one a line: all but the first path (natural order) or "
+            "the largest file of each group. Nothing is ever deleted.",
+        ),
+    ] = None,
+    output: opt.Output = None,
+    fmt: Annotated[
+        Format | None,
+        opt.format_option(
+            "Columns group, path, similarity_to_group_representative; the representative (largest file) "
+            "first. Default: a table on a terminal, CSV in a pipe, else from --output's extension."
+        ),
+    ] = None,
+    no_index: Annotated[
+        bool, typer.Option("--no-index", help="Compare every pair exactly, even where an index exists.")
+    ] = False,
+    model: opt.Model = None,
+    device: opt.Device = "auto",
+    precision: opt.Precision = opt.PrecisionChoice.AUTO,
+    batch_size: opt.BatchSize = 32,
+    workers: opt.Workers = 0,
+    max_megapixels: opt.MaxMegapixels = opt.DEFAULT_MAX_MEGAPIXELS,
+) -> None:
+    """Find near-duplicate images (resized, recompressed, cropped copies) and list them in groups.
+
+    With saved embeddings, the source's index (clipcli index) supplies each row's neighbours when it is
+    current; otherwise every pair is compared. Images are embedded first (--model).
+    """
+    from clipcli.commands.console import Tally, say
+    from clipcli.errors import EXIT_PARTIAL, InputError
+    from clipcli.io import choose_format, open_writer, stdout_is_tty
+    from clipcli.saved import is_embedding_source
+
+    saved = [i for i in inputs if i != "-" and is_embedding_source(i)]
+    if saved and (len(saved) > 1 or len(inputs) > 1):
+        raise InputError("give one embeddings source, or images (not both)")
+    tally = Tally()
+    if keep is None:
+        out_format = choose_format(opt.output_format(fmt), output, stdout_is_tty(), FORMATS, piped=OutputFormat.CSV)
+        schema = None
+        if out_format is OutputFormat.PARQUET:
+            import pyarrow as pa
+
+            schema = pa.schema([(COLUMNS[0], pa.int64()), (COLUMNS[1], pa.string()), (COLUMNS[2], pa.float64())])
+        with open_writer(out_format, output, schema=schema, columns=COLUMNS) as writer:
+            groups = _groups(
+                saved, inputs, threshold, no_index, model, device, precision, batch_size, workers, max_megapixels, tally
+            )
+            writer.write(
+                [dict(zip(COLUMNS, (m.group, m.path, round(m.similarity, 6)), strict=True)) for g in groups for m in g]
+            )
+    else:
+        if output or fmt:
+            raise InputError("--keep prints paths one a line on stdout: leave out --output and --format")
+        from clipcli.dedup import deletable
+
+        groups = _groups(
+            saved, inputs, threshold, no_index, model, device, precision, batch_size, workers, max_megapixels, tally
+        )
+        sys.stdout.write("".join(f"{p}\n" for p in deletable(groups, keep.value)))
+    copies = sum(len(g) - 1 for g in groups)
+    say(
+        f"found {len(groups)} group{'s' * (len(groups) != 1)} of near-duplicates ({copies} copies)"
+        + (f", skipped {tally.skipped}" if tally.skipped else "")
+    )
+    if tally.skipped:
+        raise typer.Exit(EXIT_PARTIAL)
+
+
+def _groups(
+    saved: list[str],
+    inputs: list[str],
+    threshold: float,
+    no_index: bool,
+    model: str | None,
+    device: str,
+    precision: opt.PrecisionChoice,
+    batch_size: int,
+    workers: int,
+    max_megapixels: float,
+    tally: object,
+) -> list[list[Member]]:
+    from pathlib import Path
+
+    from clipcli.dedup import find_duplicates, matrix_search
+
+    if saved:
+        return _saved_groups(Path(saved[0]), threshold, no_index)
+    import numpy as np
+
+    from clipcli.encode import iter_image_embeddings
+    from clipcli.images import discover, nothing_found
+
+    refs, missing = discover(inputs, sys.stdin)
+    if not refs:
+        raise nothing_found(inputs, missing)
+    on_skip = tally.on_skip  # type: ignore[attr-defined]
+    for m in missing:
+        on_skip(m)
+    lm = opt.load(model, device, precision)
+    names: list[str] = []
+    rows = []
+    for batch in iter_image_embeddings(lm, refs, batch_size, workers, max_pixels=opt.max_pixels(max_megapixels)):
+        for s in batch.skipped:
+            on_skip(s)
+        names += batch.names
+        rows.append(batch.embeddings.numpy())
+    matrix = np.concatenate(rows) if rows else np.zeros((0, lm.embed_dim), np.float32)
+    return find_duplicates(
+        len(names), lambda r: matrix[r], lambda r: [names[i] for i in r], threshold, None, matrix_search(matrix)
+    )
+
+
+def _saved_groups(source: object, threshold: float, no_index: bool) -> list[list[Member]]:
+    from functools import partial
+    from pathlib import Path
+
+    from clipcli.commands.console import say
+    from clipcli.dedup import find_duplicates
+    from clipcli.index import META, Stale, default_index_path, exact_search, open_index
+    from clipcli.saved import Expect, open_matrix, saved_tag
+
+    path = Path(str(source))
+    tag, dim = saved_tag(path)
+    expect = Expect(tag.name, tag.sha256, dim)
+    opened = None
+    index_path = default_index_path(path)
+    if not no_index and (index_path / META).exists():
+        try:
+            opened = open_index(index_path, path, expect)
+        except Stale as e:
+            say(f"{e}; comparing every pair meanwhile")
+    saved = opened.saved if opened is not None else open_matrix(path, expect)
+    if opened is not None and opened.vectors is None:
+        opened = None  # a flat index is the exact search itself
+    return find_duplicates(
+        saved.matrix.shape[0], saved.take, saved.name_rows, threshold, opened, partial(exact_search, saved)
+    )
