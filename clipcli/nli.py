@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from clipcli.errors import InputError, ModelError
-from clipcli.hub import hub_cache, hub_offline
+from clipcli.hub import hub_cache, hub_unavailable
 from clipcli.precision import Precision, resolve_device, resolve_precision
 
 if TYPE_CHECKING:
@@ -163,9 +163,10 @@ def hub_snapshot(repo: str) -> Path:
             return folder
     except Exception:  # not cached (the hub raises several kinds of "not found")
         pass
-    if hub_offline():
+    why = hub_unavailable()
+    if why:
         raise ModelError(
-            f"hf:{repo} is not in the Hugging Face cache ({cache}) and HF_HUB_OFFLINE is set: download it "
+            f"hf:{repo} is not in the Hugging Face cache ({cache}) and {why}: download it "
             "once with a network, or pass a folder written by save_pretrained"
         )
     try:

@@ -8,6 +8,7 @@ import io
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -299,6 +300,31 @@ def test_offline_without_files_is_one_line_in_a_fresh_process(tmp_path: Path, py
         lines = ran.stderr.strip().splitlines()
         assert len(lines) == 1 and what in lines[0] and "HF_HUB_OFFLINE is set" in lines[0], ran.stderr
         assert str(tmp_path / "hf") in lines[0]
+
+
+def test_no_network_fails_at_once_without_the_offline_switch(tmp_path: Path, python: str) -> None:
+    """Without HF_HUB_OFFLINE, an unreachable hub is one line within seconds, not minutes of retries."""
+    import socket
+
+    with socket.socket() as closed:  # a port nothing listens on: connections are refused at once
+        closed.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    env = {**_environ(), "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": endpoint, "CLIPCLI_CACHE": str(tmp_path)}
+    for name in (
+        "HF_HUB_OFFLINE",
+        *(p + s for p in ("HTTPS", "HTTP", "ALL", "https", "http", "all") for s in ("_PROXY", "_proxy")),
+    ):
+        env.pop(name, None)
+    for command in (
+        ["embed", str(IMAGES[0]), "-m", "hf:openai/clip-vit-base-patch32"],
+        ["classify-text", "a", "-l", "x,y"],
+    ):
+        started = time.monotonic()
+        ran = subprocess.run([python, "-m", "clipcli", *command], capture_output=True, text=True, env=env, timeout=120)
+        assert ran.returncode == 2, ran.stderr
+        lines = ran.stderr.strip().splitlines()
+        assert len(lines) == 1 and "the hub cannot be reached" in lines[0], ran.stderr
+        assert time.monotonic() - started < 30
 
 
 def test_train_refuses_other_families(cli: Cli, tmp_path: Path) -> None:

@@ -71,7 +71,7 @@ def _check_scale_out(engine: Engine, shard: str | None, text: bool, into_dir: bo
         raise InputError(f"{' and '.join(wanted)}: texts are embedded in this process; drop the option")
     if not into_dir:
         raise InputError(
-            f"{' and '.join(wanted)} write a Parquet dataset directory: -o DIR/ (not {output or 'stdout'})"
+            f"{' and '.join(wanted)} need a Parquet dataset directory as output: -o DIR/ (not {output or 'stdout'})"
         )
 
 
