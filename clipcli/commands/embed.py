@@ -27,11 +27,6 @@ class Dtype(str, Enum):
     FLOAT16 = "float16"
 
 
-class Engine(str, Enum):
-    LOCAL = "local"
-    RAY = "ray"
-
-
 FORMATS = tuple(OutputFormat(f.value) for f in Format)
 
 
@@ -60,9 +55,9 @@ def _output_lock(output: str | None, is_dir: bool, shard: str | None = None) -> 
     return OutputLock(Path(output), is_dir)
 
 
-def _check_scale_out(engine: Engine, shard: str | None, text: bool, into_dir: bool, output: str | None) -> None:
+def _check_scale_out(engine: opt.Engine, shard: str | None, text: bool, into_dir: bool, output: str | None) -> None:
     """--engine ray and --shard write parts into a dataset directory, from several processes."""
-    wanted = [f for f, on in (("--engine ray", engine is Engine.RAY), (f"--shard {shard}", shard)) if on]
+    wanted = [f for f, on in (("--engine ray", engine is opt.Engine.RAY), (f"--shard {shard}", shard)) if on]
     if not wanted:
         return
     from clipcli.errors import InputError
@@ -121,22 +116,13 @@ def embed(
     max_megapixels: opt.MaxMegapixels = opt.DEFAULT_MAX_MEGAPIXELS,
     decode: opt.Decode = opt.DecodeChoice.AUTO,
     engine: Annotated[
-        Engine,
-        typer.Option(
-            case_sensitive=False,
-            help="local: this process. ray: a Ray cluster (pip install 'clipcli[ray]'), into -o DIR/; "
-            "the inputs must be on a filesystem every node reads.",
+        opt.Engine,
+        opt.engine_option(
+            "local: this process. ray: a Ray cluster (pip install 'clipcli[ray]'), into -o DIR/; "
+            "the inputs must be on a filesystem every node reads."
         ),
-    ] = Engine.LOCAL,
-    ray_address: Annotated[
-        str | None,
-        typer.Option(
-            envvar="RAY_ADDRESS",
-            metavar="HOST:PORT",
-            help="With --engine ray: the cluster to join (default: $RAY_ADDRESS, else start Ray here).",
-            show_default=False,
-        ),
-    ] = None,
+    ] = opt.Engine.LOCAL,
+    ray_address: opt.RayAddress = None,
     shard: Annotated[
         str | None,
         typer.Option(
@@ -204,7 +190,7 @@ def embed(
         opt.check_decode(decode, lm)
         with Progress("embedding", len(refs)) as bar:
             tally.bar = bar
-            if engine is Engine.RAY:
+            if engine is opt.Engine.RAY:
                 from clipcli.engines.ray import embed_on_ray, model_spec
 
                 choice = precision.value if isinstance(precision, opt.PrecisionChoice) else str(precision)

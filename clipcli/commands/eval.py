@@ -100,21 +100,12 @@ def evaluate(
     exact: opt.Exact = False,
     max_megapixels: opt.MaxMegapixels = opt.DEFAULT_MAX_MEGAPIXELS,
     engine: Annotated[
-        str,
-        typer.Option(
-            metavar="local|ray",
-            help="ray: embed the images on a Ray cluster (pip install 'clipcli[ray]'); texts and scores stay here.",
+        opt.Engine,
+        opt.engine_option(
+            "ray: embed the images on a Ray cluster (pip install 'clipcli[ray]'); texts and scores stay here."
         ),
-    ] = "local",
-    ray_address: Annotated[
-        str | None,
-        typer.Option(
-            envvar="RAY_ADDRESS",
-            metavar="HOST:PORT",
-            help="With --engine ray: the cluster to join (default: $RAY_ADDRESS, else start Ray here).",
-            show_default=False,
-        ),
-    ] = None,
+    ] = opt.Engine.LOCAL,
+    ray_address: opt.RayAddress = None,
 ) -> None:
     """Evaluate zero-shot classification (or caption retrieval) and compare models and prompt sets."""
     from clipcli import datasets
@@ -134,8 +125,6 @@ def evaluate(
     from clipcli.prompts import resolve_templates
     from clipcli.text_eval import is_text_manifest as text_manifest
 
-    if engine not in ("local", "ray"):
-        raise InputError(f"--engine {engine}: choose local or ray")
     if plots is not None:
         from clipcli.plots import require_matplotlib
 
@@ -178,7 +167,7 @@ def evaluate(
             tally = Tally()  # per model: each embeds the images again, and reports what it skipped
             with Progress(f"embedding ({name})", len(source)) as tally.bar:
                 limit_px = opt.max_pixels(max_megapixels)
-                if engine == "ray":
+                if engine is opt.Engine.RAY:
                     images = _embed_on_ray(
                         lm, name, device, precision, source, ray_address, batch_size, exact, tally.on_batch, limit_px
                     )

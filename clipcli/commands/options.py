@@ -99,6 +99,27 @@ def max_pixels(megapixels: float) -> int | None:
     return int(megapixels * 1_000_000) or None
 
 
+class Engine(str, Enum):
+    LOCAL = "local"
+    RAY = "ray"
+
+
+RayAddress = Annotated[
+    str | None,
+    typer.Option(
+        envvar="RAY_ADDRESS",
+        metavar="HOST:PORT",
+        help="With --engine ray: the cluster to join (default: $RAY_ADDRESS, else start Ray here).",
+        show_default=False,
+    ),
+]
+
+
+def engine_option(help: str) -> Any:
+    """``--engine local|ray``, with each command's own words for what runs on the cluster."""
+    return typer.Option(case_sensitive=False, help=help)
+
+
 Output = Annotated[
     str | None,
     typer.Option(
