@@ -62,6 +62,18 @@ def test_vit_int8_embeddings_within_cosine_099_of_fp32(vit_ckpt):
     assert not any(isinstance(m, nn.MultiheadAttention | nn.Linear) for m in visual.modules())
 
 
+def test_the_text_tower_is_rewritten_on_its_first_call_only(vit_ckpt):
+    """Embedding images never pays for the text tower's rewrite; the first text does, once."""
+    int8 = load_model(str(vit_ckpt), "cpu", "int8")
+    text = int8.towers()["text"]
+    encode_pixels(int8, sample_pixels(int8.input_resolution))
+    assert nn.MultiheadAttention in {type(m) for m in text.modules()}
+    first = encode_texts(int8, ["a red circle"])
+    assert nn.MultiheadAttention not in {type(m) for m in text.modules()}
+    assert SelfAttention in {type(m) for m in text.modules()}
+    assert torch.allclose(encode_texts(int8, ["a red circle"]), first)
+
+
 def test_held_out_top1_unchanged_at_int8(bundled):
     """Top-1 of the bundled model's held-out samples, and of freshly drawn held-out images, as at fp32."""
     fp32, int8 = bundled
