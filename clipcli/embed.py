@@ -13,6 +13,7 @@ from clipcli.images import DEFAULT_MAX_PIXELS, ImageRef, Skipped
 from clipcli.io import OutputFormat, ParquetWriter, RowWriter, keep_partial, open_writer, parquet_storable
 from clipcli.models import LoadedModel
 from clipcli.prompts import TemplateSet
+from clipcli.remote_store import RemoteStore, parquet_store
 from clipcli.store import ModelTag, ParquetStore, Rows, Stat, npy_sidecar, schema, stat_of, write_npy
 
 if TYPE_CHECKING:
@@ -97,7 +98,7 @@ def embed_images(
                 on_skip(s)
     sink: _Sink
     if fmt is OutputFormat.PARQUET and output not in (None, "-"):
-        store = ParquetStore(Path(output), sch, lm.name, part_rows=part_size, shard=shard)
+        store = parquet_store(output, sch, lm.name, part_rows=part_size, shard=shard)
         store.open()
         plan = store.plan(refs)
         refs, summary.unchanged = plan.to_embed, plan.unchanged
@@ -141,7 +142,7 @@ class _Sink:
 
 
 class _StoreSink(_Sink):
-    def __init__(self, store: ParquetStore) -> None:
+    def __init__(self, store: ParquetStore | RemoteStore) -> None:
         self.store = store
 
     def add(self, rows: Rows) -> None:

@@ -34,7 +34,10 @@ def _is_dataset_dir(output: str | None) -> bool:
     """A directory of Parquet parts: named with a trailing slash or without an extension, or an
     existing folder named ``*.parquet`` (as Spark writes them); an existing ``x.csv`` folder is not."""
     from clipcli.atomic import is_stream
+    from clipcli.remote_store import is_remote, is_remote_dataset
 
+    if is_remote(output):
+        return is_remote_dataset(output or "")
     if not output or output == "-" or is_stream(Path(output)):
         return False
     suffix = Path(output).suffix.lower()
@@ -45,9 +48,10 @@ def _output_lock(output: str | None, is_dir: bool, shard: str | None = None) -> 
     """The output's lock, held from before anything is read; none for stdout, a FIFO or a pipe. A shard
     run takes its shard's locks instead, which let the other shards write the same directory."""
     from clipcli.atomic import OutputLock, is_stream
+    from clipcli.remote_store import is_remote
 
-    if not output or output == "-" or is_stream(Path(output)):
-        return nullcontext()
+    if not output or output == "-" or is_remote(output) or is_stream(Path(output)):
+        return nullcontext()  # an object store has no locks (see clipcli.remote_store)
     if shard is not None:
         from clipcli.shard import Shard, ShardLocks
 
@@ -86,7 +90,8 @@ def embed(
             "-o",
             metavar="FILE|DIR/",
             help="File (.parquet, .npy, .csv, .jsonl) or a directory for a Parquet "
-            "dataset written part by part (incremental, resumable). Default: CSV on stdout.",
+            "dataset written part by part (incremental, resumable), also as a URI (s3://bucket/emb/). "
+            "Default: CSV on stdout.",
         ),
     ] = None,
     fmt: Annotated[
@@ -140,10 +145,13 @@ def embed(
     from clipcli.images import discover, nothing_found
     from clipcli.io import choose_format, stdout_is_tty
     from clipcli.prompts import read_lines, resolve_templates
+    from clipcli.remote_store import check_remote_output, local_output
 
     element = dtype.value
     inputs = inputs or []
+    output = local_output(output)
     into_dir = _is_dataset_dir(output) and fmt in (None, Format.PARQUET)
+    check_remote_output(output, into_dir, text)
     if into_dir:
         out_format = OutputFormat.PARQUET
     else:

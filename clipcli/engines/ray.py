@@ -334,7 +334,8 @@ def embed_on_ray(
     """
     from clipcli.embed import EmbedSummary, model_tag
     from clipcli.io import parquet_storable
-    from clipcli.store import ParquetStore, schema
+    from clipcli.remote_store import parquet_store
+    from clipcli.store import schema
 
     summary = EmbedSummary()
     sch = schema(lm.embed_dim, dtype, model_tag(lm, normalize))
@@ -343,7 +344,7 @@ def embed_on_ray(
         summary.skipped += 1
         if on_skip:
             on_skip(s)
-    store = ParquetStore(Path(output), sch, lm.name, part_rows=part_size, shard=shard)
+    store = parquet_store(output, sch, lm.name, part_rows=part_size, shard=shard)
     if not store.is_dir:
         raise InputError(f"{output}: --engine ray writes a Parquet dataset directory: name one (-o DIR/)")
     store.open()
