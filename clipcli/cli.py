@@ -153,7 +153,8 @@ def _report(e: BaseException, ctx: typer.Context, prefix: str = "", hint: str = 
 app = typer.Typer(
     cls=_Group,
     name="clipcli",
-    help="Zero-shot image classification, embedding, ranking and evaluation with OpenAI's CLIP.",
+    help="Zero-shot image classification, embedding, search and evaluation with CLIP models (OpenAI, open_clip, "
+    "Hugging Face CLIP and SigLIP), and zero-shot text classification with NLI models.",
     no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
