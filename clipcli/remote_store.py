@@ -39,6 +39,7 @@ from clipcli.store import (
     _first_rows,
     _Stored,
     arrow_array,
+    plan_against,
     stat_of,
 )
 
@@ -271,16 +272,7 @@ class RemoteStore:
         return RemotePartWriter(self.uri, self.schema, self.model, self.reserve_number(), self.tags)
 
     def plan(self, refs: Sequence[ImageRef]) -> Plan:
-        todo, unchanged = [], 0
-        for ref in refs:
-            if not self.owns(ref.path):
-                continue
-            current = stat_of(ref.path)
-            if current is not None and any(s.stat == current for s in self.stored.get(ref.path, [])):
-                unchanged += 1
-            else:
-                todo.append(ref)
-        return Plan(todo, unchanged)
+        return plan_against(refs, self.stored, self.owns)
 
     def add(self, rows: Rows) -> None:
         if not rows.paths:

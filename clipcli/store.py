@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -224,6 +224,20 @@ class Plan:
     unchanged: int
 
 
+def plan_against(refs: Sequence[ImageRef], stored: Mapping[str, list[_Stored]], owns: Callable[[str], bool]) -> Plan:
+    """What a run embeds: the ``refs`` it owns whose file is new, or changed since ``stored`` recorded it."""
+    todo, unchanged = [], 0
+    for ref in refs:
+        if not owns(ref.path):
+            continue
+        current = stat_of(ref.path)
+        if current is not None and any(s.stat == current for s in stored.get(ref.path, [])):
+            unchanged += 1
+        else:
+            todo.append(ref)
+    return Plan(todo, unchanged)
+
+
 @dataclass
 class ParquetStore:
     """Incremental Parquet output: a directory of part files, or a single file rewritten atomically."""
@@ -337,16 +351,7 @@ class ParquetStore:
             )
 
     def plan(self, refs: Sequence[ImageRef]) -> Plan:
-        todo, unchanged = [], 0
-        for ref in refs:
-            if not self.owns(ref.path):
-                continue
-            current = stat_of(ref.path)
-            if current is not None and any(s.stat == current for s in self.stored.get(ref.path, [])):
-                unchanged += 1
-            else:
-                todo.append(ref)
-        return Plan(todo, unchanged)
+        return plan_against(refs, self.stored, self.owns)
 
     def add(self, rows: Rows) -> None:
         if not rows.paths:
