@@ -119,6 +119,17 @@ def peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def resident_mib() -> dict[str, float]:
+    """RSS now, split as /proc reports it: anonymous memory (the process's own) and file pages mapped in
+    (a memory-mapped index and source: clean page cache that the kernel reclaims under pressure)."""
+    found = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("RssAnon", "RssFile"):
+            found[name] = int(value.split()[0]) / 1024
+    return found
+
+
 def step_build(source: Path) -> dict[str, float]:
     from clipcli.index import build_index, default_index_path
 
@@ -170,6 +181,7 @@ def step_query(source: Path, queries: int) -> dict[str, object]:
         "batched_ms": batched * 1000,
         "peak_after_open_mib": after_open,
         "peak_mib": peak_mib(),
+        "resident_after": resident_mib(),
         "rows": found,
     }
 
@@ -200,6 +212,11 @@ def measure(n: int, queries: int) -> None:
         f"  peak RSS of the query process: {answered['peak_mib']:.0f} MiB "
         f"({answered['peak_after_open_mib']:.0f} MiB after opening); "
         f"recall@10 vs exact: {recall(answered['rows'], truth['rows']):.3f}"  # type: ignore[arg-type]
+    )
+    resident = answered["resident_after"]
+    print(
+        f"  after the queries: {resident.get('RssAnon', 0):.0f} MiB anonymous, "  # type: ignore[union-attr]
+        f"{resident.get('RssFile', 0):.0f} MiB of mapped file pages"  # type: ignore[union-attr]
     )
 
 
