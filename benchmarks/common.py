@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import statistics
 import subprocess
 import sys
@@ -49,3 +50,14 @@ def clipcli() -> list[str]:
 
     script = shutil.which("clipcli", path=os.path.dirname(sys.executable)) or shutil.which("clipcli")
     return [script] if script else [sys.executable, "-m", "clipcli"]
+
+
+def cpu_model() -> str:
+    """The CPU's model name, as /proc/cpuinfo gives it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -36,6 +35,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+from common import cpu_model
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as clipcli.index does: see there
 
@@ -43,16 +43,6 @@ DIM = 512
 CLUSTERS = 1000
 LATENT = 16
 OUT = Path(__file__).parent / "out" / "index"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def clustered(n: int, seed: int) -> np.ndarray:
@@ -297,7 +287,7 @@ def main() -> None:
         result = {"build": step_build, "query": step_query, "truth": step_truth}[args.step]
         print(json.dumps(result(args.source, args.queries) if args.step != "build" else step_build(args.source)))
         return
-    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; numpy {np.__version__}")
+    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; numpy {np.__version__}")
     OUT.mkdir(parents=True, exist_ok=True)
     if args.compare:
         compare(args.compare, args.queries)

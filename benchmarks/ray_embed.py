@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -26,21 +25,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import clipcli, random_checkpoint
+from common import clipcli, cpu_model, random_checkpoint
 from photos import make_photos
 
 from clipcli.images import ImageRef
 from clipcli.models import LoadedModel, load_model
-
-
-def cpu_class() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 class Clock:
@@ -167,7 +156,7 @@ def main() -> None:
     lm = load_model(str(ckpt), args.device, args.precision)
     print(
         f"{len(photos)} photos (640x480 to 4000x3000), ViT-B/32-size random checkpoint, {lm.device} {lm.precision}, "
-        f"batch {args.batch_size}; CPU: {cpu_class()}, {cores} cores"
+        f"batch {args.batch_size}; CPU: {cpu_model()}, {cores} cores"
     )
     if lm.device.type == "cuda":
         import torch

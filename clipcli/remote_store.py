@@ -39,8 +39,8 @@ from clipcli.store import (
     _first_rows,
     _Stored,
     arrow_array,
+    newest_unchanged,
     plan_against,
-    stat_of,
 )
 
 if TYPE_CHECKING:
@@ -297,13 +297,7 @@ class RemoteStore:
             self._pending, self._pending_rows = [], 0
 
     def _keep(self) -> dict[str, PartKey]:
-        keep = {}
-        for p, rows in self.stored.items():
-            current = stat_of(p)
-            valid = [r.part for r in rows if r.stat == current]
-            if valid:
-                keep[p] = max(valid)
-        return keep
+        return newest_unchanged(self.stored)
 
     def finish(self) -> int:
         """Write what is pending, drop stale and duplicate rows from this run's parts; returns how many

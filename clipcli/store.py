@@ -238,6 +238,17 @@ def plan_against(refs: Sequence[ImageRef], stored: Mapping[str, list[_Stored]], 
     return Plan(todo, unchanged)
 
 
+def newest_unchanged(stored: Mapping[str, list[_Stored]]) -> dict[str, PartKey]:
+    """For each path whose file is unchanged on disk: the part holding its newest matching row."""
+    keep = {}
+    for p, rows in stored.items():
+        current = stat_of(p)
+        valid = [r.part for r in rows if r.stat == current]
+        if valid:
+            keep[p] = max(valid)
+    return keep
+
+
 @dataclass
 class ParquetStore:
     """Incremental Parquet output: a directory of part files, or a single file rewritten atomically."""
@@ -381,14 +392,7 @@ class ParquetStore:
         self._pending, self._pending_rows = [], 0
 
     def _keep(self) -> dict[str, PartKey]:
-        """For each path whose file is unchanged on disk: the part holding its newest matching row."""
-        keep = {}
-        for p, rows in self.stored.items():
-            current = stat_of(p)
-            valid = [r.part for r in rows if r.stat == current]
-            if valid:
-                keep[p] = max(valid)
-        return keep
+        return newest_unchanged(self.stored)
 
     def finish(self) -> int:
         """Write what is pending, drop stale and duplicate rows, release the output; returns how many
