@@ -64,7 +64,9 @@ def test_three_shards_equal_one_run_and_stay_equal_incrementally(cli, folder, tm
         assert ran.exit_code == 0, ran.stderr
         embedded += int(ran.stderr.split("embedded ")[1].split(",")[0])
     assert embedded == 12
-    assert sorted({p.name.split("-")[2][:5] for p in sharded.glob("part-*.parquet")}) == ["s0of3", "s1of3", "s2of3"]
+    # Paths live in a temporary folder, so which shards own files varies: a shard with none writes no part.
+    owners = {shard_of(p, 3) for p in pd.read_parquet(whole)["path"]}
+    assert {p.name.split("-")[2][:5] for p in sharded.glob("part-*.parquet")} == {f"s{i}of3" for i in owners}
     assert_same_dataset(whole, sharded)
     assert not list(sharded.glob(".*.tmp"))
 
