@@ -17,7 +17,6 @@ a part becomes whole and who may write at once:
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -38,9 +37,11 @@ from clipcli.store import (
     _check_compatible,
     _first_rows,
     _Stored,
+    any_exists,
     arrow_array,
     newest_unchanged,
     plan_against,
+    refuse_unreachable,
 )
 
 if TYPE_CHECKING:
@@ -165,6 +166,7 @@ class RemoteStore:
     _pending_rows: int = 0
     _next_part: int = 0
     _foreign: dict[PartKey, list[str]] = field(default_factory=dict)  # this run's paths in parts not its own
+    _reachable: bool = False  # as ParquetStore's
 
     is_dir = True
 
@@ -209,11 +211,7 @@ class RemoteStore:
         except OSError as e:
             raise OutputError(f"{self.where}: cannot write ({e})") from e
         self.stored = self._scan()
-        if self.stored and not any(os.path.lexists(p) for p in self.stored):
-            raise InputError(
-                f"{self.where}: none of its {len(self.stored)} paths exist from here; run from the folder it "
-                "was made in (paths are stored as given) or choose another output"
-            )
+        refuse_unreachable(self.where, self.stored, self._reachable)
         stale = self._stale_foreign(self._keep())
         if stale:
             raise OutputError(
@@ -242,7 +240,9 @@ class RemoteStore:
             except (OSError, ValueError) as e:
                 raise OutputError(f"{self.where}: cannot read existing embeddings in {part} ({e})") from e
             _check_compatible(found, self.schema, Path(part))
-            for p, b, m in zip(*(table.column(c).to_pylist() for c in ("path", "bytes", "mtime")), strict=True):
+            paths = table.column("path").to_pylist()
+            self._reachable = self._reachable or any_exists(paths)
+            for p, b, m in zip(paths, *(table.column(c).to_pylist() for c in ("bytes", "mtime")), strict=True):
                 if self.owns(p):
                     stored.setdefault(p, []).append(_Stored(key, Stat(b, m)))
                     if not self._mine(key):

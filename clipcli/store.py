@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -264,6 +264,7 @@ class ParquetStore:
     _next_part: int = 0
     _lock: OutputLock | ShardLocks | None = None
     _shards_fd: int | None = None
+    _reachable: bool = False  # whether any path stored in the dataset, this shard's or not, exists from here
 
     @property
     def is_dir(self) -> bool:
@@ -338,7 +339,9 @@ class ParquetStore:
                 table = read_parquet(part, ["path", "bytes", "mtime"])
             except (OSError, ValueError) as e:
                 raise OutputError(f"{part}: cannot read existing embeddings ({e})") from e
-            for p, b, m in zip(*(table.column(c).to_pylist() for c in ("path", "bytes", "mtime")), strict=True):
+            paths = table.column("path").to_pylist()
+            self._reachable = self._reachable or any_exists(paths)
+            for p, b, m in zip(paths, *(table.column(c).to_pylist() for c in ("bytes", "mtime")), strict=True):
                 if self.owns(p):
                     stored.setdefault(p, []).append(_Stored(key, Stat(b, m)))
             self._next_part = max(self._next_part, key[0] + 1)
@@ -355,11 +358,7 @@ class ParquetStore:
 
     def _read_stored(self) -> None:
         self.stored = self._scan()
-        if self.stored and not any(os.path.lexists(p) for p in self.stored):
-            raise InputError(
-                f"{self.path}: none of its {len(self.stored)} paths exist from here; run from the folder it "
-                "was made in (paths are stored as given) or choose another output"
-            )
+        refuse_unreachable(str(self.path), self.stored, self._reachable)
 
     def plan(self, refs: Sequence[ImageRef]) -> Plan:
         return plan_against(refs, self.stored, self.owns)
@@ -451,6 +450,21 @@ class ParquetStore:
         if not self._parts():
             self.path.mkdir(parents=True, exist_ok=True)
             self._write(self.schema.empty_table(), self._new_part())
+
+
+def any_exists(paths: Iterable[str]) -> bool:
+    return any(os.path.lexists(p) for p in paths)
+
+
+def refuse_unreachable(where: str, stored: dict[str, list[_Stored]], reachable: bool) -> None:
+    """Refuse a dataset whose paths all fail to exist from here: relative paths read from another folder,
+    or an unmounted share, would otherwise make a rerun drop every row. ``reachable`` says whether any path
+    the scan read exists, another shard's included: a shard whose own files were all deleted is not lost."""
+    if stored and not reachable:
+        raise InputError(
+            f"{where}: none of its {len(stored)} paths exist from here; run from the folder it "
+            "was made in (paths are stored as given) or choose another output"
+        )
 
 
 def _first_rows(

@@ -105,6 +105,30 @@ def test_shards_after_an_unsharded_run_clean_only_their_own_rows(cli, folder, tm
     assert_same_dataset(fresh, out)
 
 
+def test_a_shard_whose_files_are_all_gone_drops_its_rows(cli, folder, tmp_path):
+    """The dataset still has paths that exist (other shards'), so this is no run from the wrong folder."""
+    out = tmp_path / "out"
+    model = ("-m", "tiny-shapes", "--precision", "fp32")
+    assert cli("embed", str(folder), *model, "-o", f"{out}/").exit_code == 0
+    paths = sorted(folder.iterdir())
+    shard = next(k for k in range(3) if any(shard_of(str(p), 3) == k for p in paths))
+    mine = [p for p in paths if shard_of(str(p), 3) == shard]
+    for p in mine:
+        p.unlink()
+    ran = cli("embed", str(folder), *model, "-o", f"{out}/", "--shard", f"{shard}/3")
+    assert ran.exit_code == 0, ran.stderr
+    assert f"removed {len(mine)}" in ran.stderr
+    assert sorted(read_dataset(out)["path"]) == sorted(str(p) for p in paths if p not in mine)
+
+    # Every stored path gone is still refused: the rerun would otherwise empty the dataset.
+    for p in folder.iterdir():
+        p.unlink()
+    make_image(folder / "new.png", (30, 30), seed=1)
+    ran = cli("embed", str(folder), *model, "-o", f"{out}/")
+    assert ran.exit_code == 2 and "paths exist from here" in ran.stderr
+    assert len(read_dataset(out)) == len(paths) - len(mine)
+
+
 @contextmanager
 def held_elsewhere(lock: str) -> Iterator[None]:
     """``lock`` (Python code taking a lock on ``out``) held by another process until the block ends:
