@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from clipcli.digest import file_sha256
 from clipcli.errors import InputError, ModelError
 from clipcli.hub import hub_cache, hub_unavailable
 from clipcli.precision import Precision, resolve_device, resolve_precision
@@ -84,7 +85,7 @@ class NliModel:
 
         Files in the Hugging Face cache are stored under their SHA-256, so those are not read again."""
         if self._sha256 is None:
-            digests = [_file_sha256(f) for f in _weight_files(self.folder)]
+            digests = [file_sha256(f) for f in _weight_files(self.folder)]
             self._sha256 = digests[0] if len(digests) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest()
         return self._sha256
 
@@ -232,17 +233,6 @@ def _weight_files(folder: Path, required: bool = True) -> list[Path]:
     if required:
         raise ModelError(f"{folder}: no weights (model.safetensors or pytorch_model.bin)")
     return []
-
-
-def _file_sha256(path: Path) -> str:
-    blob = path.resolve()
-    if re.fullmatch(r"[0-9a-f]{64}", blob.name):  # a Hugging Face cache blob is named by its SHA-256
-        return blob.name
-    h = hashlib.sha256()
-    with blob.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _load_weights(transformers: Any, folder: Path, name: str, precision: Precision) -> Any:

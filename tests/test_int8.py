@@ -16,7 +16,14 @@ from clipcli.images import ImageSpec, preprocess
 from clipcli.models import LoadedModel, load_model
 from clipcli.precision import resolve_precision
 from clipcli.prompts import TemplateSet, zero_shot_classifier
-from clipcli.quantize import Int8Linear, PatchEmbedding, SelfAttention, check_int8_device, quantize_model
+from clipcli.quantize import (
+    FusedQuickGELU,
+    Int8Linear,
+    PatchEmbedding,
+    SelfAttention,
+    check_int8_device,
+    quantize_model,
+)
 from clipcli.synth import COLOURS, SHAPES, combinations, render
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,6 +67,8 @@ def test_vit_int8_embeddings_within_cosine_099_of_fp32(vit_ckpt):
     visual = int8.towers()["image"]
     assert isinstance(visual.conv1, PatchEmbedding)  # the patch convolution is a matrix product too
     assert not any(isinstance(m, nn.MultiheadAttention | nn.Linear) for m in visual.modules())
+    assert not any(type(m).__name__ == "QuickGELU" for m in visual.modules())
+    assert any(isinstance(m, FusedQuickGELU) for m in visual.modules())
 
 
 def test_the_text_tower_is_rewritten_on_its_first_call_only(vit_ckpt):
@@ -201,3 +210,15 @@ def test_patch_embedding_matches_the_convolution_on_any_size():
             expected, got = conv(x), PatchEmbedding(conv)(x)
         assert got.shape == expected.shape
         assert nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0) >= 0.999
+
+
+@pytest.mark.parametrize("family", ["clip.model", "open_clip.transformer"])
+def test_fused_quick_gelu_equals_each_familys_own(family):
+    import importlib
+
+    theirs = importlib.import_module(family).QuickGELU()
+    x = torch.randn(64, 300) * 6
+    kept = x.clone()
+    with torch.inference_mode():
+        assert torch.allclose(FusedQuickGELU()(x), theirs(x), rtol=1e-5, atol=1e-6)
+    assert torch.equal(x, kept)  # the input is left as it was: a residual may still read it

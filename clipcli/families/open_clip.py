@@ -19,6 +19,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from clipcli.digest import file_sha256
 from clipcli.errors import ModelError
 from clipcli.hub import first_available, hub_cache, hub_download
 from clipcli.images import ImageSpec
@@ -176,11 +177,12 @@ def _input_dtype(visual: Any) -> torch.dtype:
 
 
 def files_checksum(files: Sequence[Path]) -> str:
-    """SHA-256 over the weight file(s), read in blocks; several files are hashed in order, with names."""
+    """SHA-256 over the weight file(s); several files are hashed in order, with names."""
+    if len(files) == 1:
+        return file_sha256(files[0])
     h = hashlib.sha256()
     for path in files:
-        if len(files) > 1:
-            h.update(path.name.encode() + b"\0")
+        h.update(path.name.encode() + b"\0")
         with path.open("rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)

@@ -8,7 +8,6 @@ fp32 ``clip.model.CLIP``, then cast to the chosen precision (see :func:`cast_wei
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 import os
@@ -24,6 +23,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from clipcli.cache import cache_dir
+from clipcli.digest import file_sha256
 from clipcli.errors import DownloadError, InputError, ModelError
 from clipcli.images import ImageSpec
 from clipcli.models import DownloadProgress, LoadedModel, ModelEntry
@@ -234,11 +234,7 @@ class OpenAIModel(LoadedModel):
     @cached_property
     def checksum(self) -> str:
         """SHA-256 of the checkpoint file: identifies the weights in caches and reports."""
-        h = hashlib.sha256()
-        with self.path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        return h.hexdigest()
+        return file_sha256(self.path)
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         return tokenize(texts, self.architecture.context_length)

@@ -1,0 +1,57 @@
+"""Model files are hashed once per version: a rewritten file is hashed again, whatever its mtime says."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+from clipcli.digest import file_sha256
+
+
+def entries(cache: Path) -> list[Path]:
+    return sorted((cache / "clipcli-digests").iterdir())
+
+
+def test_the_digest_is_remembered_for_this_version_of_the_file(tmp_path):
+    weights = tmp_path / "model.pt"
+    weights.write_bytes(b"a" * 5000)
+    assert file_sha256(weights) == hashlib.sha256(b"a" * 5000).hexdigest()
+    (entry,) = entries(Path(os.environ["CLIPCLI_CACHE"]))
+    # What is remembered is what is returned: a planted digest shows the file was not read again.
+    planted = "0" * 64
+    entry.write_text(planted)
+    assert file_sha256(weights) == planted
+    assert file_sha256(tmp_path / "." / "model.pt") == planted  # the same file by another spelling
+
+
+def test_a_rewritten_file_is_hashed_again_even_with_its_old_size_and_mtime(tmp_path):
+    weights = tmp_path / "model.pt"
+    weights.write_bytes(b"a" * 5000)
+    first = file_sha256(weights)
+    st = weights.stat()
+    time.sleep(0.01)
+    weights.write_bytes(b"b" * 5000)
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))  # as a careless copy tool might leave it
+    assert weights.stat().st_mtime_ns == st.st_mtime_ns
+    assert file_sha256(weights) == hashlib.sha256(b"b" * 5000).hexdigest() != first
+
+
+def test_a_cache_that_cannot_be_written_only_costs_a_read(tmp_path, monkeypatch):
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    monkeypatch.setenv("CLIPCLI_CACHE", str(blocked))
+    weights = tmp_path / "model.pt"
+    weights.write_bytes(b"xyz")
+    assert file_sha256(weights) == file_sha256(weights) == hashlib.sha256(b"xyz").hexdigest()
+
+
+def test_a_damaged_entry_is_not_believed(tmp_path):
+    weights = tmp_path / "model.pt"
+    weights.write_bytes(b"abc")
+    file_sha256(weights)
+    (entry,) = entries(Path(os.environ["CLIPCLI_CACHE"]))
+    entry.write_bytes(b"\xff\xfe half a dig")
+    assert file_sha256(weights) == hashlib.sha256(b"abc").hexdigest()
+    assert entry.read_text().strip() == hashlib.sha256(b"abc").hexdigest()  # and it is written anew
