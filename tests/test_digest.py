@@ -55,3 +55,14 @@ def test_a_damaged_entry_is_not_believed(tmp_path):
     entry.write_bytes(b"\xff\xfe half a dig")
     assert file_sha256(weights) == hashlib.sha256(b"abc").hexdigest()
     assert entry.read_text().strip() == hashlib.sha256(b"abc").hexdigest()  # and it is written anew
+
+
+def test_only_a_hugging_face_cache_blob_is_named_by_its_digest(tmp_path):
+    name = hashlib.sha256(b"the blob").hexdigest()
+    blob = tmp_path / "blobs" / name
+    blob.parent.mkdir()
+    blob.write_bytes(b"not read: the hub names blobs by their SHA-256")
+    assert file_sha256(blob) == name
+    elsewhere = tmp_path / name  # a file merely named like one is read
+    elsewhere.write_bytes(b"other bytes")
+    assert file_sha256(elsewhere) == hashlib.sha256(b"other bytes").hexdigest()
