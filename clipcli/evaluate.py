@@ -7,6 +7,7 @@ checksum, the templates and the class names.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import platform
@@ -22,6 +23,7 @@ from clipcli import __version__
 from clipcli.atomic import atomic_write
 from clipcli.cache import cache_dir
 from clipcli.datasets import CaptionPairs, LabelledImages
+from clipcli.errors import OutputError
 from clipcli.images import DEFAULT_MAX_PIXELS, Skipped, iter_array_batches, iter_batches
 from clipcli.metrics import confusion_matrix, per_class, retrieval_recall, topk_accuracy, true_label_rank
 from clipcli.models import LoadedModel
@@ -51,7 +53,10 @@ def cached_classifier(
     """
     import torch
 
-    key = hashlib.sha256(json.dumps([lm.checksum, list(templates.templates), list(classes)]).encode()).hexdigest()
+    # Precision is part of the key: a bf16 or int8 classifier differs from fp32's in the last digits,
+    # and a report states the precision its numbers were computed at.
+    identity = [lm.checksum, lm.precision, list(templates.templates), list(classes)]
+    key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()
     path = classifier_cache_dir() / f"{key}.pt"
     if use_cache and path.is_file():
         try:
@@ -60,7 +65,8 @@ def cached_classifier(
             path.unlink(missing_ok=True)  # a damaged entry is recomputed, not fatal
     classifier = zero_shot_classifier(lm, classes, templates, on_progress=on_progress)
     if use_cache:
-        with atomic_write(path) as f:
+        # A cache that cannot be written (a read-only home) is skipped, as every cache of clipcli's is.
+        with contextlib.suppress(OutputError), atomic_write(path) as f:
             torch.save(classifier, f)
     return classifier, False
 

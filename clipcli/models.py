@@ -135,6 +135,14 @@ def load_model(
 
 
 def _load_family(spec: str, dev: torch.device, prec: Precision, on_download: DownloadProgress | None) -> LoadedModel:
+    lm = _load_weights(spec, dev, prec, on_download)
+    # Taken now, from the files just read, not when a command first asks: a file replaced during a long
+    # run must not lend its digest to the weights loaded before it (outputs and caches are keyed by it).
+    lm.checksum  # noqa: B018
+    return lm
+
+
+def _load_weights(spec: str, dev: torch.device, prec: Precision, on_download: DownloadProgress | None) -> LoadedModel:
     family = family_of(spec)
     if family == "open_clip":
         from clipcli.families import open_clip

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,7 +84,7 @@ class NliModel:
     def checksum(self) -> str:
         """SHA-256 identifying the weights: of the one weights file, or of the shards' own digests.
 
-        Files in the Hugging Face cache are stored under their SHA-256, so those are not read again."""
+        Each file is read once per version (:mod:`clipcli.digest`)."""
         if self._sha256 is None:
             digests = [file_sha256(f) for f in _weight_files(self.folder)]
             self._sha256 = digests[0] if len(digests) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest()
@@ -107,7 +108,7 @@ def load_nli_model(spec: str | None, device: str = "auto", precision: str = "aut
         raise ModelError("classify-text runs NLI models at fp32, bf16 or fp16; int8 is for the image models' towers")
     model = _load_weights(transformers, folder, name, prec).to(dev).eval()
     tokenizer = _load_tokenizer(transformers, folder, name)
-    return NliModel(
+    nm = NliModel(
         name=name,
         folder=folder,
         model=model,
@@ -119,6 +120,8 @@ def load_nli_model(spec: str | None, device: str = "auto", precision: str = "aut
         max_length=_max_length(tokenizer, config),
         input_names=tuple(tokenizer.model_input_names),
     )
+    nm.checksum  # noqa: B018  # now, from the files just read: see clipcli.models._load_family
+    return nm
 
 
 def _import_transformers() -> Any:
@@ -241,16 +244,35 @@ def _load_weights(transformers: Any, folder: Path, name: str, precision: Precisi
     files = _weight_files(folder)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     try:
-        return transformers.AutoModelForSequenceClassification.from_pretrained(
-            folder,
-            dtype=dtype,
-            trust_remote_code=False,
-            local_files_only=True,
-            use_safetensors=files[0].suffix == ".safetensors",
-            weights_only=True,
-        )
+        with warnings.catch_warnings():  # torch's own advice on a refused pickle is to trust it: not ours
+            warnings.simplefilter("ignore")
+            return transformers.AutoModelForSequenceClassification.from_pretrained(
+                folder,
+                dtype=dtype,
+                trust_remote_code=False,
+                local_files_only=True,
+                use_safetensors=files[0].suffix == ".safetensors",
+                weights_only=True,
+            )
     except Exception as e:
+        if _refused_pickle(e):
+            raise ModelError(
+                f"{name}: {files[0].name} holds objects other than tensors, which clipcli never unpickles "
+                "(they could run code); use the model's safetensors weights"
+            ) from e
         raise ModelError(f"{name}: cannot load as a sequence-classification model ({_first_line(e)})") from e
+
+
+def _refused_pickle(e: BaseException) -> bool:
+    """Whether ``torch.load(weights_only=True)`` refused the file (maybe wrapped by transformers)."""
+    import pickle
+
+    chain: BaseException | None = e
+    while chain is not None:
+        if isinstance(chain, pickle.UnpicklingError) or "Weights only load failed" in str(chain):
+            return True
+        chain = chain.__cause__ or chain.__context__
+    return False
 
 
 def _load_tokenizer(transformers: Any, folder: Path, name: str) -> Any:

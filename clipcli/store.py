@@ -61,7 +61,10 @@ class ModelTag:
         if self.sha256 != sha256:
             made_with = self.name if self.name != name else f"{self.name} of checksum {self.sha256[:12]}"
             loaded = name if self.name != name else f"the loaded {sha256[:12]}"
-            raise ModelError(f"{where}: embeddings were made with {made_with}, not {loaded}; re-embed or pass --model")
+            raise ModelError(
+                f"{where}: embeddings were made with {made_with}, not {loaded}; "
+                "write to another output, delete it, or pass the --model it was made with"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,11 +161,7 @@ def _check_compatible(found: pa.Schema, wanted: pa.Schema, where: Path) -> None:
     meta = found.metadata or {}
     want = wanted.metadata or {}
     if meta.get(META_SHA) != want.get(META_SHA):
-        made_with = (meta.get(META_MODEL) or b"an unknown model").decode()
-        raise ModelError(
-            f"{where}: holds embeddings made with {made_with}, not {want[META_MODEL].decode()}; "
-            "write to another output or delete it"
-        )
+        ModelTag.from_metadata(meta).require_model(want[META_MODEL].decode(), want[META_SHA].decode(), where)
     if meta.get(META_NORMALIZED) != want.get(META_NORMALIZED):
         raise InputError(f"{where}: normalisation differs from this run (--normalize/--no-normalize)")
     if found.field("embedding").type != wanted.field("embedding").type:
@@ -463,7 +462,8 @@ def refuse_unreachable(where: str, stored: dict[str, list[_Stored]], reachable: 
     if stored and not reachable:
         raise InputError(
             f"{where}: none of its {len(stored)} paths exist from here; run from the folder it "
-            "was made in (paths are stored as given) or choose another output"
+            "was made in (paths are stored as given), or, if those files are gone for good, delete it or "
+            "choose another output"
         )
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -245,6 +246,30 @@ def test_pickled_weights_load_with_weights_only(cli: Callable[..., Ran], bart_di
     ran = cli("classify-text", *TEXTS, "-l", LABELS, "-m", str(folder), "-f", "csv")
     assert ran.exit_code == 0, ran.stderr
     check_tidy(csv_rows(ran.stdout), TEXTS, expected(bart_dir, TEXTS), k=3)
+
+
+def test_a_pickle_that_would_run_code_is_refused_in_clipclis_words(
+    cli: Callable[..., Ran], bart_dir: Path, tmp_path: Path
+) -> None:
+    import pickle
+    import shutil
+
+    folder = tmp_path / "hostile"
+    shutil.copytree(bart_dir, folder)
+    (folder / "model.safetensors").unlink()
+    marker = tmp_path / "code-ran"
+
+    class Payload:
+        def __reduce__(self) -> tuple[Any, ...]:
+            return (os.system, (f"touch {marker}",))
+
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps({"weight": Payload()}))
+    ran = cli("classify-text", "a", "-l", LABELS, "-m", str(folder))
+    assert ran.exit_code == 2 and not marker.exists()
+    assert ran.stderr.strip() == (
+        f"Error: {folder}: pytorch_model.bin holds objects other than tensors, which clipcli never unpickles "
+        "(they could run code); use the model's safetensors weights"
+    )
 
 
 def test_a_missing_extra_names_it(cli: Callable[..., Ran], bart_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

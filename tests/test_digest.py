@@ -57,12 +57,20 @@ def test_a_damaged_entry_is_not_believed(tmp_path):
     assert entry.read_text().strip() == hashlib.sha256(b"abc").hexdigest()  # and it is written anew
 
 
-def test_only_a_hugging_face_cache_blob_is_named_by_its_digest(tmp_path):
-    name = hashlib.sha256(b"the blob").hexdigest()
-    blob = tmp_path / "blobs" / name
+def test_no_digest_is_taken_from_a_name(tmp_path):
+    """A Hugging Face cache blob is named by its SHA-256, but any path can be made to look like one."""
+    claimed = hashlib.sha256(b"the model the dataset was made with").hexdigest()
+    blob = tmp_path / "blobs" / claimed
     blob.parent.mkdir()
-    blob.write_bytes(b"not read: the hub names blobs by their SHA-256")
-    assert file_sha256(blob) == name
-    elsewhere = tmp_path / name  # a file merely named like one is read
-    elsewhere.write_bytes(b"other bytes")
-    assert file_sha256(elsewhere) == hashlib.sha256(b"other bytes").hexdigest()
+    blob.write_bytes(b"another model's weights")
+    assert file_sha256(blob) == hashlib.sha256(b"another model's weights").hexdigest()
+
+
+def test_an_entry_that_is_not_a_regular_file_is_ignored_not_waited_on(tmp_path):
+    weights = tmp_path / "model.pt"
+    weights.write_bytes(b"abc")
+    file_sha256(weights)
+    (entry,) = entries(Path(os.environ["CLIPCLI_CACHE"]))
+    entry.unlink()
+    os.mkfifo(entry)  # opening it for reading would block until a writer came
+    assert file_sha256(weights) == hashlib.sha256(b"abc").hexdigest()

@@ -15,6 +15,7 @@ import jsonschema
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from conftest import Ran
 
 from clipcli.synth import render
@@ -350,23 +351,52 @@ def test_write_report_onto_a_directory_leaves_no_temporary(tmp_path: Path) -> No
     assert list(tmp_path.rglob(".*.tmp")) == []
 
 
-def test_classifier_cache_onto_a_directory_is_an_output_error() -> None:
-    from clipcli.errors import OutputError
+def test_a_classifier_cache_that_cannot_be_written_is_skipped() -> None:
     from clipcli.evaluate import cached_classifier, classifier_cache_dir
     from clipcli.models import load_model
     from clipcli.prompts import builtin_templates
 
     lm = load_model("tiny-shapes", "cpu", "fp32")
     templates = builtin_templates("simple")
-    _, hit = cached_classifier(lm, ["red circle", "blue star"], templates)
+    first, hit = cached_classifier(lm, ["red circle", "blue star"], templates)
     assert not hit
     [entry] = classifier_cache_dir().glob("*.pt")
     entry.unlink()
     entry.mkdir()  # something in the way of the cache file
-    with pytest.raises(OutputError, match="is a directory"):
-        cached_classifier(lm, ["red circle", "blue star"], templates)
+    again, hit = cached_classifier(lm, ["red circle", "blue star"], templates)
+    assert not hit and torch.equal(again, first)
     assert list(classifier_cache_dir().glob(".*.tmp")) == []
     assert entry.is_dir() and list(entry.iterdir()) == []
+
+
+def test_the_classifier_cache_is_kept_per_precision() -> None:
+    """A report states its precision: its classifier must be the one computed at that precision."""
+    from clipcli.evaluate import cached_classifier
+    from clipcli.models import load_model
+    from clipcli.prompts import builtin_templates
+
+    templates, classes = builtin_templates("simple"), ["red circle", "blue star"]
+    fp32, int8 = load_model("tiny-shapes", "cpu", "fp32"), load_model("tiny-shapes", "cpu", "int8")
+    assert cached_classifier(fp32, classes, templates)[1] is False
+    at_int8, hit = cached_classifier(int8, classes, templates)
+    assert not hit and not torch.equal(at_int8, cached_classifier(fp32, classes, templates)[0])
+    assert cached_classifier(int8, classes, templates)[1] is True
+
+
+def test_the_checksum_is_of_the_file_loaded_not_of_one_renamed_over_it_later(vit_ckpt: Path, tmp_path: Path) -> None:
+    import hashlib
+    import shutil
+
+    from clipcli.models import load_model
+
+    live = tmp_path / "live.pt"
+    shutil.copy(vit_ckpt, live)
+    loaded = hashlib.sha256(live.read_bytes()).hexdigest()
+    lm = load_model(str(live), "cpu", "fp32")
+    other = tmp_path / "other.pt"
+    other.write_bytes(b"not those weights")
+    other.replace(live)  # as `mv` replaces a checkpoint while a long run is under way
+    assert lm.checksum == loaded
 
 
 class _FakeProgress:

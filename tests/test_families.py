@@ -204,7 +204,7 @@ def test_embeddings_of_one_family_are_refused_by_another(made: dict[str, Path], 
         ranked = cli("rank", "a red square", str(emb), "-m", SPECS[other](made))
         assert ranked.exit_code == 2 and "embeddings were made with hf:" in ranked.stderr
         again = cli("embed", str(SAMPLES / "busy"), "-m", SPECS[other](made), "-o", str(emb))
-        assert again.exit_code == 2 and "embeddings made with hf:" in again.stderr
+        assert again.exit_code == 2 and "embeddings were made with hf:" in again.stderr
         assert len(ranked.stderr.strip().splitlines()) == 1
 
 

@@ -123,6 +123,13 @@ def test_bench_precision_reports_cosine_and_agreement(cli):
     assert float(row["top1_agreement"]) == 1.0
     assert "CPU: " in ran.stderr
 
+    # The gate names each image below it, so that exit 1 is never silent.
+    strict = cli("bench-precision", samples, "-m", "tiny-shapes", "--min-cosine", row["cosine_median"])
+    below = [line for line in strict.stderr.splitlines() if "below --min-cosine" in line]
+    assert strict.exit_code == 1 and 1 <= len(below) < len(SAMPLES)
+    assert all(Path(line.split(": ")[1].split(" (")[0]).name in {p.name for p in SAMPLES} for line in below)
+    assert cli("bench-precision", samples, "-m", "tiny-shapes", "--min-cosine", "0.99").exit_code == 0
+
 
 class Towerless(LoadedModel):
     """A family that cannot hand over its torch modules (the base class's towers() refuses)."""

@@ -64,5 +64,10 @@ def bench_precision(
     for name, before, after in result.changed:
         print(f"# top-1 changed: {name}: {before} -> {after}")
     say(f"CPU: {cpu_class()}; model {result.candidate.precision} vs fp32 on {len(result.reference.names)} images")
-    if float(cosines.min()) < min_cosine or missing or result.skipped:
+    below = [
+        (name, float(c)) for name, c in zip(result.reference.names, cosines.tolist(), strict=True) if c < min_cosine
+    ]
+    for name, c in below:
+        say(f"below --min-cosine {min_cosine}: {name} (cosine {c:.5f})")
+    if below or missing or result.skipped:
         raise typer.Exit(EXIT_PARTIAL)

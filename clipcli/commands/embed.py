@@ -69,8 +69,9 @@ def _check_scale_out(engine: opt.Engine, shard: str | None, text: bool, into_dir
     if text:
         raise InputError(f"{' and '.join(wanted)}: texts are embedded in this process; drop the option")
     if not into_dir:
+        verb = "need" if len(wanted) > 1 else "needs"
         raise InputError(
-            f"{' and '.join(wanted)} need a Parquet dataset directory as output: -o DIR/ (not {output or 'stdout'})"
+            f"{' and '.join(wanted)} {verb} a Parquet dataset directory as output: -o DIR/ (not {output or 'stdout'})"
         )
 
 
