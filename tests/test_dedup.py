@@ -84,3 +84,13 @@ def test_dedup_over_saved_embeddings_and_their_index(cli, planted, tmp_path):
     import pyarrow.parquet as pq
 
     assert pq.read_table(out).column_names == ["group", "path", "similarity_to_group_representative"]
+
+
+def test_a_model_named_for_saved_embeddings_must_be_theirs(cli, planted, tmp_path, vit_ckpt):
+    folder, groups = planted
+    emb = tmp_path / "emb.parquet"
+    assert cli("embed", str(folder), "-m", "tiny-shapes", "-o", str(emb)).exit_code == 0
+    assert parse_groups(cli("dedup", str(emb), "-m", "tiny-shapes").stdout) == groups
+    other = cli("dedup", str(emb), "-m", str(vit_ckpt))
+    assert other.exit_code == 2 and other.stdout == ""
+    assert "embeddings were made with tiny-shapes" in other.stderr and len(other.stderr.splitlines()) == 1

@@ -192,3 +192,12 @@ def test_killed_run_then_rerun_equals_an_uninterrupted_run(tmp_path, vit_ckpt):
     assert all(np.array_equal(x, y) for x, y in zip(a["embedding"], b["embedding"], strict=True))
     assert not [p for p in killed.iterdir() if not p.name.startswith("part-")]
     shutil.rmtree(folder)
+
+
+def test_text_embeddings_into_a_directory_name_the_reason(cli, tmp_path):
+    ran = cli("embed", "--text", "a dog", "-m", "tiny-shapes", "-o", f"{tmp_path / 'tdir'}/")
+    assert ran.exit_code == 2
+    assert ran.stderr.strip() == (
+        f"Error: {tmp_path / 'tdir'}/: --text writes one file (.parquet, .npy, .csv or .jsonl), not a dataset directory"
+    )
+    assert not (tmp_path / "tdir").exists()

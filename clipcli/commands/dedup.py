@@ -136,6 +136,11 @@ def _groups(
     from clipcli.dedup import find_duplicates, matrix_search
 
     if saved:
+        if model is not None:  # asked for by name: the saved rows must be that model's, as rank requires
+            from clipcli.saved import saved_tag
+
+            lm = opt.load(model, device, precision)
+            saved_tag(Path(saved[0]))[0].require_model(lm.name, lm.checksum, Path(saved[0]))
         return _saved_groups(Path(saved[0]), threshold, no_index)
     import numpy as np
 

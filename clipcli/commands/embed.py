@@ -164,6 +164,10 @@ def embed(
         Shard.parse(shard)  # a malformed I/N is refused before any file is touched
 
     if text:
+        if into_dir and output and (output.endswith(("/", os.sep)) or Path(output).is_dir()):
+            raise InputError(
+                f"{output}: --text writes one file (.parquet, .npy, .csv or .jsonl), not a dataset directory"
+            )
         texts = [t for arg in inputs for t in (sys.stdin.read().splitlines() if arg == "-" else [arg])]
         texts = [t.strip() for t in texts if t.strip()]
         if texts_file:
