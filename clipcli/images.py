@@ -6,6 +6,7 @@ so the caller can report them by path and carry on.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import re
@@ -503,22 +504,55 @@ def _batches(dataset: Any, batch_size: int, workers: int, overlap: bool) -> Iter
     loader = DataLoader(
         dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate, worker_init_fn=_start_worker
     )
-    return iter(loader)
+    with _stop_signals_held():
+        return iter(loader)
+
+
+_STOP_SIGNALS = ("SIGINT", "SIGTERM")  # Ctrl-C, and a scheduler's or ``kill``'s request to stop
+
+
+@contextlib.contextmanager
+def _stop_signals_held() -> Iterator[None]:
+    """Hold back Ctrl-C and SIGTERM from this thread while it forks the decoding processes.
+
+    A forked process starts with this process's handlers, under which either signal prints a traceback
+    in it, until :func:`_start_worker` ignores them. Forked with the signals blocked, a worker keeps any
+    that reach it pending until then, when they are discarded. Here they are acted on when the block ends.
+    """
+    import signal
+
+    stop = {getattr(signal, name) for name in _STOP_SIGNALS}
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def _start_worker(worker_id: int) -> None:
     """Set up a decoding process so that it never outlives, nor outshouts, the run it serves.
 
-    SIGTERM (a scheduler signals the whole process group; torch's own shutdown sends it too) ends the
-    worker as Ctrl-C does, quietly, rather than killing it, which the main process would report as a
-    crash instead of writing what it has. And the kernel kills the worker when the main process dies
-    (``kill -9``, or the immediate exit after an interruption), so no orphan keeps decoding, blocks on
-    a pipe, or holds the output's lock file open.
+    Ctrl-C and SIGTERM are ignored here. They reach the main process too (a terminal or a scheduler
+    signals the whole process group), which does the stopping: it writes what it has, says so in one
+    line, and ends its workers through torch's shutdown, where they leave in silence. A worker acting on
+    the signal itself does worse. Raising KeyboardInterrupt (as this once did) surfaced wherever the worker
+    was: in multiprocessing's exit handlers, joining a queue feeder that waited for a main process no longer
+    reading, it printed a traceback per worker and held up the run's exit by torch's 5 s join timeout each.
+    Exiting at once with status 0 leaves a batch half-written in the pipe when the worker alone is
+    signalled (``kill PID``), and the main process waits for the rest of it for ever; with any other
+    status, torch reports a worker crash in place of the run's own one-line report. Torch's own SIGTERM,
+    to a worker that has not left 5 s after the shutdown, is ignored too: the worker dies with the run.
+
+    And the kernel kills the worker when the main process dies (``kill -9``, or the immediate exit after
+    an interruption), so no orphan keeps decoding, blocks on a pipe, or holds the output's lock file open.
     """
     import signal
     import sys
 
-    signal.signal(signal.SIGTERM, _interrupt)
+    stop = [getattr(signal, name) for name in _STOP_SIGNALS]
+    for signum in stop:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, stop)  # held since the fork (see _stop_signals_held)
     if sys.platform == "linux":
         import ctypes
         import multiprocessing
@@ -528,10 +562,6 @@ def _start_worker(worker_id: int) -> None:
         parent = multiprocessing.parent_process()
         if parent is not None and os.getppid() != parent.pid:  # it died before the line above
             os._exit(0)
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 PREFETCH_BATCHES = 2  # decoded ahead of the caller with ``overlap``: enough to ride out one slow batch
