@@ -703,3 +703,18 @@ def test_a_file_named_through_a_linked_folder_is_processed_once(cli, tmp_path):
         "embed", str(SAMPLES / "seen" / image), str(tmp_path / "alias" / image), "-m", "tiny-shapes", "-f", "jsonl"
     )
     assert ran.exit_code == 0 and len(ran.stdout.splitlines()) == 1
+
+
+def test_a_checkpoint_rewritten_under_its_name_is_refused_by_checksum(cli, tmp_path):
+    """Same path, other weights (size and mtime put back): the digest, not the name, tells them apart."""
+    import os
+
+    live = write_checkpoint(tmp_path / "model.pt", "test-vit", seed=0)
+    out = tmp_path / "emb"
+    assert cli("embed", str(SAMPLES / "seen"), "-m", str(live), "-o", f"{out}/").exit_code == 0
+    before = live.stat()
+    write_checkpoint(tmp_path / "other.pt", "test-vit", seed=1).replace(live)
+    os.utime(live, ns=(before.st_atime_ns, before.st_mtime_ns))
+    ran = cli("embed", str(SAMPLES / "seen"), "-m", str(live), "-o", f"{out}/")
+    assert ran.exit_code == 2 and len(ran.stderr.strip().splitlines()) == 1
+    assert f"embeddings were made with {live} of checksum " in ran.stderr and ", not the loaded " in ran.stderr
