@@ -290,7 +290,7 @@ def saved_embeddings(lm: LoadedModel, out: Path, rows: int) -> tuple[Path, Path]
 
 def rank_speed(ckpt: Path, out: Path, rows: int) -> dict[str, float]:
     from clipcli.encode import encode_texts
-    from clipcli.rank import rank_sources
+    from clipcli.rank import SourceScan, rank_sources
 
     os.environ["CLIPCLI_CACHE"] = str(out / "cache")
     shutil.rmtree(out / "cache" / "clipcli-search", ignore_errors=True)
@@ -303,7 +303,7 @@ def rank_speed(ckpt: Path, out: Path, rows: int) -> dict[str, float]:
         for q in queries[:n]:
             start = time.perf_counter()
             query = encode_texts(lm, [q])[0].numpy()
-            rank_sources(lm, query, [str(source)], 10, use_cache=use_cache)
+            rank_sources(lm, query, [str(source)], 10, scan=SourceScan(use_cache=use_cache))
             times.append(time.perf_counter() - start)
         return float(np.median(times))
 

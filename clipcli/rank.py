@@ -76,35 +76,10 @@ def rank_sources(
     sources: Sequence[str],
     top_k: int,
     threshold: float | None = None,
-    batch_size: int = 32,
-    workers: int = 0,
-    exact: bool = False,
-    on_skip: Callable[[Skipped], None] | None = None,
-    stdin: IO[str] | None = None,
-    use_cache: bool = True,
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
-    index: IndexChoice | None = None,
+    scan: SourceScan | None = None,
 ) -> list[Hit]:
-    """The ``top_k`` sources most similar to ``query`` (a unit vector), best first.
-
-    ``use_cache``: scan saved Parquet embeddings through the search cache (:mod:`clipcli.search_cache`).
-    ``index``: which ANN index answers for saved embeddings (default: the one beside them, if any).
-    """
-    return rank_many(
-        lm,
-        query[None, :],
-        sources,
-        top_k,
-        threshold,
-        batch_size,
-        workers,
-        exact,
-        on_skip,
-        stdin,
-        use_cache,
-        max_pixels,
-        index,
-    )[0]
+    """The ``top_k`` sources most similar to ``query`` (a unit vector), best first."""
+    return rank_many(lm, query[None, :], sources, top_k, threshold, scan)[0]
 
 
 @dataclass(frozen=True)
@@ -116,24 +91,35 @@ class IndexChoice:
     on_note: Callable[[str], None] | None = None  # told when an index is skipped, and why
 
 
+@dataclass(frozen=True)
+class SourceScan:
+    """How sources are read: images decoded and embedded (``batch_size``, ``workers``, ``exact``,
+    ``max_pixels``; unreadable ones told to ``on_skip``; ``-`` read from ``stdin``), saved embeddings
+    scanned through the search cache (``use_cache``, see :mod:`clipcli.search_cache`) or searched through
+    an index (``index``)."""
+
+    batch_size: int = 32
+    workers: int = 0
+    exact: bool = False
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    use_cache: bool = True
+    index: IndexChoice = field(default_factory=IndexChoice)
+    on_skip: Callable[[Skipped], None] | None = None
+    stdin: IO[str] | None = None
+
+
 def rank_many(
     lm: LoadedModel,
     queries: np.ndarray,
     sources: Sequence[str],
     top_k: int,
     threshold: float | None = None,
-    batch_size: int = 32,
-    workers: int = 0,
-    exact: bool = False,
-    on_skip: Callable[[Skipped], None] | None = None,
-    stdin: IO[str] | None = None,
-    use_cache: bool = True,
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
-    index: IndexChoice | None = None,
+    scan: SourceScan | None = None,
 ) -> list[list[Hit]]:
     """For each row of ``queries`` (Q x D unit vectors), its ``top_k`` sources, best first: every source
     is read once for all the queries."""
-    choice = index or IndexChoice()
+    scan = scan or SourceScan()
+    choice = scan.index
     best = [TopK(top_k, threshold) for _ in range(len(queries))]
     image_args = []
     saved = [s for s in sources if s != "-" and is_embedding_source(s)]
@@ -141,23 +127,23 @@ def rank_many(
     for source in sources:
         if source in saved:
             # The index re-scores against the search cache, which --no-cache forbids writing for Parquet.
-            indexed = use_cache or Path(source).suffix.lower() == ".npy"
+            indexed = scan.use_cache or Path(source).suffix.lower() == ".npy"
             if not (indexed and _offer_from_index(lm, queries, Path(source), best, choice, explicit)):
-                for chunk, name_of in iter_saved(Path(source), lm, use_cache):
+                for chunk, name_of in iter_saved(Path(source), lm, scan.use_cache):
                     _offer_all(best, chunk, queries, name_of)
         else:
             image_args.append(source)
     if image_args:
-        refs, missing = discover(image_args, stdin)
+        refs, missing = discover(image_args, scan.stdin)
         if not refs and len(image_args) == len(sources):  # nothing at all to rank
             raise nothing_found(image_args, missing)
+        on_skip = scan.on_skip or (lambda skipped: None)
         for m in missing:
-            if on_skip:
-                on_skip(m)
-        for batch in iter_image_embeddings(lm, refs, batch_size, workers, exact, max_pixels=max_pixels):
+            on_skip(m)
+        batches = iter_image_embeddings(lm, refs, scan.batch_size, scan.workers, scan.exact, max_pixels=scan.max_pixels)
+        for batch in batches:
             for s in batch.skipped:
-                if on_skip:
-                    on_skip(s)
+                on_skip(s)
             if batch.names:
                 _offer_all(best, batch.embeddings.numpy(), queries, partial(_names_at, batch.names))
     return [b.hits() for b in best]

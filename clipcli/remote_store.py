@@ -31,25 +31,21 @@ from clipcli.store import (
     ParquetStore,
     PartKey,
     PartWriter,
-    Plan,
     Rows,
     Stat,
     _check_compatible,
     _first_rows,
+    _PlannedRows,
     _Stored,
     any_exists,
     arrow_array,
     newest_unchanged,
-    plan_against,
     refuse_unreachable,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
-
     import pyarrow as pa
 
-    from clipcli.images import ImageRef
     from clipcli.shard import Shard
 
 _SHARD_TAG = re.compile(r"^-s(\d+)of(\d+)(?:-|$)")
@@ -153,7 +149,7 @@ class RemotePartWriter(PartWriter):
 
 
 @dataclass
-class RemoteStore:
+class RemoteStore(_PlannedRows):
     """:class:`clipcli.store.ParquetStore`'s directory mode on a ``pyarrow.fs`` filesystem, unlocked."""
 
     uri: str
@@ -168,18 +164,9 @@ class RemoteStore:
     _foreign: dict[PartKey, list[str]] = field(default_factory=dict)  # this run's paths in parts not its own
     _reachable: bool = False  # as ParquetStore's
 
-    is_dir = True
-
     @property
     def where(self) -> str:
         return shown(self.uri)
-
-    @property
-    def tags(self) -> str:
-        return f"-{self.shard.tag}" if self.shard else ""
-
-    def owns(self, path: str) -> bool:
-        return self.shard is None or self.shard.owns(path)
 
     def _mine(self, key: PartKey) -> bool:
         """Parts this run may rewrite or delete: every part, unless sharded; then its shard's."""
@@ -270,19 +257,6 @@ class RemoteStore:
 
     def part_writer(self) -> RemotePartWriter:
         return RemotePartWriter(self.uri, self.schema, self.model, self.reserve_number(), self.tags)
-
-    def plan(self, refs: Sequence[ImageRef]) -> Plan:
-        return plan_against(refs, self.stored, self.owns)
-
-    def add(self, rows: Rows) -> None:
-        if not rows.paths:
-            return
-        self._pending.append(rows.table(self.schema, self.model))
-        self._pending_rows += len(rows.paths)
-        for p, st in zip(rows.paths, rows.stats, strict=True):
-            self.stored.setdefault(p, []).append(_Stored((self._next_part, self.tags), st))
-        if self._pending_rows >= self.part_rows:
-            self._flush()
 
     def _put_new_part(self, table: pa.Table) -> None:
         fs, root = open_uri(self.uri)

@@ -248,8 +248,51 @@ def newest_unchanged(stored: Mapping[str, list[_Stored]]) -> dict[str, PartKey]:
     return keep
 
 
+class _PlannedRows:
+    """What a local and an object-store dataset share: which paths a run owns, its plan against the
+    stored rows, and new rows buffered into parts of ``part_rows``."""
+
+    schema: pa.Schema
+    model: str
+    part_rows: int
+    shard: Shard | None
+    stored: dict[str, list[_Stored]]
+    _pending: list[pa.Table]
+    _pending_rows: int
+    _next_part: int
+
+    @property
+    def is_dir(self) -> bool:
+        return True
+
+    @property
+    def tags(self) -> str:
+        """What this run's part names carry after their number: its shard, if any."""
+        return f"-{self.shard.tag}" if self.shard else ""
+
+    def owns(self, path: str) -> bool:
+        """Whether this run plans, stores and cleans ``path`` (every path, unless sharded)."""
+        return self.shard is None or self.shard.owns(path)
+
+    def plan(self, refs: Sequence[ImageRef]) -> Plan:
+        return plan_against(refs, self.stored, self.owns)
+
+    def add(self, rows: Rows) -> None:
+        if not rows.paths:
+            return
+        self._pending.append(rows.table(self.schema, self.model))
+        self._pending_rows += len(rows.paths)
+        for p, st in zip(rows.paths, rows.stats, strict=True):
+            self.stored.setdefault(p, []).append(_Stored((self._next_part, self.tags), st))
+        if self.is_dir and self._pending_rows >= self.part_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        raise NotImplementedError
+
+
 @dataclass
-class ParquetStore:
+class ParquetStore(_PlannedRows):
     """Incremental Parquet output: a directory of part files, or a single file rewritten atomically."""
 
     path: Path
@@ -270,15 +313,6 @@ class ParquetStore:
         """A directory of parts, unless named ``*.parquet``; an existing ``*.parquet`` folder (as Spark
         writes them) is a directory too."""
         return self.path.suffix.lower() not in (".parquet", ".pq") or self.path.is_dir()
-
-    @property
-    def tags(self) -> str:
-        """What this run's part names carry after their number: its shard, if any."""
-        return f"-{self.shard.tag}" if self.shard else ""
-
-    def owns(self, path: str) -> bool:
-        """Whether this run plans, stores and cleans ``path`` (every path, unless sharded)."""
-        return self.shard is None or self.shard.owns(path)
 
     def _parts(self) -> list[tuple[PartKey, Path]]:
         if not self.is_dir:
@@ -358,19 +392,6 @@ class ParquetStore:
     def _read_stored(self) -> None:
         self.stored = self._scan()
         refuse_unreachable(str(self.path), self.stored, self._reachable)
-
-    def plan(self, refs: Sequence[ImageRef]) -> Plan:
-        return plan_against(refs, self.stored, self.owns)
-
-    def add(self, rows: Rows) -> None:
-        if not rows.paths:
-            return
-        self._pending.append(rows.table(self.schema, self.model))
-        self._pending_rows += len(rows.paths)
-        for p, st in zip(rows.paths, rows.stats, strict=True):
-            self.stored.setdefault(p, []).append(_Stored((self._next_part, self.tags), st))
-        if self.is_dir and self._pending_rows >= self.part_rows:
-            self._flush()
 
     def _write(self, table: pa.Table, target: Path) -> None:
         kept = _KEPT_PARTS if self.is_dir else "any previous file is left as it was"

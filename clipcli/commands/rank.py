@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 from enum import Enum
 from typing import TYPE_CHECKING, Annotated
 
@@ -14,7 +15,7 @@ from clipcli.io import OutputFormat
 
 if TYPE_CHECKING:
     from clipcli.prompts import TemplateSet
-    from clipcli.rank import IndexChoice
+    from clipcli.rank import IndexChoice, SourceScan
 
 
 class Format(str, Enum):
@@ -104,13 +105,13 @@ def rank(
     from clipcli.images import Skipped
     from clipcli.io import NOT_UTF8, choose_format, is_utf8, open_writer, stdout_is_tty
     from clipcli.prompts import read_lines, resolve_templates
-    from clipcli.rank import query_embedding, rank_sources, rank_texts
+    from clipcli.rank import SourceScan, query_embedding, rank_sources, rank_texts
 
     args = list(arguments or [])
     out_format = choose_format(opt.output_format(fmt), output, stdout_is_tty(), FORMATS, piped=OutputFormat.TSV)
     if index and no_index:
         raise InputError("give --index or --no-index, not both")
-    choice = _index_choice(index, no_index)
+    scan = SourceScan(batch_size, workers, exact, opt.max_pixels(max_megapixels), cache, _index_choice(index, no_index))
     if queries_file or image_queries:
         if image or texts_file or (queries_file and image_queries):
             raise InputError("--queries-file/--image-queries take the place of QUERY, --image and --texts-file")
@@ -126,12 +127,7 @@ def rank(
             model,
             device,
             precision,
-            batch_size,
-            workers,
-            exact,
-            max_megapixels,
-            cache,
-            choice,
+            scan,
         )
         return
     if image is None and not args:
@@ -147,7 +143,6 @@ def rank(
             f"no sources to rank: pass a query, then images, folders, or embeddings written by `clipcli embed`{hint}"
         )
     ensemble = resolve_templates(template, templates) if (template or templates) else None
-    limit = opt.max_pixels(max_megapixels)
 
     key = "text" if texts_file else "path"
     schema = None
@@ -159,7 +154,7 @@ def rank(
     # Opened first: an output another run is writing, or one that cannot be written, is refused at once.
     with open_writer(out_format, output, schema=schema, columns=(key, "score")) as writer:
         lm = opt.load(model, device, precision)
-        query = query_embedding(lm, query_text, image, ensemble, exact, limit)
+        query = query_embedding(lm, query_text, image, ensemble, exact, scan.max_pixels)
         if texts_file:
             texts = read_lines(texts_file, "texts")
             with prompt_progress("encoding texts", len(texts)) as on_progress:
@@ -167,19 +162,7 @@ def rank(
             hits = rank_texts(query, texts, embeddings, top_k, threshold)
         else:
             hits = rank_sources(
-                lm,
-                query,
-                args,
-                top_k,
-                threshold,
-                batch_size,
-                workers,
-                exact,
-                tally.on_skip,
-                sys.stdin,
-                cache,
-                limit,
-                choice,
+                lm, query, args, top_k, threshold, replace(scan, on_skip=tally.on_skip, stdin=sys.stdin)
             )
         if out_format is OutputFormat.PARQUET:
             for h in hits:
@@ -223,12 +206,7 @@ def _rank_batch(
     model: str | None,
     device: str,
     precision: opt.PrecisionChoice,
-    batch_size: int,
-    workers: int,
-    exact: bool,
-    max_megapixels: float,
-    cache: bool,
-    choice: IndexChoice,
+    scan: SourceScan,
 ) -> None:
     """Many queries, one pass over the sources: rows of (query, path, score), each query's best first."""
     from clipcli.commands.console import Tally, say
@@ -249,25 +227,12 @@ def _rank_batch(
     columns = ("query", "score", "path") if out_format is OutputFormat.TSV else ("query", "path", "score")
     with open_writer(out_format, output, schema=schema, columns=columns) as writer:
         lm = opt.load(model, device, precision)
-        limit = opt.max_pixels(max_megapixels)
         if image_queries:
-            vectors = query_embeddings(lm, images=queries, exact=exact, max_pixels=limit)
+            vectors = query_embeddings(lm, images=queries, exact=scan.exact, max_pixels=scan.max_pixels)
         else:
             vectors = query_embeddings(lm, texts=queries, templates=ensemble)
         results = rank_many(
-            lm,
-            vectors,
-            sources,
-            top_k,
-            threshold,
-            batch_size,
-            workers,
-            exact,
-            tally.on_skip,
-            sys.stdin,
-            cache,
-            limit,
-            choice,
+            lm, vectors, sources, top_k, threshold, replace(scan, on_skip=tally.on_skip, stdin=sys.stdin)
         )
         rows = [
             {"query": q, "path": h.name, "score": round(h.score, 6)}
