@@ -288,18 +288,27 @@ PREDICTION_COLUMNS = ("model", "templates", "path", "true_label", "predicted_lab
 
 
 def prediction_rows(result: EvalResult) -> list[dict[str, Any]]:
+    return [
+        {"model": result.model, "templates": result.templates, "path": item, **scored}
+        for item, scored in scored_predictions(result)
+    ]
+
+
+def scored_predictions(result: EvalResult) -> list[tuple[Any, dict[str, Any]]]:
+    """Each prediction's id (an image's path, a text's index) with its true and predicted label, the
+    predicted label's score and the true label's rank: the part of a prediction row every kind shares."""
     p = result.predictions
     if p is None:
         return []
     return [
-        {
-            "model": result.model,
-            "templates": result.templates,
-            "path": p.ids[i],
-            "true_label": p.true[i],
-            "predicted_label": p.predicted[i],
-            "score": float(p.score[i]),
-            "true_rank": int(p.true_rank[i]),
-        }
+        (
+            p.ids[i],
+            {
+                "true_label": p.true[i],
+                "predicted_label": p.predicted[i],
+                "score": float(p.score[i]),
+                "true_rank": int(p.true_rank[i]),
+            },
+        )
         for i in range(len(p.ids))
     ]

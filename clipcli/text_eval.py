@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from clipcli.errors import InputError
-from clipcli.evaluate import EvalResult, Predictions
+from clipcli.evaluate import EvalResult, Predictions, scored_predictions
 from clipcli.metrics import confusion_matrix, per_class, topk_accuracy, true_label_rank
 from clipcli.nli import NliModel, iter_scores
 
@@ -179,19 +179,7 @@ PREDICTION_COLUMNS = ("model", "hypothesis", "row", "text", "true_label", "predi
 
 def prediction_rows(result: EvalResult, data: LabelledTexts) -> list[dict[str, Any]]:
     """One row per text: the manifest row and the text itself, where image predictions have a path."""
-    p = result.predictions
-    if p is None:
-        return []
     return [
-        {
-            "model": result.model,
-            "hypothesis": result.templates,
-            "row": data.rows[i],
-            "text": data.texts[i],
-            "true_label": p.true[i],
-            "predicted_label": p.predicted[i],
-            "score": float(p.score[i]),
-            "true_rank": int(p.true_rank[i]),
-        }
-        for i in range(len(p.ids))
+        {"model": result.model, "hypothesis": result.templates, "row": data.rows[i], "text": data.texts[i], **scored}
+        for i, (_, scored) in enumerate(scored_predictions(result))
     ]

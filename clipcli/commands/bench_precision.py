@@ -16,7 +16,7 @@ def bench_precision(
         str | None,
         typer.Option("--labels", "-l", metavar="A,B,...", help="Comma-separated labels: also compare top-1 labels."),
     ] = None,
-    labels_file: Annotated[str | None, typer.Option(metavar="FILE", help="File with one label per line.")] = None,
+    labels_file: opt.LabelsFile = None,
     template: opt.Template = None,
     templates: opt.Templates = None,
     model: opt.Model = None,

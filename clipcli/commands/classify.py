@@ -24,16 +24,8 @@ FORMATS = tuple(OutputFormat(f.value) for f in Format)
 
 def classify(
     inputs: opt.Inputs,
-    labels: Annotated[
-        str | None,
-        typer.Option(
-            "--labels",
-            "-l",
-            metavar="A,B,...",
-            help="Comma-separated labels; quote one that has a comma: --labels '\"New York, NY\",Paris'.",
-        ),
-    ] = None,
-    labels_file: Annotated[str | None, typer.Option(metavar="FILE", help="File with one label per line.")] = None,
+    labels: opt.Labels = None,
+    labels_file: opt.LabelsFile = None,
     template: opt.Template = None,
     templates: opt.Templates = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, metavar="K", help="Labels to show per image.")] = 5,

@@ -75,16 +75,8 @@ def classify_text(
     column: Annotated[
         str | None, typer.Option(metavar="NAME", help="The column of a CSV/Parquet --texts-file. Default: text.")
     ] = None,
-    labels: Annotated[
-        str | None,
-        typer.Option(
-            "--labels",
-            "-l",
-            metavar="A,B,...",
-            help="Comma-separated labels; quote one that has a comma: --labels '\"New York, NY\",Paris'.",
-        ),
-    ] = None,
-    labels_file: Annotated[str | None, typer.Option(metavar="FILE", help="File with one label per line.")] = None,
+    labels: opt.Labels = None,
+    labels_file: opt.LabelsFile = None,
     hypothesis: Hypothesis = "This text is about {}.",
     multi_label: Annotated[
         bool,

@@ -120,6 +120,16 @@ def engine_option(help: str) -> Any:
     return typer.Option(case_sensitive=False, help=help)
 
 
+Labels = Annotated[
+    str | None,
+    typer.Option(
+        "--labels",
+        "-l",
+        metavar="A,B,...",
+        help="Comma-separated labels; quote one that has a comma: --labels '\"New York, NY\",Paris'.",
+    ),
+]
+LabelsFile = Annotated[str | None, typer.Option(metavar="FILE", help="File with one label per line.")]
 Output = Annotated[
     str | None,
     typer.Option(
