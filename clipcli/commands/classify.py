@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 import sys
-from enum import Enum
 from typing import Annotated
 
 import typer
 
 from clipcli.commands import options as opt
 from clipcli.io import OutputFormat
-
-
-class Format(str, Enum):
-    TABLE = "table"
-    CSV = "csv"
-    JSONL = "jsonl"
-    PARQUET = "parquet"
-
-
-FORMATS = tuple(OutputFormat(f.value) for f in Format)
 
 
 def classify(
@@ -31,7 +20,8 @@ def classify(
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, metavar="K", help="Labels to show per image.")] = 5,
     output: opt.Output = None,
     fmt: Annotated[
-        Format | None, opt.format_option("Default: from --output's extension, else a table on a terminal, else csv.")
+        opt.ResultFormat | None,
+        opt.format_option("Default: from --output's extension, else a table on a terminal, else csv."),
     ] = None,
     model: opt.Model = None,
     device: opt.Device = "auto",
@@ -51,7 +41,7 @@ def classify(
 
     label_list = resolve_labels(labels, labels_file)
     template_set = resolve_templates(template, templates)
-    out_format = choose_format(opt.output_format(fmt), output, stdout_is_tty(), FORMATS)
+    out_format = choose_format(opt.output_format(fmt), output, stdout_is_tty(), opt.RESULT_FORMATS)
     n_ok = 0
     tally = Tally()
     # The output is locked and opened before anything is read: a second run into it, or a folder that

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterator
-from enum import Enum
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -18,14 +17,6 @@ if TYPE_CHECKING:
     from clipcli.text_inputs import EmptyText, TextItem
 
 
-class Format(str, Enum):
-    TABLE = "table"
-    CSV = "csv"
-    JSONL = "jsonl"
-    PARQUET = "parquet"
-
-
-FORMATS = tuple(OutputFormat(f.value) for f in Format)
 TABLE_TEXT_CHARS = 60  # a table shows the start of each text; files hold all of it
 
 NliModelOption = Annotated[
@@ -89,7 +80,8 @@ def classify_text(
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, metavar="K", help="Labels to show per text.")] = 5,
     output: opt.Output = None,
     fmt: Annotated[
-        Format | None, opt.format_option("Default: from --output's extension, else a table on a terminal, else csv.")
+        opt.ResultFormat | None,
+        opt.format_option("Default: from --output's extension, else a table on a terminal, else csv."),
     ] = None,
     model: NliModelOption = None,
     device: opt.Device = "auto",
@@ -108,7 +100,7 @@ def classify_text(
 
     label_list = resolve_labels(labels, labels_file)
     hypotheses(hypothesis, label_list)  # a template without {} is refused before the model loads
-    out_format = choose_format(opt.output_format(fmt), output, stdout_is_tty(), FORMATS)
+    out_format = choose_format(opt.output_format(fmt), output, stdout_is_tty(), opt.RESULT_FORMATS)
     source = open_texts(texts or [], texts_file, column, sys.stdin)
     tally = _EmptyRows()
     schema = prediction_schema(source.with_ids) if out_format is OutputFormat.PARQUET else None

@@ -16,19 +16,11 @@ if TYPE_CHECKING:
     from clipcli.dedup import Member
 
 
-class Format(str, Enum):
-    TABLE = "table"
-    CSV = "csv"
-    JSONL = "jsonl"
-    PARQUET = "parquet"
-
-
 class Keep(str, Enum):
     FIRST = "first"
     LARGEST = "largest"
 
 
-FORMATS = tuple(OutputFormat(f.value) for f in Format)
 COLUMNS = ("group", "path", "similarity_to_group_representative")
 
 
@@ -56,7 +48,7 @@ def dedup(
     ] = None,
     output: opt.Output = None,
     fmt: Annotated[
-        Format | None,
+        opt.ResultFormat | None,
         opt.format_option(
             "Columns group, path, similarity_to_group_representative; the representative (largest file) "
             "first. Default: a table on a terminal, CSV in a pipe, else from --output's extension."
@@ -87,7 +79,9 @@ def dedup(
         raise InputError("give one embeddings source, or images (not both)")
     tally = Tally()
     if keep is None:
-        out_format = choose_format(opt.output_format(fmt), output, stdout_is_tty(), FORMATS, piped=OutputFormat.CSV)
+        out_format = choose_format(
+            opt.output_format(fmt), output, stdout_is_tty(), opt.RESULT_FORMATS, piped=OutputFormat.CSV
+        )
         schema = None
         if out_format is OutputFormat.PARQUET:
             import pyarrow as pa

@@ -161,6 +161,18 @@ Inputs = Annotated[
 ]
 
 
+class ResultFormat(str, Enum):
+    """What the commands that write one row per result write: classify, classify-text, dedup."""
+
+    TABLE = "table"
+    CSV = "csv"
+    JSONL = "jsonl"
+    PARQUET = "parquet"
+
+
+RESULT_FORMATS = tuple(OutputFormat(f.value) for f in ResultFormat)
+
+
 def format_option(help: str) -> Any:
     """``--format/-f`` over a command's own enum of formats, so that its help lists exactly those."""
     return typer.Option("--format", "-f", case_sensitive=False, show_default=False, help=help)
