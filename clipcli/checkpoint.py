@@ -20,7 +20,7 @@ import re
 import warnings
 import zipfile
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, ClassVar
@@ -67,6 +67,40 @@ def refusal(path: Path, what: str | None = None, remedy: str = RESAVE) -> ModelE
     """The one message for a checkpoint that holds more than tensors (malicious or a pickled object)."""
     named = f"; it refers to {what}" if what else ""
     return ModelError(f"{path}: {REFUSED}{named}; {remedy}")
+
+
+# Keys a Hugging Face checkpoint may hold that its model has no use for, and that change no result: old
+# saves' ``position_ids`` buffers (an arange), and the pooler of a base model whose classification head
+# does not use one (roberta-large-mnli's). Anything else unexpected means a model other than the config's.
+_UNUSED_KEYS = re.compile(r"(^|\.)(position_ids|pooler\.[\w.]+)$")
+_KEYS_SHOWN = 4
+
+
+def refuse_incomplete(info: Mapping[str, Any], where: str) -> None:
+    """Refuse a Hugging Face model whose weights file did not fill it (transformers' loading info).
+
+    A missing tensor would be left at its random initialisation, so two runs would give different
+    answers with exit 0; an unexpected one is a weight the model never reads. Both are refused, as the
+    OpenAI and open_clip families refuse a state dict that does not match the architecture.
+    """
+    missing = sorted(str(k) for k in info.get("missing_keys") or ())
+    unexpected = sorted(str(k) for k in info.get("unexpected_keys") or () if not _UNUSED_KEYS.search(str(k)))
+    mismatched = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or ())
+    problems = [
+        f"{what} {_some(keys)}"
+        for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched))
+        if keys
+    ]
+    if problems:
+        raise ModelError(
+            f"{where}: the weights do not match the model's config ({'; '.join(problems)}); "
+            "clipcli never runs a model with randomly initialised weights"
+        )
+
+
+def _some(keys: Sequence[str]) -> str:
+    shown = ", ".join(keys[:_KEYS_SHOWN])
+    return shown + (f" and {len(keys) - _KEYS_SHOWN} more" if len(keys) > _KEYS_SHOWN else "")
 
 
 def plain_reason(e: BaseException) -> str:

@@ -1,10 +1,13 @@
-"""Near-duplicate groups from embeddings: rows joined when their cosine similarity reaches a threshold.
+"""Near-duplicate groups from embeddings: every member at or above a threshold to the group's representative.
 
 Each row's nearest neighbours come from the source's index when it has a current one (the index's
 k-NN graph), else from an exact blocked scan; pairs at or above the threshold are joined transitively
-(union-find), so a chain of copies forms one group. A group's representative is its largest file
-(more pixels or less compression: the copy worth keeping), ties going to the first path in natural
-order; every member is reported with its exact similarity to the representative. Nothing is deleted.
+(union-find) into candidate sets. A chain of near matches (A~B, B~C) can join two images that are not
+copies of each other (A and C), so each candidate set is then split around representatives: the
+preferred member (the largest file: more pixels or less compression, the copy worth keeping; or the
+first path in natural order) takes every member at or above the threshold to it, exactly compared,
+and the rest form groups of their own the same way. Every member is therefore reported with its exact
+similarity to the representative, never below the threshold. Nothing is deleted.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 # Nothing heavy at import: the CLI imports this module for DEFAULT_THRESHOLD while building --help.
 
@@ -24,6 +27,7 @@ if TYPE_CHECKING:
 DEFAULT_THRESHOLD = 0.9
 NEIGHBOURS = 10  # a row's candidates: enough for groups of up to ten copies in one step, more by chaining
 QUERY_BLOCK = 256
+Prefer = Literal["largest", "first"]  # which member of a group represents it: the file kept
 
 
 @dataclass(frozen=True)
@@ -87,9 +91,15 @@ def file_size(path: str) -> int:
 
 
 def group_members(
-    components: list[list[int]], names: Callable[[list[int]], list[str]], rows_of: Rows
+    components: list[list[int]],
+    names: Callable[[list[int]], list[str]],
+    rows_of: Rows,
+    threshold: float,
+    prefer: Prefer = "largest",
+    size_of: Callable[[str], int] = file_size,
 ) -> list[list[Member]]:
-    """Each group, representative first (largest file), then by similarity to it."""
+    """Each candidate set split into groups around representatives (see the module's docstring): each
+    group's representative first, then its members by similarity to it, none below ``threshold``."""
     import numpy as np
 
     from clipcli.images import natural_key
@@ -97,12 +107,20 @@ def group_members(
     groups = []
     for rows in components:
         paths = names(rows)
-        sizes = [file_size(p) for p in paths]
-        rep = min(range(len(rows)), key=lambda i: (-sizes[i], natural_key(paths[i])))
+        sizes = [size_of(p) for p in paths]
+        if prefer == "first":
+            left = sorted(range(len(rows)), key=lambda i: natural_key(paths[i]))
+        else:
+            left = sorted(range(len(rows)), key=lambda i: (-sizes[i], natural_key(paths[i])))
         vectors = rows_of(np.array(rows, np.int64))
-        sims = vectors @ vectors[rep]
-        order = sorted(range(len(rows)), key=lambda i: (i != rep, -float(sims[i]), natural_key(paths[i])))
-        groups.append([Member(0, paths[i], 1.0 if i == rep else float(sims[i]), sizes[i]) for i in order])
+        while len(left) > 1:
+            rep = left[0]
+            sims = dict(zip(left, (vectors[left] @ vectors[rep]).astype(float).tolist(), strict=True))
+            taken = [i for i in left if i == rep or sims[i] >= threshold]
+            left = [i for i in left if i != rep and sims[i] < threshold]
+            if len(taken) > 1:
+                taken.sort(key=lambda i: (i != rep, -sims[i], natural_key(paths[i])))
+                groups.append([Member(0, paths[i], 1.0 if i == rep else sims[i], sizes[i]) for i in taken])
     groups.sort(key=lambda g: natural_key(g[0].path))
     return [[Member(number, m.path, m.similarity, m.bytes) for m in g] for number, g in enumerate(groups, 1)]
 
@@ -115,25 +133,22 @@ def find_duplicates(
     index: OpenIndex | None = None,
     exact_search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]] | None = None,
     on_progress: Callable[[int], None] | None = None,
+    prefer: Prefer = "largest",
+    size_of: Callable[[str], int] = file_size,
 ) -> list[list[Member]]:
-    """Groups of near-duplicates among ``n`` rows (see the module's docstring)."""
+    """Groups of near-duplicates among ``n`` rows (see the module's docstring); ``prefer`` chooses each
+    group's representative (the largest file, or the first path in natural order), the file one keeps."""
     search = index.search if index is not None else exact_search
     if search is None:
         raise ValueError("an index or an exact search is needed")
     pairs = neighbour_pairs(n, rows_of, threshold, search, on_progress)
-    return group_members(_components(n, pairs), names, rows_of)
+    return group_members(_components(n, pairs), names, rows_of, threshold, prefer, size_of)
 
 
-def deletable(groups: list[list[Member]], keep: str) -> list[str]:
-    """The paths one could delete: all but one per group (the representative, or the first path in
-    natural order with ``keep="first"``)."""
-    from clipcli.images import natural_key
-
-    out = []
-    for group in groups:
-        kept = min(group, key=lambda m: natural_key(m.path)) if keep == "first" else group[0]
-        out += [m.path for m in group if m is not kept]
-    return out
+def deletable(groups: list[list[Member]]) -> list[str]:
+    """The paths one could delete: all but each group's representative, the file kept (groups made with
+    the ``prefer`` of the ``--keep`` asked for). Each is at or above the threshold to the file kept."""
+    return [m.path for group in groups for m in group[1:]]
 
 
 def matrix_search(matrix: np.ndarray) -> Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]:
@@ -150,3 +165,87 @@ def matrix_search(matrix: np.ndarray) -> Callable[[np.ndarray, int], tuple[np.nd
         return np.take_along_axis(top_scores, order, axis=1), np.take_along_axis(top, order, axis=1)
 
     return search
+
+
+@dataclass
+class StoredFiles:
+    """What ``embed`` recorded of the files behind a saved Parquet source: each path's size and mtime
+    (read on first use, for the paths asked about), and the folder its relative paths are relative to
+    (``base``; None: the current folder, where ``embed`` resolved them)."""
+
+    parts: list[str]
+    base: str | None = None
+    _stats: dict[str, tuple[int, float]] | None = None
+    _base_is_here: bool | None = None
+
+    def stats(self) -> dict[str, tuple[int, float]]:
+        if self._stats is None:
+            from pathlib import Path
+
+            from clipcli.store import read_parquet
+
+            self._stats = {}
+            for part in self.parts:
+                table = read_parquet(Path(part))
+                if not {"path", "bytes", "mtime"} <= set(table.column_names):
+                    continue  # texts, or not written by embed: nothing to check against
+                columns = (table.column(c).to_pylist() for c in ("path", "bytes", "mtime"))
+                self._stats.update((p, (int(b), float(m))) for p, b, m in zip(*columns, strict=True))
+        return self._stats
+
+    def locate(self, path: str) -> str:
+        """Where a stored path is from here: a relative one against the recorded base (kept as stored
+        when the base is the working folder)."""
+        if not self.base or os.path.isabs(path):
+            return path
+        if self._base_is_here is None:
+            self._base_is_here = _is_working_folder(self.base)
+        return path if self._base_is_here else os.path.join(self.base, path)
+
+    def size(self, path: str) -> int:
+        """The size embed recorded (the files listed are checked to still have it), else the file's own."""
+        stored = self.stats().get(path)
+        return stored[0] if stored is not None else file_size(self.locate(path))
+
+    def problem(self, path: str) -> str | None:
+        """Why ``path`` cannot be taken for the file embedded: None when its size and mtime are as stored."""
+        stored = self.stats().get(path)
+        if stored is None:
+            return "has no size and mtime recorded to check it against"
+        try:
+            st = os.stat(self.locate(path))
+        except FileNotFoundError:
+            return "is missing"
+        except OSError as e:
+            return f"cannot be checked ({e.strerror or e})"
+        if (st.st_size, st.st_mtime) != stored:
+            return "has changed since it was embedded (its size or mtime differs)"
+        return None
+
+
+def _is_working_folder(folder: str) -> bool:
+    try:
+        return os.path.samefile(folder, os.curdir)
+    except OSError:
+        return False
+
+
+def listable(groups: list[list[Member]], stored: StoredFiles) -> tuple[list[str], list[tuple[str, str]]]:
+    """The paths of :func:`deletable` whose files are still those embedded, named as one reaches them
+    from here; and (path, reason) for each path not listed. A group whose kept file is missing or
+    changed lists nothing: its copies may be the only ones left."""
+    out: list[str] = []
+    refused: list[tuple[str, str]] = []
+    for kept, *copies in groups:
+        kept_problem = stored.problem(kept.path)
+        if kept_problem is not None:
+            refused.append((kept.path, f"kept, but it {kept_problem}: its copies are not listed"))
+            refused += [(m.path, f"not listed: the file kept, {kept.path}, {kept_problem}") for m in copies]
+            continue
+        for m in copies:
+            problem = stored.problem(m.path)
+            if problem is None:
+                out.append(stored.locate(m.path))
+            else:
+                refused.append((m.path, f"not listed: it {problem}"))
+    return out, refused

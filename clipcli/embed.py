@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from clipcli.atomic import OutputLock, real_path, remove_temporaries
-from clipcli.encode import encode_texts, iter_image_embeddings
+from clipcli.atomic import OutputLock, is_stream, real_path, remove_temporaries
+from clipcli.encode import EmbeddedBatch, encode_texts, iter_image_embeddings
 from clipcli.images import DEFAULT_MAX_PIXELS, ImageRef, Skipped
 from clipcli.io import OutputFormat, ParquetWriter, RowWriter, keep_partial, open_writer, parquet_storable
 from clipcli.models import LoadedModel
@@ -49,9 +49,37 @@ def iter_rows(
         lm, refs, batch_size, workers, exact, normalize, max_pixels=max_pixels, decode=decode
     )
     for batch in embedded:
-        stats = [stat_of(path) or Stat(0, 0.0) for path in batch.names]
-        rows = Rows(batch.names, batch.embeddings.numpy(), batch.sizes, stats)
-        yield rows, batch.skipped
+        yield fresh_rows(batch, refs)
+
+
+CHANGED = "changed while it was embedded; run again to embed it as it is now"
+
+
+def fresh_rows(batch: EmbeddedBatch, refs: Sequence[ImageRef]) -> tuple[Rows, list[Skipped]]:
+    """The rows of an embedded batch whose file is still the one decoded, with its stat as decoded.
+
+    Each row's size and mtime were taken from the open file before decoding (``fstat``); a file whose
+    stat has changed since was rewritten meanwhile, and storing the old picture's embedding under it
+    would make every rerun call it unchanged. Such files are reported (skipped) and not stored, so the
+    next run embeds them. Batches decoded on the GPU carry no stat: theirs is read now."""
+    files = [refs[i].file for i in batch.indices]
+    now = [stat_of(str(f)) for f in files]
+    decoded = [Stat(*s) for s in batch.stats] if batch.stats is not None else now
+    keep = [
+        i for i, (then, current) in enumerate(zip(decoded, now, strict=True)) if then is not None and then == current
+    ]
+    if len(keep) == len(files):
+        stats = [s or Stat(0, 0.0) for s in decoded]
+        return Rows(batch.names, batch.embeddings.numpy(), batch.sizes, stats), batch.skipped
+    kept = set(keep)
+    skipped = [*batch.skipped, *(Skipped(batch.names[i], CHANGED) for i in range(len(files)) if i not in kept)]
+    rows = Rows(
+        [batch.names[i] for i in keep],
+        batch.embeddings.numpy()[keep],
+        [batch.sizes[i] for i in keep],
+        [decoded[i] or Stat(0, 0.0) for i in keep],
+    )
+    return rows, skipped
 
 
 def _flat_rows(key: str, names: Sequence[str], embeddings: np.ndarray, fmt: OutputFormat) -> list[dict[str, Any]]:
@@ -81,8 +109,12 @@ def embed_images(
     on_batch: Callable[[int], None] | None = None,
     shard: Shard | None = None,
     decode: str = "auto",
+    prune: bool = False,
 ) -> EmbedSummary:
     """Embed images into ``output``; Parquet outputs are incremental (see :mod:`clipcli.store`).
+
+    ``prune`` lets an incremental run remove more than :data:`clipcli.store.PRUNE_SHARE` of the rows
+    (of files gone or changed); without it such a run is refused before the first image.
 
     The output is locked and checked writable before the first image; whatever happens after that,
     the rows embedded so far are written (see :class:`clipcli.io.RowWriter` for single files).
@@ -97,10 +129,15 @@ def embed_images(
             if on_skip:
                 on_skip(s)
     sink: _Sink
-    if fmt is OutputFormat.PARQUET and output not in (None, "-"):
+    if fmt is OutputFormat.PARQUET and output not in (None, "-") and not is_stream(Path(output or "")):
         store = parquet_store(output, sch, lm.name, part_rows=part_size, shard=shard)
+        store.prune = prune
         store.open()
-        plan = store.plan(refs)
+        try:
+            plan = store.plan(refs)
+        except BaseException:
+            store.release()
+            raise
         refs, summary.unchanged = plan.to_embed, plan.unchanged
         sink = _StoreSink(store)
     elif fmt is OutputFormat.NPY:

@@ -73,6 +73,7 @@ class EmbeddedBatch:
     embeddings: torch.Tensor  # one row per image embedded
     sizes: list[tuple[int, int]]  # full-resolution (width, height) per image embedded
     skipped: list[Skipped]
+    stats: list[tuple[int, float]] | None = None  # (bytes, mtime) per image from the open file, where known
 
 
 def embed_batches(
@@ -86,7 +87,8 @@ def embed_batches(
         skipped = [Skipped(names[i], reason) for i, reason in batch.skipped]
         pixels = _model_input(lm, batch)
         embeddings = torch.empty(0, lm.embed_dim) if pixels is None else encode_pixels(lm, pixels, normalize)
-        yield EmbeddedBatch(batch.indices, [names[i] for i in batch.indices], embeddings, batch.sizes, skipped)
+        stats = batch.stats if isinstance(batch, Batch) else None
+        yield EmbeddedBatch(batch.indices, [names[i] for i in batch.indices], embeddings, batch.sizes, skipped, stats)
 
 
 def _model_input(lm: LoadedModel, batch: Batch | DeviceBatch) -> torch.Tensor | None:

@@ -242,8 +242,23 @@ def decode(
     An image of more than ``max_pixels`` pixels (None: no limit) is refused from its header alone.
     Raises OSError or ValueError (with PIL's reason) for anything unreadable.
     """
+    image, size, _ = decode_file(file, draft_size, max_pixels)
+    return image, size
+
+
+FileStat = tuple[int, float]  # (bytes, mtime) of a file as it was read
+
+
+def decode_file(
+    file: Path, draft_size: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> tuple[Image.Image, tuple[int, int], FileStat]:
+    """:func:`decode`, and the size and mtime of the file that was decoded, taken from the open file
+    (``fstat``) once its header is read and before its pixels are: a file replaced while it is decoded
+    then shows a stat that no longer matches its path, and the embedding of the old picture is never
+    stored as the new one's."""
     _require_regular_file(file)
     with Image.open(file) as im:
+        st = _open_file_stat(im, file)
         width, height = im.size
         _require_at_most(width * height, max_pixels)
         if getattr(im, "n_frames", 1) > 1:
@@ -256,7 +271,16 @@ def decode(
         im.load()
         # exif_transpose copies even an upright image; most photos are upright.
         oriented = ImageOps.exif_transpose(im) if orientation != 1 else im
-        return _to_rgb(oriented), (width, height)
+        return _to_rgb(oriented), (width, height), (st.st_size, st.st_mtime)
+
+
+def _open_file_stat(im: Image.Image, file: Path) -> os.stat_result:
+    """The stat of the file Pillow holds open for ``im`` (of the path, for a plugin that holds none)."""
+    held: Any = getattr(im, "fp", None)
+    try:
+        return os.fstat(held.fileno())
+    except (AttributeError, OSError, ValueError):
+        return os.stat(file)
 
 
 _FILE_KINDS = (
@@ -406,6 +430,7 @@ class Batch:
     images: np.ndarray | None  # N x H x W x 3 uint8, one per index
     sizes: list[tuple[int, int]]  # full-resolution (width, height) of each decoded image
     skipped: list[tuple[int, str]]
+    stats: list[FileStat] | None = None  # (bytes, mtime) of each file as it was opened, from fstat
 
 
 class _ImageDataset:
@@ -426,8 +451,8 @@ class _ImageDataset:
 
     def __getitem__(self, i: int) -> tuple[int, Any]:
         try:
-            image, size = decode(self.refs[i].file, self.draft, self.max_pixels)
-            return i, (resize_and_crop(image, self.spec), size)
+            image, size, st = decode_file(self.refs[i].file, self.draft, self.max_pixels)
+            return i, (resize_and_crop(image, self.spec), size, st)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             return i, describe_error(e)
         except Exception as e:
@@ -450,8 +475,12 @@ def _collate(items: list[tuple[int, Any]]) -> Batch:
 
     good = [(i, t) for i, t in items if not isinstance(t, str)]
     bad = [(i, t) for i, t in items if isinstance(t, str)]
-    images = np.stack([a for _, (a, _) in good]) if good else None
-    return Batch([i for i, _ in good], images, [size for _, (_, size) in good], bad)
+    images = np.stack([t[0] for _, t in good]) if good else None
+    sizes = [t[1] for _, t in good]
+    # (pixels, size, stat) from a file; (pixels, size) or a None stat from an array, which has none
+    stats: list[FileStat | None] = [t[2] if len(t) > 2 else None for _, t in good]
+    known = [st for st in stats if st is not None]
+    return Batch([i for i, _ in good], images, sizes, bad, known if len(known) == len(stats) else None)
 
 
 def iter_batches(

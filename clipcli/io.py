@@ -10,8 +10,10 @@ import contextlib
 import csv
 import io
 import json
+import os
+import stat
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from enum import Enum
 from pathlib import Path
 from types import TracebackType
@@ -44,6 +46,11 @@ _BY_SUFFIX = {
 }
 
 
+def has_format_suffix(output: str) -> bool:
+    """Whether ``output``'s extension names a format (``.csv``, ``.parquet``, ...)."""
+    return Path(output).suffix.lower() in _BY_SUFFIX
+
+
 def choose_format(
     explicit: OutputFormat | None,
     output: str | None,
@@ -61,6 +68,9 @@ def choose_format(
         fmt = explicit
     elif not streamed:
         suffix = Path(output or "").suffix.lower()
+        if suffix not in _BY_SUFFIX and Path(output or "").is_dir():
+            known = ", ".join(s for s, f in _BY_SUFFIX.items() if f in allowed)
+            raise OutputError(f"{output}: is a directory; name a file to write, ending in {known}")
         if suffix not in _BY_SUFFIX:
             known = ", ".join(s for s, f in _BY_SUFFIX.items() if f in allowed)
             flag = f" or {format_flag}" if format_flag else ""
@@ -404,3 +414,58 @@ def open_writer(
 
 def stdout_is_tty() -> bool:
     return sys.stdout.isatty()
+
+
+PathArg = str | Path | None
+
+
+def refuse_output_over_inputs(
+    outputs: Iterable[PathArg], inputs: Iterable[PathArg], datasets: Iterable[PathArg] = ()
+) -> None:
+    """Refuse, before any work, an output that is one of the inputs: the same file (or folder) through
+    symbolic links, relative paths or hard links; or a Parquet file inside one of ``datasets`` (inputs
+    whose Parquet files are all read: embeddings written by ``embed -o DIR/``).
+
+    Writing it would replace the data being read (``rank q src.parquet -o src.parquet``). Stdout, ``-``,
+    object-store URIs and streams (FIFOs, devices) are never inputs; an output that does not exist yet
+    cannot be one either, so only an existing output costs a ``stat`` per input. Raises OutputError.
+    """
+    folders = [d for d in datasets if _is_local_path(d)]
+    inputs = [i for i in (*inputs, *folders) if _is_local_path(i)]
+    for output in outputs:
+        if not _is_local_path(output):
+            continue
+        out = Path(output or "")
+        if out.suffix.lower() in (".parquet", ".pq"):
+            _refuse_inside_datasets(out, folders)
+        out_stat = _stat(out)
+        if out_stat is None or not (stat.S_ISREG(out_stat.st_mode) or stat.S_ISDIR(out_stat.st_mode)):
+            continue  # not there yet, or a FIFO or a device, written as a stream and never replaced
+        for given in inputs:
+            in_stat = _stat(Path(given or ""))
+            if in_stat is not None and (in_stat.st_dev, in_stat.st_ino) == (out_stat.st_dev, out_stat.st_ino):
+                same = "" if str(given) == str(output) else f" ({given})"
+                raise OutputError(f"{output}: is also an input{same}; write the output to another file")
+
+
+def _refuse_inside_datasets(out: Path, folders: Sequence[PathArg]) -> None:
+    """A Parquet output inside an input dataset folder would become one of the parts read from there."""
+    where = real_path(out).parent
+    for given in folders:
+        folder = Path(given or "")
+        inside = folder.is_dir() and (where == real_path(folder) or real_path(folder) in where.parents)
+        if inside and any(folder.glob("*.parquet")):  # a dataset, not a folder of images
+            raise OutputError(
+                f"{out}: is inside the input dataset {given}, whose Parquet files are read; write elsewhere"
+            )
+
+
+def _is_local_path(value: PathArg) -> bool:
+    return value is not None and str(value) not in ("", "-") and "://" not in str(value)
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except (OSError, ValueError):
+        return None

@@ -121,6 +121,12 @@ def load_model(
     int8 is a rewrite of an fp32 model's towers (:mod:`clipcli.quantize`): the family loads fp32, then
     the towers are quantised; a device or family that cannot run it is refused (one line, exit 2).
     """
+    if spec is None and os.environ.get("CLIPCLI_MODEL"):
+        # The model was not named on the command line: an error about it must say where it came from.
+        try:
+            return load_model(os.environ["CLIPCLI_MODEL"], device, precision, on_download)
+        except ModelError as e:
+            raise type(e)(f"{e} (from the environment variable CLIPCLI_MODEL: change it, or pass --model)") from e
     spec = spec or default_model()
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)

@@ -246,13 +246,14 @@ def _load_weights(transformers: Any, folder: Path, name: str, precision: Precisi
     try:
         with warnings.catch_warnings():  # torch's own advice on a refused pickle is to trust it: not ours
             warnings.simplefilter("ignore")
-            return transformers.AutoModelForSequenceClassification.from_pretrained(
+            model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
                 folder,
                 dtype=dtype,
                 trust_remote_code=False,
                 local_files_only=True,
                 use_safetensors=files[0].suffix == ".safetensors",
                 weights_only=True,
+                output_loading_info=True,
             )
     except Exception as e:
         if _refused_pickle(e):
@@ -261,6 +262,10 @@ def _load_weights(transformers: Any, folder: Path, name: str, precision: Precisi
                 "(they could run code); use the model's safetensors weights"
             ) from e
         raise ModelError(f"{name}: cannot load as a sequence-classification model ({_first_line(e)})") from e
+    from clipcli.checkpoint import refuse_incomplete
+
+    refuse_incomplete(info, name if str(folder) in name else f"{name}: {folder}")
+    return model
 
 
 def _refused_pickle(e: BaseException) -> bool:
@@ -304,7 +309,11 @@ def _first_line(e: BaseException) -> str:
 
 
 def hypotheses(template: str, labels: Sequence[str]) -> list[str]:
-    """The template filled with each label (``str.format``, as the pipeline fills it)."""
+    """The template filled with each label (``str.format``, as the pipeline fills it), once it has passed
+    the check ``classify`` gives its templates."""
+    from clipcli.prompts import check_template
+
+    check_template(template, "hypothesis")
     try:
         filled = [template.format(label) for label in labels]
     except (IndexError, KeyError, ValueError) as e:

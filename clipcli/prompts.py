@@ -30,22 +30,29 @@ class TemplateSet:
 
 
 def read_lines(file: Path | str, what: str) -> list[str]:
-    """The non-empty, stripped lines of a UTF-8 text file."""
+    """The non-empty, stripped lines of a UTF-8 text file (a byte-order mark at its start is not text)."""
     try:
-        text = Path(file).read_text(encoding="utf-8")
+        text = Path(file).read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise InputError(f"{file}: cannot read {what} file ({reason})") from e
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+def check_template(template: str, what: str = "template") -> str:
+    """The one check of a template a label is put into (``classify``'s prompts, ``classify-text``'s
+    hypotheses): it must hold ``{}`` where the label goes. Other replacement fields (``{0}``,
+    ``{.__class__}``) are not a place for the label: without ``{}`` the template is refused."""
+    if "{}" not in template:
+        bare = ' (use "{}" for labels as they are)' if what == "template" else ""
+        raise InputError(f"{what} {template!r} has no {{}} for the label{bare}")
+    return template
+
+
 def _check(templates: Sequence[str], source: str) -> tuple[str, ...]:
     if not templates:
         raise InputError(f"{source}: no templates")
-    for t in templates:
-        if "{}" not in t:
-            raise InputError(f'template {t!r} has no {{}} for the label (use "{{}}" for labels as they are)')
-    return tuple(templates)
+    return tuple(check_template(t) for t in templates)
 
 
 def builtin_templates(name: str) -> TemplateSet:
@@ -76,7 +83,11 @@ def template_set(name: str) -> TemplateSet:
         return builtin_templates(name)
     if Path(name).is_file():
         return TemplateSet(Path(name).stem, _check(read_lines(name, "templates"), name))
-    raise InputError(f"unknown template set {name!r}: use {', '.join(BUILTIN_TEMPLATE_SETS)} or a file path")
+    import difflib
+
+    close = difflib.get_close_matches(name.lower(), BUILTIN_TEMPLATE_SETS, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    raise InputError(f"unknown template set {name!r}{hint}: use {', '.join(BUILTIN_TEMPLATE_SETS)} or a file path")
 
 
 def resolve_labels(labels: str | None = None, labels_file: str | None = None) -> list[str]:

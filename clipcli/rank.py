@@ -166,6 +166,8 @@ def _explicit_index_source(choice: IndexChoice, saved: Sequence[str]) -> str | N
     if not choice.use or choice.path is None:
         return None
     meta = read_meta(choice.path)
+    if not Path(meta.source).exists() and len(saved) != 1:  # one source given may be it, moved
+        raise InputError(f"{choice.path}: indexes {meta.source}, which does not exist (moved or deleted?)")
     for source in saved:
         if Path(source).resolve() == Path(meta.source):
             return source
@@ -194,8 +196,15 @@ def _offer_from_index(
         if choice.on_note:
             choice.on_note(f"{e}; scanning every row meanwhile")
         return False
+    if not best:  # no queries (an empty --queries-file): nothing to search for, as a scan finds
+        return True
     k = max(b.k for b in best)
-    scores, rows = opened.search(queries, k)
+    try:
+        scores, rows = opened.search(queries, k)
+    except Stale as e:  # rows rewritten behind a restored fingerprint, caught by their content
+        if choice.on_note:
+            choice.on_note(f"{e}; scanning every row meanwhile")
+        return False
     wanted = sorted({int(r) for r in rows.ravel() if r >= 0})
     names = dict(zip(wanted, opened.saved.name_rows(wanted), strict=True))
     for b, q_scores, q_rows in zip(best, scores, rows, strict=True):
@@ -203,6 +212,39 @@ def _offer_from_index(
         found = [names[int(r)] for r in q_rows[keep]]
         b.offer(np.asarray(q_scores[keep], np.float64), partial(_names_at, found))
     return True
+
+
+FLAT_SUFFIXES = {".csv": "CSV", ".jsonl": "JSONL"}
+
+
+def refuse_flat_embeddings(sources: Sequence[str]) -> None:
+    """Refuse embeddings that embed wrote as CSV or JSONL: they record no model, so nothing can check
+    that a query's model made them; told apart from images by their first line, never taken for one."""
+    import json
+    import os
+
+    for source in sources:
+        kind = FLAT_SUFFIXES.get(Path(source).suffix.lower())
+        if kind is None or not os.path.isfile(source):
+            continue
+        try:
+            with open(source, "rb") as f:
+                first = f.readline(1 << 20).decode("utf-8", "replace").rstrip("\r\n")
+        except OSError:
+            continue  # the image reader says why
+        if kind == "CSV":
+            flat = first.split(",")[:2] in (["path", "e0"], ["text", "e0"])
+        else:
+            try:
+                row = json.loads(first)
+            except ValueError:
+                row = None
+            flat = isinstance(row, dict) and "embedding" in row
+        if flat:
+            raise InputError(
+                f"{source}: embeddings in {kind} (as embed writes them) record no model, so they cannot be "
+                "searched; embed to .parquet or .npy (or a folder) for rank, dedup and index"
+            )
 
 
 def _names_at(names: Sequence[str], idx: np.ndarray) -> list[Any]:

@@ -13,15 +13,27 @@ a part becomes whole and who may write at once:
   before it embeds anything (run once without --shard to compact the dataset, then shard again).
 
 ``file://`` URIs are local paths: they get the local store, with its locks and atomic renames.
+
+Every call into the object store (opening it, a listing, reading or uploading one part, a deletion)
+runs in a daemon thread that this thread waits for at most ``$CLIPCLI_OBJECT_STORE_TIMEOUT`` seconds
+(default 30; an upload gets a second more per 256 KiB): a store that does not answer (no credentials,
+an endpoint that accepts and never replies) is one error line within that time, and Ctrl-C or SIGTERM
+ends the run at once rather than after the store's own retries (``gs://`` retries for 15 minutes by
+default). The filesystem is also given that limit where pyarrow lets it be set (S3's connect and
+request timeouts, GCS's retry limit), so a call given up on ends soon after on its own.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import re
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from clipcli.errors import InputError, OutputError
@@ -50,6 +62,85 @@ if TYPE_CHECKING:
 
 _SHARD_TAG = re.compile(r"^-s(\d+)of(\d+)(?:-|$)")
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+T = TypeVar("T")
+
+TIMEOUT_VARIABLE = "CLIPCLI_OBJECT_STORE_TIMEOUT"
+DEFAULT_TIMEOUT_S = 30.0
+UPLOAD_BYTES_PER_S = 256 * 1024  # the least upload speed waited for, on top of the timeout
+
+
+def store_timeout() -> float:
+    """Seconds one object-store call may take: ``$CLIPCLI_OBJECT_STORE_TIMEOUT``, else 30."""
+    raw = os.environ.get(TIMEOUT_VARIABLE, "").strip()
+    if not raw:
+        return DEFAULT_TIMEOUT_S
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise InputError(f"{TIMEOUT_VARIABLE}={raw}: give a number of seconds above 0")
+    return seconds
+
+
+def bounded(where: str, doing: str, call: Callable[[], T], *, upload_bytes: int = 0) -> T:
+    """``call()``, run in a daemon thread and waited for at most the store's timeout (see the module's
+    doc); its exceptions are raised here. The wait is interruptible: a signal handler that raises
+    (Ctrl-C, clipcli's SIGTERM) ends it at once, leaving the call to end on its own."""
+    seconds = store_timeout() + upload_bytes / UPLOAD_BYTES_PER_S
+    done = threading.Event()
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, call()))
+        except BaseException as e:  # handed to the waiting thread, which raises it
+            outcome.append((False, e))
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="clipcli-object-store", daemon=True).start()
+    if not done.wait(seconds):
+        raise OutputError(
+            f"{where}: the object store did not answer within {seconds:g} s ({doing}); check the endpoint, the "
+            f"network and the credentials, or set {TIMEOUT_VARIABLE} to wait longer"
+        )
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
+
+
+def reason_of(error: BaseException) -> str:
+    """An object store's error in one readable line (Google's client appends pages of context)."""
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    text = text.split(" error_info={", 1)[0]
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
+def _with_timeouts(fs: Any, seconds: float) -> Any:
+    """``fs`` rebuilt with the store's timeout where its options allow one and the URI set none."""
+    import datetime
+
+    import pyarrow.fs as pafs
+
+    try:
+        kind = type(fs)
+        options = dict(fs.__reduce__()[1][0])  # the options pickling carries: the URI's, and defaults
+        if kind is getattr(pafs, "S3FileSystem", None):
+            # Per request, up to 3 attempts: a call given up on ends about when the wait for it does.
+            per_request = max(1.0, seconds / 3)
+            for key in ("connect_timeout", "request_timeout"):
+                if options.get(key) is None or options[key] < 0:
+                    options[key] = per_request
+        elif kind is getattr(pafs, "GcsFileSystem", None):
+            if options.get("retry_time_limit") is None:
+                options["retry_time_limit"] = datetime.timedelta(seconds=seconds)
+        else:
+            return fs
+        return kind._reconstruct(options)
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        return fs  # another pyarrow: the wait in bounded() still applies
 
 
 def is_uri(output: str | None) -> bool:
@@ -100,12 +191,13 @@ def open_uri(uri: str) -> tuple[Any, str]:
     writing a part per batch reuse its connections)."""
     import pyarrow.fs as pafs
 
+    seconds = store_timeout()
     try:
-        fs, path = pafs.FileSystem.from_uri(uri)
+        fs, path = bounded(shown(uri), "opening it", lambda: pafs.FileSystem.from_uri(uri))
     except (OSError, ValueError, TypeError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]  # hdfs:// lists every JVM it tried
-        raise InputError(f"{shown(uri)}: cannot open ({reason})") from e
-    return fs, path.rstrip("/")
+        # reason_of: hdfs:// lists every JVM it tried
+        raise InputError(f"{shown(uri)}: cannot open ({reason_of(e)})") from e
+    return _with_timeouts(fs, seconds), path.rstrip("/")
 
 
 def put_table(fs: Any, path: str, table: pa.Table, sch: pa.Schema, where: str) -> None:
@@ -118,20 +210,30 @@ def put_table(fs: Any, path: str, table: pa.Table, sch: pa.Schema, where: str) -
     buffer = pa.BufferOutputStream()
     pq.write_table(table.replace_schema_metadata(sch.metadata), buffer, use_dictionary=["model"])
     data = buffer.getvalue()
-    try:
+
+    def upload() -> None:
         with fs.open_output_stream(path) as out:
             out.write(data)
+
+    name = path.rsplit("/", 1)[-1]
+    try:
+        bounded(where, f"uploading {name}", upload, upload_bytes=data.size)
     except OSError as e:
-        with contextlib.suppress(OSError):
-            fs.delete_file(path)  # an upload that failed half way must not stay as a part
-        raise OutputError(f"{where}: cannot write {path.rsplit('/', 1)[-1]} ({e}); {_KEPT_PARTS}") from e
+        with contextlib.suppress(OSError, OutputError):
+            bounded(where, f"deleting {name}", lambda: fs.delete_file(path))  # a failed upload is no part
+        raise OutputError(f"{where}: cannot write {name} ({reason_of(e)}); {_KEPT_PARTS}") from e
+    except OutputError as e:  # no answer in time
+        raise OutputError(f"{e}; {_KEPT_PARTS}") from None
 
 
-def read_table(fs: Any, path: str, columns: list[str] | None = None) -> tuple[pa.Schema, pa.Table]:
+def read_table(fs: Any, path: str, columns: list[str] | None = None, where: str = "") -> tuple[pa.Schema, pa.Table]:
     import pyarrow.parquet as pq
 
-    with fs.open_input_file(path) as source, pq.ParquetFile(source) as file:
-        return file.schema_arrow, file.read(columns=columns)
+    def read() -> tuple[pa.Schema, pa.Table]:
+        with fs.open_input_file(path) as source, pq.ParquetFile(source) as file:
+            return file.schema_arrow, file.read(columns=columns)
+
+    return bounded(where or path, f"reading {path.rsplit('/', 1)[-1]}", read)
 
 
 @dataclass(frozen=True)
@@ -177,11 +279,12 @@ class RemoteStore(_PlannedRows):
 
         fs, root = open_uri(self.uri)
         try:
-            if fs.get_file_info(root).type == pafs.FileType.File:
+            if bounded(self.where, "looking it up", lambda: fs.get_file_info(root)).type == pafs.FileType.File:
                 raise OutputError(f"{self.where}: exists and is not a directory")
-            infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+            selector = pafs.FileSelector(root, allow_not_found=True)
+            infos = bounded(self.where, "listing it", lambda: fs.get_file_info(selector))
         except OSError as e:
-            raise OutputError(f"{self.where}: cannot list ({e})") from e
+            raise OutputError(f"{self.where}: cannot list ({reason_of(e)})") from e
         found = []
         for info in infos:
             m = _PART.match(info.base_name)
@@ -194,9 +297,16 @@ class RemoteStore(_PlannedRows):
         change parts it does not own."""
         fs, root = open_uri(self.uri)
         try:
-            fs.create_dir(root, recursive=True)  # a missing bucket or a refused write fails here, at once
+            # A missing bucket, a refused write or missing credentials fail here, before any work.
+            bounded(self.where, "creating the dataset's folder", lambda: fs.create_dir(root, recursive=True))
         except OSError as e:
-            raise OutputError(f"{self.where}: cannot write ({e})") from e
+            raise OutputError(f"{self.where}: cannot write ({reason_of(e)})") from e
+        parts = self._parts()  # relative paths are relative to the folder the dataset records (store.py)
+        try:
+            recorded = read_table(fs, parts[0][1], ["path"], self.where)[0].metadata if parts else None
+        except OSError:
+            recorded = None  # rewritten since the listing (by a shard): this run reads paths as given
+        self.adopt_base(recorded, not parts)
         self.stored = self._scan()
         refuse_unreachable(self.where, self.stored, self._reachable)
         stale = self._stale_foreign(self._keep())
@@ -219,7 +329,7 @@ class RemoteStore(_PlannedRows):
             if self._other_shards(key):
                 continue
             try:
-                found, table = read_table(fs, part, ["path", "bytes", "mtime"])
+                found, table = read_table(fs, part, ["path", "bytes", "mtime"], self.where)
             except FileNotFoundError:
                 if self._mine(key):
                     raise OutputError(f"{self.where}: {part} vanished while this run read it") from None
@@ -228,7 +338,7 @@ class RemoteStore(_PlannedRows):
                 raise OutputError(f"{self.where}: cannot read existing embeddings in {part} ({e})") from e
             _check_compatible(found, self.schema, Path(part))
             paths = table.column("path").to_pylist()
-            self._reachable = self._reachable or any_exists(paths)
+            self._reachable = self._reachable or any_exists(map(self.locate, paths))
             for p, b, m in zip(paths, *(table.column(c).to_pylist() for c in ("bytes", "mtime")), strict=True):
                 if self.owns(p):
                     stored.setdefault(p, []).append(_Stored(key, Stat(b, m)))
@@ -271,7 +381,7 @@ class RemoteStore(_PlannedRows):
             self._pending, self._pending_rows = [], 0
 
     def _keep(self) -> dict[str, PartKey]:
-        return newest_unchanged(self.stored)
+        return newest_unchanged(self.stored, self.locate)
 
     def finish(self) -> int:
         """Write what is pending, drop stale and duplicate rows from this run's parts; returns how many
@@ -292,21 +402,21 @@ class RemoteStore(_PlannedRows):
         for key, part in self._parts():
             if not self._mine(key):
                 continue
-            _, table = read_table(fs, part, ["path"])
+            _, table = read_table(fs, part, ["path"], self.where)
             paths = table.column("path").to_pylist()
             wanted = _first_rows(paths, [key] * len(paths), keep, written, self.owns)
             if len(wanted) == len(paths):
                 continue
-            _, whole = read_table(fs, part)
+            _, whole = read_table(fs, part, None, self.where)
             kept = whole.take(arrow_array(np.array(wanted, np.int64)))
             # The cleaned copy is uploaded before the original goes: a crash between leaves duplicates
             # that the next run resolves, never a lost row.
             if kept.num_rows:
                 self._put_new_part(kept)
             try:
-                fs.delete_file(part)
+                bounded(self.where, f"deleting {part}", lambda: fs.delete_file(part))  # noqa: B023 (waited for)
             except OSError as e:
-                raise OutputError(f"{self.where}: cannot delete {part} ({e}); {_KEPT_PARTS}") from e
+                raise OutputError(f"{self.where}: cannot delete {part} ({reason_of(e)}); {_KEPT_PARTS}") from e
         if not self._parts():
             self._put_new_part(self.schema.empty_table())
 

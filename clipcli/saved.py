@@ -59,8 +59,26 @@ class Expect:
 
 def _check_tag(tag: ModelTag, expect: Expect, where: Path) -> bool:
     """Raise unless the embeddings were made with the expected model; returns whether they are normalised."""
-    tag.require_model(expect.name, expect.sha256, where)
+    require_saved_model(tag, expect, where)
     return tag.normalized
+
+
+def require_saved_model(tag: ModelTag, expect: Expect, where: Path) -> None:
+    """Refuse to search embeddings made with another model, saying what works: that model, or an embed
+    with this one (an index beside them changes neither)."""
+    from clipcli.errors import ModelError
+
+    if tag.sha256 == expect.sha256:
+        return
+    if tag.name != expect.name:
+        raise ModelError(
+            f"{where}: embeddings were made with {tag.name}, not {expect.name}; pass --model {tag.name}, "
+            f"or embed the images again with {expect.name}"
+        )
+    raise ModelError(
+        f"{where}: embeddings were made with {tag.name} of checksum {tag.sha256[:12]}, not the loaded "
+        f"{expect.sha256[:12]}; load the weights they were made with, or embed the images again"
+    )
 
 
 Chunk = tuple["np.ndarray", Callable[["np.ndarray"], list[Any]]]

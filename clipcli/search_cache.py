@@ -4,8 +4,10 @@ Decoding Parquet's nested ``embedding`` column costs an order of magnitude more 
 rows memory-mapped from an ``.npy`` file (figures in the README's benchmark section). So the first search over
 a Parquet file or directory copies its embeddings, row for row, to
 ``$CLIPCLI_CACHE/clipcli-search/<key>/matrix.npy``; later searches use that copy for as long as every
-part file keeps its name, size and mtime, and rebuild it when one changes. Paths are not copied: the
-few that win a search are read back from their part files.
+part file keeps its name, size, mtime, inode and ctime, and rebuild it when one changes: a file put
+back with its old size and mtime (``cp -p``, ``touch -r``, a restored backup) still has a new ctime,
+which no user call can set. Paths are not copied: the few that win a search are read back from their
+part files.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from clipcli.cache import cache_dir
 if TYPE_CHECKING:
     import numpy as np
 
-_VERSION = 1
+_VERSION = 2  # 2: parts identified by inode and ctime too
 
 
 def search_cache_dir() -> Path:
@@ -37,6 +39,13 @@ def fingerprint(parts: list[Path]) -> list[list[Any]]:
     """What must not change for a cached copy to stand: each part's name, size and mtime."""
     stats = [(p, p.stat()) for p in parts]
     return [[p.name, st.st_size, st.st_mtime_ns] for p, st in stats]
+
+
+def identity(parts: list[Path]) -> list[list[Any]]:
+    """What must not change for a cached copy to stand: the fingerprint, and each part's inode and
+    ctime (rewriting or replacing a file sets its ctime to now, whatever mtime it is given)."""
+    stats = [(p, p.stat()) for p in parts]
+    return [[p.name, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns] for p, st in stats]
 
 
 @dataclass(frozen=True)
@@ -57,7 +66,7 @@ def load(source: Path, parts: list[Path], model_sha256: str) -> Cached | None:
         if (
             manifest.get("version") != _VERSION
             or manifest.get("model_sha256") != model_sha256
-            or manifest.get("parts") != fingerprint(parts)
+            or manifest.get("parts") != identity(parts)
         ):
             return None
         rows = [int(n) for n in manifest["rows"]]
@@ -80,7 +89,7 @@ class Builder:
         import numpy as np
 
         self.entry = _entry(source)
-        self.manifest: dict[str, Any] = {"version": _VERSION, "parts": fingerprint(parts), "rows": rows}
+        self.manifest: dict[str, Any] = {"version": _VERSION, "parts": identity(parts), "rows": rows}
         self.entry.mkdir(parents=True, exist_ok=True)
         (self.entry / "manifest.json").unlink(missing_ok=True)
         self.tmp = temporary_sibling(self.entry / "matrix.npy")

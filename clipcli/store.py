@@ -34,6 +34,11 @@ if TYPE_CHECKING:
 META_MODEL = b"clipcli.model"
 META_SHA = b"clipcli.model_sha256"
 META_NORMALIZED = b"clipcli.normalized"
+META_BASE = b"clipcli.base"  # the folder that the dataset's relative paths are relative to
+# A run that would remove more than this share of a dataset's rows, and more than PRUNE_FEW rows, is
+# refused unless --prune: an unmounted share or a moved folder looks like files that are gone.
+PRUNE_SHARE = 0.10
+PRUNE_FEW = 5
 _PART = re.compile(r"^part-(\d+)((?:-[0-9a-z]+)*)\.parquet$")
 PartKey = tuple[int, str]  # (run number, tags): later keys supersede earlier ones
 
@@ -223,13 +228,23 @@ class Plan:
     unchanged: int
 
 
-def plan_against(refs: Sequence[ImageRef], stored: Mapping[str, list[_Stored]], owns: Callable[[str], bool]) -> Plan:
-    """What a run embeds: the ``refs`` it owns whose file is new, or changed since ``stored`` recorded it."""
+def _here(path: str) -> str:
+    return path
+
+
+def plan_against(
+    refs: Sequence[ImageRef],
+    stored: Mapping[str, list[_Stored]],
+    owns: Callable[[str], bool],
+    locate: Callable[[str], str] = _here,
+) -> Plan:
+    """What a run embeds: the ``refs`` it owns whose file is new, or changed since ``stored`` recorded it.
+    ``locate`` turns a stored path into one that opens from here (see :meth:`_PlannedRows.locate`)."""
     todo, unchanged = [], 0
     for ref in refs:
         if not owns(ref.path):
             continue
-        current = stat_of(ref.path)
+        current = stat_of(locate(ref.path))
         if current is not None and any(s.stat == current for s in stored.get(ref.path, [])):
             unchanged += 1
         else:
@@ -237,11 +252,11 @@ def plan_against(refs: Sequence[ImageRef], stored: Mapping[str, list[_Stored]], 
     return Plan(todo, unchanged)
 
 
-def newest_unchanged(stored: Mapping[str, list[_Stored]]) -> dict[str, PartKey]:
+def newest_unchanged(stored: Mapping[str, list[_Stored]], locate: Callable[[str], str] = _here) -> dict[str, PartKey]:
     """For each path whose file is unchanged on disk: the part holding its newest matching row."""
     keep = {}
     for p, rows in stored.items():
-        current = stat_of(p)
+        current = stat_of(locate(p))
         valid = [r.part for r in rows if r.stat == current]
         if valid:
             keep[p] = max(valid)
@@ -274,18 +289,76 @@ class _PlannedRows:
         """Whether this run plans, stores and cleans ``path`` (every path, unless sharded)."""
         return self.shard is None or self.shard.owns(path)
 
+    base: str | None = None  # the folder relative paths are relative to; None: the working folder
+    prune: bool = False  # remove rows of gone files even past PRUNE_SHARE (embed --prune)
+
+    def locate(self, path: str) -> str:
+        """A stored path as it opens from here: a relative one is relative to the dataset's folder."""
+        if self.base is None or os.path.isabs(path):
+            return path
+        return os.path.join(self.base, path)
+
+    def adopt_base(self, recorded: Mapping[bytes, bytes] | None, new: bool) -> None:
+        """Take the folder the dataset's relative paths are relative to from the metadata ``recorded``
+        in one of its parts; for a ``new`` dataset, the working folder. Every part this run writes
+        records it. A dataset written before clipcli recorded it has none: its paths stay relative to
+        the working folder, as then."""
+        self.base = working_folder() if new else dataset_base(recorded)
+        metadata = {k: v for k, v in (self.schema.metadata or {}).items() if k != META_BASE}
+        if self.base is not None:
+            metadata[META_BASE] = os.fsencode(self.base)
+        self.schema = self.schema.with_metadata(metadata)
+
+    def rebase(self, ref: ImageRef) -> ImageRef:
+        """``ref`` keyed as the dataset keys it: a relative path given in another working folder is
+        made relative to the dataset's own folder, so that it names the same file from there."""
+        if self.base is None or os.path.isabs(ref.path) or _same_folder(self.base):
+            return ref
+        return ImageRef(os.path.relpath(os.path.abspath(ref.path), self.base), ref.file)
+
     def plan(self, refs: Sequence[ImageRef]) -> Plan:
-        return plan_against(refs, self.stored, self.owns)
+        plan = plan_against([self.rebase(r) for r in refs], self.stored, self.owns, self.locate)
+        self._refuse_mass_removal(plan)
+        return plan
+
+    def _refuse_mass_removal(self, plan: Plan) -> None:
+        """Refuse, before any work, a run that would remove more than PRUNE_SHARE of the rows (and more
+        than PRUNE_FEW) without --prune: files that are merely unreachable are not gone."""
+        if self.prune or len(self.stored) <= PRUNE_FEW:
+            return
+        embedding = {r.path for r in plan.to_embed}
+        unchanged = newest_unchanged(self.stored, self.locate)
+        doomed = sum(1 for p in self.stored if p not in embedding and p not in unchanged)
+        if doomed > PRUNE_FEW and doomed > PRUNE_SHARE * len(self.stored):
+            raise InputError(
+                f"{self.where}: this run would remove {doomed} of its {len(self.stored)} rows (files missing or "
+                f"changed from here, more than {PRUNE_SHARE:.0%}); if they are gone for good pass --prune, else "
+                "run where they can be read (a share unmounted? a folder moved?)"
+            )
+
+    @property
+    def where(self) -> str:
+        raise NotImplementedError
 
     def add(self, rows: Rows) -> None:
+        """Buffer ``rows``; in a directory, every ``part_rows`` rows are written as one part, whatever
+        the size of the batches they come in (a batch may fill one part and start the next)."""
         if not rows.paths:
             return
-        self._pending.append(rows.table(self.schema, self.model))
-        self._pending_rows += len(rows.paths)
-        for p, st in zip(rows.paths, rows.stats, strict=True):
-            self.stored.setdefault(p, []).append(_Stored((self._next_part, self.tags), st))
-        if self.is_dir and self._pending_rows >= self.part_rows:
-            self._flush()
+        table = rows.table(self.schema, self.model)
+        start = 0
+        while start < table.num_rows:
+            room = self.part_rows - self._pending_rows if self.is_dir else table.num_rows
+            chunk = table.slice(start, max(room, 1))
+            self._pending.append(chunk)
+            self._pending_rows += chunk.num_rows
+            end = start + chunk.num_rows
+            for p, st in zip(rows.paths[start:end], rows.stats[start:end], strict=True):
+                # The key of the part these rows go into: the number the next flush reserves.
+                self.stored.setdefault(p, []).append(_Stored((self._next_part, self.tags), st))
+            start = end
+            if self.is_dir and self._pending_rows >= self.part_rows:
+                self._flush()
 
     def _flush(self) -> None:
         raise NotImplementedError
@@ -313,6 +386,10 @@ class ParquetStore(_PlannedRows):
         """A directory of parts, unless named ``*.parquet``; an existing ``*.parquet`` folder (as Spark
         writes them) is a directory too."""
         return self.path.suffix.lower() not in (".parquet", ".pq") or self.path.is_dir()
+
+    @property
+    def where(self) -> str:
+        return str(self.path)
 
     def _parts(self) -> list[tuple[PartKey, Path]]:
         if not self.is_dir:
@@ -373,7 +450,7 @@ class ParquetStore(_PlannedRows):
             except (OSError, ValueError) as e:
                 raise OutputError(f"{part}: cannot read existing embeddings ({e})") from e
             paths = table.column("path").to_pylist()
-            self._reachable = self._reachable or any_exists(paths)
+            self._reachable = self._reachable or any_exists(map(self.locate, paths))
             for p, b, m in zip(paths, *(table.column(c).to_pylist() for c in ("bytes", "mtime")), strict=True):
                 if self.owns(p):
                     stored.setdefault(p, []).append(_Stored(key, Stat(b, m)))
@@ -390,8 +467,22 @@ class ParquetStore(_PlannedRows):
         return PartWriter(str(self.path), self.schema, self.model, self.reserve_number(), self.tags)
 
     def _read_stored(self) -> None:
+        self._set_base()
         self.stored = self._scan()
         refuse_unreachable(str(self.path), self.stored, self._reachable)
+
+    def _set_base(self) -> None:
+        import pyarrow.parquet as pq
+
+        parts = self._parts()
+        recorded = None
+        for _, part in parts:
+            try:
+                recorded = pq.read_schema(part).metadata
+            except (OSError, ValueError):
+                continue  # reported by the scan that follows
+            break
+        self.adopt_base(recorded, new=not parts)
 
     def _write(self, table: pa.Table, target: Path) -> None:
         kept = _KEPT_PARTS if self.is_dir else "any previous file is left as it was"
@@ -411,7 +502,7 @@ class ParquetStore(_PlannedRows):
         self._pending, self._pending_rows = [], 0
 
     def _keep(self) -> dict[str, PartKey]:
-        return newest_unchanged(self.stored)
+        return newest_unchanged(self.stored, self.locate)
 
     def finish(self) -> int:
         """Write what is pending, drop stale and duplicate rows, release the output; returns how many
@@ -472,6 +563,28 @@ class ParquetStore(_PlannedRows):
             self._write(self.schema.empty_table(), self._new_part())
 
 
+def _same_folder(folder: str) -> bool:
+    """Whether ``folder`` is the working folder (through links)."""
+    try:
+        return os.path.samefile(folder, os.getcwd())
+    except OSError:
+        return False
+
+
+def working_folder() -> str | None:
+    try:
+        return os.getcwd()
+    except OSError:
+        return None  # the working folder was deleted: relative paths name nothing
+
+
+def dataset_base(metadata: Mapping[bytes, bytes] | None) -> str | None:
+    """The folder a dataset's relative paths are relative to, as its Parquet metadata records it; None
+    for a dataset written before clipcli recorded it (its paths are relative to the working folder)."""
+    value = (metadata or {}).get(META_BASE)
+    return os.fsdecode(value) if value else None
+
+
 def any_exists(paths: Iterable[str]) -> bool:
     return any(os.path.lexists(p) for p in paths)
 
@@ -511,7 +624,11 @@ NPY_FORMAT = 1
 
 
 def npy_sidecar(path: Path) -> Path:
-    """The file that names the rows of an NPY output and records the model: ``<stem>.rows.jsonl``."""
+    """The file that names the rows of an NPY output and records the model: ``<stem>.rows.jsonl``
+    beside the matrix. Where ``path`` is a symbolic link, that is beside the file it links to (the one
+    written and read), so the pair is found through the link and without it."""
+    if os.path.islink(path):
+        path = real_path(path)
     return path.with_name(path.stem + ".rows.jsonl")
 
 

@@ -19,6 +19,7 @@ from clipcli.errors import InputError
 TABLE_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 DEFAULT_COLUMN = "text"
 CHUNK_ROWS = 4096
+BOM = "\ufeff"
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ def _file_source(path: Path, column: str | None) -> TextSource:
         raise InputError(f"{path}: --column is for .csv and .parquet files; this one is read as lines of text")
     total = _count_lines(path) if stat.S_ISREG(mode) else None
     try:
-        stream = path.open(encoding="utf-8", newline=None)
+        stream = path.open(encoding="utf-8-sig", newline=None)  # a byte-order mark is not part of line 1
     except OSError as e:
         raise InputError(f"{path}: cannot read texts file ({e.strerror or e})") from e
     return TextSource(str(path), _closing_lines(stream, str(path)), total, with_ids=True)
@@ -96,11 +97,12 @@ def _closing_lines(stream: IO[str], name: str) -> Iterator[TextItem]:
 
 
 def _lines(stream: IO[str], name: str) -> Iterator[TextItem]:
-    """Each non-blank line, stripped, with its 1-based line number."""
+    """Each non-blank line, stripped, with its 1-based line number (a byte-order mark before line 1 is not
+    text: stdin is decoded as plain UTF-8, which keeps it)."""
     number = 0
     try:
         for number, line in enumerate(stream, start=1):
-            text = line.strip()
+            text = (line.removeprefix(BOM) if number == 1 else line).strip()
             if text:
                 yield number, text
     except UnicodeDecodeError as e:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from clipcli.errors import InputError, ModelError
+from clipcli.errors import InputError, ModelError, OutputError
 from clipcli.images import Skipped, describe_error, load_image, preprocess
 
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ class TrainConfig:
     val_fraction: float = 0.0
     checkpoint_every: int = 500
     resume: bool = False
+    overwrite: bool = False  # start over, replacing OUTPUT.ckpt if an interrupted run left one
     bad_images: Literal["skip", "stop"] = "skip"
     workers: int = 0
     device: str = "auto"  # as models.resolve_device reads it
@@ -62,6 +64,8 @@ class TrainConfig:
             raise InputError(f"--weight-decay must be 0 or more, not {self.weight_decay}")
         if not 0 <= self.warmup < 1:
             raise InputError(f"--warmup is a fraction of the steps, from 0 up to 1, not {self.warmup}")
+        if self.resume and self.overwrite:
+            raise InputError("give --resume (continue OUTPUT.ckpt) or --overwrite (start over), not both")
 
 
 @dataclass
@@ -270,6 +274,33 @@ def _atomic_save(obj: dict[str, Any], path: Path) -> None:
         torch.save(obj, f)
 
 
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block is done, then act as they would have.
+
+    ``torch.save`` turns an exception raised inside its writer (where Python runs a signal's handler) into
+    an internal error; a checkpoint is written whole, then the run stops with the usual message and exit.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    stops = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.getsignal(s) for s in stops}
+    for s in stops:
+        signal.signal(s, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        if caught:
+            signal.raise_signal(caught[0])
+
+
 def _checkpoint_state(
     model: CLIP, optimizer: torch.optim.Optimizer, step: int, signature: dict[str, str]
 ) -> dict[str, Any]:
@@ -421,18 +452,30 @@ def train(
     on_preload: Callable[[int, int], None] | None = None,
     on_skip: Callable[[Skipped], None] | None = None,
     on_resume: Callable[[int, int], None] | None = None,
+    on_checkpoint: Callable[[int], None] | None = None,
+    on_fresh_start: Callable[[Path], None] | None = None,
 ) -> TrainResult:
     """Train and write ``config.output`` (atomically); checkpoints go to ``OUTPUT.ckpt``.
 
     Callbacks: ``on_preload(images done, total)`` while images are read, ``on_skip`` for each image left
-    out, ``on_resume(step, total steps)`` when a checkpoint is continued, ``on_step`` after each step.
-    The output is locked for the whole run: a second run into it is refused before it starts.
+    out, ``on_resume(step, total steps)`` when a checkpoint is continued, ``on_step`` after each step,
+    ``on_checkpoint(step)`` after each checkpoint is written, ``on_fresh_start(checkpoint)`` when ``resume``
+    was asked for but there is no checkpoint to continue (the run starts from scratch).
+    The output is locked for the whole run: a second run into it is refused before it starts. A checkpoint
+    left by an interrupted run is the progress of that run: without ``resume`` or ``overwrite`` it is
+    refused, never replaced.
     """
     from clipcli.atomic import OutputLock
 
     config.check()
-    with OutputLock(config.output, is_dir=False), OutputLock(checkpoint_path(config.output), is_dir=False):
-        return _train(config, on_step, on_preload, on_skip, on_resume)
+    ckpt = checkpoint_path(config.output)
+    with OutputLock(config.output, is_dir=False), OutputLock(ckpt, is_dir=False):
+        if not (config.resume or config.overwrite) and (ckpt.exists() or ckpt.is_symlink()):
+            raise OutputError(
+                f"{ckpt}: holds the progress of an interrupted run; continue it with --resume, "
+                "or pass --overwrite to start over"
+            )
+        return _train(config, on_step, on_preload, on_skip, on_resume, on_checkpoint, on_fresh_start)
 
 
 def _train(
@@ -441,6 +484,8 @@ def _train(
     on_preload: Callable[[int, int], None] | None,
     on_skip: Callable[[Skipped], None] | None,
     on_resume: Callable[[int, int], None] | None,
+    on_checkpoint: Callable[[int], None] | None,
+    on_fresh_start: Callable[[Path], None] | None,
 ) -> TrainResult:
     import torch
 
@@ -476,11 +521,18 @@ def _train(
     optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
     step = 0
     ckpt = checkpoint_path(config.output)
-    signature = {k: str(v) for k, v in asdict(config).items() if k not in ("resume", "workers", "checkpoint_every")}
+    run_only = ("resume", "overwrite", "workers", "checkpoint_every")
+    signature = {k: str(v) for k, v in asdict(config).items() if k not in run_only}
     if config.resume and ckpt.exists():
         step = _resume(ckpt, signature, model, optimizer)
         if on_resume:
             on_resume(step, total_steps)
+    elif config.resume and on_fresh_start:
+        on_fresh_start(ckpt)
+    elif config.overwrite:
+        # Asked for: the earlier run's progress goes now, so an interruption before this run's first
+        # checkpoint leaves no checkpoint of another run to be mistaken for this one's.
+        ckpt.unlink(missing_ok=True)
 
     loss = float("nan")
     throughput = _Throughput()
@@ -495,7 +547,10 @@ def _train(
         if on_step:
             on_step(StepInfo(step, total_steps, loss, lr, pairs_per_s))
         if step % config.checkpoint_every == 0 and step < total_steps:
-            _atomic_save(_checkpoint_state(model, optimizer, step, signature), ckpt)
+            with _signals_held():
+                _atomic_save(_checkpoint_state(model, optimizer, step, signature), ckpt)
+                if on_checkpoint:
+                    on_checkpoint(step)
 
     result = TrainResult(step, loss, 0.0)
     if val_idx:
@@ -505,7 +560,8 @@ def _train(
         result.val_image_to_text_r1 = recall.image_to_text
         result.val_text_to_image_r1 = recall.text_to_image
     model.eval()
-    _atomic_save(export_state_dict(model, config.half), config.output)
-    ckpt.unlink(missing_ok=True)
+    with _signals_held():
+        _atomic_save(export_state_dict(model, config.half), config.output)
+        ckpt.unlink(missing_ok=True)
     result.seconds = time.perf_counter() - started
     return result

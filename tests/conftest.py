@@ -15,6 +15,21 @@ from typer.testing import CliRunner
 from clipcli.cli import app
 from clipcli.families.openai import ARCHITECTURES, import_clip
 
+# The terminal width every test and every process it starts sees. Rich (and click) read COLUMNS; without it a
+# table is as wide as the terminal pytest was started from, or 80 columns under CI, and a path in a table or
+# a title folds wherever its length puts it: a test that reads terminal output then passes or fails on the
+# length of the temporary folder's path. 500 columns hold a path under a long --basetemp (.ci/run uses one).
+# A test that needs another width says so (env={"COLUMNS": "80"}).
+TEST_COLUMNS = 500
+
+
+@pytest.fixture(autouse=True)
+def fixed_terminal_width(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Set for each test, not for the session, so pytest's own report keeps the terminal's width."""
+    monkeypatch.setenv("COLUMNS", str(TEST_COLUMNS))
+    # Typer's help reads TERMINAL_WIDTH before COLUMNS: a developer's own setting must not change the suite.
+    monkeypatch.delenv("TERMINAL_WIDTH", raising=False)
+
 
 def write_checkpoint(path: Path, arch: str, seed: int = 0) -> Path:
     """A random model saved the way OpenAI's checkpoints are: fp16 weights, plain state dict."""

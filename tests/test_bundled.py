@@ -40,6 +40,7 @@ def accuracy(split: str, background: str, n: int, seed: int) -> float:
     return float((predicted == torch.tensor(targets)).float().mean())
 
 
+@pytest.mark.slow
 def test_bundled_model_is_listed_and_small():
     entry = next(e for e in list_models() if e.name == "tiny-shapes")
     assert entry.available and entry.kind == "bundled"
@@ -67,6 +68,7 @@ def _quick_start_command() -> str:
     return block.group(1)
 
 
+@pytest.mark.slow
 def test_readme_quick_start_names_every_sample_correctly():
     """The README's first command, minus the install it starts with, run as a user would."""
     command = _quick_start_command()

@@ -131,10 +131,21 @@ def test_labels_file_and_template_sets(cli, images, vit_ckpt, tmp_path):
     )
     assert ran.exit_code == 0, ran.stderr
     assert ran.stdout.count("%") == 5
+    from clipcli.prompts import builtin_templates
+
+    def scores(*prompts: str) -> dict[str, float]:
+        common = ["classify", str(images[0]), "--labels", "a,b", "-k", "2", "-m", str(vit_ckpt), "-f", "jsonl"]
+        ran = cli(*common, *prompts)
+        assert ran.exit_code == 0, ran.stderr
+        return {p["label"]: p["score"] for p in json.loads(ran.stdout)["predictions"]}
+
+    default = scores()
     for name in ("cifar", "imagenet"):
-        assert (
-            cli("classify", str(images[0]), "--labels", "a,b", "--templates", name, "-m", str(vit_ckpt)).exit_code == 0
-        )
+        # a set is its templates as an ensemble, exactly, and gives other scores than the default set
+        named = scores("--templates", name)
+        spelled_out = [arg for t in builtin_templates(name).templates for arg in ("--template", t)]
+        assert named == pytest.approx(scores(*spelled_out), abs=1e-6)
+        assert named != pytest.approx(default, abs=1e-4)
 
 
 def test_prompt_ensemble_is_renormalised_mean(vit_ckpt):

@@ -94,6 +94,7 @@ def test_lines_of_a_file_keep_their_line_numbers_and_blank_lines_are_passed_over
     check_tidy(frame, TEXTS, expected(bart_dir, TEXTS), k=3)
 
 
+@pytest.mark.slow
 def test_stdin_lines_with_a_dash(cli: Callable[..., Ran], bart_dir: Path) -> None:
     for args in (["-"], ["--texts-file", "-"]):
         ran = cli("classify-text", *args, "-l", LABELS, "-m", str(bart_dir), "-f", "csv", input="\n".join(TEXTS))

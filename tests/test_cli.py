@@ -62,6 +62,7 @@ def test_a_repeated_option_value_that_looks_like_an_option_is_a_value(cli):
     assert ran.exit_code == 0, ran.stderr
 
 
+@pytest.mark.slow
 def test_templates_repeat_into_one_ensemble(cli):
     from clipcli.prompts import builtin_templates, resolve_templates
 
@@ -132,6 +133,7 @@ def test_rank_data_outputs_put_the_path_first_and_tsv_keeps_score_first(cli, tmp
     assert float(score) > 0 and path.endswith("red-cross.jpg")
 
 
+@pytest.mark.slow
 def test_progress_appears_on_a_terminal_and_prompts_have_their_own_bar(tmp_path):
     """Encoding many prompts and classifying are two bars, one after the other (rich allows one at a time)."""
     leader, follower = os.openpty()
@@ -279,6 +281,7 @@ def test_a_mistyped_input_is_an_error_when_it_was_the_only_one(cli, tmp_path, co
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_the_output_is_locked_while_stdin_is_read(tmp_path):
     env = {**os.environ, "COLUMNS": "100"}
     first = subprocess.Popen(

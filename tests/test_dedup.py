@@ -63,6 +63,7 @@ def test_dedup_finds_exactly_the_planted_copies(cli, planted):
     assert "found 3 groups of near-duplicates (4 copies)" in ran.stderr
 
 
+@pytest.mark.slow
 def test_keep_prints_the_paths_one_could_delete(cli, planted):
     folder, groups = planted
     largest = cli("dedup", str(folder), "-m", "tiny-shapes", "--keep", "largest")

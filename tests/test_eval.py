@@ -56,6 +56,7 @@ def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CLIPCLI_CACHE", str(tmp_path / "cache"))
 
 
+@pytest.mark.slow
 def test_acc1_equals_the_fraction_classify_gets_right(cli: Cli, shapes_folder: Path, tmp_path: Path) -> None:
     data = shapes_folder / "data"
     report = tmp_path / "r.json"
@@ -72,6 +73,7 @@ def test_acc1_equals_the_fraction_classify_gets_right(cli: Cli, shapes_folder: P
     assert acc1 > 0.5  # the bundled model knows these shapes
 
 
+@pytest.mark.slow
 def test_folder_and_manifest_give_the_same_report(cli: Cli, shapes_folder: Path, tmp_path: Path) -> None:
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     cli("eval", str(shapes_folder / "data"), "-m", "tiny-shapes", "--report", str(a))
@@ -81,6 +83,7 @@ def test_folder_and_manifest_give_the_same_report(cli: Cli, shapes_folder: Path,
     assert ra["confusion_matrix"] == rb["confusion_matrix"]
 
 
+@pytest.mark.slow
 def test_report_matches_its_schema_and_predictions_file(
     cli: Cli, shapes_folder: Path, tmp_path: Path, vit_ckpt: Path
 ) -> None:
@@ -123,6 +126,7 @@ def test_report_matches_its_schema_and_predictions_file(
     assert "vs simple" in ran.stderr and "cifar (18)" in ran.stderr
 
 
+@pytest.mark.slow
 def test_text_cache_is_hit_on_a_rerun(
     cli: Cli, shapes_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -146,6 +150,7 @@ def test_text_cache_is_hit_on_a_rerun(
     assert len(calls) == 2
 
 
+@pytest.mark.slow
 def test_min_acc1_gate(cli: Cli, shapes_folder: Path, tmp_path: Path) -> None:
     data = str(shapes_folder / "data")
     assert cli("eval", data, "-m", "tiny-shapes", "--min-acc1", "0.2").exit_code == 0
@@ -174,6 +179,7 @@ def _captions(shapes_folder: Path) -> Path:
     return manifest
 
 
+@pytest.mark.slow
 def test_min_acc1_gates_retrieval_on_the_smaller_recall_at_1(cli: Cli, shapes_folder: Path, tmp_path: Path) -> None:
     manifest = str(_captions(shapes_folder))
     report = tmp_path / "r.json"
@@ -273,6 +279,7 @@ def test_retrieval_manifest(cli: Cli, shapes_folder: Path, tmp_path: Path) -> No
     assert metrics["image_to_text_recall@10"] >= metrics["image_to_text_recall@1"]
 
 
+@pytest.mark.slow
 def test_plots(cli: Cli, shapes_folder: Path, tmp_path: Path) -> None:
     ran = cli("eval", str(shapes_folder / "data"), "-m", "tiny-shapes", "--plots", str(tmp_path / "plots"))
     assert ran.exit_code == 0, ran.stderr
@@ -425,6 +432,7 @@ class _FakeProgress:
         pass
 
 
+@pytest.mark.slow
 def test_prompt_encoding_shows_progress_unless_cached(
     cli: Cli, shapes_folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -590,15 +598,26 @@ def test_report_help_names_the_schema_that_ships(cli: Cli) -> None:
     assert (resources.files("clipcli") / "report.schema.json").is_file()
 
 
-def test_walk_folder_is_public_and_datasets_use_it() -> None:
-    import inspect
+def test_walk_folder_is_public_and_datasets_use_it(tmp_path: Path) -> None:
+    """An eval folder lists its images as classify walks a folder: natural order, images only, a link back
+    up the tree entered once."""
+    from PIL import Image
 
-    import clipcli.datasets
     import clipcli.images
+    from clipcli.datasets import load_dataset
 
     assert not hasattr(clipcli.images, "_walk_folder")
-    source = inspect.getsource(clipcli.datasets)
-    assert "from clipcli.images import natural_key, walk_folder" in source and "_walk_folder" not in source
+    root = tmp_path / "classes"
+    for name in ("cats/img10.png", "cats/img2.png", "dogs/b.JPG", "dogs/a.png"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(root / name, format="PNG")
+    (root / "cats" / "notes.txt").write_text("not an image")
+    (root / "dogs" / "loop").symlink_to(root)
+    walked = [ref.path for ref in clipcli.images.walk_folder(str(root))]
+    expected = ["cats/img2.png", "cats/img10.png", "dogs/a.png", "dogs/b.JPG"]
+    assert walked == [str(root / name) for name in expected]
+    dataset = load_dataset(root)
+    assert dataset.ids == walked and dataset.classes == ["cats", "dogs"] and dataset.targets == [0, 0, 1, 1]
 
 
 def test_eval_scores_are_classifys_probabilities(cli: Cli, shapes_folder: Path, tmp_path: Path) -> None:

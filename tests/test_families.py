@@ -126,6 +126,7 @@ def _library_probabilities(kind: str, logits: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("kind", list(SPECS))
+@pytest.mark.slow
 def test_embeddings_and_probabilities_equal_the_librarys_own(
     kind: str, made: dict[str, Path], cli: Cli, tmp_path: Path
 ) -> None:
@@ -160,11 +161,13 @@ def _text_trimmed(lm: LoadedModel) -> bool:
 @pytest.mark.parametrize(
     ("kind", "trims"), [("oc_vit", True), ("oc_sl", False), ("hf_clip", True), ("hf_siglip", False)]
 )
+@pytest.mark.slow
 def test_padding_is_trimmed_only_for_causal_end_token_towers(kind: str, trims: bool, made: dict[str, Path]) -> None:
     assert _text_trimmed(load_model(SPECS[kind](made), "cpu", "fp32")) is trims
 
 
 @pytest.mark.parametrize("kind", list(SPECS))
+@pytest.mark.slow
 def test_bf16_weights_are_cast_once_and_agree_with_fp32(kind: str, made: dict[str, Path]) -> None:
     from clipcli.encode import encode_texts
 
@@ -177,6 +180,7 @@ def test_bf16_weights_are_cast_once_and_agree_with_fp32(kind: str, made: dict[st
 
 
 @pytest.mark.parametrize("kind", list(SPECS))
+@pytest.mark.slow
 def test_classify_embed_then_rank_over_the_saved_embeddings(
     kind: str, made: dict[str, Path], cli: Cli, tmp_path: Path
 ) -> None:
@@ -249,7 +253,8 @@ def _one_line_error(ran: Ran, *fragments: str) -> None:
 @pytest.mark.parametrize(
     ("model", "fragments"),
     [
-        ("open_clip:ViT-B-99/laion2b", ["unknown open_clip architecture 'ViT-B-99'", "ViT-B-32", "ViT-L-14"]),
+        # The closest few names, not all ~150 (issue 21, item 19): ViT-L-14 is no longer listed here.
+        ("open_clip:ViT-B-99/laion2b", ["unknown open_clip architecture 'ViT-B-99'", "ViT-B-32", "ViT-B-16"]),
         ("open_clip:ViT-B-32/laion9b", ["unknown open_clip tag 'laion9b'", "laion2b_s34b_b79k", "openai"]),
         ("open_clip:ViT-B-32", ["expected open_clip:ARCH/TAG"]),
         ("open_clip:ViT-B-32/missing.pt", ["no such checkpoint file"]),
@@ -302,6 +307,7 @@ def test_offline_without_files_is_one_line_in_a_fresh_process(tmp_path: Path, py
         assert str(tmp_path / "hf") in lines[0]
 
 
+@pytest.mark.slow
 def test_no_network_fails_at_once_without_the_offline_switch(tmp_path: Path, python: str) -> None:
     """Without HF_HUB_OFFLINE, an unreachable hub is one line within seconds, not minutes of retries."""
     import socket

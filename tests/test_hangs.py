@@ -129,6 +129,7 @@ def _fifo_and_good_image(tmp_path: Path) -> None:
         ("with decoding workers", ["in", "--workers", "2"], None),
     ],
 )
+@pytest.mark.slow
 def test_a_run_with_a_fifo_ends_and_writes_the_good_images(tmp_path, way, args, stdin):
     _fifo_and_good_image(tmp_path)
     ran = run_cli(*args, cwd=tmp_path, input=stdin)
@@ -184,6 +185,7 @@ def test_a_link_to_a_folder_outside_the_tree_is_followed(tmp_path):
     assert [os.path.relpath(r.path, tmp_path / "tree") for r in refs] == ["a.jpg", "elsewhere/c.jpg"]
 
 
+@pytest.mark.slow
 def test_a_run_over_a_folder_with_symlink_loops_classifies_each_image_once(tmp_path):
     _tree_with_loops(tmp_path / "tree", ["self", "up"])
     ran = run_cli("tree", cwd=tmp_path)

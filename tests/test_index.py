@@ -98,6 +98,7 @@ def test_the_cli_refuses_an_index_of_another_model(cli, tmp_path, vit_ckpt):
     assert ran.exit_code == 2 and "index of embeddings made with test-vit.pt" in ran.stderr
 
 
+@pytest.mark.slow
 def test_a_stale_index_is_detected_then_brought_up_to_date(cli, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     photos = tmp_path / "photos"
@@ -123,6 +124,7 @@ def test_a_stale_index_is_detected_then_brought_up_to_date(cli, tmp_path, monkey
     assert len(fresh.stdout.splitlines()) == 1 + 25
 
 
+@pytest.mark.slow
 def test_batch_queries_answer_like_single_queries(cli, tmp_path):
     emb = tmp_path / "emb.npy"
     assert cli("embed", str(SAMPLES), "-m", "tiny-shapes", "-o", str(emb)).exit_code == 0
@@ -152,6 +154,7 @@ def test_stale_is_raised_by_the_core_after_the_source_changes(tmp_path):
         open_index(default_index_path(source), source, expect())
 
 
+@pytest.mark.slow
 def test_an_index_kept_elsewhere_is_named_with_index(cli, tmp_path):
     emb = tmp_path / "emb.npy"
     assert cli("embed", str(SAMPLES / "seen"), "-m", "tiny-shapes", "-o", str(emb)).exit_code == 0

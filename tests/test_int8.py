@@ -46,6 +46,7 @@ def bundled() -> tuple[LoadedModel, LoadedModel]:
     return load_model("tiny-shapes", "cpu", "fp32"), load_model("tiny-shapes", "cpu", "int8")
 
 
+@pytest.mark.slow
 def test_bundled_int8_embeddings_within_cosine_099_of_fp32(bundled):
     fp32, int8 = bundled
     assert int8.precision == "int8"
@@ -83,6 +84,7 @@ def test_the_text_tower_is_rewritten_on_its_first_call_only(vit_ckpt):
     assert torch.allclose(encode_texts(int8, ["a red circle"]), first)
 
 
+@pytest.mark.slow
 def test_held_out_top1_unchanged_at_int8(bundled):
     """Top-1 of the bundled model's held-out samples, and of freshly drawn held-out images, as at fp32."""
     fp32, int8 = bundled
@@ -103,6 +105,7 @@ def test_held_out_top1_unchanged_at_int8(bundled):
     assert top1(int8) == expected
 
 
+@pytest.mark.slow
 def test_classify_cli_answers_the_same_at_int8(cli):
     base = ["classify", str(ROOT / "samples" / "held-out"), "-m", "tiny-shapes", "-k", "1", "-f", "csv"]
     base += ["--labels-file", str(ROOT / "samples" / "labels.txt")]

@@ -153,6 +153,7 @@ def test_help_imports_no_heavy_library():
 
 
 @pytest.mark.parametrize("output", ["-f jsonl", "-o {tmp}/emb/"])
+@pytest.mark.slow
 def test_embedding_imports_neither_torchvision_nor_pandas(tmp_path, output):
     """clip's __init__ pulls in torchvision and torch's compiler stack, pa.array() pandas: ~330 MiB for nothing."""
     argv = ["clipcli", "embed", "samples/seen", "-m", "tiny-shapes", *output.format(tmp=tmp_path).split()]
@@ -184,6 +185,7 @@ def test_python_dash_m_and_version():
     assert done.returncode == 0 and done.stdout.startswith("clipcli ")
 
 
+@pytest.mark.slow
 def test_the_console_entry_flushes_output_and_keeps_exit_codes(tmp_path):
     """main() leaves through os._exit, so what it printed and the exit status must survive that."""
     run = [sys.executable, "-m", "clipcli", "embed", "-m", "tiny-shapes", "-f", "jsonl"]

@@ -32,6 +32,7 @@ def folder(request: pytest.FixtureRequest) -> Path:
 
 @pytest.mark.parametrize("multi_label", [False, True], ids=["single-label", "multi-label"])
 @pytest.mark.parametrize("batch_size", [1, 7], ids=["one-pair-batches", "mixed-length-batches"])
+@pytest.mark.slow
 def test_scores_equal_the_pipelines(folder: Path, multi_label: bool, batch_size: int) -> None:
     nm = load_nli_model(str(folder), "cpu", "fp32")
     ours = list(iter_scores(nm, PARITY_TEXTS, LABELS, TEMPLATE, multi_label, batch_size=batch_size))

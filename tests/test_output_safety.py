@@ -164,6 +164,7 @@ def test_a_lock_nests_within_a_process_and_excludes_other_processes(tmp_path):
 # 2, 3, 7. NPY and its sidecar
 
 
+@pytest.mark.slow
 def test_npy_pair_is_kept_whole_when_the_sidecar_cannot_be_written(cli, tmp_path, monkeypatch):
     out = tmp_path / "emb.npy"
     assert cli("embed", str(SAMPLES / "seen"), "-m", "tiny-shapes", "-o", str(out)).exit_code == 0
@@ -184,6 +185,7 @@ def test_npy_pair_is_kept_whole_when_the_sidecar_cannot_be_written(cli, tmp_path
     assert temporaries(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_npy_pair_on_a_full_filesystem_keeps_the_previous_pair(tmp_path):
     with tmpfs(tmp_path / "small", "64k") as small:
         out = small / "emb.npy"
@@ -198,6 +200,7 @@ def test_npy_pair_on_a_full_filesystem_keeps_the_previous_pair(tmp_path):
         assert temporaries(small) == []
 
 
+@pytest.mark.slow
 def test_a_sidecar_from_another_run_is_refused(cli, tmp_path):
     out = tmp_path / "emb.npy"
     assert cli("embed", str(SAMPLES / "busy"), "-m", "tiny-shapes", "-o", str(out)).exit_code == 0
@@ -317,6 +320,7 @@ def test_sigkill_leaves_the_previous_file_and_the_next_run_cleans_up(tmp_path, o
 
 
 @pytest.mark.parametrize("output", ["out.parquet", "out.csv", "out.jsonl"])
+@pytest.mark.slow
 def test_an_output_holds_this_runs_result_even_when_every_input_is_skipped(cli, tmp_path, output):
     old = ["classify", str(SAMPLES / "seen"), "-m", "tiny-shapes", "-l", "x,y", "-o", str(tmp_path / output)]
     assert cli(*old).exit_code == 0
@@ -376,6 +380,7 @@ def test_duplicate_rows_left_by_an_earlier_version_are_dropped_on_the_next_run(c
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "csv", "jsonl", "npy", "dir"])
+@pytest.mark.slow
 def test_a_name_that_is_not_utf8_is_stored_losslessly_or_skipped(cli, tmp_path, monkeypatch, fmt):
     monkeypatch.chdir(tmp_path)
     shutil.copytree(SAMPLES / "seen", "imgs")
@@ -426,6 +431,7 @@ def test_an_output_whose_folder_is_a_file_fails_before_the_first_image(cli, tmp_
 
 @pytest.mark.parametrize("command", ["classify", "embed"])
 @pytest.mark.parametrize("output", ["out.csv", "out.jsonl", "out.parquet"])
+@pytest.mark.slow
 def test_a_full_disk_is_a_one_line_error_and_keeps_the_previous_file(tmp_path, command, output):
     distinct(tmp_path / "many", 1000)
     # classify: 8 scores an image, which no compression fits into the small filesystem
@@ -444,6 +450,7 @@ def test_a_full_disk_is_a_one_line_error_and_keeps_the_previous_file(tmp_path, c
         assert temporaries(small) == []
 
 
+@pytest.mark.slow
 def test_a_full_disk_under_a_directory_output_keeps_every_part_written(tmp_path):
     import pyarrow.dataset as ds
 
@@ -458,6 +465,7 @@ def test_a_full_disk_under_a_directory_output_keeps_every_part_written(tmp_path)
         assert temporaries(small) == []
 
 
+@pytest.mark.slow
 def test_a_failing_write_is_a_one_line_error_and_keeps_the_previous_file(cli, tmp_path, monkeypatch):
     out = tmp_path / "out.csv"
     assert cli("classify", str(SAMPLES / "seen"), "-m", "tiny-shapes", "-l", "x,y", "-o", str(out)).exit_code == 0
@@ -507,6 +515,7 @@ def test_embeddings_npy_reads_like_numpy(cli, tmp_path):
 # Found by attacking the first fixes: outputs that are not plain files, and outputs of eval and train
 
 
+@pytest.mark.slow
 def test_an_output_that_is_a_fifo_or_a_device_is_written_in_place(cli, tmp_path):
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
@@ -523,6 +532,7 @@ def test_an_output_that_is_a_fifo_or_a_device_is_written_in_place(cli, tmp_path)
     assert temporaries(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_an_output_that_is_a_symlink_writes_and_locks_its_target(cli, tmp_path):
     real = tmp_path / "real.csv"
     real.write_text("old\n")
@@ -540,12 +550,14 @@ def test_an_output_that_is_a_symlink_writes_and_locks_its_target(cli, tmp_path):
     assert link.is_symlink() and real.read_text().startswith("path,rank,label,score\n")
 
 
+@pytest.mark.slow
 def test_embed_writes_csv_to_a_name_without_an_extension(cli, tmp_path):
     ran = cli("embed", str(SAMPLES / "seen"), "-m", "tiny-shapes", "-f", "csv", "-o", str(tmp_path / "noext"))
     assert ran.exit_code == 0, ran.stderr
     assert (tmp_path / "noext").read_text().startswith("path,e0,")
 
 
+@pytest.mark.slow
 def test_an_existing_parquet_folder_is_a_dataset_as_spark_writes_them(cli, tmp_path):
     assert cli("embed", str(SAMPLES / "seen"), "-m", "tiny-shapes", "-o", f"{tmp_path}/s/").exit_code == 0
     (tmp_path / "s").rename(tmp_path / "s.parquet")
@@ -580,6 +592,7 @@ def test_eval_outputs_are_checked_before_the_evaluation(cli, tmp_path):
         assert "zero-shot evaluation" not in ran.stderr and "acc@1" not in ran.stderr  # nothing was evaluated
 
 
+@pytest.mark.slow
 def test_eval_report_removes_what_a_killed_run_left(cli, tmp_path):
     stale = tmp_path / ".r.json.99999999.tmp"
     stale.write_text("{")
@@ -588,6 +601,7 @@ def test_eval_report_removes_what_a_killed_run_left(cli, tmp_path):
     assert temporaries(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_csv_quotes_names_holding_a_carriage_return(cli, tmp_path):
     import pandas as pd
 
@@ -610,12 +624,14 @@ def test_stdin_paths_separated_by_nul_bytes(cli, tmp_path):
     assert [json.loads(line)["path"] for line in ran.stdout.splitlines()] == [str(first), str(second)]
 
 
+@pytest.mark.slow
 def test_a_folder_named_twice_through_a_link_is_walked_once(cli, tmp_path):
     (tmp_path / "alias").symlink_to(SAMPLES / "seen")
     ran = cli("embed", str(SAMPLES / "seen"), str(tmp_path / "alias"), "-m", "tiny-shapes", "-f", "jsonl")
     assert ran.exit_code == 0 and len(ran.stdout.splitlines()) == 16
 
 
+@pytest.mark.slow
 def test_rank_ranks_an_image_folder_that_holds_a_parquet_file(cli, tmp_path):
     folder = tmp_path / "imgs"
     shutil.copytree(SAMPLES / "seen", folder)
@@ -672,6 +688,7 @@ def test_kill_9_of_a_run_with_workers_frees_its_output_for_the_next_run(tmp_path
     assert temporaries(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_outputs_to_dev_stdout_and_to_a_pipe(tmp_path):
     command = f"{sys.executable} -m clipcli embed {SAMPLES / 'seen'} -m tiny-shapes"
     piped = subprocess.run(
@@ -685,6 +702,7 @@ def test_outputs_to_dev_stdout_and_to_a_pipe(tmp_path):
     assert not list(tmp_path.glob(".*"))
 
 
+@pytest.mark.slow
 def test_the_npy_sidecar_is_locked_with_the_matrix(cli, tmp_path):
     from clipcli.atomic import OutputLock
 

@@ -63,6 +63,7 @@ def test_encode_texts_reports_progress_per_batch(tiny_shapes: LoadedModel) -> No
     assert torch.equal(with_progress, encode_texts(tiny_shapes, texts, batch_size=3))
 
 
+@pytest.mark.slow
 def test_zero_shot_classifier_reports_every_prompt(tiny_shapes: LoadedModel) -> None:
     from clipcli.encode import TEXT_BATCH
 
@@ -92,6 +93,7 @@ def test_cached_classifier_reports_progress_only_when_it_encodes(
     assert not list((tmp_path / "cache").rglob(".*.tmp"))
 
 
+@pytest.mark.slow
 def test_classify_reports_prompt_encoding_before_the_first_image(tiny_shapes: LoadedModel) -> None:
     from clipcli.classify import classify_images
     from clipcli.images import ImageRef

@@ -34,6 +34,7 @@ def test_text_query_over_samples_puts_a_red_circle_first(cli):
     assert [s for s, _ in hits] == sorted((s for s, _ in hits), reverse=True)
 
 
+@pytest.mark.slow
 def test_saved_embeddings_rank_like_the_images(cli, tmp_path):
     for out in (tmp_path / "emb/", tmp_path / "emb.npy", tmp_path / "emb.parquet"):
         assert cli("embed", str(SAMPLES), "-m", "tiny-shapes", "-o", str(out)).exit_code == 0
@@ -90,6 +91,7 @@ def test_usage_errors(cli):
     assert "no sources" in cli("rank", "a dog", "-m", "tiny-shapes").stderr
 
 
+@pytest.mark.slow
 def test_search_cache_answers_like_parquet_and_follows_changes(cli, tmp_path, monkeypatch):
     """The memory-mapped copy gives the same hits, is used once built, and is rebuilt when a part changes."""
     import clipcli.saved as saved_module

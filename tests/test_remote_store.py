@@ -34,8 +34,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def s3_server() -> Iterator[str]:
     server = Path(sys.executable).with_name("moto_server")
-    if not server.exists():
-        pytest.skip("moto_server not installed: pip install 'moto[server]'")
+    # moto[server] is in the test extra: without it these tests fail, never skip
+    assert server.exists(), "moto_server not installed: pip install -e '.[test]'"
     port = _free_port()
     proc = subprocess.Popen(
         [str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -120,6 +120,7 @@ def change_files(folder: Path) -> None:
     make_image(folder / "new.jpg", (33, 44), seed=7)
 
 
+@pytest.mark.slow
 def test_local_engine_into_a_uri_equals_a_directory_and_reruns_only_what_changed(cli, bucket, folder, tmp_path):
     local = tmp_path / "local"
     assert cli("embed", str(folder), *MODEL, "-o", f"{local}/").exit_code == 0
@@ -139,6 +140,7 @@ def test_local_engine_into_a_uri_equals_a_directory_and_reruns_only_what_changed
     assert_same(fresh, bucket)
 
 
+@pytest.mark.slow
 def test_three_shards_into_one_uri_equal_one_run(cli, bucket, folder, tmp_path):
     whole = tmp_path / "whole"
     assert cli("embed", str(folder), *MODEL, "-o", f"{whole}/").exit_code == 0
@@ -178,6 +180,7 @@ def test_three_shard_processes_at_once_into_one_uri_equal_one_run(cli, bucket, f
         assert_same(whole, bucket)
 
 
+@pytest.mark.slow
 def test_a_shard_never_rewrites_parts_it_does_not_own(cli, bucket, folder):
     from clipcli.shard import shard_of
 
@@ -204,6 +207,7 @@ def test_a_missing_bucket_is_one_error_before_anything_is_embedded(cli, bucket, 
     assert len(ran.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_file_uris_are_local_directories(cli, folder, tmp_path):
     local, via_uri = tmp_path / "local", tmp_path / "via uri"
     assert cli("embed", str(folder), *MODEL, "-o", f"{local}/").exit_code == 0
@@ -226,8 +230,7 @@ def test_uri_outputs_other_than_image_datasets_are_refused(cli, folder, args):
 
 @pytest.mark.slow
 def test_ray_writes_the_same_dataset_into_a_uri(cli, bucket, folder, tmp_path):
-    pytest.importorskip("ray")
-    from ray.cluster_utils import Cluster
+    from ray.cluster_utils import Cluster  # ray is in the test extra: missing, it fails here
 
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     (folder / "broken.jpg").write_bytes(b"not a picture")

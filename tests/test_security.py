@@ -119,6 +119,7 @@ def test_torchscript_setstate_is_not_run(tmp_path, cli):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_the_command_prints_one_line_and_runs_nothing(tmp_path):
     """The same through a real process: no torch warning or traceback reaches stderr."""
     marker = tmp_path / "ran-setstate"
@@ -201,6 +202,7 @@ def _traced_clip(ckpt: Path, path: Path, resolution: int) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_archives_read_as_jit_load_reads_them_without_calling_it(tmp_path, rn_ckpt, monkeypatch):
     from clipcli.checkpoint import read_torchscript_state_dict
 
@@ -350,6 +352,7 @@ def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path, cli, layout):
     assert not marker.exists() and not out.exists()
 
 
+@pytest.mark.slow
 def test_resume_checkpoints_load_as_tensors_only(tmp_path):
     from clipcli.train import TrainConfig, train
 

@@ -54,6 +54,7 @@ def test_shards_partition_paths_the_same_way_in_every_process():
     assert other.stdout.strip() == str(owners[:50])  # Python's salted hash() would differ
 
 
+@pytest.mark.slow
 def test_three_shards_equal_one_run_and_stay_equal_incrementally(cli, folder, tmp_path):
     whole, sharded = tmp_path / "whole", tmp_path / "sharded"
     model = ("-m", "tiny-shapes", "--precision", "fp32")
@@ -84,6 +85,7 @@ def test_three_shards_equal_one_run_and_stay_equal_incrementally(cli, folder, tm
     assert_same_dataset(whole, sharded)
 
 
+@pytest.mark.slow
 def test_shards_after_an_unsharded_run_clean_only_their_own_rows(cli, folder, tmp_path):
     out = tmp_path / "out"
     model = ("-m", "tiny-shapes", "--precision", "fp32")
@@ -142,6 +144,7 @@ def held_elsewhere(lock: str) -> Iterator[None]:
         proc.communicate("")
 
 
+@pytest.mark.slow
 def test_runs_that_would_collide_are_refused(cli, folder, tmp_path):
     out = tmp_path / "out"
     shard_lock = f"from clipcli.shard import Shard, ShardLocks\nlock = ShardLocks(Path({str(out)!r}), Shard(1, 2))"

@@ -166,6 +166,7 @@ def _first_pairs(pairs: Path, n: int, tmp_path: Path) -> Path:
     return _write_pairs(tmp_path / "few.csv", absolute)
 
 
+@pytest.mark.slow
 def test_step_rate_counts_pairs_not_steps(pairs: Path, tmp_path: Path) -> None:
     seen: list[tuple[float, StepInfo]] = []
     few = _first_pairs(pairs, 16, tmp_path)
@@ -178,6 +179,7 @@ def test_step_rate_counts_pairs_not_steps(pairs: Path, tmp_path: Path) -> None:
     assert between == pytest.approx(t2 - t1, rel=0.05, abs=0.02)
 
 
+@pytest.mark.slow
 def test_resume_says_where_it_continues(cli: Cli, pairs: Path, tmp_path: Path) -> None:
     few, out = _first_pairs(pairs, 8, tmp_path), tmp_path / "m.pt"
     # The CLI's own defaults, so the CLI run below accepts this checkpoint as its own.
@@ -225,14 +227,32 @@ def test_unknown_arch_lists_the_public_architectures_only(cli: Cli, pairs: Path,
     assert all(name in text for name in PUBLIC_ARCHITECTURES)
 
 
-def test_train_device_defaults_to_auto() -> None:
-    import typer
+def test_train_device_defaults_to_auto(cli: Cli, pairs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run without --device asks the training loop for "auto" (the GPU where there is one), as every other
+    command does, and --device reaches it; the spy stops each run there with an error naming what it got."""
+    import clipcli.precision
+    from clipcli.errors import ModelError
 
-    from clipcli.cli import app
+    def spy(spec: str) -> torch.device:
+        raise ModelError(f"asked for device {spec!r}")
 
-    group = typer.main.get_command(app)
-    assert isinstance(group, typer.core.TyperGroup)
-    assert {p.name: p.default for p in group.commands["train"].params}["device"] == "auto"
+    monkeypatch.setattr(clipcli.precision, "resolve_device", spy)
+    common = ["train", str(pairs), "-o", str(tmp_path / "m.pt"), "--arch", "test-rn", "--steps", "1"]
+    for flags, spec in (([], "auto"), (["--device", "cpu"], "cpu")):
+        ran = cli(*common, *flags)
+        assert ran.exit_code == 2 and ran.stderr.strip() == f"Error: asked for device {spec!r}", ran.stderr
+
+
+def test_make_shapes_writes_the_images_and_their_captions(cli: Cli, tmp_path: Path) -> None:
+    """The fast loop's one run of `make-shapes`: as many images as asked, each named once in pairs.csv."""
+    ran = cli("make-shapes", str(tmp_path / "shapes"), "-n", "6", "--workers", "1")
+    assert ran.exit_code == 0, ran.stderr
+    assert ran.stderr.strip() == f"wrote 6 images and {tmp_path / 'shapes' / 'pairs.csv'}"
+    with (tmp_path / "shapes" / "pairs.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 and all(row["text"] for row in rows)
+    images = sorted(p.name for p in (tmp_path / "shapes").iterdir() if p.suffix in (".jpg", ".png"))
+    assert images == sorted(row["image"] for row in rows)
 
 
 def test_trim_padding_cuts_to_the_longest_text() -> None:

@@ -36,9 +36,10 @@ def classify(
     from clipcli.commands.console import Progress, Tally, prompt_progress, say
     from clipcli.errors import EXIT_PARTIAL
     from clipcli.images import discover, nothing_found
-    from clipcli.io import choose_format, open_writer, parquet_storable, stdout_is_tty
+    from clipcli.io import choose_format, open_writer, parquet_storable, refuse_output_over_inputs, stdout_is_tty
     from clipcli.prompts import resolve_labels, resolve_templates
 
+    refuse_output_over_inputs([output], [*inputs, labels_file])
     label_list = resolve_labels(labels, labels_file)
     template_set = resolve_templates(template, templates)
     out_format = choose_format(opt.output_format(fmt), output, stdout_is_tty(), opt.RESULT_FORMATS)
@@ -84,6 +85,11 @@ def classify(
                     writer.write([{**row, "score": f"{row['score']:.2%}"} for row in item.rows()])
                 else:
                     writer.write(item.rows())
+    if len(label_list) == 1 and lm.scoring == "softmax":
+        say(
+            "warning: with one label every image scores 1.0 (a softmax shares the score among the labels); "
+            "give more labels, e.g. the alternatives to tell it from"
+        )
     say(f"classified {n_ok} image{'s' * (n_ok != 1)}, skipped {tally.skipped}")
     if tally.skipped:
         raise typer.Exit(EXIT_PARTIAL)

@@ -93,11 +93,12 @@ def classify_text(
 
     from clipcli.commands.console import Progress, say
     from clipcli.errors import EXIT_PARTIAL
-    from clipcli.io import choose_format, open_writer, stdout_is_tty
+    from clipcli.io import choose_format, open_writer, refuse_output_over_inputs, stdout_is_tty
     from clipcli.nli import classify_texts, hypotheses, load_nli_model, prediction_columns, prediction_schema
     from clipcli.prompts import resolve_labels
     from clipcli.text_inputs import open_texts
 
+    refuse_output_over_inputs([output], [texts_file, labels_file])
     label_list = resolve_labels(labels, labels_file)
     hypotheses(hypothesis, label_list)  # a template without {} is refused before the model loads
     out_format = choose_format(opt.output_format(fmt), output, stdout_is_tty(), opt.RESULT_FORMATS)

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
+from rich.cells import cell_len
+from rich.console import Console, ConsoleOptions
+from rich.text import Text
 
 from clipcli.io import printable
 
 if TYPE_CHECKING:
+    from rich.segment import Segment
+
     from clipcli.images import Skipped
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -22,6 +26,31 @@ def say(message: str) -> None:
 
 def skipped(path: str, reason: str) -> None:
     err.print(f"skipped {printable(path)}: {reason}", markup=False)
+
+
+class CountedTitle(Text):
+    """A table title that ends in a count, ``zero-shot evaluation on PATH (32 images)``. It wraps at the
+    table's width like any title, a long path folded, but the count never splits: ``(32`` at the end of
+    one line and ``images)`` on the next is what a user saw, and what made tests pass or fail on the
+    length of a temporary folder's path. Where the count does not fit after the last line of ``head`` it
+    starts a line of its own. Rich breaks lines at every Unicode space, a non-breaking one included, so
+    the wrapping is done here rather than with a special character (and the bytes stay plain spaces)."""
+
+    def __init__(self, head: str, count: str) -> None:
+        super().__init__(f"{head} {count}", no_wrap=False, overflow="fold")
+        self.head, self.count = head, count
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> Iterable[Segment]:
+        width = options.max_width
+        if cell_len(self.plain) <= width or cell_len(self.count) > width:
+            yield from super().__rich_console__(console, options)
+            return
+        lines = [line.plain.rstrip() for line in Text(self.head, overflow="fold").wrap(console, width)]
+        if cell_len(lines[-1]) + 1 + cell_len(self.count) <= width:
+            lines[-1] = f"{lines[-1]} {self.count}"
+        else:
+            lines.append(self.count)
+        yield from Text("\n".join(lines), justify=self.justify, overflow="fold").__rich_console__(console, options)
 
 
 class Tally:

@@ -44,6 +44,17 @@ def _is_dataset_dir(output: str | None) -> bool:
     return output.endswith(("/", os.sep)) or not suffix or (suffix in (".parquet", ".pq") and Path(output).is_dir())
 
 
+def _written_files(output: str | None, fmt: OutputFormat) -> list[str]:
+    """The files (or the folder) a run writes: the output, and an NPY output's sidecar."""
+    if not output or output == "-":
+        return []
+    if fmt is OutputFormat.NPY:
+        from clipcli.store import npy_sidecar
+
+        return [output, str(npy_sidecar(Path(output)))]
+    return [output]
+
+
 def _output_lock(output: str | None, is_dir: bool, shard: str | None = None) -> AbstractContextManager[object]:
     """The output's lock, held from before anything is read; none for stdout, a FIFO or a pipe. A shard
     run takes its shard's locks instead, which let the other shards write the same directory."""
@@ -129,6 +140,15 @@ def embed(
         ),
     ] = opt.Engine.LOCAL,
     ray_address: opt.RayAddress = None,
+    prune: Annotated[
+        bool,
+        typer.Option(
+            "--prune",
+            help="Let this run remove rows of files that are gone even when they are more than 10% of a "
+            "dataset's rows (and more than 5): without it such a run is refused, since an unmounted share "
+            "or a moved folder looks the same.",
+        ),
+    ] = False,
     shard: Annotated[
         str | None,
         typer.Option(
@@ -144,7 +164,7 @@ def embed(
     from clipcli.embed import embed_images, embed_text_list
     from clipcli.errors import EXIT_PARTIAL, InputError
     from clipcli.images import discover, nothing_found
-    from clipcli.io import choose_format, stdout_is_tty
+    from clipcli.io import choose_format, has_format_suffix, refuse_output_over_inputs, stdout_is_tty
     from clipcli.prompts import read_lines, resolve_templates
     from clipcli.remote_store import check_remote_output, local_output
 
@@ -155,9 +175,16 @@ def embed(
     check_remote_output(output, into_dir, text)
     if into_dir:
         out_format = OutputFormat.PARQUET
+    elif output and not text and fmt is None and not has_format_suffix(output) and Path(output).is_dir():
+        raise InputError(
+            f"{output}: is a directory; to write a Parquet dataset into it, end the name with a slash "
+            f"(-o {output.rstrip('/' + os.sep)}/), or name a file (.parquet, .npy, .csv or .jsonl)"
+        )
     else:
         out_format = choose_format(opt.output_format(fmt), output, stdout_is_tty(), FORMATS)
     _check_scale_out(engine, shard, text, into_dir, output)
+    written = _written_files(output, out_format)
+    refuse_output_over_inputs(written, [*inputs, texts_file])
     if shard is not None:
         from clipcli.shard import Shard
 
@@ -191,6 +218,8 @@ def embed(
         refs, missing = discover(inputs, sys.stdin)
         if not refs:
             raise nothing_found(inputs, missing)
+        if not into_dir:  # an image found in a folder given as input (a folder output holds none)
+            refuse_output_over_inputs(written, (r.file for r in refs))
         for m in missing:
             tally.on_skip(m)
         part_of = None
@@ -223,6 +252,7 @@ def embed(
                     on_skip=tally.on_skip,
                     on_plan=lambda n: bar.update(total=n),
                     on_batch=tally.on_batch,
+                    prune=prune,
                 )
             else:
                 summary = embed_images(
@@ -242,6 +272,7 @@ def embed(
                     on_batch=tally.on_batch,
                     shard=part_of,
                     decode=decode.value,
+                    prune=prune,
                 )
     say(
         f"embedded {summary.embedded}, unchanged {summary.unchanged}, removed {summary.removed}, "

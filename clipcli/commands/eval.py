@@ -120,11 +120,12 @@ def evaluate(
         retrieval_result,
         write_report,
     )
-    from clipcli.io import OutputFormat, choose_format, open_writer
+    from clipcli.io import OutputFormat, choose_format, open_writer, refuse_output_over_inputs
     from clipcli.models import default_model
     from clipcli.prompts import resolve_templates
     from clipcli.text_eval import is_text_manifest as text_manifest
 
+    refuse_output_over_inputs([report, predictions, plots], [data, classnames, *(models or []), *(templates or [])])
     if plots is not None:
         from clipcli.plots import require_matplotlib
 
@@ -327,6 +328,7 @@ def _print_table(console: Console, results: Sequence[EvalResult]) -> None:
     from rich.table import Table
     from rich.text import Text
 
+    from clipcli.commands.console import CountedTitle
     from clipcli.evaluate import gate_score
     from clipcli.io import printable
 
@@ -337,9 +339,10 @@ def _print_table(console: Console, results: Sequence[EvalResult]) -> None:
     baselines = _baselines(results)
     # Names come from the user (paths, templates): Text keeps rich from reading "[...]" in them as markup.
     # The title wraps at the table's width, where the console would leave a long dataset path to the terminal.
+    # The count stays whole on one line ("(32 images)", never "(32" / "images)"): see CountedTitle.
     unit = "texts" if results[0].dataset.startswith("texts:") else "images"
-    title = f"zero-shot evaluation on {results[0].dataset} ({results[0].n} {unit})"
-    table = Table(title=Text(printable(title), no_wrap=False, overflow="fold"))
+    head = printable(f"zero-shot evaluation on {results[0].dataset}")
+    table = Table(title=CountedTitle(head, f"({results[0].n} {unit})"))
     table.add_column("model", overflow="fold")
     if with_templates:
         table.add_column("templates", overflow="fold")

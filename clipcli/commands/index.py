@@ -51,8 +51,12 @@ def index(
     from clipcli.commands.console import Progress, say
     from clipcli.errors import InputError
     from clipcli.index import Kind, build_index, default_index_path
+    from clipcli.io import refuse_output_over_inputs
     from clipcli.saved import is_embedding_source
 
+    refuse_output_over_inputs([output], [], datasets=[source])
+    if not Path(source).exists():
+        raise InputError(f"{source}: does not exist")
     if not is_embedding_source(source):
         raise InputError(f"{source}: not embeddings written by `clipcli embed` (a Parquet file or folder, or an NPY)")
     out = Path(output) if output else default_index_path(Path(source))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+# Room the kind, status, size and path columns need beside the name (with the table's borders) to be read.
+MIN_OTHER_COLUMNS = 55
+
 
 def models() -> None:
     """List model names, which are cached or bundled (with sizes), and the cache folder.
@@ -10,6 +13,7 @@ def models() -> None:
     names (open_clip:ARCH/TAG) and the CLIP and SigLIP repos in the Hugging Face cache (hf:ORG/REPO).
     A table on a terminal; in a pipe, tab-separated rows (name, kind, status, bytes, path) for cut and awk.
     """
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
@@ -24,9 +28,23 @@ def models() -> None:
     if not stdout_is_tty():
         print("".join(f"{n}\t{k}\t{s}\t{'' if b is None else b}\t{p}\n" for n, k, s, b, p in rows), end="")
         return
-    table = Table(title=f"cache: {cache_dir()}   default: {default_model()}")
-    for column in ("name", "kind", "status", "size", "path"):
-        table.add_column(column)
+    console = Console()
+    # A name is there to be copied: it is never cut or folded. The other columns fold to make room; where
+    # the terminal cannot hold them beside the longest name, kind and path are left out (the piped form
+    # has every column).
+    longest = max((len(row[0]) for row in rows), default=4)
+    full = console.width >= longest + MIN_OTHER_COLUMNS
+    title = f"cache: {cache_dir()}   default: {default_model()}"
+    table = Table(title=title, box=box.HEAVY_HEAD if full else None, title_justify="left", caption_justify="left")
+    table.add_column("name", no_wrap=True, min_width=longest, overflow="fold")
+    for column in ("kind", "status", "size", "path") if full else ("status",):
+        table.add_column(column, overflow="fold")
     for name, kind, status, size, path in rows:
-        table.add_row(name, kind, status, f"{size / 2**20:,.1f} MiB" if size is not None else "", path)
-    Console().print(table)
+        shown = f"{size / 2**20:,.1f} MiB" if size is not None else ""
+        if full:
+            table.add_row(name, kind, status, shown, path)
+        else:
+            table.add_row(name, f"{status} {shown}".strip())
+    if not full:
+        table.caption = "narrow terminal: kind and path left out (clipcli models | cat shows them)"
+    console.print(table)

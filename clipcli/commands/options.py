@@ -64,7 +64,7 @@ MaxMegapixels = Annotated[
         min=0.0,
         metavar="MP",
         help="Skip images larger than this many megapixels, read from the header before any pixel is decoded: "
-        "today's cameras fit (108 MP phones), decompression bombs do not. 0: no limit.",
+        "today's cameras fit (108 MP phones), decompression bombs do not. 0 or inf: no limit.",
     ),
 ]
 DEFAULT_MAX_MEGAPIXELS = 250.0
@@ -95,8 +95,17 @@ def check_decode(choice: DecodeChoice, lm: LoadedModel) -> None:
 
 
 def max_pixels(megapixels: float) -> int | None:
-    """The pixel limit for ``--max-megapixels`` (0: no limit)."""
-    return int(megapixels * 1_000_000) or None
+    """The pixel limit for ``--max-megapixels``: None (no limit) for 0 or inf; at least one pixel for any
+    other positive number, however small. NaN is refused (exit 2)."""
+    import math
+
+    if math.isnan(megapixels):
+        from clipcli.errors import InputError
+
+        raise InputError("--max-megapixels nan: give a number of megapixels (0 or inf: no limit)")
+    if megapixels == 0 or math.isinf(megapixels):
+        return None
+    return max(1, int(megapixels * 1_000_000))
 
 
 class Engine(str, Enum):
@@ -109,7 +118,10 @@ RayAddress = Annotated[
     typer.Option(
         envvar="RAY_ADDRESS",
         metavar="HOST:PORT",
-        help="With --engine ray: the cluster to join (default: $RAY_ADDRESS, else start Ray here).",
+        help=(
+            "With --engine ray: the cluster to join (default: $RAY_ADDRESS, else start Ray here); "
+            "refused if it does not answer within $CLIPCLI_RAY_CONNECT_TIMEOUT seconds (default 15)."
+        ),
         show_default=False,
     ),
 ]

@@ -14,6 +14,9 @@ from clipcli.commands import options as opt
 from clipcli.io import OutputFormat
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from clipcli.models import LoadedModel
     from clipcli.prompts import TemplateSet
     from clipcli.rank import IndexChoice, SourceScan
 
@@ -76,6 +79,15 @@ def rank(
         float | None, typer.Option(metavar="SCORE", help="Drop results with a cosine score below this.")
     ] = None,
     output: opt.Output = None,
+    null: Annotated[
+        bool,
+        typer.Option(
+            "--null",
+            "-0",
+            help="Print only the paths, best first, each ended by a NUL byte, for `xargs -0` (names may hold "
+            "newlines; a line-separated output refuses such a name).",
+        ),
+    ] = False,
     fmt: Annotated[
         Format | None,
         opt.format_option(
@@ -105,10 +117,20 @@ def rank(
     from clipcli.images import Skipped
     from clipcli.io import NOT_UTF8, choose_format, is_utf8, open_writer, stdout_is_tty
     from clipcli.prompts import read_lines, resolve_templates
-    from clipcli.rank import SourceScan, query_embedding, rank_sources, rank_texts
+    from clipcli.rank import SourceScan, query_embedding, rank_sources, rank_texts, refuse_flat_embeddings
 
     args = list(arguments or [])
+    if null and (output or fmt or texts_file or queries_file or image_queries):
+        raise InputError(
+            "-0/--null prints the paths of one query on stdout: leave out --output, --format, --texts-file, "
+            "--queries-file and --image-queries"
+        )
     out_format = choose_format(opt.output_format(fmt), output, stdout_is_tty(), FORMATS, piped=OutputFormat.TSV)
+    if null:
+        out_format = OutputFormat.TSV  # its writer prints nothing here: the paths go out as bytes
+    from clipcli.io import refuse_output_over_inputs
+
+    refuse_output_over_inputs([output], [image, texts_file, queries_file, image_queries, index], datasets=args)
     if index and no_index:
         raise InputError("give --index or --no-index, not both")
     scan = SourceScan(batch_size, workers, exact, opt.max_pixels(max_megapixels), cache, _index_choice(index, no_index))
@@ -142,6 +164,7 @@ def rank(
         raise InputError(
             f"no sources to rank: pass a query, then images, folders, or embeddings written by `clipcli embed`{hint}"
         )
+    refuse_flat_embeddings(args)
     ensemble = resolve_templates(template, templates) if (template or templates) else None
 
     key = "text" if texts_file else "path"
@@ -153,7 +176,7 @@ def rank(
     tally = Tally()
     # Opened first: an output another run is writing, or one that cannot be written, is refused at once.
     with open_writer(out_format, output, schema=schema, columns=(key, "score")) as writer:
-        lm = opt.load(model, device, precision)
+        lm = _load(model, [] if texts_file else args, device, precision)
         query = query_embedding(lm, query_text, image, ensemble, exact, scan.max_pixels)
         if texts_file:
             texts = read_lines(texts_file, "texts")
@@ -169,7 +192,10 @@ def rank(
                 if not is_utf8(h.name):
                     tally.on_skip(Skipped(h.name, NOT_UTF8))
             hits = [h for h in hits if is_utf8(h.name)]
-        if out_format is OutputFormat.TSV:  # score first, for sort -n and cut
+        if null:
+            write_paths([h.name for h in hits], null=True)
+        elif out_format is OutputFormat.TSV:  # score first, for sort -n and cut
+            _refuse_newlines(h.name for h in hits)
             writer.write([{"score": round(h.score, 6), key: h.name} for h in hits])
         else:
             writer.write([{key: h.name, "score": round(h.score, 6)} for h in hits])
@@ -213,10 +239,11 @@ def _rank_batch(
     from clipcli.errors import EXIT_PARTIAL, InputError
     from clipcli.io import open_writer
     from clipcli.prompts import read_lines
-    from clipcli.rank import query_embeddings, rank_many
+    from clipcli.rank import query_embeddings, rank_many, refuse_flat_embeddings
 
     if not sources:
         raise InputError("no sources to rank: pass images, folders, or embeddings written by `clipcli embed`")
+    refuse_flat_embeddings(sources)
     queries = read_lines(queries_file or image_queries or "-", "queries")
     schema = None
     if out_format is OutputFormat.PARQUET:
@@ -226,7 +253,7 @@ def _rank_batch(
     tally = Tally()
     columns = ("query", "score", "path") if out_format is OutputFormat.TSV else ("query", "path", "score")
     with open_writer(out_format, output, schema=schema, columns=columns) as writer:
-        lm = opt.load(model, device, precision)
+        lm = _load(model, sources, device, precision)
         if image_queries:
             vectors = query_embeddings(lm, images=queries, exact=scan.exact, max_pixels=scan.max_pixels)
         else:
@@ -239,6 +266,8 @@ def _rank_batch(
             for q, hits in zip(queries, results, strict=True)
             for h in hits
         ]
+        if out_format is OutputFormat.TSV:
+            _refuse_newlines(h.name for hits in results for h in hits)
         writer.write([{c: r[c] for c in columns} for r in rows])
     say(
         f"answered {len(queries)} quer{'ies' if len(queries) != 1 else 'y'} with {len(rows)} results"
@@ -246,6 +275,50 @@ def _rank_batch(
     )
     if tally.skipped:
         raise typer.Exit(EXIT_PARTIAL)
+
+
+def _load(model: str | None, sources: list[str], device: str, precision: opt.PrecisionChoice) -> LoadedModel:
+    """The model ``-m`` names; without it, the one saved embeddings among ``sources`` record (name and
+    checksum, checked as they are read), else the default."""
+    from pathlib import Path
+
+    from clipcli.errors import ModelError
+    from clipcli.saved import is_embedding_source, saved_tag
+
+    if model is None:
+        for source in sources:
+            if source != "-" and is_embedding_source(source):
+                tag, _ = saved_tag(Path(source))
+                if not tag.sha256:  # no model recorded: the default, which the scan checks as ever
+                    break
+                try:
+                    return opt.load(tag.name, device, precision)
+                except ModelError as e:
+                    raise ModelError(
+                        f"{source}: made with {tag.name}, which cannot be loaded here ({e}); pass --model"
+                    ) from e
+    return opt.load(model, device, precision)
+
+
+def write_paths(paths: list[str], null: bool) -> None:
+    """Paths on stdout as the bytes of their names (a name that is not UTF-8 included), each ended by a
+    NUL byte, or by a newline (the caller has refused names holding one)."""
+    end = b"\0" if null else b"\n"
+    sys.stdout.flush()
+    sys.stdout.buffer.write(b"".join(os.fsencode(p) + end for p in paths))
+    sys.stdout.buffer.flush()
+
+
+def _refuse_newlines(names: Iterable[str]) -> None:
+    """A line-separated output cannot carry a name holding a newline: `xargs -d '\\n'` would split it."""
+    from clipcli.errors import InputError
+
+    for name in names:
+        if "\n" in name:
+            raise InputError(
+                f"{name!r}: a name holding a newline cannot be written one a line; pass -0 (NUL-separated "
+                "paths, for xargs -0), or --format csv or jsonl"
+            )
 
 
 def _looks_like_text(argument: str) -> bool:

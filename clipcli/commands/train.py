@@ -131,6 +131,12 @@ def train(
         int, typer.Option(min=1, metavar="N", help="Save a resumable checkpoint every N steps.")
     ] = 500,
     resume: Annotated[bool, typer.Option(help="Continue from OUTPUT.ckpt if a previous run left one.")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite", help="Start over even if OUTPUT.ckpt holds an interrupted run's progress (it is replaced)."
+        ),
+    ] = False,
     bad_images: Annotated[
         Literal["skip", "stop"], typer.Option(help="skip (report and train on the rest) or stop.")
     ] = "skip",
@@ -141,10 +147,12 @@ def train(
     """Train a CLIP model contrastively on image-caption pairs, from scratch or from a model."""
     from clipcli.commands.console import Progress, Tally, say
     from clipcli.errors import EXIT_PARTIAL, ModelError
+    from clipcli.io import refuse_output_over_inputs
     from clipcli.models import family_of
     from clipcli.train import TrainConfig, checkpoint_path
     from clipcli.train import train as run_training
 
+    refuse_output_over_inputs([output, checkpoint_path(output)], [pairs, model])
     if model and family_of(model) != "openai":
         raise ModelError(f"train fine-tunes OpenAI-layout models only; {model} is of the {family_of(model)} family")
     config = TrainConfig(
@@ -162,6 +170,7 @@ def train(
         val_fraction=val_fraction,
         checkpoint_every=checkpoint_every,
         resume=resume,
+        overwrite=overwrite,
         bad_images=bad_images,
         workers=workers,
         device=device,
@@ -181,17 +190,56 @@ def train(
         if loaded >= total:
             preload.hide()  # rich shows one live display at a time: make way for the training bar
 
+    ckpt = checkpoint_path(output)
+    progress = _Progress()
+
     def on_resume(step: int, total: int) -> None:
-        say(f"resuming from step {step} of {total} ({checkpoint_path(output)})")
+        say(f"resuming from step {step} of {total} ({ckpt})")
+        progress.saved = step
         bar.resume_at(step, total)
 
-    with preload, bar:
-        result = run_training(
-            config, on_step=bar.on_step, on_preload=on_preload, on_skip=tally.on_skip, on_resume=on_resume
-        )
+    def on_step(info: StepInfo) -> None:
+        progress.step, progress.total = info.step, info.total
+        bar.on_step(info)
+
+    def on_checkpoint(step: int) -> None:
+        progress.saved = step
+
+    try:
+        with preload, bar:
+            result = run_training(
+                config,
+                on_step=on_step,
+                on_preload=on_preload,
+                on_skip=tally.on_skip,
+                on_resume=on_resume,
+                on_checkpoint=on_checkpoint,
+                on_fresh_start=lambda path: say(f"no checkpoint at {path}: starting from scratch"),
+            )
+    except KeyboardInterrupt:  # Ctrl-C, and SIGTERM (Terminated): the CLI then says which and exits
+        if progress.step is not None or progress.saved is not None:
+            say(progress.stopped(ckpt, checkpoint_every))
+        raise
     say(_summary(result, tally.skipped, output))
     if tally.skipped:
         raise typer.Exit(EXIT_PARTIAL)  # the model is written, but not from every pair asked for
+
+
+class _Progress:
+    """How far a run got and the step its checkpoint holds, for the message when it is interrupted."""
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+        self.total = 0
+        self.saved: int | None = None
+
+    def stopped(self, ckpt: Path, every: int) -> str:
+        at = "stopped before the first step" if self.step is None else f"stopped at step {self.step} of {self.total}"
+        if self.saved is None:
+            return f"{at}, before the first checkpoint (every {every} steps): nothing to resume; rerun to start over"
+        return (
+            f"{at}; {ckpt} holds step {self.saved}: resume with --resume (same options), or start over with --overwrite"
+        )
 
 
 def _summary(result: TrainResult, skipped: int, output: Path) -> str:

@@ -265,15 +265,16 @@ def _load_parts(folder: Path, model_type: str, spec: str) -> tuple[Any, Any, Any
 
 
 def _load_quietly(tf: Any, folder: Path, model_type: str, spec: str) -> tuple[Any, Any, Any]:
-    from clipcli.checkpoint import plain_reason
+    from clipcli.checkpoint import plain_reason, refuse_incomplete
 
     local = {"local_files_only": True, "trust_remote_code": False}
     try:
-        model = getattr(tf, MODEL_TYPES[model_type]).from_pretrained(
-            folder, weights_only=True, dtype="float32", **local
+        model, info = getattr(tf, MODEL_TYPES[model_type]).from_pretrained(
+            folder, weights_only=True, dtype="float32", output_loading_info=True, **local
         )
     except Exception as e:  # a malformed or mismatched checkpoint; transformers raises many kinds
         raise ModelError(f"{spec}: cannot load the model ({plain_reason(e)})") from None
+    refuse_incomplete(info, f"{spec}: {folder}" if str(folder) not in spec else spec)
     try:
         tokenizer = tf.AutoTokenizer.from_pretrained(folder, **local)
     except Exception as e:  # sentencepiece missing for SigLIP's spiece.model, no tokenizer files, ...

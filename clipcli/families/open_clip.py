@@ -199,6 +199,9 @@ def _did_you_mean(name: str, names: Sequence[str]) -> str:
     return f" (did you mean {close[0]}?)" if close else ""
 
 
+_COMMON = ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-H-14", "ViT-SO400M-14-SigLIP")
+
+
 def _split(rest: str, spec: str) -> tuple[str, str]:
     arch, sep, source = rest.partition("/")
     if not arch or not sep or not source:
@@ -210,10 +213,17 @@ def _split(rest: str, spec: str) -> tuple[str, str]:
 
 
 def _require_arch(oc: Any, arch: str, spec: str) -> None:
+    import difflib
+
     names = oc.list_models()
     if arch not in names:
+        # Some 150 names on one line help nobody: the closest few, and where to see them all.
+        same_case = [n for n in names if n.lower() == arch.lower()]
+        closest = list(dict.fromkeys(same_case + difflib.get_close_matches(arch, names, n=6, cutoff=0.5)))[:6]
+        nearest = f"closest: {', '.join(closest)}" if closest else f"e.g. {', '.join(n for n in _COMMON if n in names)}"
         raise ModelError(
-            f"{spec}: unknown open_clip architecture {arch!r}{_did_you_mean(arch, names)}; valid: {', '.join(names)}"
+            f"{spec}: unknown open_clip architecture {arch!r}{_did_you_mean(arch, names)}; {nearest} "
+            f"(of {len(names)}; clipcli models lists the pretrained ones)"
         )
 
 

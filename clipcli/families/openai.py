@@ -103,6 +103,9 @@ def openai_cache_path(name: str) -> Path:
     return cache_dir() / OPENAI_MODELS[name].split("/")[-1]
 
 
+TOKENIZER_VOCAB = 49408  # the ids OpenAI's BPE tokenizer gives: 256 bytes x 2, 48,894 merges, 2 specials
+
+
 @dataclass(frozen=True)
 class Architecture:
     """The hyper-parameters of ``clip.model.CLIP``, as ``clip.model.build_model`` infers them."""
@@ -113,7 +116,7 @@ class Architecture:
     vision_width: int
     vision_patch_size: int | None
     context_length: int = 77
-    vocab_size: int = 49408
+    vocab_size: int = TOKENIZER_VOCAB
     transformer_width: int = 512
     transformer_heads: int = 8
     transformer_layers: int = 12
@@ -420,6 +423,12 @@ def _check_architecture(arch: Architecture) -> None:
         value = getattr(arch, name)
         if value is not None and value <= 0:
             raise _Mismatch(f"{name} would be {value}")
+    # Every model of this family reads OpenAI's BPE tokens: a smaller table cannot embed the higher ids.
+    if arch.vocab_size < TOKENIZER_VOCAB:
+        raise _Mismatch(
+            f"token_embedding.weight has {arch.vocab_size} rows; CLIP's tokenizer needs {TOKENIZER_VOCAB}, "
+            "one per token id"
+        )
     # CLIP gives each tower width // 64 attention heads, which must divide the width.
     towers = [("text transformer", arch.transformer_width)]
     towers.append(
