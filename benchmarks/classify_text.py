@@ -125,7 +125,7 @@ class Clipcli:
     """clipcli's core after loading (what `classify-text` runs per text), timed the same way."""
 
     def __init__(self, folder: Path, device: str, batch_size: int) -> None:
-        from clipcli.nli import classify_texts, load_nli_model
+        from clipcli.text.nli import classify_texts, load_nli_model
 
         self.nm = load_nli_model(str(folder), device, "auto")
         self.classify = classify_texts
@@ -153,7 +153,7 @@ def time_process(folder: Path, texts: list[str], out: Path) -> float:
 
 
 def cpu_class() -> str:
-    from clipcli.precision import cpu_has_native_bf16
+    from clipcli.models.precision import cpu_has_native_bf16
 
     name = platform.processor() or platform.machine()
     try:

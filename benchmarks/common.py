@@ -14,7 +14,7 @@ def random_checkpoint(arch: str, folder: Path) -> Path:
     """A random-weight checkpoint in OpenAI's fp16 layout (compute cost does not depend on values)."""
     import torch
 
-    from clipcli.families.openai import ARCHITECTURES, import_clip
+    from clipcli.models.families.openai import ARCHITECTURES, import_clip
 
     path = folder / f"random-{arch.replace('/', '-')}.pt"
     if not path.exists():

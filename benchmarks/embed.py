@@ -43,8 +43,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import clipcli, random_checkpoint
 from photos import make_photos
 
-from clipcli.families.openai import import_clip
 from clipcli.models import LoadedModel, load_model
+from clipcli.models.families.openai import import_clip
 
 if TYPE_CHECKING:
     from clip.model import CLIP
@@ -81,9 +81,9 @@ def embed_in_process(
     lm: LoadedModel, photos: list[Path], out: Path, on_batch: Callable[[int], None] | None = None
 ) -> float:
     """clipcli's own embedding path with default settings (decode, preprocess, model, Parquet writes)."""
-    from clipcli.embed import embed_images
-    from clipcli.images import ImageRef
-    from clipcli.io import OutputFormat
+    from clipcli.engines.local import embed_images
+    from clipcli.images.core import ImageRef
+    from clipcli.store.formats import OutputFormat
 
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
@@ -111,7 +111,7 @@ class Turns:
     turns_s: float = 0.0  # the turns with their set-up, all taken out of the run's time
 
     def turn(self, batch: int = 32) -> None:
-        from clipcli.encode import encode_pixels
+        from clipcli.zeroshot.encode import encode_pixels
 
         start = time.perf_counter()
         pixels = torch.randn(batch, 3, self.lm.input_resolution, self.lm.input_resolution)
@@ -132,7 +132,7 @@ class Turns:
 
 def decode_seconds(photos: list[Path], n_px: int) -> float:
     """CPU seconds per photo to decode and preprocess it as clipcli does, on one thread."""
-    from clipcli.images import decode, resize_and_crop
+    from clipcli.images.core import decode, resize_and_crop
 
     start = time.perf_counter()
     for p in photos:
@@ -201,7 +201,7 @@ def read_embeddings(out: Path) -> dict[str, np.ndarray]:
 
 def precisions(ckpt: Path, photos: list[Path], out: Path, rounds: int, avx2: bool) -> None:
     """Whole `clipcli embed` processes per precision, in turns, against the tutorial loop."""
-    from clipcli.precision import cpu_class, cpu_has_native_bf16
+    from clipcli.models.precision import cpu_class, cpu_has_native_bf16
 
     env = AVX2_ONLY if avx2 else {}
     emulated = " (emulated: kernels limited to AVX2 on this CPU; not a measurement on an AVX2-only CPU)"
@@ -257,9 +257,9 @@ def small_images(folder: Path, count: int) -> None:
 
 def saved_embeddings(lm: LoadedModel, out: Path, rows: int) -> tuple[Path, Path]:
     """``rows`` random unit 512-d rows, as `clipcli embed -o DIR/` writes them and as one NPY file."""
-    from clipcli.embed import model_tag
-    from clipcli.io import json_line
-    from clipcli.store import NpyHeader, ParquetStore, Rows, Stat, npy_fingerprint, npy_sidecar, schema
+    from clipcli.engines.local import model_tag
+    from clipcli.store.dataset import NpyHeader, ParquetStore, Rows, Stat, npy_fingerprint, npy_sidecar, schema
+    from clipcli.store.formats import json_line
 
     folder = out / f"rank-{rows}"
     npy = out / f"rank-{rows}.npy"
@@ -289,8 +289,8 @@ def saved_embeddings(lm: LoadedModel, out: Path, rows: int) -> tuple[Path, Path]
 
 
 def rank_speed(ckpt: Path, out: Path, rows: int) -> dict[str, float]:
-    from clipcli.encode import encode_texts
-    from clipcli.rank import SourceScan, rank_sources
+    from clipcli.search.rank import SourceScan, rank_sources
+    from clipcli.zeroshot.encode import encode_texts
 
     os.environ["CLIPCLI_CACHE"] = str(out / "cache")
     shutil.rmtree(out / "cache" / "clipcli-search", ignore_errors=True)

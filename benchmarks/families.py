@@ -82,7 +82,7 @@ def hf_reference(folder: Path, photos: list[Path]) -> float:
 
 def forward_rate(spec: str, precision: str, batches: int = 3) -> float:
     """Images per second through the model alone (after one warm-up batch of 32)."""
-    from clipcli.encode import encode_pixels
+    from clipcli.zeroshot.encode import encode_pixels
 
     lm = load_model(spec, "cpu", precision)
     pixels = torch.randn(32, 3, lm.input_resolution, lm.input_resolution)

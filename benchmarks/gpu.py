@@ -41,7 +41,7 @@ from PIL import Image, ImageFilter
 sys.path.insert(0, str(Path(__file__).parent))
 from common import clipcli, random_checkpoint
 
-from clipcli.families.openai import ARCHITECTURES, Architecture
+from clipcli.models.families.openai import ARCHITECTURES, Architecture
 
 # VGA to 12 MP, as benchmarks/photos.py: phones, compacts and web-sized copies.
 SIZES = [(640, 480), (1280, 960), (1920, 1080), (2048, 1536), (3264, 2448), (4000, 3000)]
@@ -136,7 +136,7 @@ def forward_rate(lm: Any, batch_size: int, seconds: float) -> float:
     """(a): encode_pixels on a ready batch on the device, as many times as fit in ``seconds``."""
     import torch
 
-    from clipcli.encode import encode_pixels
+    from clipcli.zeroshot.encode import encode_pixels
 
     pixels = torch.randn(batch_size, 3, lm.input_resolution, lm.input_resolution, device=lm.device)
     for _ in range(2):
@@ -157,7 +157,7 @@ def device_decoding_on_cpu(lm: Any) -> Iterator[None]:
     if lm.device.type == "cuda":
         yield
         return
-    import clipcli.encode as encode
+    import clipcli.zeroshot.encode as encode
 
     saved = encode.use_device_decoding
     encode.use_device_decoding = lambda choice, device: choice == "gpu"  # type: ignore[assignment]
@@ -169,9 +169,9 @@ def device_decoding_on_cpu(lm: Any) -> Iterator[None]:
 
 def embed_rate(lm: Any, photos: list[Path], out: Path, batch_size: int, decode: str) -> float:
     """(b) or (c): clipcli's embed_images into a Parquet directory, as `clipcli embed -o DIR/` runs it."""
-    from clipcli.embed import embed_images
-    from clipcli.images import ImageRef
-    from clipcli.io import OutputFormat
+    from clipcli.engines.local import embed_images
+    from clipcli.images.core import ImageRef
+    from clipcli.store.formats import OutputFormat
 
     refs = [ImageRef(str(p), p) for p in photos]
     shutil.rmtree(out, ignore_errors=True)
@@ -186,8 +186,8 @@ def embed_rate(lm: Any, photos: list[Path], out: Path, batch_size: int, decode: 
 
 def decode_only_rate(lm: Any, photos: list[Path], batch_size: int) -> float:
     """(d): the GPU decoding pipeline (read, nvJPEG, orient, resize, crop, normalise) with no model."""
-    from clipcli.gpu_decode import iter_device_batches
-    from clipcli.images import ImageRef
+    from clipcli.images.core import ImageRef
+    from clipcli.images.gpu import iter_device_batches
 
     refs = [ImageRef(str(p), p) for p in photos]
     start = time.perf_counter()

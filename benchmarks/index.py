@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 from common import cpu_model
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as clipcli.index does: see there
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as clipcli.store.index does: see there
 
 DIM = 512
 CLUSTERS = 1000
@@ -67,7 +67,7 @@ def clustered(n: int, seed: int) -> np.ndarray:
 
 def make_source(n: int) -> Path:
     """A float16 NPY of ``n`` clustered rows and its sidecar, written chunk by chunk (kept between runs)."""
-    from clipcli.store import ModelTag, NpyHeader, npy_fingerprint, npy_sidecar
+    from clipcli.store.dataset import ModelTag, NpyHeader, npy_fingerprint, npy_sidecar
 
     path = OUT / f"rows-{n}.npy"
     if path.exists() and npy_sidecar(path).exists():
@@ -121,7 +121,7 @@ def resident_mib() -> dict[str, float]:
 
 
 def step_build(source: Path) -> dict[str, float]:
-    from clipcli.index import build_index, default_index_path
+    from clipcli.store.index import build_index, default_index_path
 
     index = default_index_path(source)
     shutil.rmtree(index, ignore_errors=True)
@@ -137,8 +137,8 @@ def query_set(n: int) -> np.ndarray:
 
 
 def step_truth(source: Path, queries: int) -> dict[str, object]:
-    from clipcli.index import exact_search
-    from clipcli.saved import Expect, open_matrix
+    from clipcli.store.index import exact_search
+    from clipcli.store.saved import Expect, open_matrix
 
     saved = open_matrix(source, Expect("benchmark", "0" * 64, DIM))
     start = time.perf_counter()
@@ -147,8 +147,8 @@ def step_truth(source: Path, queries: int) -> dict[str, object]:
 
 
 def step_query(source: Path, queries: int) -> dict[str, object]:
-    from clipcli.index import default_index_path, open_index
-    from clipcli.saved import Expect
+    from clipcli.store.index import default_index_path, open_index
+    from clipcli.store.saved import Expect
 
     q = query_set(queries)
     start = time.perf_counter()

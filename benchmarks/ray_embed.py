@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import clipcli, cpu_model, random_checkpoint
 from photos import make_photos
 
-from clipcli.images import ImageRef
+from clipcli.images.core import ImageRef
 from clipcli.models import LoadedModel, load_model
 
 
@@ -56,8 +56,8 @@ class Clock:
 
 
 def local_steady(lm: LoadedModel, refs: list[ImageRef], out: Path, batch: int, part: int) -> Clock:
-    from clipcli.embed import embed_images
-    from clipcli.io import OutputFormat
+    from clipcli.engines.local import embed_images
+    from clipcli.store.formats import OutputFormat
 
     shutil.rmtree(out, ignore_errors=True)
     clock = Clock()
@@ -97,7 +97,7 @@ def model_only(lm: LoadedModel, batch: int, rounds: int = 5) -> float:
     embed when decoding keeps up: the capacity plan's per-device figure)."""
     import torch
 
-    from clipcli.encode import encode_pixels
+    from clipcli.zeroshot.encode import encode_pixels
 
     size = lm.image.size
     pixels = torch.randn(batch, 3, size, size)
@@ -110,7 +110,7 @@ def model_only(lm: LoadedModel, batch: int, rounds: int = 5) -> float:
 
 def decode_ms(photos: list[Path], lm: LoadedModel) -> float:
     """CPU milliseconds per photo to decode and resize it as clipcli does, on one thread."""
-    from clipcli.images import decode, resize_and_crop
+    from clipcli.images.core import decode, resize_and_crop
 
     start = time.perf_counter()
     for p in photos:

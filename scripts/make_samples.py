@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from clipcli.synth import COLOURS, HELD_OUT, SHAPES, render
+from clipcli.training.synth import COLOURS, HELD_OUT, SHAPES, render
 
 ROOT = Path("samples")
 

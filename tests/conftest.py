@@ -13,7 +13,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from clipcli.cli import app
-from clipcli.families.openai import ARCHITECTURES, import_clip
+from clipcli.models.families.openai import ARCHITECTURES, import_clip
 
 # The terminal width every test and every process it starts sees. Rich (and click) read COLUMNS; without it a
 # table is as wide as the terminal pytest was started from, or 80 columns under CI, and a path in a table or

@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 import torch
 
-from clipcli.models import list_models, load_model
-from clipcli.prompts import TemplateSet, zero_shot_classifier
-from clipcli.synth import COLOURS, HELD_OUT, SHAPES, combinations, render
+from clipcli.models.loader import list_models, load_model
+from clipcli.training.synth import COLOURS, HELD_OUT, SHAPES, combinations, render
+from clipcli.zeroshot.prompts import TemplateSet, zero_shot_classifier
 
 ROOT = Path(__file__).resolve().parent.parent
 LABELS = [f"{c} {s}" for s in SHAPES for c in COLOURS]
@@ -24,8 +24,8 @@ LABELS = [f"{c} {s}" for s in SHAPES for c in COLOURS]
 
 def accuracy(split: str, background: str, n: int, seed: int) -> float:
     """Top-1 (64-way) on ``n`` freshly drawn images; seeds differ from the training seed (1)."""
-    from clipcli.encode import encode_pixels
-    from clipcli.images import preprocess
+    from clipcli.images.core import preprocess
+    from clipcli.zeroshot.encode import encode_pixels
 
     lm = load_model("tiny-shapes", "cpu", "fp32")
     classifier = zero_shot_classifier(lm, LABELS, TemplateSet("t", ("a photo of a {}.",)))

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from clipcli.families.openai import import_clip
+from clipcli.models.families.openai import import_clip
 
 
 def reference_probs(ckpt: Path, image: Path, texts: list[str]) -> list[float]:
@@ -131,7 +131,7 @@ def test_labels_file_and_template_sets(cli, images, vit_ckpt, tmp_path):
     )
     assert ran.exit_code == 0, ran.stderr
     assert ran.stdout.count("%") == 5
-    from clipcli.prompts import builtin_templates
+    from clipcli.zeroshot.prompts import builtin_templates
 
     def scores(*prompts: str) -> dict[str, float]:
         common = ["classify", str(images[0]), "--labels", "a,b", "-k", "2", "-m", str(vit_ckpt), "-f", "jsonl"]
@@ -149,9 +149,9 @@ def test_labels_file_and_template_sets(cli, images, vit_ckpt, tmp_path):
 
 
 def test_prompt_ensemble_is_renormalised_mean(vit_ckpt):
-    from clipcli.encode import encode_texts
     from clipcli.models import load_model
-    from clipcli.prompts import TemplateSet, zero_shot_classifier
+    from clipcli.zeroshot.encode import encode_texts
+    from clipcli.zeroshot.prompts import TemplateSet, zero_shot_classifier
 
     lm = load_model(str(vit_ckpt), "cpu", "fp32")
     templates = TemplateSet("two", ("a photo of a {}.", "a drawing of the {}."))
@@ -165,9 +165,9 @@ def test_prompt_ensemble_is_renormalised_mean(vit_ckpt):
 
 
 def test_trimmed_text_batches_equal_full_context(vit_ckpt):
-    from clipcli.encode import encode_texts
-    from clipcli.families.openai import tokenize
     from clipcli.models import load_model
+    from clipcli.models.families.openai import tokenize
+    from clipcli.zeroshot.encode import encode_texts
 
     lm = load_model(str(vit_ckpt), "cpu", "fp32")
     texts = ["a dog", "a photo of a very small and rather blurry cat on a sofa.", "x"]

@@ -64,7 +64,7 @@ def test_a_repeated_option_value_that_looks_like_an_option_is_a_value(cli):
 
 @pytest.mark.slow
 def test_templates_repeat_into_one_ensemble(cli):
-    from clipcli.prompts import builtin_templates, resolve_templates
+    from clipcli.zeroshot.prompts import builtin_templates, resolve_templates
 
     pooled = resolve_templates(None, ["simple", "cifar"])
     assert pooled.name == "simple+cifar"
@@ -99,9 +99,9 @@ def test_no_images_found_is_an_error(cli, tmp_path, command, source):
 
 
 def test_parquet_is_not_written_to_a_terminal(cli, monkeypatch):
-    import clipcli.io
+    import clipcli.store.formats
 
-    monkeypatch.setattr(clipcli.io, "stdout_is_tty", lambda: True)
+    monkeypatch.setattr(clipcli.store.formats, "stdout_is_tty", lambda: True)
     for args in (["classify", IMAGE, "-l", "a,b", "-f", "parquet"], ["embed", IMAGE, "-f", "parquet"]):
         ran = cli(*args, "-m", "tiny-shapes")
         assert ran.exit_code == 2

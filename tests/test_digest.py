@@ -7,7 +7,7 @@ import os
 import time
 from pathlib import Path
 
-from clipcli.digest import file_sha256
+from clipcli.models.digest import file_sha256
 
 
 def entries(cache: Path) -> list[Path]:

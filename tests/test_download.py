@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from clipcli.download import fetch
 from clipcli.errors import DownloadError, ModelError
+from clipcli.models.download import fetch
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
 SHA = hashlib.sha256(PAYLOAD).hexdigest()
@@ -124,8 +124,8 @@ def test_http_error(server: str, tmp_path: Path):
 
 def test_named_model_downloads_through_a_mirror_into_the_cache(server, tmp_path, monkeypatch, vit_ckpt):
     """The whole path a user takes: name -> mirror URL -> verified file in the cache -> model."""
-    from clipcli import models
-    from clipcli.families import openai
+    from clipcli.models import loader as models
+    from clipcli.models.families import openai
 
     data = vit_ckpt.read_bytes()
     sha = hashlib.sha256(data).hexdigest()
@@ -191,7 +191,10 @@ def test_parts_left_by_dead_processes_are_removed_and_no_others(server: str, tmp
 
 def test_a_download_killed_midway_leaves_a_part_that_the_next_fetch_removes(server: str, tmp_path: Path):
     dest = tmp_path / "cache" / "model.pt"
-    script = "import sys, pathlib, clipcli.download as d; d.fetch(sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3])"
+    script = (
+        "import sys, pathlib, clipcli.models.download as d; "
+        "d.fetch(sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3])"
+    )
     proc = subprocess.Popen([sys.executable, "-c", script, f"{server}/hang/model.pt", str(dest), SHA])
     part = dest.with_name(f".model.pt.{proc.pid}.part")
     try:

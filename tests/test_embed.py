@@ -21,8 +21,8 @@ import torch
 from conftest import make_image
 from PIL import Image
 
-from clipcli.families.openai import import_clip
-from clipcli.store import open_npy
+from clipcli.models.families.openai import import_clip
+from clipcli.store.dataset import open_npy
 
 
 def reference_embeddings(ckpt: Path, files: list[Path]) -> np.ndarray:
@@ -89,8 +89,8 @@ def test_text_embeddings(cli, vit_ckpt, tmp_path):
     ran = cli("embed", "--text", "a dog", "a cat", "-m", str(vit_ckpt), "-f", "jsonl")
     rows = [json.loads(x) for x in ran.stdout.splitlines()]
     assert [r["text"] for r in rows] == ["a dog", "a cat"]
-    from clipcli.encode import encode_texts
     from clipcli.models import load_model
+    from clipcli.zeroshot.encode import encode_texts
 
     lm = load_model(str(vit_ckpt), "auto", "auto")
     assert np.allclose(

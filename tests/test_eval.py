@@ -18,10 +18,10 @@ import pytest
 import torch
 from conftest import Ran
 
-from clipcli.synth import render
+from clipcli.training.synth import render
 
 if TYPE_CHECKING:
-    from clipcli.evaluate import EvalResult
+    from clipcli.evaluation.run import EvalResult
 
 Cli = Callable[..., Ran]
 
@@ -130,16 +130,16 @@ def test_report_matches_its_schema_and_predictions_file(
 def test_text_cache_is_hit_on_a_rerun(
     cli: Cli, shapes_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import clipcli.encode
+    import clipcli.zeroshot.encode
 
     calls: list[int] = []
-    real = clipcli.encode.encode_texts
+    real = clipcli.zeroshot.encode.encode_texts
 
     def counted(*args: Any, **kwargs: Any) -> Any:
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(clipcli.encode, "encode_texts", counted)
+    monkeypatch.setattr(clipcli.zeroshot.encode, "encode_texts", counted)
     args = ["eval", str(shapes_folder / "data"), "-m", "tiny-shapes", "--templates", "cifar"]
     cli(*args, "--report", str(tmp_path / "1.json"))
     assert len(calls) == 1
@@ -193,7 +193,7 @@ def test_min_acc1_gates_retrieval_on_the_smaller_recall_at_1(cli: Cli, shapes_fo
 
 
 def test_gate_score_is_acc1_or_the_smaller_recall_at_1() -> None:
-    from clipcli.evaluate import EvalResult, gate_score
+    from clipcli.evaluation.run import EvalResult, gate_score
 
     def result(metrics: dict[str, float]) -> EvalResult:
         return EvalResult("m", "0" * 64, "none", 0, "manifest:x.csv", 4, 0, metrics)
@@ -320,7 +320,7 @@ def test_empty_manifest_cell_names_the_row(cli: Cli, tmp_path: Path, rows: list[
 
 
 def test_empty_class_folder_is_reported(cli: Cli, tmp_path: Path) -> None:
-    from clipcli.datasets import image_folder
+    from clipcli.evaluation.datasets import image_folder
 
     rng = random.Random(5)
     root = tmp_path / "data"
@@ -349,7 +349,7 @@ def test_report_onto_a_directory_leaves_no_temporary(cli: Cli, shapes_folder: Pa
 
 def test_write_report_onto_a_directory_leaves_no_temporary(tmp_path: Path) -> None:
     from clipcli.errors import OutputError
-    from clipcli.evaluate import write_report
+    from clipcli.evaluation.run import write_report
 
     report = tmp_path / "out"
     report.mkdir()
@@ -359,9 +359,9 @@ def test_write_report_onto_a_directory_leaves_no_temporary(tmp_path: Path) -> No
 
 
 def test_a_classifier_cache_that_cannot_be_written_is_skipped() -> None:
-    from clipcli.evaluate import cached_classifier, classifier_cache_dir
+    from clipcli.evaluation.run import cached_classifier, classifier_cache_dir
     from clipcli.models import load_model
-    from clipcli.prompts import builtin_templates
+    from clipcli.zeroshot.prompts import builtin_templates
 
     lm = load_model("tiny-shapes", "cpu", "fp32")
     templates = builtin_templates("simple")
@@ -378,9 +378,9 @@ def test_a_classifier_cache_that_cannot_be_written_is_skipped() -> None:
 
 def test_the_classifier_cache_is_kept_per_precision() -> None:
     """A report states its precision: its classifier must be the one computed at that precision."""
-    from clipcli.evaluate import cached_classifier
+    from clipcli.evaluation.run import cached_classifier
     from clipcli.models import load_model
-    from clipcli.prompts import builtin_templates
+    from clipcli.zeroshot.prompts import builtin_templates
 
     templates, classes = builtin_templates("simple"), ["red circle", "blue star"]
     fp32, int8 = load_model("tiny-shapes", "cpu", "fp32"), load_model("tiny-shapes", "cpu", "int8")
@@ -456,7 +456,7 @@ LONG_CHECKPOINT = "/tmp/pytest-of-someone/pytest-123/checkpoints0/very-long-chec
 
 
 def _result(model: str, templates: str, n_templates: int, metrics: dict[str, float]) -> EvalResult:
-    from clipcli.evaluate import EvalResult
+    from clipcli.evaluation.run import EvalResult
 
     return EvalResult(model, "0" * 64, templates, n_templates, "folder:/data/photos-by-class", 500, 0, metrics)
 
@@ -564,8 +564,8 @@ def test_eval_table_on_stderr_for_one_template_set(cli: Cli, shapes_folder: Path
 
 
 def test_load_dataset_picks_folder_manifest_or_benchmark(shapes_folder: Path, tmp_path: Path) -> None:
-    from clipcli.datasets import Benchmark, CaptionPairs, LabelledImages, load_dataset
     from clipcli.errors import InputError
+    from clipcli.evaluation.datasets import Benchmark, CaptionPairs, LabelledImages, load_dataset
 
     folder = load_dataset(shapes_folder / "data")
     assert isinstance(folder, LabelledImages) and len(folder) == 36 and folder.classes[0] == "blue star"
@@ -603,17 +603,17 @@ def test_walk_folder_is_public_and_datasets_use_it(tmp_path: Path) -> None:
     up the tree entered once."""
     from PIL import Image
 
-    import clipcli.images
-    from clipcli.datasets import load_dataset
+    import clipcli.images.core
+    from clipcli.evaluation.datasets import load_dataset
 
-    assert not hasattr(clipcli.images, "_walk_folder")
+    assert not hasattr(clipcli.images.core, "_walk_folder")
     root = tmp_path / "classes"
     for name in ("cats/img10.png", "cats/img2.png", "dogs/b.JPG", "dogs/a.png"):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (8, 8)).save(root / name, format="PNG")
     (root / "cats" / "notes.txt").write_text("not an image")
     (root / "dogs" / "loop").symlink_to(root)
-    walked = [ref.path for ref in clipcli.images.walk_folder(str(root))]
+    walked = [ref.path for ref in clipcli.images.core.walk_folder(str(root))]
     expected = ["cats/img2.png", "cats/img10.png", "dogs/a.png", "dogs/b.JPG"]
     assert walked == [str(root / name) for name in expected]
     dataset = load_dataset(root)

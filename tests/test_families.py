@@ -130,8 +130,8 @@ def _library_probabilities(kind: str, logits: torch.Tensor) -> torch.Tensor:
 def test_embeddings_and_probabilities_equal_the_librarys_own(
     kind: str, made: dict[str, Path], cli: Cli, tmp_path: Path
 ) -> None:
-    from clipcli.encode import encode_texts, iter_image_embeddings
-    from clipcli.images import ImageRef
+    from clipcli.images.core import ImageRef
+    from clipcli.zeroshot.encode import encode_texts, iter_image_embeddings
 
     spec = SPECS[kind](made)
     lm = load_model(spec, "cpu", "fp32")
@@ -169,7 +169,7 @@ def test_padding_is_trimmed_only_for_causal_end_token_towers(kind: str, trims: b
 @pytest.mark.parametrize("kind", list(SPECS))
 @pytest.mark.slow
 def test_bf16_weights_are_cast_once_and_agree_with_fp32(kind: str, made: dict[str, Path]) -> None:
-    from clipcli.encode import encode_texts
+    from clipcli.zeroshot.encode import encode_texts
 
     fp32 = load_model(SPECS[kind](made), "cpu", "fp32")
     bf16 = load_model(SPECS[kind](made), "cpu", "bf16")

@@ -18,9 +18,9 @@ import torch
 from conftest import Ran
 from PIL import Image, ImageFilter
 
-from clipcli.encode import embed_batches, iter_image_embeddings
 from clipcli.errors import InputError
-from clipcli.gpu_decode import (
+from clipcli.images.core import Batch, ImageRef, ImageSpec, discover, iter_batches
+from clipcli.images.gpu import (
     DeviceBatch,
     DeviceDecoder,
     device_decodable,
@@ -29,8 +29,8 @@ from clipcli.gpu_decode import (
     jpeg_header,
     use_device_decoding,
 )
-from clipcli.images import Batch, ImageRef, ImageSpec, discover, iter_batches
 from clipcli.models import load_model
+from clipcli.zeroshot.encode import embed_batches, iter_image_embeddings
 
 CPU = torch.device("cpu")
 SAMPLES = Path(__file__).parent.parent / "samples"
@@ -248,15 +248,15 @@ def test_embed_command_runs_the_device_pipeline_end_to_end(
 ) -> None:
     """`embed --decode gpu` through the CLI, with the device allowed to be the CPU: the same rows, order and
     skip lines as `--decode cpu`."""
-    import clipcli.encode
-    import clipcli.gpu_decode
+    import clipcli.images.gpu
+    import clipcli.zeroshot.encode
 
     folder = str(Path(mixed[0].file).parent)
     args = ["embed", folder, "-m", str(vit_ckpt), "--device", "cpu", "--precision", "fp32", "-b", "4", "--exact"]
     on_cpu = cli(*args, "--decode", "cpu")
     allowed: Callable[[str, torch.device], bool] = lambda choice, device: choice == "gpu"  # noqa: E731
-    monkeypatch.setattr(clipcli.gpu_decode, "use_device_decoding", allowed)
-    monkeypatch.setattr(clipcli.encode, "use_device_decoding", allowed)
+    monkeypatch.setattr(clipcli.images.gpu, "use_device_decoding", allowed)
+    monkeypatch.setattr(clipcli.zeroshot.encode, "use_device_decoding", allowed)
     on_device = cli(*args, "--decode", "gpu")
     assert on_cpu.exit_code == on_device.exit_code == 1  # partial: four bad files
     assert on_device.stderr == on_cpu.stderr

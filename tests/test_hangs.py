@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 from conftest import make_image
 
-from clipcli.images import ImageRef, NotARegularFile, decode, discover, iter_batches
+from clipcli.images.core import ImageRef, NotARegularFile, decode, discover, iter_batches
 
 CLI_SECONDS = 120  # a run takes seconds; only a hang comes near this, even on two busy cores
 

@@ -15,7 +15,7 @@ import pytest
 from conftest import make_image
 from PIL import Image
 
-from clipcli.images import (
+from clipcli.images.core import (
     PREFETCH_BATCHES,
     ImageRef,
     ImageTooLarge,
@@ -345,7 +345,7 @@ def test_closing_the_batches_stops_the_decoding_threads():
 
 
 def test_normalize_pixels_is_totensor_then_normalize():
-    from clipcli.images import CLIP_MEAN, CLIP_STD, normalize_pixels
+    from clipcli.images.core import CLIP_MEAN, CLIP_STD, normalize_pixels
 
     images = np.random.default_rng(0).integers(0, 256, (3, 5, 7, 3), dtype=np.uint8)
     expected = (images.transpose(0, 3, 1, 2) / 255.0 - np.reshape(CLIP_MEAN, (1, 3, 1, 1))) / np.reshape(
@@ -362,8 +362,8 @@ def test_preprocess_equals_openai_preprocess(size):
 
     Up to rounding: a few values in ten thousand land one 8-bit level apart where a filter weight rounds
     the other way."""
-    from clipcli.families.openai import import_clip
-    from clipcli.images import CLIP_STD, preprocess
+    from clipcli.images.core import CLIP_STD, preprocess
+    from clipcli.models.families.openai import import_clip
 
     rng = np.random.default_rng(sum(size))
     image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
@@ -400,6 +400,6 @@ def test_max_megapixels_reaches_every_command(cli, tmp_path, command):
 
 def test_the_default_limit_is_the_same_in_the_cli_and_the_core():
     from clipcli.commands.options import DEFAULT_MAX_MEGAPIXELS, max_pixels
-    from clipcli.images import DEFAULT_MAX_PIXELS
+    from clipcli.images.core import DEFAULT_MAX_PIXELS
 
     assert max_pixels(DEFAULT_MAX_MEGAPIXELS) == DEFAULT_MAX_PIXELS

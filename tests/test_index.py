@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from clipcli.errors import ModelError
-from clipcli.index import Kind, Stale, build_index, default_index_path, exact_search, open_index
-from clipcli.saved import Expect
-from clipcli.store import ModelTag, write_npy
+from clipcli.store.dataset import ModelTag, write_npy
+from clipcli.store.index import Kind, Stale, build_index, default_index_path, exact_search, open_index
+from clipcli.store.saved import Expect
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 TAG = ModelTag("model-a", "a" * 64, True)
@@ -55,7 +55,7 @@ def test_index_results_equal_the_exact_scan_on_a_small_set(tmp_path, kind):
 
 
 def test_automatic_kinds_by_size():
-    from clipcli.index import choose_kind
+    from clipcli.store.index import choose_kind
 
     assert choose_kind(10_000) is Kind.FLAT
     assert choose_kind(1_000_000) is Kind.IVFPQ

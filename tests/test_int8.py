@@ -10,13 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from clipcli.encode import encode_pixels, encode_texts
 from clipcli.errors import ModelError
-from clipcli.images import ImageSpec, preprocess
+from clipcli.images.core import ImageSpec, preprocess
 from clipcli.models import LoadedModel, load_model
-from clipcli.precision import resolve_precision
-from clipcli.prompts import TemplateSet, zero_shot_classifier
-from clipcli.quantize import (
+from clipcli.models.precision import resolve_precision
+from clipcli.models.quantize import (
     FusedQuickGELU,
     Int8Linear,
     PatchEmbedding,
@@ -24,7 +22,9 @@ from clipcli.quantize import (
     check_int8_device,
     quantize_model,
 )
-from clipcli.synth import COLOURS, SHAPES, combinations, render
+from clipcli.training.synth import COLOURS, SHAPES, combinations, render
+from clipcli.zeroshot.encode import encode_pixels, encode_texts
+from clipcli.zeroshot.prompts import TemplateSet, zero_shot_classifier
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = sorted((ROOT / "samples").rglob("*.jpg"))
@@ -161,9 +161,9 @@ class Towerless(LoadedModel):
 def test_int8_refuses_a_family_without_towers(cli, images, monkeypatch):
     with pytest.raises(ModelError, match="does not expose its towers"):
         quantize_model(Towerless())
-    import clipcli.models
+    import clipcli.models.loader
 
-    monkeypatch.setattr(clipcli.models, "_load_family", lambda *args: Towerless())
+    monkeypatch.setattr(clipcli.models.loader, "_load_family", lambda *args: Towerless())
     ran = cli("embed", str(images[0].parent), "--precision", "int8", "--device", "cpu", "-f", "csv")
     assert ran.exit_code == 2
     assert ran.stderr.count("\n") == 1 and ran.stderr.startswith("Error: ") and "towers" in ran.stderr

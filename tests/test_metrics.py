@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from clipcli.metrics import (
+from clipcli.evaluation.metrics import (
     confusion_matrix,
     per_class,
     retrieval_recall,

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from clipcli.errors import ModelError
-from clipcli.families.openai import ARCHITECTURES, OPENAI_MODELS, Architecture, import_clip, read_state_dict
 from clipcli.models import load_model
-from clipcli.precision import resolve_precision
+from clipcli.models.families.openai import ARCHITECTURES, OPENAI_MODELS, Architecture, import_clip, read_state_dict
+from clipcli.models.precision import resolve_precision
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -115,8 +115,8 @@ def test_precision_choice():
 
 
 def test_bf16_embeddings_stay_close_to_fp32(vit_ckpt, images):
-    from clipcli.encode import iter_image_embeddings
-    from clipcli.images import discover
+    from clipcli.images.core import discover
+    from clipcli.zeroshot.encode import iter_image_embeddings
 
     refs, _ = discover([str(images[0].parent)])
     a = torch.cat([b.embeddings for b in iter_image_embeddings(load_model(str(vit_ckpt), "cpu", "fp32"), refs)])
@@ -173,7 +173,7 @@ def test_embedding_imports_neither_torchvision_nor_pandas(tmp_path, output):
 
 
 def test_tokenize_lays_out_tokens_as_clip_does():
-    from clipcli.families.openai import tokenize
+    from clipcli.models.families.openai import tokenize
 
     texts = ["a dog", "a photo of a purple hexagon.", "", "ünïcödé & <html> punctuation!!"]
     assert torch.equal(tokenize(texts), import_clip().tokenize(texts))
@@ -200,7 +200,7 @@ def test_building_for_a_state_dict_leaves_torch_init_as_it_was():
     """The no-op fills are only in place while the model is built (loading is checked by parity tests)."""
     from torch.nn import init
 
-    from clipcli.families.openai import ARCHITECTURES
+    from clipcli.models.families.openai import ARCHITECTURES
 
     before = {name: getattr(init, name) for name in ("normal_", "uniform_", "kaiming_uniform_", "zeros_")}
     model = ARCHITECTURES["test-vit"].build(initialize=False)

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import make_image, write_checkpoint
 
-from clipcli.store import npy_sidecar, open_npy
+from clipcli.store.dataset import npy_sidecar, open_npy
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 
@@ -170,12 +170,12 @@ def test_npy_pair_is_kept_whole_when_the_sidecar_cannot_be_written(cli, tmp_path
     assert cli("embed", str(SAMPLES / "seen"), "-m", "tiny-shapes", "-o", str(out)).exit_code == 0
     before = out.read_bytes(), npy_sidecar(out).read_bytes()
 
-    import clipcli.store
+    import clipcli.store.dataset
 
     def full_disk(value: object) -> str:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(clipcli.store, "json_line", full_disk)
+    monkeypatch.setattr(clipcli.store.dataset, "json_line", full_disk)
     ran = cli("embed", str(SAMPLES / "held-out"), "-m", "tiny-shapes", "-o", str(out))
     assert ran.exit_code == 2
     assert ran.stderr.strip() == (
@@ -470,7 +470,7 @@ def test_a_failing_write_is_a_one_line_error_and_keeps_the_previous_file(cli, tm
     out = tmp_path / "out.csv"
     assert cli("classify", str(SAMPLES / "seen"), "-m", "tiny-shapes", "-l", "x,y", "-o", str(out)).exit_code == 0
     before = out.read_bytes()
-    from clipcli import io
+    from clipcli.store import formats as io
 
     def full_disk(self: object, rows: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -14,7 +14,7 @@ from conftest import Ran
 
 from clipcli.errors import InputError
 from clipcli.models import LoadedModel
-from clipcli.prompts import TemplateSet, builtin_templates, resolve_labels, zero_shot_classifier
+from clipcli.zeroshot.prompts import TemplateSet, builtin_templates, resolve_labels, zero_shot_classifier
 
 
 @pytest.mark.parametrize(
@@ -43,7 +43,7 @@ def tiny_shapes() -> LoadedModel:
 
 
 def test_classify_takes_a_quoted_label_with_a_comma(cli: Callable[..., Ran], tmp_path: Path) -> None:
-    from clipcli.synth import render
+    from clipcli.training.synth import render
 
     image = tmp_path / "shape.png"
     render(random.Random(1), "red", "circle").image.save(image)
@@ -54,7 +54,7 @@ def test_classify_takes_a_quoted_label_with_a_comma(cli: Callable[..., Ran], tmp
 
 
 def test_encode_texts_reports_progress_per_batch(tiny_shapes: LoadedModel) -> None:
-    from clipcli.encode import encode_texts
+    from clipcli.zeroshot.encode import encode_texts
 
     calls: list[int] = []
     texts = [f"a photo of shape number {i}" for i in range(7)]
@@ -65,7 +65,7 @@ def test_encode_texts_reports_progress_per_batch(tiny_shapes: LoadedModel) -> No
 
 @pytest.mark.slow
 def test_zero_shot_classifier_reports_every_prompt(tiny_shapes: LoadedModel) -> None:
-    from clipcli.encode import TEXT_BATCH
+    from clipcli.zeroshot.encode import TEXT_BATCH
 
     labels = [f"{colour} {shape}" for colour in ("red", "blue", "green", "yellow") for shape in ("circle", "star")]
     templates = builtin_templates("imagenet")
@@ -80,7 +80,7 @@ def test_zero_shot_classifier_reports_every_prompt(tiny_shapes: LoadedModel) -> 
 def test_cached_classifier_reports_progress_only_when_it_encodes(
     tiny_shapes: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from clipcli.evaluate import cached_classifier
+    from clipcli.evaluation.run import cached_classifier
 
     monkeypatch.setenv("CLIPCLI_CACHE", str(tmp_path / "cache"))
     templates = TemplateSet("two", ("a {}.", "a photo of a {}."))
@@ -95,8 +95,8 @@ def test_cached_classifier_reports_progress_only_when_it_encodes(
 
 @pytest.mark.slow
 def test_classify_reports_prompt_encoding_before_the_first_image(tiny_shapes: LoadedModel) -> None:
-    from clipcli.classify import classify_images
-    from clipcli.images import ImageRef
+    from clipcli.images.core import ImageRef
+    from clipcli.zeroshot.classify import classify_images
 
     lm = tiny_shapes
     labels = [f"label {i}" for i in range(40)]
@@ -118,7 +118,7 @@ def test_classify_reports_prompt_encoding_before_the_first_image(tiny_shapes: Lo
 
 
 def test_zero_shot_probabilities_are_softmax_of_scaled_cosine(tiny_shapes: LoadedModel) -> None:
-    from clipcli.prompts import zero_shot_logits, zero_shot_probabilities
+    from clipcli.zeroshot.prompts import zero_shot_logits, zero_shot_probabilities
 
     classifier = zero_shot_classifier(
         tiny_shapes, ["red circle", "blue star", "green cross"], builtin_templates("simple")

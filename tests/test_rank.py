@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from clipcli.rank import TopK
+from clipcli.search.rank import TopK
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "samples"
@@ -94,7 +94,7 @@ def test_usage_errors(cli):
 @pytest.mark.slow
 def test_search_cache_answers_like_parquet_and_follows_changes(cli, tmp_path, monkeypatch):
     """The memory-mapped copy gives the same hits, is used once built, and is rebuilt when a part changes."""
-    import clipcli.saved as saved_module
+    import clipcli.store.saved as saved_module
 
     emb = tmp_path / "emb"
     assert cli("embed", str(SAMPLES / "seen"), "-m", "tiny-shapes", "-o", f"{emb}/").exit_code == 0
@@ -133,7 +133,7 @@ def test_search_cache_that_cannot_be_written_is_not_an_error(cli, tmp_path, monk
 
 @pytest.mark.parametrize("text", ["a.jpg\nb c/ü.png\n\nlast.jpg\n", "a.jpg\nb c/ü.png\n\nlast.jpg", "", "\n"])
 def test_sidecar_lines_read_like_splitlines(tmp_path, text):
-    from clipcli.store import Lines
+    from clipcli.store.dataset import Lines
 
     path = tmp_path / "x.paths.txt"
     path.write_bytes(text.encode())

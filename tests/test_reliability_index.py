@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clipcli.index import META, default_index_path, exact_search, open_index, read_meta
-from clipcli.saved import Expect, open_matrix
-from clipcli.store import ModelTag, open_npy, write_npy
+from clipcli.store.dataset import ModelTag, open_npy, write_npy
+from clipcli.store.index import META, default_index_path, exact_search, open_index, read_meta
+from clipcli.store.saved import Expect, open_matrix
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 ROOT = Path(__file__).resolve().parent.parent
@@ -102,7 +102,7 @@ def test_a_stale_index_with_restored_sizes_and_mtimes_is_caught_by_content(cli, 
     assert "does not match" in searched.stderr and "scanning every row" in searched.stderr
 
     # the core: the opened index raises Stale from its search, so every caller can fall back
-    from clipcli.index import Stale
+    from clipcli.store.index import Stale
 
     opened = open_index(default_index_path(emb), emb, Expect(tag.name, tag.sha256, dim))
     with pytest.raises(Stale, match="clipcli index"):
@@ -143,7 +143,7 @@ def test_sigterm_during_an_ivfpq_build_is_prompt_and_keeps_the_old_index(tmp_pat
     """faiss holds off Python's signal handlers while it trains: the polysemous ordering of the PQ code
     books alone runs for minutes at CLIP's width (512) with no check for signals, even over 300 rows
     (cc98338 took minutes to stop here)."""
-    from clipcli.index import Kind, build_index
+    from clipcli.store.index import Kind, build_index
 
     tag, dim = ModelTag("model-a", "a" * 64, True), 512  # index needs no model: CLIP's width
     emb = tmp_path / "emb.npy"
@@ -283,7 +283,7 @@ def test_missing_faiss_names_each_commands_own_way_out(cli, tmp_path, monkeypatc
 
 def test_a_saved_source_still_scans_equal_after_the_check(tmp_path):
     """The content check leaves a current index's answers exactly as they were."""
-    from clipcli.index import Kind, build_index
+    from clipcli.store.index import Kind, build_index
 
     tag = ModelTag("model-a", "a" * 64, True)
     emb = tmp_path / "emb.npy"

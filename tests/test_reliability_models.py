@@ -24,8 +24,8 @@ import torch
 from conftest import Ran, write_checkpoint
 from nli_models import bart_folder
 
-from clipcli.synth import generate
-from clipcli.train import TrainConfig, train
+from clipcli.training.loop import TrainConfig, train
+from clipcli.training.synth import generate
 
 Cli = Callable[..., Ran]
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
@@ -212,7 +212,7 @@ def test_a_byte_order_mark_does_not_stay_in_the_first_label(cli: Cli, tmp_path: 
 
 
 def test_a_byte_order_mark_is_dropped_from_templates_queries_and_texts(cli: Cli, tmp_path: Path) -> None:
-    from clipcli.prompts import read_lines, resolve_templates
+    from clipcli.zeroshot.prompts import read_lines, resolve_templates
 
     templates = tmp_path / "templates.txt"
     templates.write_text(f"{BOM}a photo of a {{}}.\n", encoding="utf-8")
@@ -221,7 +221,7 @@ def test_a_byte_order_mark_is_dropped_from_templates_queries_and_texts(cli: Cli,
     queries.write_text(f"{BOM}a red square\n", encoding="utf-8")
     assert read_lines(queries, "queries") == ["a red square"]
 
-    from clipcli.text_inputs import open_texts
+    from clipcli.text.inputs import open_texts
 
     texts = tmp_path / "texts.txt"
     texts.write_text(f"{BOM}first text\nsecond\n", encoding="utf-8")

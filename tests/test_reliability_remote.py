@@ -251,7 +251,7 @@ def test_every_object_store_call_is_bounded(monkeypatch):
     """In-process: a call that blocks is given up on after the timeout; one that fails raises its own
     error; one that answers returns its value."""
     from clipcli.errors import InputError, OutputError
-    from clipcli.remote_store import bounded
+    from clipcli.store.remote import bounded
 
     monkeypatch.setenv("CLIPCLI_OBJECT_STORE_TIMEOUT", "0.5")
     release = threading.Event()

@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 from conftest import make_image
 
-from clipcli.shard import shard_of
+from clipcli.store.shard import shard_of
 
 MODEL = ("-m", "tiny-shapes", "--precision", "fp32")
 
@@ -182,7 +182,7 @@ def test_three_shard_processes_at_once_into_one_uri_equal_one_run(cli, bucket, f
 
 @pytest.mark.slow
 def test_a_shard_never_rewrites_parts_it_does_not_own(cli, bucket, folder):
-    from clipcli.shard import shard_of
+    from clipcli.store.shard import shard_of
 
     assert cli("embed", str(folder), *MODEL, "-o", bucket).exit_code == 0
     _, _, before = open_dataset(bucket)
@@ -213,7 +213,7 @@ def test_file_uris_are_local_directories(cli, folder, tmp_path):
     assert cli("embed", str(folder), *MODEL, "-o", f"{local}/").exit_code == 0
     ran = cli("embed", str(folder), *MODEL, "-o", via_uri.as_uri() + "/", "--shard", "0/1")
     assert ran.exit_code == 0, ran.stderr
-    assert (via_uri / ".clipcli.shard-0-of-1.lock").exists()  # the local store, with its locks
+    assert (via_uri / ".clipcli.store.shard-0-of-1.lock").exists()  # the local store, with its locks
     assert_same(local, via_uri)
 
 

@@ -17,8 +17,8 @@ import torch
 from conftest import make_image
 
 from clipcli.errors import ModelError
-from clipcli.families.openai import import_clip, read_state_dict
 from clipcli.models import load_model
+from clipcli.models.families.openai import import_clip, read_state_dict
 
 REFUSED = "contains code or objects clipcli will not load (only tensors are read from checkpoints); "
 
@@ -204,7 +204,7 @@ def _traced_clip(ckpt: Path, path: Path, resolution: int) -> Path:
 
 @pytest.mark.slow
 def test_archives_read_as_jit_load_reads_them_without_calling_it(tmp_path, rn_ckpt, monkeypatch):
-    from clipcli.checkpoint import read_torchscript_state_dict
+    from clipcli.models.checkpoint import read_torchscript_state_dict
 
     traced = _traced_clip(rn_ckpt, tmp_path / "traced-rn.pt", 32)
     scripted = _save_script(BuffersAndAttributes().half(), tmp_path / "scripted.pt")
@@ -268,7 +268,7 @@ def _crafted_archive(path: Path, pickled: bytes) -> Path:
     ],
 )
 def test_crafted_archives_fail_in_one_line(tmp_path, pickled, reason):
-    from clipcli.checkpoint import read_torchscript_state_dict
+    from clipcli.models.checkpoint import read_torchscript_state_dict
 
     # The well-formed archive reads, so each variant fails for the reason it names.
     good = _crafted_archive(tmp_path / "good.pt", _module(_text("w") + _tensor()))
@@ -280,7 +280,7 @@ def test_crafted_archives_fail_in_one_line(tmp_path, pickled, reason):
 
 
 def test_a_truncated_tensor_record_is_an_error(tmp_path):
-    from clipcli.checkpoint import read_torchscript_state_dict
+    from clipcli.models.checkpoint import read_torchscript_state_dict
 
     scripted = _save_script(BuffersAndAttributes(), tmp_path / "scripted.pt")
     with zipfile.ZipFile(scripted) as z:
@@ -354,7 +354,7 @@ def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path, cli, layout):
 
 @pytest.mark.slow
 def test_resume_checkpoints_load_as_tensors_only(tmp_path):
-    from clipcli.train import TrainConfig, train
+    from clipcli.training.loop import TrainConfig, train
 
     out = tmp_path / "out.pt"
     pairs = _pairs(tmp_path)
@@ -381,8 +381,8 @@ def test_resume_checkpoints_load_as_tensors_only(tmp_path):
 def test_resume_from_a_torchscript_archive_is_refused_in_clipclis_words(tmp_path: Path) -> None:
     import torch
 
-    from clipcli.checkpoint import load_tensors
     from clipcli.errors import ModelError
+    from clipcli.models.checkpoint import load_tensors
 
     archive = tmp_path / "out.pt.ckpt"
     torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(archive))

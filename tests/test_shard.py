@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from conftest import make_image
 
-from clipcli.shard import Shard, shard_of
+from clipcli.store.shard import Shard, shard_of
 
 
 def read_dataset(folder: Path) -> pd.DataFrame:
@@ -49,7 +49,7 @@ def test_shards_partition_paths_the_same_way_in_every_process():
     assert all(sum(Shard(k, 7).owns(p) for k in range(7)) == 1 for p in paths[:200])
     counts = np.bincount(owners, minlength=7)
     assert counts.min() > 3000 / 7 * 0.8  # a hash, not a split by name or order
-    code = "import sys; from clipcli.shard import shard_of; print([shard_of(p, 7) for p in sys.argv[1:]])"
+    code = "import sys; from clipcli.store.shard import shard_of; print([shard_of(p, 7) for p in sys.argv[1:]])"
     other = subprocess.run([sys.executable, "-c", code, *paths[:50]], capture_output=True, text=True, check=True)
     assert other.stdout.strip() == str(owners[:50])  # Python's salted hash() would differ
 
@@ -147,7 +147,9 @@ def held_elsewhere(lock: str) -> Iterator[None]:
 @pytest.mark.slow
 def test_runs_that_would_collide_are_refused(cli, folder, tmp_path):
     out = tmp_path / "out"
-    shard_lock = f"from clipcli.shard import Shard, ShardLocks\nlock = ShardLocks(Path({str(out)!r}), Shard(1, 2))"
+    shard_lock = (
+        f"from clipcli.store.shard import Shard, ShardLocks\nlock = ShardLocks(Path({str(out)!r}), Shard(1, 2))"
+    )
     with held_elsewhere(shard_lock):
         same = cli("embed", str(folder), "-m", "tiny-shapes", "-o", f"{out}/", "--shard", "1/2")
         assert same.exit_code == 2 and "shard 1/2" in same.stderr

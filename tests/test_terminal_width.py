@@ -15,11 +15,11 @@ import pytest
 from conftest import TEST_COLUMNS, Ran, make_image
 
 if TYPE_CHECKING:
-    from clipcli.evaluate import EvalResult
+    from clipcli.evaluation.run import EvalResult
 
 
 def _result(dataset: str, n: int) -> EvalResult:
-    from clipcli.evaluate import EvalResult
+    from clipcli.evaluation.run import EvalResult
 
     metrics = {"acc1": 0.5, "acc5": 0.9912, "mean_per_class_recall": 0.345}
     return EvalResult("ViT-B/32", "0" * 64, "simple", 1, dataset, n, 0, metrics)

@@ -16,9 +16,9 @@ import torch
 from conftest import Ran
 
 from clipcli.commands.train import TrainingBar, step_fields
-from clipcli.families.openai import ARCHITECTURES, import_clip, tokenize, trim_padding
-from clipcli.synth import generate
-from clipcli.train import PUBLIC_ARCHITECTURES, StepInfo, TrainConfig, contrastive_loss, lr_at, train
+from clipcli.models.families.openai import ARCHITECTURES, import_clip, tokenize, trim_padding
+from clipcli.training.loop import PUBLIC_ARCHITECTURES, StepInfo, TrainConfig, contrastive_loss, lr_at, train
+from clipcli.training.synth import generate
 
 Cli = Callable[..., Ran]
 
@@ -230,13 +230,13 @@ def test_unknown_arch_lists_the_public_architectures_only(cli: Cli, pairs: Path,
 def test_train_device_defaults_to_auto(cli: Cli, pairs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A run without --device asks the training loop for "auto" (the GPU where there is one), as every other
     command does, and --device reaches it; the spy stops each run there with an error naming what it got."""
-    import clipcli.precision
+    import clipcli.models.precision
     from clipcli.errors import ModelError
 
     def spy(spec: str) -> torch.device:
         raise ModelError(f"asked for device {spec!r}")
 
-    monkeypatch.setattr(clipcli.precision, "resolve_device", spy)
+    monkeypatch.setattr(clipcli.models.precision, "resolve_device", spy)
     common = ["train", str(pairs), "-o", str(tmp_path / "m.pt"), "--arch", "test-rn", "--steps", "1"]
     for flags, spec in (([], "auto"), (["--device", "cpu"], "cpu")):
         ran = cli(*common, *flags)

@@ -37,10 +37,10 @@ def bench_precision(
     """
     from clipcli.commands.console import say, skipped
     from clipcli.errors import EXIT_PARTIAL
-    from clipcli.images import discover, nothing_found
-    from clipcli.precision import cpu_class
-    from clipcli.precision_check import compare_precisions
-    from clipcli.prompts import resolve_labels, resolve_templates
+    from clipcli.images.core import discover, nothing_found
+    from clipcli.models.precision import cpu_class
+    from clipcli.zeroshot.precision_check import compare_precisions
+    from clipcli.zeroshot.prompts import resolve_labels, resolve_templates
 
     label_list = resolve_labels(labels, labels_file) if (labels or labels_file) else None
     template_set = resolve_templates(template, templates)

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from clipcli.commands import options as opt
-from clipcli.io import OutputFormat
+from clipcli.store.formats import OutputFormat
 
 
 def classify(
@@ -32,12 +32,18 @@ def classify(
     max_megapixels: opt.MaxMegapixels = opt.DEFAULT_MAX_MEGAPIXELS,
 ) -> None:
     """Classify images zero-shot: the probability of each label, best first."""
-    from clipcli.classify import PREDICTION_COLUMNS, Prediction, classify_images, prediction_schema
     from clipcli.commands.console import Progress, Tally, prompt_progress, say
     from clipcli.errors import EXIT_PARTIAL
-    from clipcli.images import discover, nothing_found
-    from clipcli.io import choose_format, open_writer, parquet_storable, refuse_output_over_inputs, stdout_is_tty
-    from clipcli.prompts import resolve_labels, resolve_templates
+    from clipcli.images.core import discover, nothing_found
+    from clipcli.store.formats import (
+        choose_format,
+        open_writer,
+        parquet_storable,
+        refuse_output_over_inputs,
+        stdout_is_tty,
+    )
+    from clipcli.zeroshot.classify import PREDICTION_COLUMNS, Prediction, classify_images, prediction_schema
+    from clipcli.zeroshot.prompts import resolve_labels, resolve_templates
 
     refuse_output_over_inputs([output], [*inputs, labels_file])
     label_list = resolve_labels(labels, labels_file)

@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from clipcli.commands import options as opt
-from clipcli.io import OutputFormat
+from clipcli.store.formats import OutputFormat
 
 if TYPE_CHECKING:
     from clipcli.commands.console import Progress
-    from clipcli.nli import TextPrediction
-    from clipcli.text_inputs import EmptyText, TextItem
+    from clipcli.text.inputs import EmptyText, TextItem
+    from clipcli.text.nli import TextPrediction
 
 
 TABLE_TEXT_CHARS = 60  # a table shows the start of each text; files hold all of it
@@ -93,10 +93,10 @@ def classify_text(
 
     from clipcli.commands.console import Progress, say
     from clipcli.errors import EXIT_PARTIAL
-    from clipcli.io import choose_format, open_writer, refuse_output_over_inputs, stdout_is_tty
-    from clipcli.nli import classify_texts, hypotheses, load_nli_model, prediction_columns, prediction_schema
-    from clipcli.prompts import resolve_labels
-    from clipcli.text_inputs import open_texts
+    from clipcli.store.formats import choose_format, open_writer, refuse_output_over_inputs, stdout_is_tty
+    from clipcli.text.inputs import open_texts
+    from clipcli.text.nli import classify_texts, hypotheses, load_nli_model, prediction_columns, prediction_schema
+    from clipcli.zeroshot.prompts import resolve_labels
 
     refuse_output_over_inputs([output], [texts_file, labels_file])
     label_list = resolve_labels(labels, labels_file)

@@ -10,12 +10,12 @@ from rich.cells import cell_len
 from rich.console import Console, ConsoleOptions
 from rich.text import Text
 
-from clipcli.io import printable
+from clipcli.store.formats import printable
 
 if TYPE_CHECKING:
     from rich.segment import Segment
 
-    from clipcli.images import Skipped
+    from clipcli.images.core import Skipped
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 

@@ -9,13 +9,13 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from clipcli.commands import options as opt
-from clipcli.dedup import DEFAULT_THRESHOLD
-from clipcli.io import OutputFormat
+from clipcli.search.dedup import DEFAULT_THRESHOLD
+from clipcli.store.formats import OutputFormat
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from clipcli.dedup import Member, Prefer, StoredFiles
+    from clipcli.search.dedup import Member, Prefer, StoredFiles
 
 
 class Keep(str, Enum):
@@ -83,9 +83,9 @@ def dedup(
     """
     from clipcli.commands.console import Tally, say
     from clipcli.errors import EXIT_PARTIAL, InputError
-    from clipcli.io import choose_format, open_writer, refuse_output_over_inputs, stdout_is_tty
-    from clipcli.rank import refuse_flat_embeddings
-    from clipcli.saved import is_embedding_source
+    from clipcli.search.rank import refuse_flat_embeddings
+    from clipcli.store.formats import choose_format, open_writer, refuse_output_over_inputs, stdout_is_tty
+    from clipcli.store.saved import is_embedding_source
 
     refuse_output_over_inputs([output], [], datasets=inputs)
     saved = [i for i in inputs if i != "-" and is_embedding_source(i)]
@@ -117,8 +117,8 @@ def dedup(
         if output or fmt:
             raise InputError("--keep prints paths one a line on stdout: leave out --output and --format")
         from clipcli.commands.rank import write_paths
-        from clipcli.dedup import deletable, listable
-        from clipcli.images import Skipped
+        from clipcli.images.core import Skipped
+        from clipcli.search.dedup import deletable, listable
 
         groups, stored = _groups(
             saved,
@@ -173,19 +173,19 @@ def _groups(
     """The groups, and what embed recorded of the files behind saved rows (None for images)."""
     from pathlib import Path
 
-    from clipcli.dedup import find_duplicates, matrix_search
+    from clipcli.search.dedup import find_duplicates, matrix_search
 
     if saved:
         if model is not None:  # asked for by name: the saved rows must be that model's, as rank requires
-            from clipcli.saved import Expect, require_saved_model, saved_tag
+            from clipcli.store.saved import Expect, require_saved_model, saved_tag
 
             lm = opt.load(model, device, precision)
             require_saved_model(saved_tag(Path(saved[0]))[0], Expect.of(lm), Path(saved[0]))
         return _saved_groups(Path(saved[0]), threshold, no_index, prefer)
     import numpy as np
 
-    from clipcli.encode import iter_image_embeddings
-    from clipcli.images import discover, nothing_found
+    from clipcli.images.core import discover, nothing_found
+    from clipcli.zeroshot.encode import iter_image_embeddings
 
     refs, missing = discover(inputs, sys.stdin)
     if not refs:
@@ -238,9 +238,9 @@ def _saved_groups(
     from pathlib import Path
 
     from clipcli.commands.console import say
-    from clipcli.dedup import StoredFiles, file_size, find_duplicates
-    from clipcli.index import META, Stale, default_index_path, exact_search, open_index
-    from clipcli.saved import Expect, open_matrix, saved_tag
+    from clipcli.search.dedup import StoredFiles, file_size, find_duplicates
+    from clipcli.store.index import META, Stale, default_index_path, exact_search, open_index
+    from clipcli.store.saved import Expect, open_matrix, saved_tag
 
     path = Path(str(source))
     tag, dim = saved_tag(path)
@@ -275,7 +275,7 @@ def _recorded_base(source: Path) -> str | None:
     and are checked from here like any other (what does not match is not listed)."""
     import pyarrow.parquet as pq
 
-    from clipcli.store import dataset_base
+    from clipcli.store.dataset import dataset_base
 
     for part in _parquet_parts(source):
         try:

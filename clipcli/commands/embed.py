@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from clipcli.commands import options as opt
-from clipcli.io import OutputFormat
+from clipcli.store.formats import OutputFormat
 
 
 class Format(str, Enum):
@@ -34,7 +34,7 @@ def _is_dataset_dir(output: str | None) -> bool:
     """A directory of Parquet parts: named with a trailing slash or without an extension, or an
     existing folder named ``*.parquet`` (as Spark writes them); an existing ``x.csv`` folder is not."""
     from clipcli.atomic import is_stream
-    from clipcli.remote_store import is_remote, is_remote_dataset
+    from clipcli.store.remote import is_remote, is_remote_dataset
 
     if is_remote(output):
         return is_remote_dataset(output or "")
@@ -49,7 +49,7 @@ def _written_files(output: str | None, fmt: OutputFormat) -> list[str]:
     if not output or output == "-":
         return []
     if fmt is OutputFormat.NPY:
-        from clipcli.store import npy_sidecar
+        from clipcli.store.dataset import npy_sidecar
 
         return [output, str(npy_sidecar(Path(output)))]
     return [output]
@@ -59,12 +59,12 @@ def _output_lock(output: str | None, is_dir: bool, shard: str | None = None) -> 
     """The output's lock, held from before anything is read; none for stdout, a FIFO or a pipe. A shard
     run takes its shard's locks instead, which let the other shards write the same directory."""
     from clipcli.atomic import OutputLock, is_stream
-    from clipcli.remote_store import is_remote
+    from clipcli.store.remote import is_remote
 
     if not output or output == "-" or is_remote(output) or is_stream(Path(output)):
-        return nullcontext()  # an object store has no locks (see clipcli.remote_store)
+        return nullcontext()  # an object store has no locks (see clipcli.store.remote)
     if shard is not None:
-        from clipcli.shard import Shard, ShardLocks
+        from clipcli.store.shard import Shard, ShardLocks
 
         return ShardLocks(Path(output), Shard.parse(shard))
     return OutputLock(Path(output), is_dir)
@@ -161,12 +161,12 @@ def embed(
 ) -> None:
     """Embed images (or texts) with CLIP; reruns into a Parquet output only embed what changed."""
     from clipcli.commands.console import Progress, Tally, prompt_progress, say
-    from clipcli.embed import embed_images, embed_text_list
+    from clipcli.engines.local import embed_images, embed_text_list
     from clipcli.errors import EXIT_PARTIAL, InputError
-    from clipcli.images import discover, nothing_found
-    from clipcli.io import choose_format, has_format_suffix, refuse_output_over_inputs, stdout_is_tty
-    from clipcli.prompts import read_lines, resolve_templates
-    from clipcli.remote_store import check_remote_output, local_output
+    from clipcli.images.core import discover, nothing_found
+    from clipcli.store.formats import choose_format, has_format_suffix, refuse_output_over_inputs, stdout_is_tty
+    from clipcli.store.remote import check_remote_output, local_output
+    from clipcli.zeroshot.prompts import read_lines, resolve_templates
 
     element = dtype.value
     inputs = inputs or []
@@ -186,7 +186,7 @@ def embed(
     written = _written_files(output, out_format)
     refuse_output_over_inputs(written, [*inputs, texts_file])
     if shard is not None:
-        from clipcli.shard import Shard
+        from clipcli.store.shard import Shard
 
         Shard.parse(shard)  # a malformed I/N is refused before any file is touched
 
@@ -224,7 +224,7 @@ def embed(
             tally.on_skip(m)
         part_of = None
         if shard is not None:
-            from clipcli.shard import Shard
+            from clipcli.store.shard import Shard
 
             part_of = Shard.parse(shard)
             refs = part_of.select(refs)

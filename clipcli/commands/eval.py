@@ -10,15 +10,15 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from clipcli.commands import options as opt
-from clipcli.datasets import Benchmark
+from clipcli.evaluation.datasets import Benchmark
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from rich.console import Console
 
-    from clipcli.datasets import CaptionPairs, LabelledImages
-    from clipcli.evaluate import EvalResult, ImageEmbeddings
+    from clipcli.evaluation.datasets import CaptionPairs, LabelledImages
+    from clipcli.evaluation.run import EvalResult, ImageEmbeddings
     from clipcli.models import LoadedModel
 
 
@@ -108,11 +108,11 @@ def evaluate(
     ray_address: opt.RayAddress = None,
 ) -> None:
     """Evaluate zero-shot classification (or caption retrieval) and compare models and prompt sets."""
-    from clipcli import datasets
     from clipcli.commands.console import Progress, Tally, err, prompt_progress, say
     from clipcli.commands.eval_text import evaluate_texts
     from clipcli.errors import EXIT_PARTIAL, InputError, OutputError
-    from clipcli.evaluate import (
+    from clipcli.evaluation import datasets
+    from clipcli.evaluation.run import (
         PREDICTION_COLUMNS,
         classification_result,
         embed_dataset,
@@ -120,14 +120,14 @@ def evaluate(
         retrieval_result,
         write_report,
     )
-    from clipcli.io import OutputFormat, choose_format, open_writer, refuse_output_over_inputs
+    from clipcli.evaluation.text import is_text_manifest as text_manifest
     from clipcli.models import default_model
-    from clipcli.prompts import resolve_templates
-    from clipcli.text_eval import is_text_manifest as text_manifest
+    from clipcli.store.formats import OutputFormat, choose_format, open_writer, refuse_output_over_inputs
+    from clipcli.zeroshot.prompts import resolve_templates
 
     refuse_output_over_inputs([report, predictions, plots], [data, classnames, *(models or []), *(templates or [])])
     if plots is not None:
-        from clipcli.plots import require_matplotlib
+        from clipcli.evaluation.plots import require_matplotlib
 
         require_matplotlib()
     pred_format = (
@@ -192,7 +192,7 @@ def evaluate(
                 for r in results:
                     writer.write(prediction_rows(r))
         if plots is not None:
-            from clipcli.plots import write_plots
+            from clipcli.evaluation.plots import write_plots
 
             for r in results:
                 if r.predictions is not None:
@@ -216,7 +216,7 @@ def _embed_on_ray(
     on_batch: Callable[[int], None],
     max_pixels: int | None,
 ) -> ImageEmbeddings:
-    """The dataset's images embedded on a Ray cluster, as :func:`clipcli.evaluate.embed_dataset` returns them."""
+    """The dataset's images embedded on a Ray cluster, as :func:`clipcli.evaluation.run.embed_dataset` returns them."""
     from clipcli.engines.ray import embed_dataset_on_ray, model_spec
     from clipcli.errors import InputError
 
@@ -254,7 +254,7 @@ def _locked_outputs(report: Path | None, predictions: str | None, plots: Path | 
 
 def _gate(results: Sequence[EvalResult], min_acc1: float | None) -> list[str]:
     """One line for each result below ``--min-acc1`` (a result with nothing measured is below it)."""
-    from clipcli.evaluate import gate_score
+    from clipcli.evaluation.run import gate_score
 
     if min_acc1 is None:
         return []
@@ -329,8 +329,8 @@ def _print_table(console: Console, results: Sequence[EvalResult]) -> None:
     from rich.text import Text
 
     from clipcli.commands.console import CountedTitle
-    from clipcli.evaluate import gate_score
-    from clipcli.io import printable
+    from clipcli.evaluation.run import gate_score
+    from clipcli.store.formats import printable
 
     if not results:
         return

@@ -33,16 +33,16 @@ def evaluate_texts(
     from clipcli.commands.console import Progress, err
     from clipcli.commands.eval import _gate, _locked_outputs, _print_table
     from clipcli.errors import EXIT_PARTIAL, InputError
-    from clipcli.evaluate import write_report
-    from clipcli.io import OutputFormat, choose_format, open_writer
-    from clipcli.nli import DEFAULT_NLI_MODEL, hypotheses, load_nli_model
-    from clipcli.text_eval import (
+    from clipcli.evaluation.run import write_report
+    from clipcli.evaluation.text import (
         PREDICTION_COLUMNS,
         limit_texts,
         prediction_rows,
         text_classification_result,
         text_manifest,
     )
+    from clipcli.store.formats import OutputFormat, choose_format, open_writer
+    from clipcli.text.nli import DEFAULT_NLI_MODEL, hypotheses, load_nli_model
 
     given = [flag for flag, value in image_only.items() if value]
     if given:
@@ -84,8 +84,8 @@ def hypothesis_list(template: list[str] | None, templates: list[str] | None) -> 
     """Each hypothesis to compare: every --template, then every line of every --templates FILE; the
     tutorial's "This text is about {}." when none is given. The image template sets are not hypotheses."""
     from clipcli.errors import InputError
-    from clipcli.nli import DEFAULT_HYPOTHESIS
-    from clipcli.prompts import BUILTIN_TEMPLATE_SETS, read_lines
+    from clipcli.text.nli import DEFAULT_HYPOTHESIS
+    from clipcli.zeroshot.prompts import BUILTIN_TEMPLATE_SETS, read_lines
 
     found = list(template or [])
     for name in templates or []:

@@ -18,8 +18,8 @@ def models() -> None:
     from rich.table import Table
 
     from clipcli.cache import cache_dir
-    from clipcli.io import stdout_is_tty
     from clipcli.models import default_model, list_models
+    from clipcli.store.formats import stdout_is_tty
 
     rows = []
     for entry in list_models():

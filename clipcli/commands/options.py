@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from clipcli.io import OutputFormat
+from clipcli.store.formats import OutputFormat
 
 if TYPE_CHECKING:
     from clipcli.models import LoadedModel
@@ -89,7 +89,7 @@ Decode = Annotated[
 
 def check_decode(choice: DecodeChoice, lm: LoadedModel) -> None:
     """Refuse ``--decode gpu`` for a model off CUDA before any image is read (one line, exit 2)."""
-    from clipcli.gpu_decode import use_device_decoding
+    from clipcli.images.gpu import use_device_decoding
 
     use_device_decoding(choice.value, lm.device)
 

@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from clipcli.commands import options as opt
-from clipcli.io import OutputFormat
+from clipcli.store.formats import OutputFormat
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from clipcli.models import LoadedModel
-    from clipcli.prompts import TemplateSet
-    from clipcli.rank import IndexChoice, SourceScan
+    from clipcli.search.rank import IndexChoice, SourceScan
+    from clipcli.zeroshot.prompts import TemplateSet
 
 
 class Format(str, Enum):
@@ -112,12 +112,12 @@ def rank(
 ) -> None:
     """Rank sources by similarity to a query, best first (cosine similarity of normalised embeddings)."""
     from clipcli.commands.console import Tally, prompt_progress, say
-    from clipcli.encode import encode_texts
     from clipcli.errors import EXIT_PARTIAL, InputError
-    from clipcli.images import Skipped
-    from clipcli.io import NOT_UTF8, choose_format, is_utf8, open_writer, stdout_is_tty
-    from clipcli.prompts import read_lines, resolve_templates
-    from clipcli.rank import SourceScan, query_embedding, rank_sources, rank_texts, refuse_flat_embeddings
+    from clipcli.images.core import Skipped
+    from clipcli.search.rank import SourceScan, query_embedding, rank_sources, rank_texts, refuse_flat_embeddings
+    from clipcli.store.formats import NOT_UTF8, choose_format, is_utf8, open_writer, stdout_is_tty
+    from clipcli.zeroshot.encode import encode_texts
+    from clipcli.zeroshot.prompts import read_lines, resolve_templates
 
     args = list(arguments or [])
     if null and (output or fmt or texts_file or queries_file or image_queries):
@@ -128,7 +128,7 @@ def rank(
     out_format = choose_format(opt.output_format(fmt), output, stdout_is_tty(), FORMATS, piped=OutputFormat.TSV)
     if null:
         out_format = OutputFormat.TSV  # its writer prints nothing here: the paths go out as bytes
-    from clipcli.io import refuse_output_over_inputs
+    from clipcli.store.formats import refuse_output_over_inputs
 
     refuse_output_over_inputs([output], [image, texts_file, queries_file, image_queries, index], datasets=args)
     if index and no_index:
@@ -206,7 +206,7 @@ def rank(
 
 
 def ensemble_of(template: list[str] | None, templates: list[str] | None) -> TemplateSet | None:
-    from clipcli.prompts import resolve_templates
+    from clipcli.zeroshot.prompts import resolve_templates
 
     return resolve_templates(template, templates) if (template or templates) else None
 
@@ -215,7 +215,7 @@ def _index_choice(index: str | None, no_index: bool) -> IndexChoice:
     from pathlib import Path
 
     from clipcli.commands.console import say
-    from clipcli.rank import IndexChoice
+    from clipcli.search.rank import IndexChoice
 
     return IndexChoice(not no_index, Path(index) if index else None, say)
 
@@ -237,9 +237,9 @@ def _rank_batch(
     """Many queries, one pass over the sources: rows of (query, path, score), each query's best first."""
     from clipcli.commands.console import Tally, say
     from clipcli.errors import EXIT_PARTIAL, InputError
-    from clipcli.io import open_writer
-    from clipcli.prompts import read_lines
-    from clipcli.rank import query_embeddings, rank_many, refuse_flat_embeddings
+    from clipcli.search.rank import query_embeddings, rank_many, refuse_flat_embeddings
+    from clipcli.store.formats import open_writer
+    from clipcli.zeroshot.prompts import read_lines
 
     if not sources:
         raise InputError("no sources to rank: pass images, folders, or embeddings written by `clipcli embed`")
@@ -283,7 +283,7 @@ def _load(model: str | None, sources: list[str], device: str, precision: opt.Pre
     from pathlib import Path
 
     from clipcli.errors import ModelError
-    from clipcli.saved import is_embedding_source, saved_tag
+    from clipcli.store.saved import is_embedding_source, saved_tag
 
     if model is None:
         for source in sources:

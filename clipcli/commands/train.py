@@ -12,7 +12,7 @@ from clipcli.commands import options as opt
 if TYPE_CHECKING:
     from rich.progress import Task
 
-    from clipcli.train import StepInfo, TrainResult
+    from clipcli.training.loop import StepInfo, TrainResult
 
 # synth.Split and synth.Background, spelt out so the CLI starts without importing PIL (mypy checks they fit).
 Split = Literal["seen", "held-out", "all"]
@@ -147,10 +147,10 @@ def train(
     """Train a CLIP model contrastively on image-caption pairs, from scratch or from a model."""
     from clipcli.commands.console import Progress, Tally, say
     from clipcli.errors import EXIT_PARTIAL, ModelError
-    from clipcli.io import refuse_output_over_inputs
     from clipcli.models import family_of
-    from clipcli.train import TrainConfig, checkpoint_path
-    from clipcli.train import train as run_training
+    from clipcli.store.formats import refuse_output_over_inputs
+    from clipcli.training.loop import TrainConfig, checkpoint_path
+    from clipcli.training.loop import train as run_training
 
     refuse_output_over_inputs([output, checkpoint_path(output)], [pairs, model])
     if model and family_of(model) != "openai":
@@ -265,7 +265,7 @@ def make_shapes(
 ) -> None:
     """Draw captioned images of coloured shapes (8 shapes x 8 colours) for training and tests."""
     from clipcli.commands.console import Progress, say
-    from clipcli.synth import generate
+    from clipcli.training.synth import generate
 
     with Progress("drawing", count) as bar:
         for _ in generate(folder, count, seed, split, background, workers):

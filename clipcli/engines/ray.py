@@ -4,14 +4,14 @@ The driver (this process) finds the inputs, loads the model once to learn what i
 checksum, width: the dataset's schema), plans the run with the same :class:`ParquetStore` as the local
 engine, and hands Ray a list of (index, name, absolute path). Ray runs:
 
-- with GPUs: CPU tasks that decode and resize (:func:`clipcli.images.iter_batches`), then one model actor
-  per GPU (``num_gpus=1``) that turns pixels into embeddings (:func:`clipcli.encode.embed_batches`);
+- with GPUs: CPU tasks that decode and resize (:func:`clipcli.images.core.iter_batches`), then one model actor
+  per GPU (``num_gpus=1``) that turns pixels into embeddings (:func:`clipcli.zeroshot.encode.embed_batches`);
 - without: one model actor per node holding that node's cores, which decodes and embeds in turns as the
-  local engine does (:func:`clipcli.encode.iter_image_embeddings`): on CPUs, decoding beside the model
+  local engine does (:func:`clipcli.zeroshot.encode.iter_image_embeddings`): on CPUs, decoding beside the model
   stalls the model's threads at every barrier, so taking turns is faster (see the README's benchmarks).
 
 Each actor loads the model once (it is given the model's name, never the model) and writes every batch
-it embeds as a whole part of the output (:class:`clipcli.store.PartWriter`), then returns only names and
+it embeds as a whole part of the output (:class:`clipcli.store.dataset.PartWriter`), then returns only names and
 reasons for the driver's summary. A part is complete when it has its name, so a driver killed at any
 moment leaves whole parts, which the next run keeps (its plan skips their files). Ray restarts an actor
 whose process dies and retries its batch; a batch written twice that way, or by a run resumed after a
@@ -31,17 +31,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from clipcli.errors import ClipCliError, InputError, ModelError
-from clipcli.images import DEFAULT_MAX_PIXELS, ImageRef, Skipped
-from clipcli.store import PartWriter, Rows, Stat, stat_of
+from clipcli.images.core import DEFAULT_MAX_PIXELS, ImageRef, Skipped
+from clipcli.store.dataset import PartWriter, Rows, Stat, stat_of
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from clipcli.embed import EmbedSummary
-    from clipcli.evaluate import ImageEmbeddings
-    from clipcli.images import ImageSpec
+    from clipcli.engines.local import EmbedSummary
+    from clipcli.evaluation.run import ImageEmbeddings
+    from clipcli.images.core import ImageSpec
     from clipcli.models import LoadedModel
-    from clipcli.shard import Shard
+    from clipcli.store.shard import Shard
 
 GPU_ROWS_PER_CALL = 512  # decoded pixels travel through the object store: 512 x 150 KB per batch at 224 px
 
@@ -155,8 +155,8 @@ class Embedder:
         return out
 
     def _embedded(self, batch: dict[str, np.ndarray], refs: list[ImageRef]) -> Iterator[Any]:
-        from clipcli.encode import embed_batches, iter_image_embeddings
-        from clipcli.images import Batch
+        from clipcli.images.core import Batch
+        from clipcli.zeroshot.encode import embed_batches, iter_image_embeddings
 
         w = self.work
         names = [r.path for r in refs]
@@ -179,7 +179,7 @@ def decode_batch(batch: dict[str, np.ndarray], work: Work) -> dict[str, np.ndarr
     """A CPU task: decode and resize images to the model's input, uint8 (the actor normalises them)."""
     import numpy as np
 
-    from clipcli.images import image_spec, iter_batches
+    from clipcli.images.core import image_spec, iter_batches
 
     refs = [ImageRef(str(n), Path(str(f))) for n, f in zip(batch["path"], batch["file"], strict=True)]
     size = image_spec(work.geometry).size
@@ -503,15 +503,15 @@ def embed_on_ray(
     prune: bool = False,
 ) -> EmbedSummary:
     """Embed ``refs`` into the Parquet dataset directory ``output`` on a Ray cluster; the same rows,
-    schema and incremental bookkeeping as :func:`clipcli.embed.embed_images` (see the module's doc).
+    schema and incremental bookkeeping as :func:`clipcli.engines.local.embed_images` (see the module's doc).
 
     ``on_ready`` is called when Ray is connected and the pipeline is about to start (for benchmarks
     that time the steady state apart from start-up).
     """
-    from clipcli.embed import EmbedSummary, model_tag
-    from clipcli.io import parquet_storable
-    from clipcli.remote_store import parquet_store
-    from clipcli.store import schema
+    from clipcli.engines.local import EmbedSummary, model_tag
+    from clipcli.store.dataset import schema
+    from clipcli.store.formats import parquet_storable
+    from clipcli.store.remote import parquet_store
 
     summary = EmbedSummary()
     sch = schema(lm.embed_dim, dtype, model_tag(lm, normalize))
@@ -569,12 +569,12 @@ def embed_dataset_on_ray(
     on_batch: Callable[[int], None] | None = None,
 ) -> ImageEmbeddings:
     """``eval``'s image side on a Ray cluster: the embeddings of ``refs`` back in this process, in input
-    order, as :func:`clipcli.evaluate.embed_dataset` returns them (the text side stays here: it is small)."""
+    order, as :func:`clipcli.evaluation.run.embed_dataset` returns them (the text side stays here: it is small)."""
     import time
 
     import numpy as np
 
-    from clipcli.evaluate import ImageEmbeddings
+    from clipcli.evaluation.run import ImageEmbeddings
 
     start = time.perf_counter()
     matrix = np.zeros((len(refs), lm.embed_dim), np.float32)

@@ -1,0 +1,1 @@
+"""Evaluation runs: labelled datasets, metrics, plots, image and text evaluation."""

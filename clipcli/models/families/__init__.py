@@ -1,0 +1,1 @@
+"""One module per model family, each implementing :class:`clipcli.models.contract.LoadedModel`."""

@@ -1,0 +1,1 @@
+"""Search over saved embeddings: ranking by text or image, and near-duplicate groups."""

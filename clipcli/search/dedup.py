@@ -1,0 +1,251 @@
+"""Near-duplicate groups from embeddings: every member at or above a threshold to the group's representative.
+
+Each row's nearest neighbours come from the source's index when it has a current one (the index's
+k-NN graph), else from an exact blocked scan; pairs at or above the threshold are joined transitively
+(union-find) into candidate sets. A chain of near matches (A~B, B~C) can join two images that are not
+copies of each other (A and C), so each candidate set is then split around representatives: the
+preferred member (the largest file: more pixels or less compression, the copy worth keeping; or the
+first path in natural order) takes every member at or above the threshold to it, exactly compared,
+and the rest form groups of their own the same way. Every member is therefore reported with its exact
+similarity to the representative, never below the threshold. Nothing is deleted.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+# Nothing heavy at import: the CLI imports this module for DEFAULT_THRESHOLD while building --help.
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from clipcli.store.index import OpenIndex
+
+DEFAULT_THRESHOLD = 0.9
+NEIGHBOURS = 10  # a row's candidates: enough for groups of up to ten copies in one step, more by chaining
+QUERY_BLOCK = 256
+Prefer = Literal["largest", "first"]  # which member of a group represents it: the file kept
+
+
+@dataclass(frozen=True)
+class Member:
+    group: int  # 1, 2, ... in the order of the groups' representatives' paths
+    path: str
+    similarity: float  # to the group's representative (1.0 for the representative itself)
+    bytes: int  # the file's size, -1 when it cannot be read
+
+
+Rows = Callable[["np.ndarray"], "np.ndarray"]  # source rows -> their unit vectors
+
+
+def neighbour_pairs(
+    n: int,
+    rows_of: Rows,
+    threshold: float,
+    search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]],
+    on_progress: Callable[[int], None] | None = None,
+) -> list[tuple[int, int]]:
+    """Pairs (i, j), i < j, whose similarity reaches ``threshold`` among each row's nearest neighbours."""
+    import numpy as np
+
+    pairs: set[tuple[int, int]] = set()
+    for start in range(0, n, QUERY_BLOCK):
+        block = np.arange(start, min(n, start + QUERY_BLOCK))
+        scores, found = search(rows_of(block), NEIGHBOURS + 1)
+        for i, row_scores, row_found in zip(block, scores, found, strict=True):
+            for score, j in zip(row_scores, row_found, strict=True):
+                if j >= 0 and j != i and score >= threshold:
+                    pairs.add((int(min(i, j)), int(max(i, j))))
+        if on_progress:
+            on_progress(len(block))
+    return sorted(pairs)
+
+
+def _components(n: int, pairs: Sequence[tuple[int, int]]) -> list[list[int]]:
+    parent = list(range(n))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j in pairs:
+        a, b = root(i), root(j)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    groups: dict[int, list[int]] = {}
+    for i in {i for pair in pairs for i in pair}:
+        groups.setdefault(root(i), []).append(i)
+    return [sorted(g) for g in groups.values() if len(g) > 1]
+
+
+def file_size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return -1
+
+
+def group_members(
+    components: list[list[int]],
+    names: Callable[[list[int]], list[str]],
+    rows_of: Rows,
+    threshold: float,
+    prefer: Prefer = "largest",
+    size_of: Callable[[str], int] = file_size,
+) -> list[list[Member]]:
+    """Each candidate set split into groups around representatives (see the module's docstring): each
+    group's representative first, then its members by similarity to it, none below ``threshold``."""
+    import numpy as np
+
+    from clipcli.images.core import natural_key
+
+    groups = []
+    for rows in components:
+        paths = names(rows)
+        sizes = [size_of(p) for p in paths]
+        if prefer == "first":
+            left = sorted(range(len(rows)), key=lambda i: natural_key(paths[i]))
+        else:
+            left = sorted(range(len(rows)), key=lambda i: (-sizes[i], natural_key(paths[i])))
+        vectors = rows_of(np.array(rows, np.int64))
+        while len(left) > 1:
+            rep = left[0]
+            sims = dict(zip(left, (vectors[left] @ vectors[rep]).astype(float).tolist(), strict=True))
+            taken = [i for i in left if i == rep or sims[i] >= threshold]
+            left = [i for i in left if i != rep and sims[i] < threshold]
+            if len(taken) > 1:
+                taken.sort(key=lambda i: (i != rep, -sims[i], natural_key(paths[i])))
+                groups.append([Member(0, paths[i], 1.0 if i == rep else sims[i], sizes[i]) for i in taken])
+    groups.sort(key=lambda g: natural_key(g[0].path))
+    return [[Member(number, m.path, m.similarity, m.bytes) for m in g] for number, g in enumerate(groups, 1)]
+
+
+def find_duplicates(
+    n: int,
+    rows_of: Rows,
+    names: Callable[[list[int]], list[str]],
+    threshold: float = DEFAULT_THRESHOLD,
+    index: OpenIndex | None = None,
+    exact_search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]] | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    prefer: Prefer = "largest",
+    size_of: Callable[[str], int] = file_size,
+) -> list[list[Member]]:
+    """Groups of near-duplicates among ``n`` rows (see the module's docstring); ``prefer`` chooses each
+    group's representative (the largest file, or the first path in natural order), the file one keeps."""
+    search = index.search if index is not None else exact_search
+    if search is None:
+        raise ValueError("an index or an exact search is needed")
+    pairs = neighbour_pairs(n, rows_of, threshold, search, on_progress)
+    return group_members(_components(n, pairs), names, rows_of, threshold, prefer, size_of)
+
+
+def deletable(groups: list[list[Member]]) -> list[str]:
+    """The paths one could delete: all but each group's representative, the file kept (groups made with
+    the ``prefer`` of the ``--keep`` asked for). Each is at or above the threshold to the file kept."""
+    return [m.path for group in groups for m in group[1:]]
+
+
+def matrix_search(matrix: np.ndarray) -> Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]:
+    """Exact k-NN over an in-memory matrix of unit rows."""
+
+    def search(queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        import numpy as np
+
+        scores = queries @ matrix.T
+        take = min(k, matrix.shape[0])
+        top = np.argpartition(-scores, take - 1, axis=1)[:, :take]
+        top_scores = np.take_along_axis(scores, top, axis=1)
+        order = np.argsort(-top_scores, axis=1, kind="stable")
+        return np.take_along_axis(top_scores, order, axis=1), np.take_along_axis(top, order, axis=1)
+
+    return search
+
+
+@dataclass
+class StoredFiles:
+    """What ``embed`` recorded of the files behind a saved Parquet source: each path's size and mtime
+    (read on first use, for the paths asked about), and the folder its relative paths are relative to
+    (``base``; None: the current folder, where ``embed`` resolved them)."""
+
+    parts: list[str]
+    base: str | None = None
+    _stats: dict[str, tuple[int, float]] | None = None
+    _base_is_here: bool | None = None
+
+    def stats(self) -> dict[str, tuple[int, float]]:
+        if self._stats is None:
+            from pathlib import Path
+
+            from clipcli.store.dataset import read_parquet
+
+            self._stats = {}
+            for part in self.parts:
+                table = read_parquet(Path(part))
+                if not {"path", "bytes", "mtime"} <= set(table.column_names):
+                    continue  # texts, or not written by embed: nothing to check against
+                columns = (table.column(c).to_pylist() for c in ("path", "bytes", "mtime"))
+                self._stats.update((p, (int(b), float(m))) for p, b, m in zip(*columns, strict=True))
+        return self._stats
+
+    def locate(self, path: str) -> str:
+        """Where a stored path is from here: a relative one against the recorded base (kept as stored
+        when the base is the working folder)."""
+        if not self.base or os.path.isabs(path):
+            return path
+        if self._base_is_here is None:
+            self._base_is_here = _is_working_folder(self.base)
+        return path if self._base_is_here else os.path.join(self.base, path)
+
+    def size(self, path: str) -> int:
+        """The size embed recorded (the files listed are checked to still have it), else the file's own."""
+        stored = self.stats().get(path)
+        return stored[0] if stored is not None else file_size(self.locate(path))
+
+    def problem(self, path: str) -> str | None:
+        """Why ``path`` cannot be taken for the file embedded: None when its size and mtime are as stored."""
+        stored = self.stats().get(path)
+        if stored is None:
+            return "has no size and mtime recorded to check it against"
+        try:
+            st = os.stat(self.locate(path))
+        except FileNotFoundError:
+            return "is missing"
+        except OSError as e:
+            return f"cannot be checked ({e.strerror or e})"
+        if (st.st_size, st.st_mtime) != stored:
+            return "has changed since it was embedded (its size or mtime differs)"
+        return None
+
+
+def _is_working_folder(folder: str) -> bool:
+    try:
+        return os.path.samefile(folder, os.curdir)
+    except OSError:
+        return False
+
+
+def listable(groups: list[list[Member]], stored: StoredFiles) -> tuple[list[str], list[tuple[str, str]]]:
+    """The paths of :func:`deletable` whose files are still those embedded, named as one reaches them
+    from here; and (path, reason) for each path not listed. A group whose kept file is missing or
+    changed lists nothing: its copies may be the only ones left."""
+    out: list[str] = []
+    refused: list[tuple[str, str]] = []
+    for kept, *copies in groups:
+        kept_problem = stored.problem(kept.path)
+        if kept_problem is not None:
+            refused.append((kept.path, f"kept, but it {kept_problem}: its copies are not listed"))
+            refused += [(m.path, f"not listed: the file kept, {kept.path}, {kept_problem}") for m in copies]
+            continue
+        for m in copies:
+            problem = stored.problem(m.path)
+            if problem is None:
+                out.append(stored.locate(m.path))
+            else:
+                refused.append((m.path, f"not listed: it {problem}"))
+    return out, refused

@@ -1,0 +1,314 @@
+"""Scoring sources against one query: images on the fly, or embeddings saved by ``embed``.
+
+Saved embeddings are streamed in chunks (memory-mapped for NPY), scored with one matrix product per
+chunk, and reduced with a partial sort, so a million rows never need a full sort or a second copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from clipcli.errors import InputError
+from clipcli.images.core import DEFAULT_MAX_PIXELS, Skipped, discover, nothing_found
+from clipcli.models import LoadedModel
+from clipcli.store.saved import PartRow, is_embedding_source, iter_saved
+from clipcli.zeroshot.encode import encode_texts, iter_image_embeddings
+from clipcli.zeroshot.prompts import TemplateSet, zero_shot_classifier
+
+if TYPE_CHECKING:
+    import numpy as np
+
+
+@dataclass(frozen=True)
+class Hit:
+    score: float
+    name: str  # a path, or a text when ranking texts
+
+
+@dataclass
+class TopK:
+    """The k best (score, name) pairs seen so far, above ``threshold``."""
+
+    k: int
+    threshold: float | None = None
+    scores: list[float] = field(default_factory=list)
+    names: list[Any] = field(default_factory=list)  # str, or a PartRow named after the scan
+
+    def offer(self, scores: np.ndarray, name_of: Callable[[np.ndarray], list[Any]]) -> None:
+        import numpy as np
+
+        candidates = np.arange(len(scores))
+        if self.threshold is not None:
+            candidates = candidates[scores[candidates] >= self.threshold]
+        if len(candidates) > self.k:
+            part = np.argpartition(-scores[candidates], self.k - 1)[: self.k]
+            candidates = candidates[part]
+        if not len(candidates):
+            return
+        merged_scores = self.scores + scores[candidates].astype(float).tolist()
+        merged_names = self.names + name_of(candidates)
+        order = sorted(range(len(merged_scores)), key=lambda i: -merged_scores[i])[: self.k]
+        self.scores = [merged_scores[i] for i in order]
+        self.names = [merged_names[i] for i in order]
+
+    def hits(self) -> list[Hit]:
+        """The winners, best first; rows of a cached source get their names now, k at most."""
+        pending: dict[Any, list[int]] = {}
+        for name in self.names:
+            if isinstance(name, PartRow):
+                pending.setdefault(name.parts, []).append(name.row)
+        named: dict[tuple[Any, int], str] = {}
+        for parts, rows in pending.items():
+            named.update(((parts, row), n) for row, n in zip(rows, parts.names(rows), strict=True))
+        return [
+            Hit(s, named[(n.parts, n.row)] if isinstance(n, PartRow) else n)
+            for s, n in zip(self.scores, self.names, strict=True)
+        ]
+
+
+def rank_sources(
+    lm: LoadedModel,
+    query: np.ndarray,
+    sources: Sequence[str],
+    top_k: int,
+    threshold: float | None = None,
+    scan: SourceScan | None = None,
+) -> list[Hit]:
+    """The ``top_k`` sources most similar to ``query`` (a unit vector), best first."""
+    return rank_many(lm, query[None, :], sources, top_k, threshold, scan)[0]
+
+
+@dataclass(frozen=True)
+class IndexChoice:
+    """How saved embeddings are searched: through the index beside them (or ``path``), or by a scan."""
+
+    use: bool = True
+    path: Path | None = None
+    on_note: Callable[[str], None] | None = None  # told when an index is skipped, and why
+
+
+@dataclass(frozen=True)
+class SourceScan:
+    """How sources are read: images decoded and embedded (``batch_size``, ``workers``, ``exact``,
+    ``max_pixels``; unreadable ones told to ``on_skip``; ``-`` read from ``stdin``), saved embeddings
+    scanned through the search cache (``use_cache``, see :mod:`clipcli.store.search_cache`) or searched through
+    an index (``index``)."""
+
+    batch_size: int = 32
+    workers: int = 0
+    exact: bool = False
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    use_cache: bool = True
+    index: IndexChoice = field(default_factory=IndexChoice)
+    on_skip: Callable[[Skipped], None] | None = None
+    stdin: IO[str] | None = None
+
+
+def rank_many(
+    lm: LoadedModel,
+    queries: np.ndarray,
+    sources: Sequence[str],
+    top_k: int,
+    threshold: float | None = None,
+    scan: SourceScan | None = None,
+) -> list[list[Hit]]:
+    """For each row of ``queries`` (Q x D unit vectors), its ``top_k`` sources, best first: every source
+    is read once for all the queries."""
+    scan = scan or SourceScan()
+    choice = scan.index
+    best = [TopK(top_k, threshold) for _ in range(len(queries))]
+    image_args = []
+    saved = [s for s in sources if s != "-" and is_embedding_source(s)]
+    explicit = _explicit_index_source(choice, saved)
+    for source in sources:
+        if source in saved:
+            # The index re-scores against the search cache, which --no-cache forbids writing for Parquet.
+            indexed = scan.use_cache or Path(source).suffix.lower() == ".npy"
+            if not (indexed and _offer_from_index(lm, queries, Path(source), best, choice, explicit)):
+                for chunk, name_of in iter_saved(Path(source), lm, scan.use_cache):
+                    _offer_all(best, chunk, queries, name_of)
+        else:
+            image_args.append(source)
+    if image_args:
+        refs, missing = discover(image_args, scan.stdin)
+        if not refs and len(image_args) == len(sources):  # nothing at all to rank
+            raise nothing_found(image_args, missing)
+        on_skip = scan.on_skip or (lambda skipped: None)
+        for m in missing:
+            on_skip(m)
+        batches = iter_image_embeddings(lm, refs, scan.batch_size, scan.workers, scan.exact, max_pixels=scan.max_pixels)
+        for batch in batches:
+            for s in batch.skipped:
+                on_skip(s)
+            if batch.names:
+                _offer_all(best, batch.embeddings.numpy(), queries, partial(_names_at, batch.names))
+    return [b.hits() for b in best]
+
+
+QUERY_GROUP = 256  # queries scored against a chunk at once: 64k rows x 256 x 4 bytes = 64 MB of scores
+
+
+def _offer_all(best: list[TopK], chunk: np.ndarray, queries: np.ndarray, name_of: Callable[[Any], list[Any]]) -> None:
+    for start in range(0, len(queries), QUERY_GROUP):
+        scores = chunk @ queries[start : start + QUERY_GROUP].T
+        for j in range(scores.shape[1]):
+            best[start + j].offer(scores[:, j], name_of)
+
+
+def _explicit_index_source(choice: IndexChoice, saved: Sequence[str]) -> str | None:
+    """The source that ``--index PATH`` indexes (it must be one of the saved sources given)."""
+    from clipcli.store.index import read_meta
+
+    if not choice.use or choice.path is None:
+        return None
+    meta = read_meta(choice.path)
+    if not Path(meta.source).exists() and len(saved) != 1:  # one source given may be it, moved
+        raise InputError(f"{choice.path}: indexes {meta.source}, which does not exist (moved or deleted?)")
+    for source in saved:
+        if Path(source).resolve() == Path(meta.source):
+            return source
+    if len(saved) == 1:  # moved since it was built: open_index checks that it still fits
+        return saved[0]
+    raise InputError(f"{choice.path}: indexes {meta.source}, which is not among the sources given")
+
+
+def _offer_from_index(
+    lm: LoadedModel, queries: np.ndarray, source: Path, best: list[TopK], choice: IndexChoice, explicit: str | None
+) -> bool:
+    """Search ``source`` through its index; False when there is none to use (the caller scans)."""
+    import numpy as np
+
+    from clipcli.store.index import META, Stale, default_index_path, open_index
+    from clipcli.store.saved import Expect
+
+    if not choice.use:
+        return False
+    path = choice.path if explicit is not None and Path(explicit) == source else default_index_path(source)
+    if path is None or not (path / META).exists():
+        return False
+    try:
+        opened = open_index(path, source, Expect.of(lm))
+    except Stale as e:
+        if choice.on_note:
+            choice.on_note(f"{e}; scanning every row meanwhile")
+        return False
+    if not best:  # no queries (an empty --queries-file): nothing to search for, as a scan finds
+        return True
+    k = max(b.k for b in best)
+    try:
+        scores, rows = opened.search(queries, k)
+    except Stale as e:  # rows rewritten behind a restored fingerprint, caught by their content
+        if choice.on_note:
+            choice.on_note(f"{e}; scanning every row meanwhile")
+        return False
+    wanted = sorted({int(r) for r in rows.ravel() if r >= 0})
+    names = dict(zip(wanted, opened.saved.name_rows(wanted), strict=True))
+    for b, q_scores, q_rows in zip(best, scores, rows, strict=True):
+        keep = q_rows >= 0
+        found = [names[int(r)] for r in q_rows[keep]]
+        b.offer(np.asarray(q_scores[keep], np.float64), partial(_names_at, found))
+    return True
+
+
+FLAT_SUFFIXES = {".csv": "CSV", ".jsonl": "JSONL"}
+
+
+def refuse_flat_embeddings(sources: Sequence[str]) -> None:
+    """Refuse embeddings that embed wrote as CSV or JSONL: they record no model, so nothing can check
+    that a query's model made them; told apart from images by their first line, never taken for one."""
+    import json
+    import os
+
+    for source in sources:
+        kind = FLAT_SUFFIXES.get(Path(source).suffix.lower())
+        if kind is None or not os.path.isfile(source):
+            continue
+        try:
+            with open(source, "rb") as f:
+                first = f.readline(1 << 20).decode("utf-8", "replace").rstrip("\r\n")
+        except OSError:
+            continue  # the image reader says why
+        if kind == "CSV":
+            flat = first.split(",")[:2] in (["path", "e0"], ["text", "e0"])
+        else:
+            try:
+                row = json.loads(first)
+            except ValueError:
+                row = None
+            flat = isinstance(row, dict) and "embedding" in row
+        if flat:
+            raise InputError(
+                f"{source}: embeddings in {kind} (as embed writes them) record no model, so they cannot be "
+                "searched; embed to .parquet or .npy (or a folder) for rank, dedup and index"
+            )
+
+
+def _names_at(names: Sequence[str], idx: np.ndarray) -> list[Any]:
+    return [names[int(i)] for i in idx]
+
+
+def rank_texts(
+    query: np.ndarray, texts: Sequence[str], embeddings: np.ndarray, top_k: int, threshold: float | None = None
+) -> list[Hit]:
+    best = TopK(top_k, threshold)
+    best.offer(embeddings @ query, partial(_names_at, texts))
+    return best.hits()
+
+
+def query_embeddings(
+    lm: LoadedModel,
+    texts: Sequence[str] | None = None,
+    images: Sequence[str] | None = None,
+    templates: TemplateSet | None = None,
+    exact: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """Q x D unit vectors for many queries at once: texts (prompt ensembles with ``templates``), or
+    image files; an image that cannot be used is an error naming it."""
+    import numpy as np
+
+    if images is not None:
+        refs, missing = discover(list(images))
+        if missing:
+            raise InputError(f"{missing[0].path}: cannot use as a query ({missing[0].reason})")
+        rows = []
+        for batch in iter_image_embeddings(lm, refs, 32, 0, exact, max_pixels=max_pixels):
+            if batch.skipped:
+                raise InputError(f"{batch.skipped[0].path}: cannot use as a query ({batch.skipped[0].reason})")
+            rows.append(batch.embeddings.numpy())
+        if len(refs) != len(images):
+            raise InputError("each query image must be one file (not a folder or a pattern)")
+        return np.concatenate(rows) if rows else np.zeros((0, lm.embed_dim), np.float32)
+    if not texts:
+        return np.zeros((0, lm.embed_dim), np.float32)
+    if templates is not None:
+        return zero_shot_classifier(lm, list(texts), templates).numpy()
+    return encode_texts(lm, list(texts)).numpy()
+
+
+def query_embedding(
+    lm: LoadedModel,
+    text: str | None = None,
+    image: str | None = None,
+    templates: TemplateSet | None = None,
+    exact: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """The unit vector a search compares with: an image's embedding, a text's, or a text's prompt
+    ensemble when ``templates`` are given."""
+    if image is not None:
+        refs, missing = discover([image])
+        batch = next(iter_image_embeddings(lm, refs, 1, 0, exact, max_pixels=max_pixels), None) if refs else None
+        if batch is None or not batch.names:
+            reason = (missing or (batch.skipped if batch else []) or [Skipped(image, "not an image")])[0].reason
+            raise InputError(f"{image}: cannot use as the query ({reason})")
+        return batch.embeddings[0].numpy()
+    if text is None:
+        raise InputError("no query: pass a text QUERY, or --image FILE")
+    if templates is not None:
+        return zero_shot_classifier(lm, [text], templates)[0].numpy()
+    return encode_texts(lm, [text])[0].numpy()

@@ -1,0 +1,471 @@
+"""One enum of output formats and one streaming writer per format; ``-`` or no path means stdout.
+
+Writers receive rows batch by batch and flush as they go, so a long run interrupted half-way still
+leaves every row computed so far in a readable file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import stat
+import sys
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from enum import Enum
+from pathlib import Path
+from types import TracebackType
+from typing import IO, TYPE_CHECKING, Any
+
+from clipcli.atomic import AtomicFile, OutputLock, describe_os_error, is_stream, real_path, remove_temporaries
+from clipcli.errors import OutputError
+
+if TYPE_CHECKING:
+    from clipcli.images.core import ImageRef, Skipped
+
+
+class OutputFormat(str, Enum):
+    TABLE = "table"
+    CSV = "csv"
+    JSONL = "jsonl"
+    PARQUET = "parquet"
+    NPY = "npy"
+    TSV = "tsv"  # header-less, tab-separated: `score<TAB>path`, for cut, sort and xargs
+
+
+_BY_SUFFIX = {
+    ".csv": OutputFormat.CSV,
+    ".jsonl": OutputFormat.JSONL,
+    ".ndjson": OutputFormat.JSONL,
+    ".parquet": OutputFormat.PARQUET,
+    ".pq": OutputFormat.PARQUET,
+    ".npy": OutputFormat.NPY,
+    ".tsv": OutputFormat.TSV,
+}
+
+
+def has_format_suffix(output: str) -> bool:
+    """Whether ``output``'s extension names a format (``.csv``, ``.parquet``, ...)."""
+    return Path(output).suffix.lower() in _BY_SUFFIX
+
+
+def choose_format(
+    explicit: OutputFormat | None,
+    output: str | None,
+    stdout_is_tty: bool,
+    allowed: Sequence[OutputFormat],
+    piped: OutputFormat = OutputFormat.CSV,
+    format_flag: str | None = "--format",
+) -> OutputFormat:
+    """``--format`` wins, then the output file's extension, then table on a terminal, else ``piped``.
+
+    ``format_flag`` is the option that names a format, for the error; None where there is none."""
+    on_stdout = not output or output == "-"
+    streamed = on_stdout or is_stream(Path(output or ""))  # stdout, or a FIFO, device or pipe given to -o
+    if explicit is not None:
+        fmt = explicit
+    elif not streamed:
+        suffix = Path(output or "").suffix.lower()
+        if suffix not in _BY_SUFFIX and Path(output or "").is_dir():
+            known = ", ".join(s for s, f in _BY_SUFFIX.items() if f in allowed)
+            raise OutputError(f"{output}: is a directory; name a file to write, ending in {known}")
+        if suffix not in _BY_SUFFIX:
+            known = ", ".join(s for s, f in _BY_SUFFIX.items() if f in allowed)
+            flag = f" or {format_flag}" if format_flag else ""
+            raise OutputError(f"{output}: cannot tell the format from the extension (use {known}{flag})")
+        fmt = _BY_SUFFIX[suffix]
+    else:
+        fmt = OutputFormat.TABLE if on_stdout and stdout_is_tty and OutputFormat.TABLE in allowed else piped
+    if fmt not in allowed:
+        raise OutputError(f"format {fmt.value} is not available here; use one of {', '.join(f.value for f in allowed)}")
+    if fmt is OutputFormat.TABLE and not on_stdout:
+        raise OutputError(f"{output}: a table is for the terminal; write csv, jsonl or parquet to files")
+    if fmt is OutputFormat.NPY and (streamed or Path(output or "").suffix.lower() != ".npy"):
+        raise OutputError("NPY is written to a file with its sidecar: pass -o FILE.npy")
+    if fmt is OutputFormat.PARQUET and on_stdout and stdout_is_tty:
+        raise OutputError("Parquet is binary: pass -o FILE.parquet, or pipe stdout into a program that reads it")
+    return fmt
+
+
+class RowWriter:
+    """Base writer: a context manager taking batches of dict rows.
+
+    A file output is held under an :class:`~clipcli.atomic.OutputLock` for the whole run and written
+    under a temporary name, renamed onto its own when the run ends: so it always holds one run's
+    result and never half of one. On an interruption or an error the rows written so far are kept
+    (the file is completed and renamed) if there are any; with none, or when writing itself failed,
+    the previous file is left as it was.
+    """
+
+    def __init__(self, output: str | None, columns: Sequence[str] | None = None) -> None:
+        self.output = output if output not in (None, "-") else None
+        self.columns = list(columns) if columns is not None else None
+        self.rows_written = 0
+        self._lock: OutputLock | None = None
+        self._file: AtomicFile | None = None
+        self._stream: IO[bytes] | None = None  # a FIFO, device or pipe named by -o, written in place
+        self._text: io.TextIOWrapper | None = None
+        if self.output is None:
+            return
+        path = Path(self.output)
+        if is_stream(path):
+            try:
+                self._stream = open(path, "wb")  # noqa: SIM115 (closed by close/abort)
+            except OSError as e:
+                raise OutputError(f"{path}: cannot write ({describe_os_error(e)})") from e
+            return
+        self._lock = OutputLock(path, is_dir=False)
+        try:
+            remove_temporaries(real_path(path))
+            self._file = AtomicFile(path, "wb")
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _binary(self) -> IO[bytes]:
+        if self._file is not None:
+            return self._file.file
+        return self._stream if self._stream is not None else sys.stdout.buffer
+
+    def _text_stream(self) -> IO[str]:
+        """The output as text: UTF-8, with file names that are not UTF-8 written as their own bytes."""
+        if self._file is None and self._stream is None:
+            if isinstance(sys.stdout, io.TextIOWrapper):
+                sys.stdout.reconfigure(errors="surrogateescape")
+            return sys.stdout
+        self._text = io.TextIOWrapper(
+            self._binary(), encoding="utf-8", errors="surrogateescape", newline="", write_through=True
+        )
+        return self._text
+
+    def write(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        with self._write_errors():
+            self._write(rows)
+        self.rows_written += len(rows)
+
+    @contextlib.contextmanager
+    def _write_errors(self) -> Iterator[None]:
+        """A failed write (a full disk) as the one-line error; a reader that went away stays itself."""
+        try:
+            yield
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            if self.output is None:
+                raise OutputError(f"stdout: cannot write ({describe_os_error(e)})") from e
+            reason = describe_os_error(e, Path(self.output))
+            raise OutputError(f"{self.output}: cannot write ({reason}); any previous file is left as it was") from e
+
+    def _write(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        raise NotImplementedError
+
+    def _finish(self) -> None:
+        """Complete the output (a header for no rows, a footer, a table) before it is committed."""
+
+    def close(self) -> None:
+        try:
+            with self._write_errors():
+                self._finish()
+                if self._file is not None:
+                    self._file.commit()
+                else:
+                    self._binary().flush()
+        except BaseException:
+            self.abort()
+            raise
+        finally:
+            self._release()
+
+    def abort(self) -> None:
+        """Drop what this run wrote to a file output; the previous file stays as it was."""
+        if self._file is not None:
+            self._file.discard()
+        self._release()
+
+    def _release(self) -> None:
+        if self._text is not None:
+            with contextlib.suppress(ValueError, OSError):
+                self._text.detach()  # the file is closed by commit or discard, not by the wrapper
+            self._text = None
+        if self._stream is not None:
+            with contextlib.suppress(OSError):
+                self._stream.close()
+            self._stream = None
+        if self._lock is not None:
+            self._lock.release()
+
+    def __enter__(self) -> RowWriter:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        if e is None or keep_partial(e, self.rows_written):
+            try:
+                self.close()
+            except OutputError:
+                if e is None:
+                    raise  # otherwise the original error is the one to report
+        else:
+            self.abort()
+
+
+def keep_partial(error: BaseException, rows: int) -> bool:
+    """Whether a run that ended with ``error`` after ``rows`` rows should still write them: yes after an
+    interruption or any failure but a failed write (a full disk), as long as there is something to keep."""
+    return rows > 0 and not isinstance(error, OutputError | OSError)
+
+
+class CsvWriter(RowWriter):
+    def __init__(self, output: str | None, columns: Sequence[str] | None = None) -> None:
+        super().__init__(output, columns)
+        self.stream = self._text_stream()
+        self._line = io.StringIO()
+        self.writer: csv.DictWriter[str] | None = None
+
+    def _write(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        if not rows:
+            return
+        writer = self._start(list(rows[0]))
+        lines = []
+        for row in rows:
+            writer.writerow(row)
+            lines.append(self._taken())
+        self.stream.write("".join(lines))
+        self.stream.flush()
+
+    def _start(self, columns: list[str]) -> csv.DictWriter[str]:
+        if self.writer is None:
+            # Rows are formatted with CRLF endings, which makes the csv module quote a field holding a
+            # \r (legal in file names) as well as one holding a \n; each row then ends in \n alone.
+            self.writer = csv.DictWriter(self._line, fieldnames=self.columns or columns, lineterminator="\r\n")
+            self.writer.writeheader()
+            self.stream.write(self._taken())
+        return self.writer
+
+    def _taken(self) -> str:
+        """The row just formatted, with its line ending as \\n."""
+        line = self._line.getvalue()
+        self._line.seek(0)
+        self._line.truncate()
+        return line[:-2] + "\n"
+
+    def _finish(self) -> None:
+        if self.writer is None and self.columns:
+            self._start(self.columns)  # no rows: still a header, so readers see the columns
+        self.stream.flush()
+
+
+class JsonlWriter(CsvWriter):
+    def _write(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        self.stream.write("".join(json_line(row) + "\n" for row in rows))
+        self.stream.flush()
+
+    def _finish(self) -> None:
+        self.stream.flush()
+
+
+class TsvWriter(CsvWriter):
+    def _write(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        self.stream.write("".join("\t".join(_cell(v) for v in row.values()) + "\n" for row in rows))
+        self.stream.flush()
+
+    def _finish(self) -> None:
+        self.stream.flush()
+
+
+def json_line(value: Any) -> str:
+    """One JSON text on one line. A file name that is not UTF-8 (held as surrogate escapes) is written
+    as ``\\udcXX`` escapes, which JSON allows and Python reads back to the same name."""
+    line = json.dumps(value, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        line = json.dumps(value)
+    return line
+
+
+class ParquetWriter(RowWriter):
+    """Rows are gathered into row groups of :data:`ROW_GROUP_ROWS` (one per image would make the file
+    slow to write and to read); the footer is written when the run ends, also after an error."""
+
+    ROW_GROUP_ROWS = 8192
+
+    def __init__(self, output: str | None, schema: Any = None) -> None:
+        super().__init__(output)
+        self.schema = schema
+        self.writer: Any = None
+        self._pending: list[Mapping[str, Any]] = []
+
+    def write_table(self, table: Any) -> None:
+        self._append(table)
+        self.rows_written += table.num_rows
+
+    def _append(self, table: Any) -> None:
+        import pyarrow.parquet as pq
+
+        with self._write_errors():
+            if self.writer is None:
+                self.writer = pq.ParquetWriter(self._binary(), self.schema or table.schema)
+            self.writer.write_table(table.cast(self.writer.schema) if self.schema else table)
+
+    def write(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        self._pending.extend(rows)
+        self.rows_written += len(rows)
+        if len(self._pending) >= self.ROW_GROUP_ROWS:
+            self._write_pending()
+
+    def _write_pending(self) -> None:
+        import pyarrow as pa
+
+        if self._pending:
+            rows, self._pending = self._pending, []
+            self._append(pa.Table.from_pylist(rows, schema=self.schema))
+
+    def _finish(self) -> None:
+        self._write_pending()
+        if self.writer is None and self.schema is not None:
+            import pyarrow as pa
+
+            # No rows at all still gives a valid, empty file with the right columns.
+            self._append(pa.Table.from_pylist([], schema=self.schema))
+        if self.writer is not None:
+            self.writer.close()
+
+
+class TableWriter(RowWriter):
+    """Collects rows and renders one rich table on stdout at the end."""
+
+    def __init__(self, output: str | None) -> None:
+        super().__init__(output)
+        self.rows: list[Mapping[str, Any]] = []
+
+    def _write(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        self.rows.extend(rows)
+
+    def _finish(self) -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        if not self.rows:
+            return
+        table = Table()
+        for name in self.rows[0]:
+            numeric = isinstance(self.rows[0][name], int | float)
+            # Paths are what users search the table for: wrap them rather than cut them short.
+            table.add_column(name, justify="right" if numeric else "left", overflow="fold")
+        for row in self.rows:
+            table.add_row(*(printable(_cell(v)) for v in row.values()))
+        Console(file=sys.stdout).print(table)
+
+
+def printable(text: str) -> str:
+    """``text`` for a terminal: the bytes of a file name that is not UTF-8 shown as ``\\xNN``."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def is_utf8(text: str) -> bool:
+    """Whether a name can be stored as UTF-8 text (names read from a non-UTF-8 disk cannot)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+NOT_UTF8 = "file name is not UTF-8, which Parquet cannot store (rename it, or write .npy, .csv or .jsonl)"
+
+
+def parquet_storable(refs: Sequence[ImageRef]) -> tuple[list[ImageRef], list[Skipped]]:
+    """Split off images whose names Parquet cannot store: its strings are UTF-8, and a name read from
+    a disk in another encoding is not (Python holds its stray bytes as surrogate escapes)."""
+    from clipcli.images.core import Skipped
+
+    good = [r for r in refs if is_utf8(r.path)]
+    return good, [Skipped(r.path, NOT_UTF8) for r in refs if not is_utf8(r.path)]
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def open_writer(
+    fmt: OutputFormat, output: str | None, schema: Any = None, columns: Sequence[str] | None = None
+) -> RowWriter:
+    """A writer for ``fmt``; ``columns`` (CSV) and ``schema`` (Parquet) give an empty run its header."""
+    if fmt is OutputFormat.CSV:
+        return CsvWriter(output, columns)
+    if fmt is OutputFormat.JSONL:
+        return JsonlWriter(output)
+    if fmt is OutputFormat.TSV:
+        return TsvWriter(output)
+    if fmt is OutputFormat.PARQUET:
+        return ParquetWriter(output, schema)
+    if fmt is OutputFormat.TABLE:
+        return TableWriter(output)
+    raise OutputError(f"format {fmt.value} cannot be written row by row")
+
+
+def stdout_is_tty() -> bool:
+    return sys.stdout.isatty()
+
+
+PathArg = str | Path | None
+
+
+def refuse_output_over_inputs(
+    outputs: Iterable[PathArg], inputs: Iterable[PathArg], datasets: Iterable[PathArg] = ()
+) -> None:
+    """Refuse, before any work, an output that is one of the inputs: the same file (or folder) through
+    symbolic links, relative paths or hard links; or a Parquet file inside one of ``datasets`` (inputs
+    whose Parquet files are all read: embeddings written by ``embed -o DIR/``).
+
+    Writing it would replace the data being read (``rank q src.parquet -o src.parquet``). Stdout, ``-``,
+    object-store URIs and streams (FIFOs, devices) are never inputs; an output that does not exist yet
+    cannot be one either, so only an existing output costs a ``stat`` per input. Raises OutputError.
+    """
+    folders = [d for d in datasets if _is_local_path(d)]
+    inputs = [i for i in (*inputs, *folders) if _is_local_path(i)]
+    for output in outputs:
+        if not _is_local_path(output):
+            continue
+        out = Path(output or "")
+        if out.suffix.lower() in (".parquet", ".pq"):
+            _refuse_inside_datasets(out, folders)
+        out_stat = _stat(out)
+        if out_stat is None or not (stat.S_ISREG(out_stat.st_mode) or stat.S_ISDIR(out_stat.st_mode)):
+            continue  # not there yet, or a FIFO or a device, written as a stream and never replaced
+        for given in inputs:
+            in_stat = _stat(Path(given or ""))
+            if in_stat is not None and (in_stat.st_dev, in_stat.st_ino) == (out_stat.st_dev, out_stat.st_ino):
+                same = "" if str(given) == str(output) else f" ({given})"
+                raise OutputError(f"{output}: is also an input{same}; write the output to another file")
+
+
+def _refuse_inside_datasets(out: Path, folders: Sequence[PathArg]) -> None:
+    """A Parquet output inside an input dataset folder would become one of the parts read from there."""
+    where = real_path(out).parent
+    for given in folders:
+        folder = Path(given or "")
+        inside = folder.is_dir() and (where == real_path(folder) or real_path(folder) in where.parents)
+        if inside and any(folder.glob("*.parquet")):  # a dataset, not a folder of images
+            raise OutputError(
+                f"{out}: is inside the input dataset {given}, whose Parquet files are read; write elsewhere"
+            )
+
+
+def _is_local_path(value: PathArg) -> bool:
+    return value is not None and str(value) not in ("", "-") and "://" not in str(value)
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,338 @@
+"""Reading embeddings that ``embed`` saved (Parquet files or directories, NPY), chunk by chunk.
+
+Every source is checked against the loaded model first (:meth:`clipcli.store.dataset.ModelTag.require_model`),
+and yields N x D float32 unit rows with a function that names the rows a search keeps. Parquet sources
+go through the memory-mapped search cache (:mod:`clipcli.store.search_cache`) when allowed; NPY files are
+memory-mapped directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from clipcli.errors import InputError
+from clipcli.models import LoadedModel
+from clipcli.store.dataset import ModelTag, npy_sidecar, open_npy, read_parquet
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from clipcli.store.search_cache import Builder
+
+CHUNK_ROWS = 1 << 16
+
+
+def is_embedding_source(source: str) -> bool:
+    """A saved-embeddings file, or a folder of Parquet files and no images (an image folder that
+    happens to hold a Parquet file, classify's output say, is still ranked as images)."""
+    from clipcli.images.core import IMAGE_EXTENSIONS
+
+    path = Path(source)
+    if path.is_file():
+        return path.suffix.lower() in (".parquet", ".pq", ".npy")
+    if not path.is_dir():
+        return False
+    suffixes = {p.suffix.lower() for p in path.iterdir()}
+    return ".parquet" in suffixes and not suffixes & IMAGE_EXTENSIONS
+
+
+def _parquet_files(source: Path) -> list[Path]:
+    return sorted(source.glob("*.parquet")) if source.is_dir() else [source]
+
+
+@dataclass(frozen=True)
+class Expect:
+    """The model saved embeddings must have been made with (a loaded model's, or an index's)."""
+
+    name: str
+    sha256: str
+    dim: int
+
+    @classmethod
+    def of(cls, lm: LoadedModel) -> Expect:
+        return cls(lm.name, lm.checksum, lm.embed_dim)
+
+
+def _check_tag(tag: ModelTag, expect: Expect, where: Path) -> bool:
+    """Raise unless the embeddings were made with the expected model; returns whether they are normalised."""
+    require_saved_model(tag, expect, where)
+    return tag.normalized
+
+
+def require_saved_model(tag: ModelTag, expect: Expect, where: Path) -> None:
+    """Refuse to search embeddings made with another model, saying what works: that model, or an embed
+    with this one (an index beside them changes neither)."""
+    from clipcli.errors import ModelError
+
+    if tag.sha256 == expect.sha256:
+        return
+    if tag.name != expect.name:
+        raise ModelError(
+            f"{where}: embeddings were made with {tag.name}, not {expect.name}; pass --model {tag.name}, "
+            f"or embed the images again with {expect.name}"
+        )
+    raise ModelError(
+        f"{where}: embeddings were made with {tag.name} of checksum {tag.sha256[:12]}, not the loaded "
+        f"{expect.sha256[:12]}; load the weights they were made with, or embed the images again"
+    )
+
+
+Chunk = tuple["np.ndarray", Callable[["np.ndarray"], list[Any]]]
+"""N x D float32 embeddings, and a function from chunk indices to the names of those rows."""
+
+
+def iter_saved(source: Path, lm: LoadedModel, use_cache: bool = True) -> Iterator[Chunk]:
+    """Chunks of saved embeddings, normalised; Parquet sources through the search cache if allowed."""
+
+    expect = Expect.of(lm)
+    if source.suffix.lower() == ".npy":
+        saved = open_npy(source)
+        unit = _check_tag(saved.header.tag, expect, source)
+        yield from _chunks(saved.matrix, unit, lambda rows: [saved.name(r) for r in rows])
+    else:
+        yield from _iter_parquet(source, expect, use_cache)
+
+
+def _chunks(matrix: np.ndarray, unit: bool, name_rows: Callable[[list[int]], list[Any]]) -> Iterator[Chunk]:
+    import numpy as np
+
+    for start in range(0, matrix.shape[0], CHUNK_ROWS):
+        chunk = np.asarray(matrix[start : start + CHUNK_ROWS], dtype=np.float32)
+        yield (chunk if unit else _normalized(chunk)), partial(_offset_names, name_rows, start)
+
+
+# What a chunk's rows are called, bound per chunk (a lambda in a loop would see the last chunk's values).
+def _offset_names(name_rows: Callable[[list[int]], list[Any]], start: int, idx: np.ndarray) -> list[Any]:
+    return name_rows([start + int(i) for i in idx])
+
+
+def _arrow_names(column: Any, idx: np.ndarray) -> list[Any]:
+    return list(column.take(idx).to_pylist())
+
+
+def _add_chunk(builder: Builder, chunk: np.ndarray) -> None:
+    builder.add(chunk)
+
+
+@dataclass(frozen=True)
+class _Parts:
+    """The part files behind a cached matrix: winners' names are read from them after the scan."""
+
+    files: tuple[Path, ...]
+    starts: tuple[int, ...]  # first matrix row of each part
+    key: str
+
+    def names(self, rows: list[int]) -> list[str]:
+        import bisect
+
+        found: dict[int, str] = {}
+        by_part: dict[int, list[int]] = {}
+        for row in rows:
+            by_part.setdefault(bisect.bisect_right(self.starts, row) - 1, []).append(row)
+        for part, part_rows in by_part.items():
+            column = read_parquet(self.files[part], [self.key]).column(0)
+            taken = column.take([r - self.starts[part] for r in part_rows]).to_pylist()
+            found.update(zip(part_rows, taken, strict=True))
+        return [found[r] for r in rows]
+
+
+@dataclass(frozen=True)
+class PartRow:
+    parts: _Parts
+    row: int
+
+
+def _iter_parquet(source: Path, expect: Expect, use_cache: bool) -> Iterator[Chunk]:
+    from itertools import accumulate
+
+    from clipcli.store import search_cache
+
+    files = _parquet_files(source)
+    cached = search_cache.load(source, files, expect.sha256) if use_cache else None
+    if cached is not None:
+        parts = _Parts(tuple(files), tuple(accumulate(cached.rows, initial=0))[:-1], cached.key)
+        yield from _chunks(cached.matrix, cached.normalized, lambda rows: [PartRow(parts, r) for r in rows])
+        return
+    readers = [_open_saved(file, expect) for file in files]
+    builder = _start_cache(source, files, readers, expect) if use_cache else None
+    try:
+        for reader, unit, key in readers:
+            for batch in reader.iter_batches(batch_size=CHUNK_ROWS, columns=[key, "embedding"]):
+                stored = batch.column("embedding").values.to_numpy(zero_copy_only=False).reshape(len(batch), -1)
+                builder = _cache_step(builder, partial(_add_chunk, chunk=stored))
+                chunk = stored.astype("float32", copy=False)
+                yield (chunk if unit else _normalized(chunk)), partial(_arrow_names, batch.column(key))
+        _, unit, key = readers[0]
+        builder = _cache_step(builder, lambda b: b.commit(expect.sha256, key, unit))
+        builder = None  # committed, or abandoned by _cache_step
+    finally:
+        if builder is not None:
+            builder.abandon()
+
+
+def _cache_step(builder: Builder | None, step: Callable[[Builder], None]) -> Builder | None:
+    """Run one step of a cache build; a failing disk ends the build, never the search."""
+    if builder is None:
+        return None
+    try:
+        step(builder)
+        return builder
+    except OSError:
+        builder.abandon()
+        return None
+
+
+def _open_saved(file: Path, expect: Expect) -> tuple[Any, bool, str]:
+    """(reader, whether its embeddings are normalised, its name column) for one Parquet file."""
+    import pyarrow.parquet as pq
+
+    try:
+        reader = pq.ParquetFile(file)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{file}: cannot read embeddings ({e})") from e
+    names = reader.schema_arrow.names
+    if "embedding" not in names:
+        raise InputError(f"{file}: no 'embedding' column (not written by clipcli embed?)")
+    tag = ModelTag.from_metadata(reader.schema_arrow.metadata)
+    return reader, _check_tag(tag, expect, file), "path" if "path" in names else "text"
+
+
+def _start_cache(
+    source: Path, files: list[Path], readers: list[tuple[Any, bool, str]], expect: Expect
+) -> Builder | None:
+    """A cache builder for these parts, or None when they cannot share one matrix (or the disk says no)."""
+    import numpy as np
+
+    from clipcli.store import search_cache
+
+    if len({(unit, key) for _, unit, key in readers}) != 1:
+        return None
+    types = {r.schema_arrow.field("embedding").type.value_type for r, _, _ in readers}
+    dtype = np.dtype(np.float16) if {str(t) for t in types} == {"halffloat"} else np.dtype(np.float32)
+    rows = [r.metadata.num_rows for r, _, _ in readers]
+    try:
+        return search_cache.Builder(source, files, rows, expect.dim, dtype)
+    except OSError:
+        return None
+
+
+def _normalized(chunk: np.ndarray) -> np.ndarray:
+    import numpy as np
+
+    return chunk / np.maximum(np.linalg.norm(chunk, axis=1, keepdims=True), 1e-12)
+
+
+@dataclass(frozen=True)
+class SavedMatrix:
+    """Saved embeddings opened whole: a memory-mapped N x D matrix in row order, as an index needs them."""
+
+    source: Path
+    matrix: np.ndarray  # as stored: float32 or float16, normalised or not
+    tag: ModelTag
+    key: str  # "path" or "text"
+    name_rows: Callable[[list[int]], list[str]]
+    iter_names: Callable[[], Iterator[list[str]]]  # every row's name, in order, a block at a time
+
+    def unit_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` as float32 unit vectors."""
+        import numpy as np
+
+        chunk = np.asarray(self.matrix[start:stop], dtype=np.float32)
+        return chunk if self.tag.normalized else _normalized(chunk)
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """Some rows as float32 unit vectors; read in row order, which a memory map pages in fastest."""
+        import numpy as np
+
+        order = np.argsort(rows, kind="stable")
+        picked = np.empty((len(rows), self.matrix.shape[1]), np.float32)
+        picked[order] = self.matrix[rows[order]]
+        return picked if self.tag.normalized else _normalized(picked)
+
+
+def saved_tag(source: Path) -> tuple[ModelTag, int]:
+    """The model a saved source was made with and its embedding width, read from metadata alone."""
+    import pyarrow.parquet as pq
+
+    if source.suffix.lower() == ".npy":
+        saved = open_npy(source)
+        return saved.header.tag, int(saved.matrix.shape[1])
+    files = _parquet_files(source)
+    if not files:
+        raise InputError(f"{source}: no Parquet files in it")
+    try:
+        schema = pq.read_schema(files[0])
+    except (OSError, ValueError) as e:
+        raise InputError(f"{files[0]}: cannot read embeddings ({e})") from e
+    if "embedding" not in schema.names:
+        raise InputError(f"{files[0]}: no 'embedding' column (not written by clipcli embed?)")
+    return ModelTag.from_metadata(schema.metadata), int(schema.field("embedding").type.list_size)
+
+
+def source_fingerprint(source: Path) -> list[Any]:
+    """What changes whenever ``embed`` rewrites a source: each file's name, size and mtime."""
+    from clipcli.store import search_cache
+
+    if source.suffix.lower() == ".npy":
+        return search_cache.fingerprint([source, npy_sidecar(source)])
+    return search_cache.fingerprint(_parquet_files(source))
+
+
+def open_matrix(source: Path, expect: Expect) -> SavedMatrix:
+    """A saved source as one memory-mapped matrix: NPY directly, Parquet through the search cache (built
+    on first use; read into memory when the cache cannot be written)."""
+    import numpy as np
+
+    if not source.exists():
+        raise InputError(f"{source}: no such file or directory")
+    if source.suffix.lower() == ".npy":
+        saved = open_npy(source)
+        _check_tag(saved.header.tag, expect, source)
+        names = _npy_names(saved)
+        n = saved.header.rows
+        blocks = partial(_blocks_of, names, n)
+        return SavedMatrix(source, saved.matrix, saved.header.tag, saved.header.key, names, blocks)
+    from itertools import accumulate
+
+    from clipcli.store import search_cache
+
+    files = _parquet_files(source)
+    if not files:
+        raise InputError(f"{source}: no Parquet files in it")
+    tag, _ = saved_tag(source)
+    cached = search_cache.load(source, files, expect.sha256)
+    if cached is None:
+        chunks = [np.array(c, np.float32) for c, _ in _iter_parquet(source, expect, True)]
+        cached = search_cache.load(source, files, expect.sha256)
+        if cached is None:  # no cache to be had: the rows in memory, normalised already
+            key = _open_saved(files[0], expect)[2]
+            rows = [pq_rows(f) for f in files]
+            matrix = np.concatenate(chunks) if chunks else np.zeros((0, expect.dim), np.float32)
+            cached = search_cache.Cached(matrix, rows, key, True)
+    tag = ModelTag(tag.name, tag.sha256, cached.normalized)
+    parts = _Parts(tuple(files), tuple(accumulate(cached.rows, initial=0))[:-1], cached.key)
+    return SavedMatrix(source, cached.matrix, tag, cached.key, parts.names, partial(_part_names, parts))
+
+
+def pq_rows(file: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return int(pq.ParquetFile(file).metadata.num_rows)
+
+
+def _npy_names(saved: Any) -> Callable[[list[int]], list[str]]:
+    return lambda rows: [saved.name(r) for r in rows]
+
+
+def _blocks_of(name_rows: Callable[[list[int]], list[str]], n: int) -> Iterator[list[str]]:
+    for start in range(0, n, CHUNK_ROWS):
+        yield name_rows(list(range(start, min(n, start + CHUNK_ROWS))))
+
+
+def _part_names(parts: _Parts) -> Iterator[list[str]]:
+    for file in parts.files:
+        yield [str(n) for n in read_parquet(file, [parts.key]).column(0).to_pylist()]

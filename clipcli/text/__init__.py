@@ -1,0 +1,1 @@
+"""Texts: NLI zero-shot text classification and text inputs."""

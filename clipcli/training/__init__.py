@@ -1,0 +1,1 @@
+"""Contrastive fine-tuning, and the synthetic shapes the bundled model is trained on."""
