@@ -337,6 +337,18 @@ def describe_error(exc: BaseException) -> str:
 
 
 # OpenAI's normalisation constants (clip/clip.py), per RGB channel.
+@dataclass(frozen=True)
+class ImageOptions:
+    """How images become model input, as one value (``--batch-size``, ``--workers``, ``--exact``,
+    ``--max-megapixels`` as a pixel limit, ``--decode``): every command that reads images takes it."""
+
+    batch_size: int = 32
+    workers: int = 0
+    exact: bool = False
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    decode: str = "auto"
+
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 

@@ -8,13 +8,14 @@
 """
 
 from clipcli.models.contract import DownloadProgress, LoadedModel, ModelEntry, Scoring, require_extra
-from clipcli.models.loader import DEFAULT_MODEL, default_model, family_of, list_models, load_model
+from clipcli.models.loader import DEFAULT_MODEL, ModelOptions, default_model, family_of, list_models, load_model
 
 __all__ = [
     "DEFAULT_MODEL",
     "DownloadProgress",
     "LoadedModel",
     "ModelEntry",
+    "ModelOptions",
     "Scoring",
     "default_model",
     "family_of",

@@ -15,6 +15,7 @@ What every family returns is the contract in :mod:`clipcli.models.contract`.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from clipcli.errors import ModelError
@@ -26,6 +27,16 @@ if TYPE_CHECKING:
 
 DEFAULT_MODEL = "ViT-B/32"
 FAMILY_PREFIXES = {"open_clip:": "open_clip", "hf:": "hf"}
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """``--model``, ``--device`` and ``--precision`` as one value: they travel together from a command to
+    the core and to Ray's actors (None: ``$CLIPCLI_MODEL``, else :data:`DEFAULT_MODEL`)."""
+
+    spec: str | None = None
+    device: str = "auto"
+    precision: str = "auto"
 
 
 def default_model() -> str:
