@@ -125,7 +125,8 @@ class Clipcli:
     """clipcli's core after loading (what `classify-text` runs per text), timed the same way."""
 
     def __init__(self, folder: Path, device: str, batch_size: int) -> None:
-        from clipcli.text.nli import classify_texts, load_nli_model
+        from clipcli.models.nli import load_nli_model
+        from clipcli.text.nli import classify_texts
 
         self.nm = load_nli_model(str(folder), device, "auto")
         self.classify = classify_texts

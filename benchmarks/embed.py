@@ -81,13 +81,15 @@ def embed_in_process(
     lm: LoadedModel, photos: list[Path], out: Path, on_batch: Callable[[int], None] | None = None
 ) -> float:
     """clipcli's own embedding path with default settings (decode, preprocess, model, Parquet writes)."""
-    from clipcli.engines.local import embed_images
-    from clipcli.images.core import ImageRef
-    from clipcli.store.formats import OutputFormat
+    from clipcli.engines.base import EmbedEvents, EmbedJob
+    from clipcli.engines.local import LocalEngine
+    from clipcli.images.sources import ImageRef
+    from clipcli.store.output import dataset_output
 
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    embed_images(lm, [ImageRef(str(p), p) for p in photos], OutputFormat.PARQUET, str(out) + "/", on_batch=on_batch)
+    job = EmbedJob([ImageRef(str(p), p) for p in photos], dataset_output(f"{out}/"))
+    LocalEngine().embed(lm, job, EmbedEvents(on_batch=on_batch))
     return len(photos) / (time.perf_counter() - start)
 
 
@@ -132,7 +134,7 @@ class Turns:
 
 def decode_seconds(photos: list[Path], n_px: int) -> float:
     """CPU seconds per photo to decode and preprocess it as clipcli does, on one thread."""
-    from clipcli.images.core import decode, resize_and_crop
+    from clipcli.images.decode import decode, resize_and_crop
 
     start = time.perf_counter()
     for p in photos:
@@ -257,9 +259,11 @@ def small_images(folder: Path, count: int) -> None:
 
 def saved_embeddings(lm: LoadedModel, out: Path, rows: int) -> tuple[Path, Path]:
     """``rows`` random unit 512-d rows, as `clipcli embed -o DIR/` writes them and as one NPY file."""
-    from clipcli.engines.local import model_tag
-    from clipcli.store.dataset import NpyHeader, ParquetStore, Rows, Stat, npy_fingerprint, npy_sidecar, schema
+    from clipcli.engines.base import model_tag
+    from clipcli.store.dataset import ParquetStore
     from clipcli.store.formats import json_line
+    from clipcli.store.npy import NpyHeader, npy_fingerprint, npy_sidecar
+    from clipcli.store.parts import Rows, Stat, schema
 
     folder = out / f"rank-{rows}"
     npy = out / f"rank-{rows}.npy"
@@ -289,7 +293,7 @@ def saved_embeddings(lm: LoadedModel, out: Path, rows: int) -> tuple[Path, Path]
 
 
 def rank_speed(ckpt: Path, out: Path, rows: int) -> dict[str, float]:
-    from clipcli.search.rank import SourceScan, rank_sources
+    from clipcli.search.rank import SourceScan, rank_many
     from clipcli.zeroshot.encode import encode_texts
 
     os.environ["CLIPCLI_CACHE"] = str(out / "cache")
@@ -303,7 +307,7 @@ def rank_speed(ckpt: Path, out: Path, rows: int) -> dict[str, float]:
         for q in queries[:n]:
             start = time.perf_counter()
             query = encode_texts(lm, [q])[0].numpy()
-            rank_sources(lm, query, [str(source)], 10, scan=SourceScan(use_cache=use_cache))
+            rank_many(lm, query[None, :], [str(source)], 10, scan=SourceScan(use_cache=use_cache))
             times.append(time.perf_counter() - start)
         return float(np.median(times))
 

@@ -169,15 +169,18 @@ def device_decoding_on_cpu(lm: Any) -> Iterator[None]:
 
 def embed_rate(lm: Any, photos: list[Path], out: Path, batch_size: int, decode: str) -> float:
     """(b) or (c): clipcli's embed_images into a Parquet directory, as `clipcli embed -o DIR/` runs it."""
-    from clipcli.engines.local import embed_images
-    from clipcli.images.core import ImageRef
-    from clipcli.store.formats import OutputFormat
+    from clipcli.engines.base import EmbedJob
+    from clipcli.engines.local import LocalEngine
+    from clipcli.images.decode import ImageOptions
+    from clipcli.images.sources import ImageRef
+    from clipcli.store.output import dataset_output
 
     refs = [ImageRef(str(p), p) for p in photos]
     shutil.rmtree(out, ignore_errors=True)
     with device_decoding_on_cpu(lm):
         start = time.perf_counter()
-        summary = embed_images(lm, refs, OutputFormat.PARQUET, str(out) + "/", batch_size=batch_size, decode=decode)
+        job = EmbedJob(refs, dataset_output(f"{out}/"), images=ImageOptions(batch_size=batch_size, decode=decode))
+        summary = LocalEngine().embed(lm, job)
         seconds = time.perf_counter() - start
     if summary.embedded != len(photos):
         raise SystemExit(f"embed ({decode}) embedded {summary.embedded} of {len(photos)} photos")
@@ -186,8 +189,8 @@ def embed_rate(lm: Any, photos: list[Path], out: Path, batch_size: int, decode: 
 
 def decode_only_rate(lm: Any, photos: list[Path], batch_size: int) -> float:
     """(d): the GPU decoding pipeline (read, nvJPEG, orient, resize, crop, normalise) with no model."""
-    from clipcli.images.core import ImageRef
     from clipcli.images.gpu import iter_device_batches
+    from clipcli.images.sources import ImageRef
 
     refs = [ImageRef(str(p), p) for p in photos]
     start = time.perf_counter()

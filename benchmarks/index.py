@@ -67,7 +67,8 @@ def clustered(n: int, seed: int) -> np.ndarray:
 
 def make_source(n: int) -> Path:
     """A float16 NPY of ``n`` clustered rows and its sidecar, written chunk by chunk (kept between runs)."""
-    from clipcli.store.dataset import ModelTag, NpyHeader, npy_fingerprint, npy_sidecar
+    from clipcli.store.npy import NpyHeader, npy_fingerprint, npy_sidecar
+    from clipcli.store.parts import ModelTag
 
     path = OUT / f"rows-{n}.npy"
     if path.exists() and npy_sidecar(path).exists():
@@ -121,7 +122,8 @@ def resident_mib() -> dict[str, float]:
 
 
 def step_build(source: Path) -> dict[str, float]:
-    from clipcli.store.index import build_index, default_index_path
+    from clipcli.store.index import default_index_path
+    from clipcli.store.index_build import build_index
 
     index = default_index_path(source)
     shutil.rmtree(index, ignore_errors=True)

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import clipcli, cpu_model, random_checkpoint
 from photos import make_photos
 
-from clipcli.images.core import ImageRef
+from clipcli.images.sources import ImageRef
 from clipcli.models import LoadedModel, load_model
 
 
@@ -56,12 +56,15 @@ class Clock:
 
 
 def local_steady(lm: LoadedModel, refs: list[ImageRef], out: Path, batch: int, part: int) -> Clock:
-    from clipcli.engines.local import embed_images
-    from clipcli.store.formats import OutputFormat
+    from clipcli.engines.base import EmbedEvents, EmbedJob
+    from clipcli.engines.local import LocalEngine
+    from clipcli.images.decode import ImageOptions
+    from clipcli.store.output import dataset_output
 
     shutil.rmtree(out, ignore_errors=True)
     clock = Clock()
-    embed_images(lm, refs, OutputFormat.PARQUET, f"{out}/", batch_size=batch, part_size=part, on_batch=clock.on_batch)
+    job = EmbedJob(refs, dataset_output(f"{out}/"), images=ImageOptions(batch_size=batch), part_size=part)
+    LocalEngine().embed(lm, job, EmbedEvents(on_batch=clock.on_batch))
     return clock
 
 
@@ -69,7 +72,11 @@ def ray_steady(
     lm: LoadedModel, spec_args: tuple[str, str, str], refs: list[ImageRef], out: Path, batch: int, part: int
 ) -> tuple[Clock, float]:
     """Steady state on Ray, and seconds from submitting the pipeline to its first batch (actors start)."""
-    from clipcli.engines.ray import embed_on_ray, model_spec
+    from clipcli.engines.base import EmbedEvents, EmbedJob
+    from clipcli.engines.ray import RayEngine
+    from clipcli.images.decode import ImageOptions
+    from clipcli.models import ModelOptions
+    from clipcli.store.output import dataset_output
 
     shutil.rmtree(out, ignore_errors=True)
     clock = Clock()
@@ -78,16 +85,9 @@ def ray_steady(
     def on_ready() -> None:
         ready.append(time.perf_counter())
 
-    embed_on_ray(
-        lm,
-        model_spec(*spec_args, lm),
-        refs,
-        f"{out}/",
-        batch_size=batch,
-        part_size=part,
-        on_batch=clock.on_batch,
-        on_ready=on_ready,
-    )
+    options, images = ModelOptions(*spec_args), ImageOptions(batch_size=batch)
+    job = EmbedJob(refs, dataset_output(f"{out}/"), options, images, part_size=part)
+    RayEngine().embed(lm, job, EmbedEvents(on_batch=clock.on_batch, on_ready=on_ready))
     first = (clock.first or time.perf_counter()) - ready[0]
     return clock, first
 
@@ -110,7 +110,7 @@ def model_only(lm: LoadedModel, batch: int, rounds: int = 5) -> float:
 
 def decode_ms(photos: list[Path], lm: LoadedModel) -> float:
     """CPU milliseconds per photo to decode and resize it as clipcli does, on one thread."""
-    from clipcli.images.core import decode, resize_and_crop
+    from clipcli.images.decode import decode, resize_and_crop
 
     start = time.perf_counter()
     for p in photos:

@@ -24,7 +24,7 @@ LABELS = [f"{c} {s}" for s in SHAPES for c in COLOURS]
 
 def accuracy(split: str, background: str, n: int, seed: int) -> float:
     """Top-1 (64-way) on ``n`` freshly drawn images; seeds differ from the training seed (1)."""
-    from clipcli.images.core import preprocess
+    from clipcli.images.decode import preprocess
     from clipcli.zeroshot.encode import encode_pixels
 
     lm = load_model("tiny-shapes", "cpu", "fp32")

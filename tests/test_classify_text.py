@@ -17,7 +17,8 @@ import pytest
 from conftest import Ran
 from nli_models import bart_dir, bart_folder, bert_dir
 
-from clipcli.text.nli import iter_scores, load_nli_model
+from clipcli.models.nli import load_nli_model
+from clipcli.text.nli import iter_scores
 
 __all__ = ["bart_dir", "bert_dir"]  # fixtures, used by name
 
@@ -379,8 +380,7 @@ def test_text_metrics_by_hand() -> None:
     """Four texts, three classes; worked out on paper: predictions b, a, c, c for truths a, a, c, b."""
     import numpy as np
 
-    from clipcli.evaluation.run import EvalResult
-    from clipcli.evaluation.text import classification_metrics
+    from clipcli.evaluation.run import EvalResult, classification_metrics
 
     scores = np.array([[0.2, 0.5, 0.3], [0.6, 0.3, 0.1], [0.1, 0.2, 0.7], [0.3, 0.2, 0.5]])
     base = EvalResult("m", "0" * 64, "{}", 1, "texts:x", 4, 0, {})

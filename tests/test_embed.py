@@ -22,7 +22,7 @@ from conftest import make_image
 from PIL import Image
 
 from clipcli.models.families.openai import import_clip
-from clipcli.store.dataset import open_npy
+from clipcli.store.npy import open_npy
 
 
 def reference_embeddings(ckpt: Path, files: list[Path]) -> np.ndarray:

@@ -469,10 +469,10 @@ def _render(results: list[EvalResult]) -> list[str]:
     """The table as an 80-column terminal shows it (the CLI's console soft-wraps, as this one does)."""
     from rich.console import Console
 
-    from clipcli.commands.eval import _print_table
+    from clipcli.commands.eval_table import print_table
 
     console = Console(width=80, record=True, file=io.StringIO(), soft_wrap=True, highlight=False)
-    _print_table(console, results)
+    print_table(console, results)
     return console.export_text().rstrip("\n").splitlines()
 
 
@@ -603,17 +603,17 @@ def test_walk_folder_is_public_and_datasets_use_it(tmp_path: Path) -> None:
     up the tree entered once."""
     from PIL import Image
 
-    import clipcli.images.core
+    import clipcli.images.sources
     from clipcli.evaluation.datasets import load_dataset
 
-    assert not hasattr(clipcli.images.core, "_walk_folder")
+    assert not hasattr(clipcli.images.sources, "_walk_folder")
     root = tmp_path / "classes"
     for name in ("cats/img10.png", "cats/img2.png", "dogs/b.JPG", "dogs/a.png"):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (8, 8)).save(root / name, format="PNG")
     (root / "cats" / "notes.txt").write_text("not an image")
     (root / "dogs" / "loop").symlink_to(root)
-    walked = [ref.path for ref in clipcli.images.core.walk_folder(str(root))]
+    walked = [ref.path for ref in clipcli.images.sources.walk_folder(str(root))]
     expected = ["cats/img2.png", "cats/img10.png", "dogs/a.png", "dogs/b.JPG"]
     assert walked == [str(root / name) for name in expected]
     dataset = load_dataset(root)

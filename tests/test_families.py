@@ -130,7 +130,7 @@ def _library_probabilities(kind: str, logits: torch.Tensor) -> torch.Tensor:
 def test_embeddings_and_probabilities_equal_the_librarys_own(
     kind: str, made: dict[str, Path], cli: Cli, tmp_path: Path
 ) -> None:
-    from clipcli.images.core import ImageRef
+    from clipcli.images.sources import ImageRef
     from clipcli.zeroshot.encode import encode_texts, iter_image_embeddings
 
     spec = SPECS[kind](made)

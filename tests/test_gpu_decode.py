@@ -19,16 +19,11 @@ from conftest import Ran
 from PIL import Image, ImageFilter
 
 from clipcli.errors import InputError
-from clipcli.images.core import Batch, ImageRef, ImageSpec, discover, iter_batches
-from clipcli.images.gpu import (
-    DeviceBatch,
-    DeviceDecoder,
-    device_decodable,
-    in_background,
-    iter_device_batches,
-    jpeg_header,
-    use_device_decoding,
-)
+from clipcli.images.batches import Batch, iter_batches
+from clipcli.images.decode import ImageSpec
+from clipcli.images.gpu import DeviceBatch, DeviceDecoder, in_background, iter_device_batches, use_device_decoding
+from clipcli.images.jpeg import device_decodable, jpeg_header
+from clipcli.images.sources import ImageRef, discover
 from clipcli.models import load_model
 from clipcli.zeroshot.encode import embed_batches, iter_image_embeddings
 

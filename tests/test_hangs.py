@@ -22,7 +22,9 @@ import pandas as pd
 import pytest
 from conftest import make_image
 
-from clipcli.images.core import ImageRef, NotARegularFile, decode, discover, iter_batches
+from clipcli.images.batches import iter_batches
+from clipcli.images.decode import NotARegularFile, decode
+from clipcli.images.sources import ImageRef, discover
 
 CLI_SECONDS = 120  # a run takes seconds; only a hang comes near this, even on two busy cores
 

@@ -15,18 +15,9 @@ import pytest
 from conftest import make_image
 from PIL import Image
 
-from clipcli.images.core import (
-    PREFETCH_BATCHES,
-    ImageRef,
-    ImageTooLarge,
-    _decoded_batches,
-    decode,
-    discover,
-    iter_batches,
-    load_image,
-    natural_key,
-    resize_and_crop,
-)
+from clipcli.images.batches import PREFETCH_BATCHES, decoded_batches, iter_batches
+from clipcli.images.decode import ImageTooLarge, decode, load_image, resize_and_crop
+from clipcli.images.sources import ImageRef, discover, natural_key
 
 
 def test_natural_sort():
@@ -307,7 +298,7 @@ def _settle(condition, seconds=5.0):
 
 def test_on_the_cpu_decoding_waits_for_the_caller():
     data = _Recorded(20)
-    batches = _decoded_batches(data, 4, overlap=False)
+    batches = decoded_batches(data, 4, overlap=False)
     assert next(batches).indices == [0, 1, 2, 3]
     time.sleep(0.2)
     assert sorted(data.decoded) == [0, 1, 2, 3]
@@ -317,7 +308,7 @@ def test_on_the_cpu_decoding_waits_for_the_caller():
 
 def test_with_overlap_the_next_batches_decode_while_the_caller_works():
     data = _Recorded(20)
-    batches = _decoded_batches(data, 4, overlap=True)
+    batches = decoded_batches(data, 4, overlap=True)
     next(batches)
     _settle(lambda: len(data.decoded) == 4 * (1 + PREFETCH_BATCHES))
     time.sleep(0.1)
@@ -326,7 +317,7 @@ def test_with_overlap_the_next_batches_decode_while_the_caller_works():
 
 @pytest.mark.parametrize("overlap", [False, True])
 def test_a_decoding_error_is_raised_after_the_batches_before_it(overlap):
-    batches = _decoded_batches(_Recorded(12, fail_at=9), 4, overlap=overlap)
+    batches = decoded_batches(_Recorded(12, fail_at=9), 4, overlap=overlap)
     assert [b.indices for b in itertools.islice(batches, 2)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
     with pytest.raises(RuntimeError, match="item 9 broke"):
         next(batches)
@@ -334,7 +325,7 @@ def test_a_decoding_error_is_raised_after_the_batches_before_it(overlap):
 
 def test_closing_the_batches_stops_the_decoding_threads():
     data = _Recorded(1000)
-    batches = _decoded_batches(data, 4, overlap=True)
+    batches = decoded_batches(data, 4, overlap=True)
     next(batches)
     batches.close()
     decoders = [t for t in threading.enumerate() if t.name.startswith("clipcli-decode")]
@@ -345,7 +336,7 @@ def test_closing_the_batches_stops_the_decoding_threads():
 
 
 def test_normalize_pixels_is_totensor_then_normalize():
-    from clipcli.images.core import CLIP_MEAN, CLIP_STD, normalize_pixels
+    from clipcli.images.decode import CLIP_MEAN, CLIP_STD, normalize_pixels
 
     images = np.random.default_rng(0).integers(0, 256, (3, 5, 7, 3), dtype=np.uint8)
     expected = (images.transpose(0, 3, 1, 2) / 255.0 - np.reshape(CLIP_MEAN, (1, 3, 1, 1))) / np.reshape(
@@ -362,7 +353,7 @@ def test_preprocess_equals_openai_preprocess(size):
 
     Up to rounding: a few values in ten thousand land one 8-bit level apart where a filter weight rounds
     the other way."""
-    from clipcli.images.core import CLIP_STD, preprocess
+    from clipcli.images.decode import CLIP_STD, preprocess
     from clipcli.models.families.openai import import_clip
 
     rng = np.random.default_rng(sum(size))
@@ -400,6 +391,6 @@ def test_max_megapixels_reaches_every_command(cli, tmp_path, command):
 
 def test_the_default_limit_is_the_same_in_the_cli_and_the_core():
     from clipcli.commands.options import DEFAULT_MAX_MEGAPIXELS, max_pixels
-    from clipcli.images.core import DEFAULT_MAX_PIXELS
+    from clipcli.images.decode import DEFAULT_MAX_PIXELS
 
     assert max_pixels(DEFAULT_MAX_MEGAPIXELS) == DEFAULT_MAX_PIXELS

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 from clipcli.errors import ModelError
-from clipcli.store.dataset import ModelTag, write_npy
-from clipcli.store.index import Kind, Stale, build_index, default_index_path, exact_search, open_index
+from clipcli.store.index import Kind, Stale, default_index_path, exact_search, open_index
+from clipcli.store.index_build import build_index
+from clipcli.store.npy import write_npy
+from clipcli.store.parts import ModelTag
 from clipcli.store.saved import Expect
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"

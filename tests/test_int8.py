@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from clipcli.errors import ModelError
-from clipcli.images.core import ImageSpec, preprocess
+from clipcli.images.decode import ImageSpec, preprocess
 from clipcli.models import LoadedModel, load_model
 from clipcli.models.precision import resolve_precision
 from clipcli.models.quantize import (

@@ -115,7 +115,7 @@ def test_precision_choice():
 
 
 def test_bf16_embeddings_stay_close_to_fp32(vit_ckpt, images):
-    from clipcli.images.core import discover
+    from clipcli.images.sources import discover
     from clipcli.zeroshot.encode import iter_image_embeddings
 
     refs, _ = discover([str(images[0].parent)])

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from nli_models import MAX_LENGTH, PARITY_TEXTS, bart_dir, bert_dir
 
-from clipcli.text.nli import encode_pairs, iter_scores, load_nli_model
+from clipcli.models.nli import load_nli_model
+from clipcli.text.nli import encode_pairs, iter_scores
 
 __all__ = ["bart_dir", "bert_dir"]  # fixtures, used by name
 

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import make_image, write_checkpoint
 
-from clipcli.store.dataset import npy_sidecar, open_npy
+from clipcli.store.npy import npy_sidecar, open_npy
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 
@@ -170,12 +170,12 @@ def test_npy_pair_is_kept_whole_when_the_sidecar_cannot_be_written(cli, tmp_path
     assert cli("embed", str(SAMPLES / "seen"), "-m", "tiny-shapes", "-o", str(out)).exit_code == 0
     before = out.read_bytes(), npy_sidecar(out).read_bytes()
 
-    import clipcli.store.dataset
+    import clipcli.store.npy
 
     def full_disk(value: object) -> str:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(clipcli.store.dataset, "json_line", full_disk)
+    monkeypatch.setattr(clipcli.store.npy, "json_line", full_disk)
     ran = cli("embed", str(SAMPLES / "held-out"), "-m", "tiny-shapes", "-o", str(out))
     assert ran.exit_code == 2
     assert ran.stderr.strip() == (

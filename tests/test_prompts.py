@@ -95,7 +95,7 @@ def test_cached_classifier_reports_progress_only_when_it_encodes(
 
 @pytest.mark.slow
 def test_classify_reports_prompt_encoding_before_the_first_image(tiny_shapes: LoadedModel) -> None:
-    from clipcli.images.core import ImageRef
+    from clipcli.images.sources import ImageRef
     from clipcli.zeroshot.classify import classify_images
 
     lm = tiny_shapes

@@ -133,7 +133,7 @@ def test_search_cache_that_cannot_be_written_is_not_an_error(cli, tmp_path, monk
 
 @pytest.mark.parametrize("text", ["a.jpg\nb c/ü.png\n\nlast.jpg\n", "a.jpg\nb c/ü.png\n\nlast.jpg", "", "\n"])
 def test_sidecar_lines_read_like_splitlines(tmp_path, text):
-    from clipcli.store.dataset import Lines
+    from clipcli.store.npy import Lines
 
     path = tmp_path / "x.paths.txt"
     path.write_bytes(text.encode())

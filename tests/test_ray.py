@@ -179,7 +179,7 @@ def test_a_killed_driver_then_rerun_equals_one_uninterrupted_run(cluster, tmp_pa
 def test_a_model_that_fails_to_load_on_a_worker_is_one_clear_error(cluster, tmp_path):
     from clipcli.engines.ray import ModelSpec, embed_dataset_on_ray
     from clipcli.errors import ModelError
-    from clipcli.images.core import ImageRef
+    from clipcli.images.sources import ImageRef
     from clipcli.models import load_model
 
     lm = load_model("tiny-shapes", "cpu", "fp32")

@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clipcli.store.dataset import ModelTag, open_npy, write_npy
 from clipcli.store.index import META, default_index_path, exact_search, open_index, read_meta
+from clipcli.store.npy import open_npy, write_npy
+from clipcli.store.parts import ModelTag
 from clipcli.store.saved import Expect, open_matrix
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
@@ -143,7 +144,8 @@ def test_sigterm_during_an_ivfpq_build_is_prompt_and_keeps_the_old_index(tmp_pat
     """faiss holds off Python's signal handlers while it trains: the polysemous ordering of the PQ code
     books alone runs for minutes at CLIP's width (512) with no check for signals, even over 300 rows
     (cc98338 took minutes to stop here)."""
-    from clipcli.store.index import Kind, build_index
+    from clipcli.store.index import Kind
+    from clipcli.store.index_build import build_index
 
     tag, dim = ModelTag("model-a", "a" * 64, True), 512  # index needs no model: CLIP's width
     emb = tmp_path / "emb.npy"
@@ -283,7 +285,8 @@ def test_missing_faiss_names_each_commands_own_way_out(cli, tmp_path, monkeypatc
 
 def test_a_saved_source_still_scans_equal_after_the_check(tmp_path):
     """The content check leaves a current index's answers exactly as they were."""
-    from clipcli.store.index import Kind, build_index
+    from clipcli.store.index import Kind
+    from clipcli.store.index_build import build_index
 
     tag = ModelTag("model-a", "a" * 64, True)
     emb = tmp_path / "emb.npy"

@@ -251,7 +251,7 @@ def test_a_few_files_gone_are_removed_without_prune(cli: Cli, tmp_path: Path) ->
 def test_a_file_rewritten_during_embed_is_embedded_again_on_the_next_run(
     cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import clipcli.images.core as images
+    import clipcli.images.batches as images
 
     folder = tmp_path / "imgs"
     target = make_image(folder / "a.png", (50, 40), seed=1)

@@ -204,7 +204,7 @@ def _traced_clip(ckpt: Path, path: Path, resolution: int) -> Path:
 
 @pytest.mark.slow
 def test_archives_read_as_jit_load_reads_them_without_calling_it(tmp_path, rn_ckpt, monkeypatch):
-    from clipcli.models.checkpoint import read_torchscript_state_dict
+    from clipcli.models.torchscript import read_torchscript_state_dict
 
     traced = _traced_clip(rn_ckpt, tmp_path / "traced-rn.pt", 32)
     scripted = _save_script(BuffersAndAttributes().half(), tmp_path / "scripted.pt")
@@ -268,7 +268,7 @@ def _crafted_archive(path: Path, pickled: bytes) -> Path:
     ],
 )
 def test_crafted_archives_fail_in_one_line(tmp_path, pickled, reason):
-    from clipcli.models.checkpoint import read_torchscript_state_dict
+    from clipcli.models.torchscript import read_torchscript_state_dict
 
     # The well-formed archive reads, so each variant fails for the reason it names.
     good = _crafted_archive(tmp_path / "good.pt", _module(_text("w") + _tensor()))
@@ -280,7 +280,7 @@ def test_crafted_archives_fail_in_one_line(tmp_path, pickled, reason):
 
 
 def test_a_truncated_tensor_record_is_an_error(tmp_path):
-    from clipcli.models.checkpoint import read_torchscript_state_dict
+    from clipcli.models.torchscript import read_torchscript_state_dict
 
     scripted = _save_script(BuffersAndAttributes(), tmp_path / "scripted.pt")
     with zipfile.ZipFile(scripted) as z:

@@ -29,10 +29,10 @@ def _title(dataset: str, n: int, width: int) -> list[str]:
     """The lines of the eval table's title as a terminal ``width`` columns wide shows them."""
     from rich.console import Console
 
-    from clipcli.commands.eval import _print_table
+    from clipcli.commands.eval_table import print_table
 
     console = Console(width=width, record=True, file=io.StringIO(), soft_wrap=True, highlight=False)
-    _print_table(console, [_result(dataset, n)])
+    print_table(console, [_result(dataset, n)])
     lines = console.export_text().splitlines()
     return [line.strip() for line in lines[: next(i for i, line in enumerate(lines) if line.startswith("┏"))]]
 

@@ -37,37 +37,22 @@ def bench_precision(
     """
     from clipcli.commands.console import say, skipped
     from clipcli.errors import EXIT_PARTIAL
-    from clipcli.images.core import discover, nothing_found
     from clipcli.models.precision import cpu_class
-    from clipcli.zeroshot.precision_check import compare_precisions
+    from clipcli.zeroshot.precision_check import check_precision
     from clipcli.zeroshot.prompts import resolve_labels, resolve_templates
 
     label_list = resolve_labels(labels, labels_file) if (labels or labels_file) else None
     template_set = resolve_templates(template, templates)
-    refs, missing = discover(inputs, sys.stdin)
-    if not refs:
-        raise nothing_found(inputs, missing)
-    result = compare_precisions(
-        model, refs, precision.value, "fp32", device, label_list, template_set, batch_size=batch_size
-    )
-    for item in [*missing, *result.skipped]:
+    models = opt.model_options(model, device, precision)
+    result = check_precision(inputs, models, label_list, template_set, batch_size, sys.stdin)
+    for item in [*result.missing, *result.skipped]:
         skipped(item.path, item.reason)
-    cosines = result.cosines
-    agreement = result.top1_agreement
-    print("precision\timages\timages_per_s\tcosine_min\tcosine_median\ttop1_agreement")
-    for run, low, mid in (
-        (result.reference, 1.0, 1.0),
-        (result.candidate, float(cosines.min()), float(cosines.median())),
-    ):
-        same = "" if agreement is None else f"{1.0 if run is result.reference else agreement:.4f}"
-        print(f"{run.precision}\t{len(run.names)}\t{run.images_per_second:.1f}\t{low:.5f}\t{mid:.5f}\t{same}")
+    print("\n".join(result.table()))
     for name, before, after in result.changed:
         print(f"# top-1 changed: {name}: {before} -> {after}")
     say(f"CPU: {cpu_class()}; model {result.candidate.precision} vs fp32 on {len(result.reference.names)} images")
-    below = [
-        (name, float(c)) for name, c in zip(result.reference.names, cosines.tolist(), strict=True) if c < min_cosine
-    ]
+    below = result.below(min_cosine)
     for name, c in below:
         say(f"below --min-cosine {min_cosine}: {name} (cosine {c:.5f})")
-    if below or missing or result.skipped:
+    if below or result.missing or result.skipped:
         raise typer.Exit(EXIT_PARTIAL)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -12,8 +13,8 @@ from clipcli.commands import options as opt
 from clipcli.store.formats import OutputFormat
 
 if TYPE_CHECKING:
-    from clipcli.commands.console import Progress
-    from clipcli.text.inputs import EmptyText, TextItem
+    from clipcli.store.formats import RowWriter
+    from clipcli.text.inputs import EmptyText
     from clipcli.text.nli import TextPrediction
 
 
@@ -51,122 +52,103 @@ PairBatch = Annotated[
 ]
 
 
+Texts = Annotated[
+    list[str] | None,
+    typer.Argument(metavar="[TEXTS...]", help="Texts to classify, or - to read one per line from stdin."),
+]
+TextsFile = Annotated[
+    str | None,
+    typer.Option(
+        metavar="FILE",
+        help="One text per line; or a .csv/.parquet file, one text per row of --column. '-' = stdin.",
+    ),
+]
+Column = Annotated[
+    str | None, typer.Option(metavar="NAME", help="The column of a CSV/Parquet --texts-file. Default: text.")
+]
+MultiLabel = Annotated[
+    bool,
+    typer.Option(
+        "--multi-label",
+        help="Score each label on its own (entailment vs contradiction), so several can be true; by default "
+        "the scores of a text are a softmax over its labels and sum to 1.",
+    ),
+]
+TopK = Annotated[int, typer.Option("--top-k", "-k", min=1, metavar="K", help="Labels to show per text.")]
+
+
 def classify_text(
-    texts: Annotated[
-        list[str] | None,
-        typer.Argument(metavar="[TEXTS...]", help="Texts to classify, or - to read one per line from stdin."),
-    ] = None,
-    texts_file: Annotated[
-        str | None,
-        typer.Option(
-            metavar="FILE",
-            help="One text per line; or a .csv/.parquet file, one text per row of --column. '-' = stdin.",
-        ),
-    ] = None,
-    column: Annotated[
-        str | None, typer.Option(metavar="NAME", help="The column of a CSV/Parquet --texts-file. Default: text.")
-    ] = None,
+    texts: Texts = None,
+    texts_file: TextsFile = None,
+    column: Column = None,
     labels: opt.Labels = None,
     labels_file: opt.LabelsFile = None,
     hypothesis: Hypothesis = "This text is about {}.",
-    multi_label: Annotated[
-        bool,
-        typer.Option(
-            "--multi-label",
-            help="Score each label on its own (entailment vs contradiction), so several can be true; by default "
-            "the scores of a text are a softmax over its labels and sum to 1.",
-        ),
-    ] = False,
-    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, metavar="K", help="Labels to show per text.")] = 5,
+    multi_label: MultiLabel = False,
+    top_k: TopK = 5,
     output: opt.Output = None,
-    fmt: Annotated[
-        opt.ResultFormat | None,
-        opt.format_option("Default: from --output's extension, else a table on a terminal, else csv."),
-    ] = None,
+    fmt: opt.ResultFormatOption = None,
     model: NliModelOption = None,
     device: opt.Device = "auto",
     precision: opt.Precision = opt.PrecisionChoice.AUTO,
     batch_size: PairBatch = 64,
 ) -> None:
     """Classify texts zero-shot with an NLI model: how well each label fits, best first."""
-    import itertools
+    from functools import partial
 
-    from clipcli.commands.console import Progress, say
+    from clipcli.commands.console import say
     from clipcli.errors import EXIT_PARTIAL
-    from clipcli.store.formats import choose_format, open_writer, refuse_output_over_inputs, stdout_is_tty
+    from clipcli.store.formats import open_writer, stdout_is_tty
+    from clipcli.store.output import parse_output, refuse_output_over_inputs
+    from clipcli.text.classify import TextHooks, TextTask, run_classify_text
     from clipcli.text.inputs import open_texts
-    from clipcli.text.nli import classify_texts, hypotheses, load_nli_model, prediction_columns, prediction_schema
+    from clipcli.text.nli import hypotheses, prediction_columns, prediction_schema
     from clipcli.zeroshot.prompts import resolve_labels
 
     refuse_output_over_inputs([output], [texts_file, labels_file])
     label_list = resolve_labels(labels, labels_file)
     hypotheses(hypothesis, label_list)  # a template without {} is refused before the model loads
-    out_format = choose_format(opt.output_format(fmt), output, stdout_is_tty(), opt.RESULT_FORMATS)
+    out_format = parse_output(output, fmt, opt.RESULT_FORMATS, tty=stdout_is_tty()).format
     source = open_texts(texts or [], texts_file, column, sys.stdin)
-    tally = _EmptyRows()
+    empty = _EmptyRows()
+    task = TextTask(label_list, hypothesis, multi_label, top_k, batch_size)
     schema = prediction_schema(source.with_ids) if out_format is OutputFormat.PARQUET else None
-    n = 0
     # As for `classify`, the output is locked and opened before any text is read or the model loads.
     with open_writer(out_format, output, schema=schema, columns=prediction_columns(source.with_ids)) as writer:
-        items = tally.texts(source.items)
-        first = next(items, None)
-        if first is None:  # no model is loaded for nothing; the output is a valid empty file
+        write = partial(_write, writer, out_format)
+        models = opt.model_options(model, device, precision)
+        n = run_classify_text(source, task, models, TextHooks(empty.on_empty, _texts_bar), write)
+        if n is None:  # no model is loaded for nothing; the output is a valid empty file
             say(f"no texts in {source.name}")
-        else:
-            nm = load_nli_model(model, device, precision.value)
-            with Progress("classifying", source.total, unit="texts") as bar:
-                tally.bar = bar
-                predictions = classify_texts(
-                    nm,
-                    itertools.chain([first], items),
-                    label_list,
-                    hypothesis,
-                    multi_label,
-                    top_k,
-                    batch_size,
-                    on_progress=whole_texts(bar.advance),
-                )
-                for prediction in predictions:
-                    writer.write(_output_rows(prediction, out_format))
-                    n += 1
-    say(f"classified {n} text{'s' * (n != 1)}, skipped {tally.skipped}")
-    if tally.skipped:
+    n = n or 0
+    say(f"classified {n} text{'s' * (n != 1)}, skipped {empty.skipped}")
+    if empty.skipped:
         raise typer.Exit(EXIT_PARTIAL)
 
 
 class _EmptyRows:
-    """Passes texts on; reports each empty CSV/Parquet cell on stderr as it is read, and counts them."""
+    """Reports each empty CSV/Parquet cell on stderr as it is read, and counts them."""
 
     def __init__(self) -> None:
         self.skipped = 0
-        self.bar: Progress | None = None
 
-    def texts(self, items: Iterator[TextItem | EmptyText]) -> Iterator[TextItem]:
+    def on_empty(self, item: EmptyText) -> None:
         from clipcli.commands.console import say
 
-        for item in items:
-            if isinstance(item, tuple):
-                yield item
-                continue
-            self.skipped += 1
-            say(f"skipped {item.where}: empty text")
-            if self.bar is not None:
-                self.bar.advance(1)
+        self.skipped += 1
+        say(f"skipped {item.where}: empty text")
 
 
-def whole_texts(advance: Callable[[int], None]) -> Callable[[float], None]:
-    """Progress in whole texts from fractions of texts (a batch can end part-way through a text's labels)."""
-    done = 0.0
-    shown = 0
+@contextmanager
+def _texts_bar(total: int | None) -> Iterator[Callable[[int], None]]:
+    from clipcli.commands.console import Progress
 
-    def on_progress(n: float) -> None:
-        nonlocal done, shown
-        done += n
-        if int(done + 1e-6) > shown:
-            advance(int(done + 1e-6) - shown)
-            shown = int(done + 1e-6)
+    with Progress("classifying", total, unit="texts") as bar:
+        yield bar.advance
 
-    return on_progress
+
+def _write(writer: RowWriter, fmt: OutputFormat, prediction: TextPrediction) -> None:
+    writer.write(_output_rows(prediction, fmt))
 
 
 def _output_rows(prediction: TextPrediction, fmt: OutputFormat) -> list[dict[str, Any]]:

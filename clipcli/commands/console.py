@@ -15,7 +15,7 @@ from clipcli.store.formats import printable
 if TYPE_CHECKING:
     from rich.segment import Segment
 
-    from clipcli.images.core import Skipped
+    from clipcli.images.sources import Skipped
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 

@@ -29,11 +29,10 @@ def evaluate_texts(
     limit, seed = subset
     report, predictions, min_acc1 = outputs
     device, precision, batch_size = run
-    from clipcli.commands.classify_text import whole_texts
     from clipcli.commands.console import Progress, err
-    from clipcli.commands.eval import _gate, _locked_outputs, _print_table
+    from clipcli.commands.eval_table import print_table
     from clipcli.errors import EXIT_PARTIAL, InputError
-    from clipcli.evaluation.run import write_report
+    from clipcli.evaluation.run import gate_failures, write_report
     from clipcli.evaluation.text import (
         PREDICTION_COLUMNS,
         limit_texts,
@@ -41,39 +40,38 @@ def evaluate_texts(
         text_classification_result,
         text_manifest,
     )
-    from clipcli.store.formats import OutputFormat, choose_format, open_writer
-    from clipcli.text.nli import DEFAULT_NLI_MODEL, hypotheses, load_nli_model
+    from clipcli.models.nli import DEFAULT_NLI_MODEL, load_nli_model
+    from clipcli.store.formats import open_writer
+    from clipcli.store.output import lock_files, prediction_format
+    from clipcli.text.classify import whole_texts
+    from clipcli.text.nli import hypotheses
 
     given = [flag for flag, value in image_only.items() if value]
     if given:
         raise InputError(
             f"{data}: a text manifest (text,label) is scored by NLI models: {', '.join(given)} apply to images"
         )
-    pred_format = (
-        choose_format(None, predictions, False, (OutputFormat.CSV, OutputFormat.PARQUET), format_flag=None)
-        if predictions
-        else None
-    )
+    pred_format = prediction_format(predictions)
     source = limit_texts(text_manifest(data), limit, seed)
     candidates = hypothesis_list(template, templates)
     for h in candidates:
         hypotheses(h, source.classes)  # every template is checked before any model loads
     results = []
-    with _locked_outputs(report, predictions, None):
+    with lock_files(report, predictions):
         for name in models or [DEFAULT_NLI_MODEL]:
             nm = load_nli_model(name, device, precision)
             for h in candidates:
                 with Progress(f"scoring ({name})", len(source), unit="texts") as bar:
                     on_progress = whole_texts(bar.advance)
                     results.append(text_classification_result(nm, source, h, batch_size, on_progress))
-        _print_table(err, results)
+        print_table(err, results)
         if report:
             write_report(results, report)
         if predictions and pred_format:
             with open_writer(pred_format, predictions, columns=PREDICTION_COLUMNS) as writer:
                 for r in results:
                     writer.write(prediction_rows(r, source))
-    failed = _gate(results, min_acc1)
+    failed = gate_failures(results, min_acc1)
     for line in failed:
         err.print(line, markup=False, highlight=False)
     if failed:

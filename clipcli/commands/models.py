@@ -13,12 +13,7 @@ def models() -> None:
     names (open_clip:ARCH/TAG) and the CLIP and SigLIP repos in the Hugging Face cache (hf:ORG/REPO).
     A table on a terminal; in a pipe, tab-separated rows (name, kind, status, bytes, path) for cut and awk.
     """
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
-
-    from clipcli.cache import cache_dir
-    from clipcli.models import default_model, list_models
+    from clipcli.models import list_models
     from clipcli.store.formats import stdout_is_tty
 
     rows = []
@@ -28,10 +23,21 @@ def models() -> None:
     if not stdout_is_tty():
         print("".join(f"{n}\t{k}\t{s}\t{'' if b is None else b}\t{p}\n" for n, k, s, b, p in rows), end="")
         return
+    _print_table(rows)
+
+
+def _print_table(rows: list[tuple[str, str, str, int | None, str]]) -> None:
+    """The models as a table on the terminal: a name is there to be copied, so it is never cut or folded.
+    The other columns fold to make room; where the terminal cannot hold them beside the longest name,
+    kind and path are left out (the piped form has every column)."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    from clipcli.cache import cache_dir
+    from clipcli.models import default_model
+
     console = Console()
-    # A name is there to be copied: it is never cut or folded. The other columns fold to make room; where
-    # the terminal cannot hold them beside the longest name, kind and path are left out (the piped form
-    # has every column).
     longest = max((len(row[0]) for row in rows), default=4)
     full = console.width >= longest + MIN_OTHER_COLUMNS
     title = f"cache: {cache_dir()}   default: {default_model()}"

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar, cast
 
 import typer
 
-from clipcli.store.formats import OutputFormat
+from clipcli.images.limits import DEFAULT_MAX_MEGAPIXELS
+from clipcli.store.formats import OutputFormat, format_choices
 
 if TYPE_CHECKING:
-    from clipcli.models import LoadedModel
+    from clipcli.images.decode import ImageOptions
+    from clipcli.models import LoadedModel, ModelOptions
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class PrecisionChoice(str, Enum):
@@ -67,7 +75,6 @@ MaxMegapixels = Annotated[
         "today's cameras fit (108 MP phones), decompression bombs do not. 0 or inf: no limit.",
     ),
 ]
-DEFAULT_MAX_MEGAPIXELS = 250.0
 
 
 class DecodeChoice(str, Enum):
@@ -173,16 +180,32 @@ Inputs = Annotated[
 ]
 
 
-class ResultFormat(str, Enum):
-    """What the commands that write one row per result write: classify, classify-text, dedup."""
+# What the commands that write one row per result write: classify, classify-text, dedup.
+RESULT_FORMATS = (OutputFormat.TABLE, OutputFormat.CSV, OutputFormat.JSONL, OutputFormat.PARQUET)
+if TYPE_CHECKING:
+    ResultFormat = OutputFormat
+else:
+    ResultFormat = format_choices("ResultFormat", RESULT_FORMATS)  # --format's choices
+ResultFormatOption = Annotated[
+    ResultFormat | None,
+    typer.Option(
+        "--format",
+        "-f",
+        case_sensitive=False,
+        show_default=False,
+        help="Default: from --output's extension, else a table on a terminal, else csv.",
+    ),
+]
 
-    TABLE = "table"
-    CSV = "csv"
-    JSONL = "jsonl"
-    PARQUET = "parquet"
+
+def repeatable(*names: str, metavar: str, help: str) -> Any:
+    """An option given any number of times (``--model A --model B``), whose default goes unsaid."""
+    return typer.Option(*names, metavar=metavar, help=help, show_default=False)
 
 
-RESULT_FORMATS = tuple(OutputFormat(f.value) for f in ResultFormat)
+def file_option(help: str) -> Any:
+    """An option naming a file (``--texts-file FILE``), with each command's own words for what it holds."""
+    return typer.Option(metavar="FILE", help=help)
 
 
 def format_option(help: str) -> Any:
@@ -195,10 +218,110 @@ def output_format(fmt: Enum | None) -> OutputFormat | None:
     return None if fmt is None else OutputFormat(fmt.value)
 
 
-def load(model: str | None, device: str, precision: PrecisionChoice | str) -> LoadedModel:
-    from clipcli.commands.console import download_progress
-    from clipcli.models import default_model, load_model
+def precision_value(precision: PrecisionChoice | str) -> str:
+    """``--precision`` as the core takes it: the choice's name (a plain string passes through)."""
+    return precision.value if isinstance(precision, PrecisionChoice) else str(precision)
 
-    with download_progress(model or default_model()) as on_chunk:
-        choice = precision.value if isinstance(precision, PrecisionChoice) else precision
-        return load_model(model, device, choice, on_download=on_chunk)
+
+def model_options(model: str | None, device: str, precision: PrecisionChoice | str) -> ModelOptions:
+    """``--model``, ``--device`` and ``--precision`` as the one value the core takes."""
+    from clipcli.models import ModelOptions
+
+    return ModelOptions(model, device, precision_value(precision))
+
+
+def image_options(
+    batch_size: int = 32,
+    workers: int = 0,
+    exact: bool = False,
+    max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
+    decode: DecodeChoice | str = "auto",
+) -> ImageOptions:
+    """``--batch-size``, ``--workers``, ``--exact``, ``--max-megapixels`` (refused if NaN) and ``--decode``
+    as the one value the core takes."""
+    from clipcli.images.decode import ImageOptions
+
+    choice = decode.value if isinstance(decode, DecodeChoice) else decode
+    return ImageOptions(batch_size, workers, exact, max_pixels(max_megapixels), choice)
+
+
+def load(
+    model: ModelOptions | str | None, device: str = "auto", precision: PrecisionChoice | str = "auto"
+) -> LoadedModel:
+    """Load the model (with a download bar where it is fetched): from :class:`ModelOptions`, or from
+    ``--model``, ``--device`` and ``--precision`` as given."""
+    from clipcli.commands.console import download_progress
+    from clipcli.models import ModelOptions, default_model, load_model
+
+    options = model if isinstance(model, ModelOptions) else model_options(model, device, precision)
+    with download_progress(options.spec or default_model()) as on_chunk:
+        return load_model(options.spec, options.device, options.precision, on_download=on_chunk)
+
+
+@dataclass(frozen=True)
+class OptionGroup:
+    """Options that travel together, declared once: the parameters Typer shows (in this order, in the
+    place of the command's parameter that takes them) and ``build``, which makes the one value the
+    command receives from them (a :class:`ModelOptions`, an :class:`ImageOptions`)."""
+
+    params: tuple[inspect.Parameter, ...]
+    build: Callable[..., Any]
+
+    def without(self, *names: str) -> OptionGroup:
+        """The group less some of its options (their builder's defaults apply)."""
+        return OptionGroup(tuple(p for p in self.params if p.name not in names), self.build)
+
+
+def _option(name: str, annotation: Any, default: Any) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
+MODEL_OPTIONS = OptionGroup(
+    (
+        _option("model", Model, None),
+        _option("device", Device, "auto"),
+        _option("precision", Precision, PrecisionChoice.AUTO),
+    ),
+    model_options,
+)
+IMAGE_OPTIONS = OptionGroup(
+    (
+        _option("batch_size", BatchSize, 32),
+        _option("workers", Workers, 0),
+        _option("exact", Exact, False),
+        _option("max_megapixels", MaxMegapixels, DEFAULT_MAX_MEGAPIXELS),
+    ),
+    image_options,
+)
+DECODED_IMAGE_OPTIONS = OptionGroup(
+    (*IMAGE_OPTIONS.params, _option("decode", Decode, DecodeChoice.AUTO)), image_options
+)
+"""The image options with ``--decode``, for the commands that decode on a GPU where asked."""
+
+
+def grouped(**groups: OptionGroup) -> Callable[[F], F]:
+    """Show each group's options in the place of the command's parameter of that name, and call the
+    command with the group's one value built from them: ``--model``, ``--device`` and ``--precision``
+    arrive as one :class:`ModelOptions`."""
+
+    def wrap(command: F) -> F:
+        signature = inspect.signature(command)
+        params: list[inspect.Parameter] = []
+        for p in signature.parameters.values():
+            if p.name in groups:
+                params += groups[p.name].params
+            else:  # annotations are strings (PEP 563): Typer needs what they name
+                shown = eval(p.annotation, command.__globals__) if isinstance(p.annotation, str) else p.annotation
+                params.append(p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=shown))
+
+        @functools.wraps(command)
+        def run(**values: Any) -> Any:
+            for name, group in groups.items():
+                values[name] = group.build(**{p.name: values.pop(p.name) for p in group.params})
+            return command(**values)
+
+        run.__dict__["__signature__"] = signature.replace(parameters=params, return_annotation=None)
+        run.__annotations__ = {p.name: p.annotation for p in params} | {"return": None}
+        return cast(F, run)
+
+    return wrap

@@ -96,133 +96,134 @@ class TrainingBar:
             self._bar.stop()
 
 
+PairsFile = Annotated[
+    Path,
+    typer.Argument(metavar="PAIRS", help="CSV, Parquet or JSONL with 'image' (relative to the file) and 'text'."),
+]
+TrainOutput = Annotated[
+    Path, typer.Option("--output", "-o", metavar="FILE", help="Where to write the trained state dict (.pt).")
+]
+FineTune = Annotated[
+    str | None,
+    typer.Option("--model", "-m", metavar="NAME|FILE", help="Fine-tune this model (name or checkpoint)."),
+]
+Arch = Annotated[
+    str | None,
+    typer.Option(
+        metavar="ARCH",
+        help="Train from scratch with this architecture: tiny-shapes (the default), ViT-B/32, ViT-B/16 or RN50.",
+    ),
+]
+Epochs = Annotated[int, typer.Option(min=1, metavar="N", help="Passes over the training pairs (unless --steps).")]
+Steps = Annotated[int | None, typer.Option(min=1, metavar="N", help="Optimiser steps (overrides --epochs).")]
+PairsPerStep = Annotated[int, typer.Option("--batch-size", "-b", min=2, metavar="N", help="Pairs per step.")]
+LearningRate = Annotated[float, typer.Option(metavar="LR", help="Peak learning rate (AdamW).")]
+WeightDecay = Annotated[float, typer.Option(metavar="X", help="AdamW weight decay on weight matrices.")]
+Warmup = Annotated[float, typer.Option(metavar="FRACTION", help="Fraction of steps for the linear warm-up.")]
+Seed = Annotated[int, typer.Option(metavar="N", help="Seed for initialisation, split and data order.")]
+ValFraction = Annotated[float, typer.Option(min=0.0, max=0.5, metavar="FRACTION", help="Pairs held out for recall@1.")]
+CheckpointEvery = Annotated[int, typer.Option(min=1, metavar="N", help="Save a resumable checkpoint every N steps.")]
+Resume = Annotated[bool, typer.Option(help="Continue from OUTPUT.ckpt if a previous run left one.")]
+Overwrite = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite", help="Start over even if OUTPUT.ckpt holds an interrupted run's progress (it is replaced)."
+    ),
+]
+BadImages = Annotated[Literal["skip", "stop"], typer.Option(help="skip (report and train on the rest) or stop.")]
+Fp16 = Annotated[bool, typer.Option("--fp16/--fp32", help="Save weights as fp16 (OpenAI's layout) or fp32.")]
+
+
 def train(
-    pairs: Annotated[
-        Path,
-        typer.Argument(metavar="PAIRS", help="CSV, Parquet or JSONL with 'image' (relative to the file) and 'text'."),
-    ],
-    output: Annotated[
-        Path, typer.Option("--output", "-o", metavar="FILE", help="Where to write the trained state dict (.pt).")
-    ],
-    model: Annotated[
-        str | None,
-        typer.Option("--model", "-m", metavar="NAME|FILE", help="Fine-tune this model (name or checkpoint)."),
-    ] = None,
-    arch: Annotated[
-        str | None,
-        typer.Option(
-            metavar="ARCH",
-            help="Train from scratch with this architecture: tiny-shapes (the default), ViT-B/32, ViT-B/16 or RN50.",
-        ),
-    ] = None,
-    epochs: Annotated[
-        int, typer.Option(min=1, metavar="N", help="Passes over the training pairs (unless --steps).")
-    ] = 10,
-    steps: Annotated[int | None, typer.Option(min=1, metavar="N", help="Optimiser steps (overrides --epochs).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=2, metavar="N", help="Pairs per step.")] = 128,
-    lr: Annotated[float, typer.Option(metavar="LR", help="Peak learning rate (AdamW).")] = 1e-3,
-    weight_decay: Annotated[float, typer.Option(metavar="X", help="AdamW weight decay on weight matrices.")] = 0.1,
-    warmup: Annotated[float, typer.Option(metavar="FRACTION", help="Fraction of steps for the linear warm-up.")] = 0.05,
-    seed: Annotated[int, typer.Option(metavar="N", help="Seed for initialisation, split and data order.")] = 0,
-    val_fraction: Annotated[
-        float, typer.Option(min=0.0, max=0.5, metavar="FRACTION", help="Pairs held out for recall@1.")
-    ] = 0.0,
-    checkpoint_every: Annotated[
-        int, typer.Option(min=1, metavar="N", help="Save a resumable checkpoint every N steps.")
-    ] = 500,
-    resume: Annotated[bool, typer.Option(help="Continue from OUTPUT.ckpt if a previous run left one.")] = False,
-    overwrite: Annotated[
-        bool,
-        typer.Option(
-            "--overwrite", help="Start over even if OUTPUT.ckpt holds an interrupted run's progress (it is replaced)."
-        ),
-    ] = False,
-    bad_images: Annotated[
-        Literal["skip", "stop"], typer.Option(help="skip (report and train on the rest) or stop.")
-    ] = "skip",
-    fp16: Annotated[bool, typer.Option("--fp16/--fp32", help="Save weights as fp16 (OpenAI's layout) or fp32.")] = True,
+    pairs: PairsFile,
+    output: TrainOutput,
+    model: FineTune = None,
+    arch: Arch = None,
+    epochs: Epochs = 10,
+    steps: Steps = None,
+    batch_size: PairsPerStep = 128,
+    lr: LearningRate = 1e-3,
+    weight_decay: WeightDecay = 0.1,
+    warmup: Warmup = 0.05,
+    seed: Seed = 0,
+    val_fraction: ValFraction = 0.0,
+    checkpoint_every: CheckpointEvery = 500,
+    resume: Resume = False,
+    overwrite: Overwrite = False,
+    bad_images: BadImages = "skip",
+    fp16: Fp16 = True,
     device: opt.Device = "auto",
     workers: opt.Workers = 0,
 ) -> None:
     """Train a CLIP model contrastively on image-caption pairs, from scratch or from a model."""
-    from clipcli.commands.console import Progress, Tally, say
-    from clipcli.errors import EXIT_PARTIAL, ModelError
-    from clipcli.models import family_of
-    from clipcli.store.formats import refuse_output_over_inputs
-    from clipcli.training.loop import TrainConfig, checkpoint_path
+    from dataclasses import replace
+
+    from clipcli.commands.console import say
+    from clipcli.errors import EXIT_PARTIAL
+    from clipcli.store.output import refuse_output_over_inputs
+    from clipcli.training.checkpoints import checkpoint_path
+    from clipcli.training.loop import TrainConfig
     from clipcli.training.loop import train as run_training
 
     refuse_output_over_inputs([output, checkpoint_path(output)], [pairs, model])
-    if model and family_of(model) != "openai":
-        raise ModelError(f"train fine-tunes OpenAI-layout models only; {model} is of the {family_of(model)} family")
-    config = TrainConfig(
-        pairs=pairs,
-        output=output,
-        model=model,
-        arch=arch,
-        epochs=epochs,
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        weight_decay=weight_decay,
-        warmup=warmup,
-        seed=seed,
-        val_fraction=val_fraction,
-        checkpoint_every=checkpoint_every,
-        resume=resume,
-        overwrite=overwrite,
-        bad_images=bad_images,
-        workers=workers,
-        device=device,
-        half=fp16,
-    )
-    preload = Progress("loading images", None)
-    bar = TrainingBar()
-    tally = Tally()
-
-    loaded = 0
-
-    def on_preload(n: int, total: int) -> None:
-        nonlocal loaded
-        loaded += n
-        preload.update(total=total)
-        preload.advance(n)
-        if loaded >= total:
-            preload.hide()  # rich shows one live display at a time: make way for the training bar
-
-    ckpt = checkpoint_path(output)
-    progress = _Progress()
-
-    def on_resume(step: int, total: int) -> None:
-        say(f"resuming from step {step} of {total} ({ckpt})")
-        progress.saved = step
-        bar.resume_at(step, total)
-
-    def on_step(info: StepInfo) -> None:
-        progress.step, progress.total = info.step, info.total
-        bar.on_step(info)
-
-    def on_checkpoint(step: int) -> None:
-        progress.saved = step
-
+    config = TrainConfig(pairs, output, model, arch, epochs, steps, batch_size, lr, weight_decay, warmup)
+    config = replace(config, seed=seed, val_fraction=val_fraction, checkpoint_every=checkpoint_every, resume=resume)
+    config = replace(config, overwrite=overwrite, bad_images=bad_images, workers=workers, device=device, half=fp16)
+    view = _TrainView(checkpoint_path(output))
     try:
-        with preload, bar:
+        with view.preload, view.bar:
             result = run_training(
                 config,
-                on_step=on_step,
-                on_preload=on_preload,
-                on_skip=tally.on_skip,
-                on_resume=on_resume,
-                on_checkpoint=on_checkpoint,
+                on_step=view.on_step,
+                on_preload=view.on_preload,
+                on_skip=view.tally.on_skip,
+                on_resume=view.on_resume,
+                on_checkpoint=view.on_checkpoint,
                 on_fresh_start=lambda path: say(f"no checkpoint at {path}: starting from scratch"),
             )
     except KeyboardInterrupt:  # Ctrl-C, and SIGTERM (Terminated): the CLI then says which and exits
-        if progress.step is not None or progress.saved is not None:
-            say(progress.stopped(ckpt, checkpoint_every))
+        if view.progress.step is not None or view.progress.saved is not None:
+            say(view.progress.stopped(view.ckpt, checkpoint_every))
         raise
-    say(_summary(result, tally.skipped, output))
-    if tally.skipped:
+    say(_summary(result, view.tally.skipped, output))
+    if view.tally.skipped:
         raise typer.Exit(EXIT_PARTIAL)  # the model is written, but not from every pair asked for
+
+
+class _TrainView:
+    """What a run shows: the image-loading bar, then the training bar; skipped images; and how far it
+    got, for the message when it is interrupted."""
+
+    def __init__(self, ckpt: Path) -> None:
+        from clipcli.commands.console import Progress, Tally
+
+        self.ckpt = ckpt
+        self.preload = Progress("loading images", None)
+        self.bar = TrainingBar()
+        self.tally = Tally()
+        self.progress = _Progress()
+        self.loaded = 0
+
+    def on_preload(self, n: int, total: int) -> None:
+        self.loaded += n
+        self.preload.update(total=total)
+        self.preload.advance(n)
+        if self.loaded >= total:
+            self.preload.hide()  # rich shows one live display at a time: make way for the training bar
+
+    def on_resume(self, step: int, total: int) -> None:
+        from clipcli.commands.console import say
+
+        say(f"resuming from step {step} of {total} ({self.ckpt})")
+        self.progress.saved = step
+        self.bar.resume_at(step, total)
+
+    def on_step(self, info: StepInfo) -> None:
+        self.progress.step, self.progress.total = info.step, info.total
+        self.bar.on_step(info)
+
+    def on_checkpoint(self, step: int) -> None:
+        self.progress.saved = step
 
 
 class _Progress:

@@ -4,14 +4,14 @@ The driver (this process) finds the inputs, loads the model once to learn what i
 checksum, width: the dataset's schema), plans the run with the same :class:`ParquetStore` as the local
 engine, and hands Ray a list of (index, name, absolute path). Ray runs:
 
-- with GPUs: CPU tasks that decode and resize (:func:`clipcli.images.core.iter_batches`), then one model actor
+- with GPUs: CPU tasks that decode and resize (:func:`clipcli.images.batches.iter_batches`), then one model actor
   per GPU (``num_gpus=1``) that turns pixels into embeddings (:func:`clipcli.zeroshot.encode.embed_batches`);
 - without: one model actor per node holding that node's cores, which decodes and embeds in turns as the
   local engine does (:func:`clipcli.zeroshot.encode.iter_image_embeddings`): on CPUs, decoding beside the model
   stalls the model's threads at every barrier, so taking turns is faster (see the README's benchmarks).
 
 Each actor loads the model once (it is given the model's name, never the model) and writes every batch
-it embeds as a whole part of the output (:class:`clipcli.store.dataset.PartWriter`), then returns only names and
+it embeds as a whole part of the output (:class:`clipcli.store.parts.PartWriter`), then returns only names and
 reasons for the driver's summary. A part is complete when it has its name, so a driver killed at any
 moment leaves whole parts, which the next run keeps (its plan skips their files). Ray restarts an actor
 whose process dies and retries its batch; a batch written twice that way, or by a run resumed after a
@@ -23,25 +23,26 @@ from __future__ import annotations
 import math
 import os
 import socket
-import sys
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from clipcli.engines.base import DatasetJob, EmbedJob, EmbedSummary, Engine, OnBatch, Run, Sink, StoreSink
+from clipcli.engines.ray_cluster import connected
 from clipcli.errors import ClipCliError, InputError, ModelError
-from clipcli.images.core import DEFAULT_MAX_PIXELS, ImageRef, Skipped
-from clipcli.store.dataset import PartWriter, Rows, Stat, stat_of
+from clipcli.images.decode import DEFAULT_MAX_PIXELS
+from clipcli.images.sources import ImageRef, Skipped
+from clipcli.store.parts import PartWriter, Rows, Stat, stat_of
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from clipcli.engines.local import EmbedSummary
     from clipcli.evaluation.run import ImageEmbeddings
-    from clipcli.images.core import ImageSpec
+    from clipcli.images.decode import ImageSpec
     from clipcli.models import LoadedModel
-    from clipcli.store.shard import Shard
+    from clipcli.store.dataset import ParquetStore
+    from clipcli.store.remote import RemoteStore
 
 GPU_ROWS_PER_CALL = 512  # decoded pixels travel through the object store: 512 x 150 KB per batch at 224 px
 
@@ -78,15 +79,6 @@ class Layout:
     device: str
     decode_in_tasks: bool
     rows_per_call: int
-
-
-def require_ray() -> Any:
-    try:
-        import ray
-        import ray.data
-    except ImportError:
-        raise ModelError("--engine ray needs Ray: pip install 'clipcli[ray]'") from None
-    return ray
 
 
 def model_spec(model: str | None, device: str, precision: str, lm: LoadedModel) -> ModelSpec:
@@ -155,7 +147,7 @@ class Embedder:
         return out
 
     def _embedded(self, batch: dict[str, np.ndarray], refs: list[ImageRef]) -> Iterator[Any]:
-        from clipcli.images.core import Batch
+        from clipcli.images.batches import Batch
         from clipcli.zeroshot.encode import embed_batches, iter_image_embeddings
 
         w = self.work
@@ -179,7 +171,8 @@ def decode_batch(batch: dict[str, np.ndarray], work: Work) -> dict[str, np.ndarr
     """A CPU task: decode and resize images to the model's input, uint8 (the actor normalises them)."""
     import numpy as np
 
-    from clipcli.images.core import image_spec, iter_batches
+    from clipcli.images.batches import iter_batches
+    from clipcli.images.decode import image_spec
 
     refs = [ImageRef(str(n), Path(str(f))) for n, f in zip(batch["path"], batch["file"], strict=True)]
     size = image_spec(work.geometry).size
@@ -194,212 +187,6 @@ def decode_batch(batch: dict[str, np.ndarray], work: Work) -> dict[str, np.ndarr
         for i, reason in decoded.skipped:
             errors[i] = _node_hint(reason)
     return {**batch, "pixels": pixels, "width": width, "height": height, "error": np.array(errors, dtype=object)}
-
-
-CONNECT_TIMEOUT_VARIABLE = "CLIPCLI_RAY_CONNECT_TIMEOUT"
-DEFAULT_CONNECT_TIMEOUT_S = 15.0
-# A gRPC server (Ray's GCS, and Ray Client's server) answers an HTTP/2 client preface with a SETTINGS frame.
-_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
-_SETTINGS_FRAME = 4
-_quieted = False  # whether Ray's once-per-process actor-restart log line was already spent (see _quiet_restart_warning)
-
-
-def connect_timeout() -> float:
-    """How long to wait for a Ray cluster to answer: ``$CLIPCLI_RAY_CONNECT_TIMEOUT`` seconds, else 15."""
-    raw = os.environ.get(CONNECT_TIMEOUT_VARIABLE, "").strip()
-    if not raw:
-        return DEFAULT_CONNECT_TIMEOUT_S
-    try:
-        seconds = float(raw)
-    except ValueError:
-        seconds = math.nan
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise InputError(f"{CONNECT_TIMEOUT_VARIABLE}={raw}: give a number of seconds above 0")
-    return seconds
-
-
-def _split(address: str, label: str) -> tuple[str, int]:
-    host, colon, port = address.rpartition(":")
-    host = host.strip("[]")  # [::1]:6379
-    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise InputError(f"{label}: not a Ray cluster's address (HOST:PORT, as `ray start --head` prints it)")
-    return host, int(port)
-
-
-def _target(address: str | None, label: str) -> tuple[str, int] | None:
-    """The host and port Ray would connect to for ``address`` (``None``: Ray starts here), found as
-    ``ray.init`` finds them (``$RAY_ADDRESS``, ``auto``, a cluster recorded on this machine)."""
-    from ray._private import services
-
-    given = address or os.environ.get("RAY_ADDRESS") or None
-    if given is not None and given.startswith("ray://"):
-        return _split(given[len("ray://") :], label)
-    try:
-        found = services.canonicalize_bootstrap_address(given)  # type: ignore[arg-type]  # None: look for one
-    except ConnectionError as e:  # "auto" with no cluster running here
-        raise InputError(f"{label}: {e}") from None
-    except ValueError:
-        found = given or ""
-    return None if found is None else _split(found, label)
-
-
-def _resolve(host: str, port: int, seconds: float, label: str) -> list[Any]:
-    """``getaddrinfo`` in a daemon thread, so that a slow resolver neither outlasts ``seconds`` nor
-    delays a signal to this thread."""
-    import queue
-    import threading
-
-    answer: queue.Queue[Any] = queue.Queue()
-
-    def lookup() -> None:
-        try:
-            answer.put(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
-        except OSError as e:
-            answer.put(e)
-
-    threading.Thread(target=lookup, name="clipcli-ray-resolve", daemon=True).start()
-    try:
-        found = answer.get(timeout=seconds)
-    except queue.Empty:
-        raise InputError(f"{label}: cannot resolve {host} within {seconds:g} s ({CONNECT_TIMEOUT_VARIABLE})") from None
-    if isinstance(found, OSError):
-        reason = getattr(found, "strerror", None) or str(found)
-        raise InputError(f"{label}: cannot resolve {host} ({reason})")
-    return list(found)
-
-
-def _probe(host: str, port: int, seconds: float, label: str) -> None:
-    """Refuse, within ``seconds``, an address where no Ray cluster answers: ``ray.init`` itself retries
-    such an address for ever, in native code that no signal interrupts."""
-    import time
-
-    deadline = time.monotonic() + seconds
-    where = f"{host}:{port}"
-    waited = f"within {seconds:g} s (set {CONNECT_TIMEOUT_VARIABLE} to wait longer)"
-    reason = "no address"
-    for family, kind, proto, _, sockaddr in _resolve(host, port, seconds, label):
-        with socket.socket(family, kind, proto) as conn:
-            try:
-                conn.settimeout(max(0.01, deadline - time.monotonic()))
-                conn.connect(sockaddr)
-            except TimeoutError:
-                raise InputError(f"{label}: no Ray cluster answered at {where} {waited}") from None
-            except OSError as e:
-                reason = e.strerror or str(e)
-                continue
-            try:
-                conn.sendall(_HTTP2_PREFACE)
-                header = b""
-                while len(header) < 9:
-                    conn.settimeout(max(0.01, deadline - time.monotonic()))
-                    chunk = conn.recv(9 - len(header))
-                    if not chunk:
-                        break
-                    header += chunk
-            except TimeoutError:
-                raise InputError(f"{label}: {where} accepts connections but did not answer {waited}") from None
-            except OSError as e:
-                header, reason = b"", e.strerror or str(e)
-            else:
-                reason = "not gRPC" if header else "it closed the connection"
-            if len(header) == 9 and header[3] == _SETTINGS_FRAME:
-                return
-            raise InputError(f"{label}: {where} does not answer as a Ray cluster does ({reason})")
-    raise InputError(
-        f"{label}: no Ray cluster at {where} ({reason.lower()}); start one (`ray start --head`) or give its address"
-    )
-
-
-def _quiet_restart_warning(ray: Any) -> None:
-    """Spend, with stderr pointed at /dev/null, the ERROR line Ray's core worker logs once per process
-    when it creates a restartable actor whose constructor arguments are in the object store.
-
-    Ray Data's actor pool passes every model actor its context and functions that way (by reference,
-    ``max_restarts=-1``), so each run printed ``core_worker.cc: ... has constructor arguments in the
-    object store and max_restarts > 0`` on success (ray-project/ray#53727). The warning does not apply:
-    Ray Data holds those references until the run ends, and the restart it fears is the one that
-    clipcli's tests see succeed. Ray writes that line from native code straight to file descriptor 2
-    (and to the driver's log file, where it stays), so it is spent here on a throwaway actor.
-    """
-    global _quieted
-    if _quieted:
-        return
-
-    class Throwaway:
-        def __init__(self, argument: object) -> None:
-            pass
-
-    quiet_cls = ray.remote(num_cpus=0, max_restarts=1)(Throwaway)
-    try:
-        sys.stderr.flush()
-        saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    except (OSError, ValueError):
-        return
-    try:
-        os.dup2(null, 2)
-        try:
-            actor = quiet_cls.remote(ray.put(None))
-        finally:
-            os.dup2(saved, 2)
-    finally:
-        os.close(saved)
-        os.close(null)
-    _quieted = True
-    ray.kill(actor, no_restart=True)
-
-
-@contextmanager
-def connected(address: str | None) -> Iterator[Any]:
-    """Ray, connected to ``address`` (else $RAY_ADDRESS, else a Ray instance started here, as
-    ``ray.init`` does), quiet on stderr; disconnected afterwards if this call connected.
-
-    An address where no Ray cluster answers within ``$CLIPCLI_RAY_CONNECT_TIMEOUT`` seconds (default
-    15) is refused in one line: ``ray.init`` would retry it for ever. Ray's own SIGTERM handler, which
-    ``ray.init`` installs, is replaced by the one that was there (clipcli's: exit 143, parts kept).
-    """
-    import logging
-    import signal
-    import threading
-
-    ray = require_ray()
-    started = not ray.is_initialized()
-    if started:
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        given = address or os.environ.get("RAY_ADDRESS") or ""
-        label = (
-            f"--ray-address {given}" if address else f"RAY_ADDRESS={given}" if given else "the Ray cluster found here"
-        )
-        target = _target(address, label)
-        if target is not None:
-            _probe(*target, connect_timeout(), label)
-        main = threading.current_thread() is threading.main_thread()
-        handler = signal.getsignal(signal.SIGTERM) if main else None
-        logging.getLogger("ray").setLevel(logging.ERROR)
-        try:
-            ray.init(
-                address=address or None,
-                include_dashboard=False,
-                logging_level=logging.ERROR,
-                log_to_driver=False,
-            )
-        except (ConnectionError, ValueError, RuntimeError, ImportError) as e:
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise InputError(f"{label}: cannot join the Ray cluster ({reason})") from None
-        finally:
-            if handler is not None:
-                signal.signal(signal.SIGTERM, handler)
-    logging.getLogger("ray").setLevel(logging.ERROR)
-    # Ray Data logs a worker's error with its traceback before raising it here; clipcli reports it in one line.
-    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    context.print_on_execution_start = False
-    try:
-        _quiet_restart_warning(ray)
-        yield ray
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def plan_layout(ray: Any, device: str, n: int, batch_size: int, part_size: int) -> Layout:
@@ -482,79 +269,59 @@ def _results(ds: Any) -> Iterator[dict[str, np.ndarray]]:
         raise
 
 
-def embed_on_ray(
-    lm: LoadedModel,
-    spec: ModelSpec,
-    refs: Sequence[ImageRef],
-    output: str,
-    *,
-    address: str | None = None,
-    shard: Shard | None = None,
-    dtype: str = "float32",
-    normalize: bool = True,
-    batch_size: int = 32,
-    exact: bool = False,
-    part_size: int = 4096,
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
-    on_skip: Callable[[Skipped], None] | None = None,
-    on_plan: Callable[[int], None] | None = None,
-    on_batch: Callable[[int], None] | None = None,
-    on_ready: Callable[[], None] | None = None,
-    prune: bool = False,
-) -> EmbedSummary:
-    """Embed ``refs`` into the Parquet dataset directory ``output`` on a Ray cluster; the same rows,
-    schema and incremental bookkeeping as :func:`clipcli.engines.local.embed_images` (see the module's doc).
+class RayEngine(Engine):
+    """A Ray cluster (``address``: else $RAY_ADDRESS, else a Ray instance started here); it writes Parquet
+    dataset directories only: its workers write the parts (see the module's doc)."""
 
-    ``on_ready`` is called when Ray is connected and the pipeline is about to start (for benchmarks
-    that time the steady state apart from start-up).
-    """
-    from clipcli.engines.local import EmbedSummary, model_tag
-    from clipcli.store.dataset import schema
-    from clipcli.store.formats import parquet_storable
-    from clipcli.store.remote import parquet_store
+    name = "ray"
 
-    summary = EmbedSummary()
-    sch = schema(lm.embed_dim, dtype, model_tag(lm, normalize))
-    refs, unstorable = parquet_storable(refs)
-    for s in unstorable:
-        summary.skipped += 1
-        if on_skip:
-            on_skip(s)
-    store = parquet_store(output, sch, lm.name, part_rows=part_size, shard=shard)
-    if not store.is_dir:
-        raise InputError(f"{output}: --engine ray writes a Parquet dataset directory: name one (-o DIR/)")
-    store.prune = prune
-    store.open()
-    try:
-        plan = store.plan(refs)
-        todo, summary.unchanged = plan.to_embed, plan.unchanged
-        if on_plan:
-            on_plan(len(todo))
-        if todo:
-            work = Work(lm.image, batch_size, exact, normalize, max_pixels)
-            with connected(address) as ray:
-                layout = plan_layout(ray, spec.device, len(todo), batch_size, part_size)
-                ds = _pipeline(ray, todo, layout, spec, work, store.part_writer())
-                if on_ready:
-                    on_ready()
-                for batch in _results(ds):
-                    done = 0
-                    for index, error in zip(batch["index"], batch["error"], strict=True):
-                        if error:
-                            summary.skipped += 1
-                            if on_skip:
-                                on_skip(Skipped(todo[int(index)].path, str(error)))
-                        else:
-                            done += 1
-                    summary.embedded += done
-                    if on_batch:
-                        on_batch(len(batch["index"]))
-    except BaseException:
-        # The parts the workers wrote are whole and stay; the next run resumes from them.
-        store.release()
-        raise
-    summary.removed = store.finish()
-    return summary
+    def __init__(self, address: str | None = None) -> None:
+        self.address = address
+
+    def check_store(self, store: ParquetStore | RemoteStore, job: EmbedJob) -> None:
+        if not store.is_dir:
+            raise InputError(
+                f"{job.output.target}: --engine ray writes a Parquet dataset directory: name one (-o DIR/)"
+            )
+
+    def keeps_partial(self, error: BaseException, summary: EmbedSummary) -> bool:
+        return False  # the parts the workers wrote are whole and stay; the next run resumes from them
+
+    def run(self, lm: LoadedModel, job: EmbedJob, refs: Sequence[ImageRef], sink: Sink, run: Run) -> None:
+        if not refs:
+            return
+        assert isinstance(sink, StoreSink)
+        im, spec = job.images, model_spec(job.model.spec, job.model.device, job.model.precision, lm)
+        work = Work(lm.image, im.batch_size, im.exact, job.normalize, im.max_pixels)
+        with connected(self.address) as ray:
+            layout = plan_layout(ray, spec.device, len(refs), im.batch_size, job.part_size)
+            ds = _pipeline(ray, refs, layout, spec, work, sink.store.part_writer())
+            if run.events.on_ready:
+                run.events.on_ready()
+            for batch in _results(ds):
+                done = 0
+                for index, error in zip(batch["index"], batch["error"], strict=True):
+                    if error:
+                        run.skip(Skipped(refs[int(index)].path, str(error)))
+                    else:
+                        done += 1
+                run.batch(done, len(batch["index"]))
+
+    def embed_dataset(self, lm: LoadedModel, job: DatasetJob, on_batch: OnBatch = None) -> ImageEmbeddings:
+        source, model, images = job.source, job.model, job.images
+        if source.refs is None:
+            raise InputError("--engine ray embeds image files; a torchvision benchmark lives in this process's memory")
+        spec = model_spec(model.spec, model.device, model.precision, lm)
+        return embed_dataset_on_ray(
+            lm,
+            spec,
+            source.refs,
+            address=self.address,
+            batch_size=images.batch_size,
+            exact=images.exact,
+            on_batch=on_batch,
+            max_pixels=images.max_pixels,
+        )
 
 
 def embed_dataset_on_ray(

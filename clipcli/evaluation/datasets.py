@@ -16,7 +16,7 @@ from clipcli.zeroshot.prompts import read_lines
 if TYPE_CHECKING:
     import numpy as np
 
-    from clipcli.images.core import ImageRef  # images imports PIL, which `clipcli --help` does without
+    from clipcli.images.sources import ImageRef  # images imports PIL, which `clipcli --help` does without
 
 
 class Benchmark(str, Enum):
@@ -113,7 +113,7 @@ def _class_names(folder_names: list[str], classnames: str | None) -> list[str]:
 
 def image_folder(root: Path, classnames: str | None = None) -> LabelledImages:
     """Every image under ``root``; its class is the name of the folder it sits in."""
-    from clipcli.images.core import natural_key, walk_folder
+    from clipcli.images.sources import natural_key, walk_folder
 
     if not root.is_dir():
         raise InputError(f"{root}: not a folder")
@@ -143,7 +143,7 @@ def _empty_folders(root: str, image_dirs: Iterable[str]) -> list[str]:
 
     Only the top-most is named: its empty sub-folders are the same missing class, said once.
     """
-    from clipcli.images.core import natural_key
+    from clipcli.images.sources import natural_key
 
     holding = {root}  # every folder with an image somewhere below it
     for folder in image_dirs:
@@ -166,7 +166,7 @@ def manifest(path: Path, classnames: str | None = None) -> EvalData:
     (image-caption retrieval) columns; relative paths are relative to the manifest's folder."""
     import pandas as pd
 
-    from clipcli.images.core import ImageRef, natural_key
+    from clipcli.images.sources import ImageRef, natural_key
 
     try:
         if path.suffix.lower() in (".parquet", ".pq"):
@@ -182,10 +182,10 @@ def manifest(path: Path, classnames: str | None = None) -> EvalData:
         raise InputError(f"{path}: a manifest needs a path (or image) column and a label or text column")
     if frame.empty:
         raise InputError(f"{path}: no rows")
-    cells = _cells(path, frame[column], "path")
+    cells = manifest_cells(path, frame[column], "path")
     files = [str(path.parent / p) if not os.path.isabs(p) else p for p in cells]
     if "label" in frame.columns:
-        labels = _cells(path, frame["label"], "label")
+        labels = manifest_cells(path, frame["label"], "label")
         names = sorted(set(labels), key=natural_key)
         index = {n: i for i, n in enumerate(names)}
         return LabelledImages(
@@ -200,12 +200,12 @@ def manifest(path: Path, classnames: str | None = None) -> EvalData:
     return CaptionPairs(
         name=f"manifest:{path}",
         refs=[ImageRef(f, Path(f)) for f in unique],
-        texts=_cells(path, frame["text"], "text"),
+        texts=manifest_cells(path, frame["text"], "text"),
         text_to_image=owner,
     )
 
 
-def _cells(manifest: Path, column: Iterable[Any], what: str) -> list[str]:
+def manifest_cells(manifest: Path, column: Iterable[Any], what: str) -> list[str]:
     """A column's values as strings; an empty (or blank) cell is an error naming its row.
 
     Empty is an error because it would otherwise pass for a value: an empty path is the manifest's own

@@ -63,7 +63,7 @@ def write_plots(result: EvalResult, folder: Path) -> Path:
             src = p.ids[i]
             cell = html.escape(src)
             if os.path.isfile(src):
-                from clipcli.images.core import load_image
+                from clipcli.images.decode import load_image
 
                 thumbs.mkdir(exist_ok=True)
                 target = thumbs / f"{stem}-{i}.jpg"

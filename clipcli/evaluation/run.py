@@ -13,7 +13,7 @@ import json
 import platform
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +25,9 @@ from clipcli.cache import cache_dir
 from clipcli.errors import OutputError
 from clipcli.evaluation.datasets import CaptionPairs, LabelledImages
 from clipcli.evaluation.metrics import confusion_matrix, per_class, retrieval_recall, topk_accuracy, true_label_rank
-from clipcli.images.core import DEFAULT_MAX_PIXELS, Skipped, iter_array_batches, iter_batches
+from clipcli.images.batches import iter_array_batches, iter_batches
+from clipcli.images.decode import DEFAULT_MAX_PIXELS
+from clipcli.images.sources import Skipped
 from clipcli.models import LoadedModel
 from clipcli.zeroshot.prompts import TemplateSet, zero_shot_classifier, zero_shot_logits, zero_shot_probabilities
 
@@ -176,6 +178,23 @@ def gate_score(result: EvalResult) -> tuple[str, float]:
     return "recall@1", float("nan") if any(v != v for v in both) else min(both)
 
 
+def gate_failures(results: Sequence[EvalResult], min_acc1: float | None) -> list[str]:
+    """One line for each result below ``--min-acc1`` (a result with nothing measured is below it)."""
+    if min_acc1 is None:
+        return []
+    lines = []
+    for r in results:
+        name, value = gate_score(r)
+        if not value >= min_acc1:
+            lines.append(f"{name} {value:.4f} of {run_name(r)} is below --min-acc1 {min_acc1}")
+    return lines
+
+
+def run_name(result: EvalResult) -> str:
+    """The model, and the template set where there is one (retrieval has none)."""
+    return f"{result.model} / {result.templates}" if result.n_templates else result.model
+
+
 def classification_result(
     lm: LoadedModel,
     data: LabelledImages,
@@ -193,16 +212,8 @@ def classification_result(
     embeddings = torch.from_numpy(images.embeddings)
     logits = zero_shot_logits(lm, embeddings, classifier).numpy()
     targets = np.array([data.targets[i] for i in images.kept], dtype=np.int64)
-    n_classes = len(data.classes)
-    predicted = logits.argmax(axis=1) if len(targets) else np.empty(0, np.int64)
-    confusion = confusion_matrix(predicted, targets, n_classes)
-    stats = per_class(confusion)
-    metrics = {"acc1": topk_accuracy(logits, targets, 1)}
-    if n_classes >= 5:
-        metrics["acc5"] = topk_accuracy(logits, targets, 5)
-    metrics["mean_per_class_recall"] = stats.mean_recall
     probs = zero_shot_probabilities(lm, embeddings, classifier).numpy()  # the scores `classify` gives
-    return EvalResult(
+    base = EvalResult(
         model=lm.name,
         model_sha256=lm.checksum,
         templates=templates.name,
@@ -210,30 +221,59 @@ def classification_result(
         dataset=data.name,
         n=len(targets),
         n_skipped=len(images.skipped),
-        metrics=metrics,
-        classes=list(data.classes),
-        per_class=[
-            {
-                "class": name,
-                "n": int(stats.support[i]),
-                "predicted": int(stats.predicted[i]),
-                "precision": float(stats.precision[i]),
-                "recall": None if np.isnan(stats.recall[i]) else float(stats.recall[i]),
-            }
-            for i, name in enumerate(data.classes)
-        ],
-        confusion_matrix=confusion.tolist(),
+        metrics={},
         device=str(lm.device),
         precision=lm.precision,
         timings={"image_embedding_s": images.seconds, "text_embedding_s": text_seconds},
         text_cache=("hit" if hit else "miss") if use_cache else "off",
-        predictions=Predictions(
-            ids=[data.ids[i] for i in images.kept],
-            true=[data.classes[t] for t in targets],
-            predicted=[data.classes[p] for p in predicted],
-            score=probs[np.arange(len(predicted)), predicted] if len(predicted) else np.empty(0),
-            true_rank=true_label_rank(logits, targets) if len(targets) else np.empty(0, np.int64),
-        ),
+    )
+    return classification_metrics(logits, targets, data.classes, base, [data.ids[i] for i in images.kept], probs)
+
+
+def classification_metrics(
+    scores: np.ndarray,
+    targets: np.ndarray,
+    classes: Sequence[str],
+    base: EvalResult,
+    ids: list[str],
+    reported: np.ndarray | None = None,
+) -> EvalResult:
+    """``base`` with the metrics of items x classes ``scores`` against ``targets`` filled in; each prediction's
+    score is read from ``reported`` (the probabilities ``classify`` gives, for images), else from ``scores``."""
+    n_classes = len(classes)
+    predicted = scores.argmax(axis=1) if len(targets) else np.empty(0, np.int64)
+    confusion = confusion_matrix(predicted, targets, n_classes)
+    stats = per_class(confusion)
+    metrics = {"acc1": topk_accuracy(scores, targets, 1)}
+    if n_classes >= 5:
+        metrics["acc5"] = topk_accuracy(scores, targets, 5)
+    metrics["mean_per_class_recall"] = stats.mean_recall
+    per: list[dict[str, Any]] = [
+        {
+            "class": name,
+            "n": int(stats.support[i]),
+            "predicted": int(stats.predicted[i]),
+            "precision": float(stats.precision[i]),
+            "recall": None if np.isnan(stats.recall[i]) else float(stats.recall[i]),
+        }
+        for i, name in enumerate(classes)
+    ]
+    predictions = Predictions(
+        ids=ids,
+        true=[classes[t] for t in targets],
+        predicted=[classes[p] for p in predicted],
+        score=(scores if reported is None else reported)[np.arange(len(predicted)), predicted]
+        if len(predicted)
+        else np.empty(0),
+        true_rank=true_label_rank(scores, targets) if len(targets) else np.empty(0, np.int64),
+    )
+    return replace(
+        base,
+        metrics=metrics,
+        classes=list(classes),
+        per_class=per,
+        confusion_matrix=confusion.tolist(),
+        predictions=predictions,
     )
 
 

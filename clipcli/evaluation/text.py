@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 
 from clipcli.errors import InputError
-from clipcli.evaluation.metrics import confusion_matrix, per_class, topk_accuracy, true_label_rank
-from clipcli.evaluation.run import EvalResult, Predictions, scored_predictions
-from clipcli.text.nli import NliModel, iter_scores
+from clipcli.evaluation.run import EvalResult, classification_metrics, scored_predictions
+from clipcli.models.nli import NliModel
+from clipcli.text.nli import iter_scores
 
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
 
@@ -62,8 +62,8 @@ def text_manifest(path: Path) -> LabelledTexts:
     """Every row's text and label; an empty cell is an error naming its row, as in image manifests."""
     import pandas as pd
 
-    from clipcli.evaluation.datasets import _cells
-    from clipcli.images.core import natural_key
+    from clipcli.evaluation.datasets import manifest_cells
+    from clipcli.images.sources import natural_key
 
     try:
         if path.suffix.lower() == ".csv":
@@ -74,8 +74,8 @@ def text_manifest(path: Path) -> LabelledTexts:
         raise InputError(f"{path}: cannot read manifest ({str(e).splitlines()[0]})") from e
     if frame.empty:
         raise InputError(f"{path}: no rows")
-    texts = [t.strip() for t in _cells(path, frame["text"], "text")]
-    labels = [label.strip() for label in _cells(path, frame["label"], "label")]
+    texts = [t.strip() for t in manifest_cells(path, frame["text"], "text")]
+    labels = [label.strip() for label in manifest_cells(path, frame["label"], "label")]
     classes = sorted(set(labels), key=natural_key)
     if len(classes) < 2:
         raise InputError(f"{path}: every row has the label {classes[0]!r}; zero-shot accuracy needs two or more")
@@ -132,45 +132,6 @@ def text_classification_result(
             timings={"text_scoring_s": seconds},
         ),
         ids=[str(r) for r in data.rows],
-    )
-
-
-def classification_metrics(
-    scores: np.ndarray, targets: np.ndarray, classes: Sequence[str], base: EvalResult, ids: list[str]
-) -> EvalResult:
-    """``base`` with the metrics of texts x classes ``scores`` against ``targets`` filled in."""
-    n_classes = len(classes)
-    predicted = scores.argmax(axis=1) if len(targets) else np.empty(0, np.int64)
-    confusion = confusion_matrix(predicted, targets, n_classes)
-    stats = per_class(confusion)
-    metrics = {"acc1": topk_accuracy(scores, targets, 1)}
-    if n_classes >= 5:
-        metrics["acc5"] = topk_accuracy(scores, targets, 5)
-    metrics["mean_per_class_recall"] = stats.mean_recall
-    per: list[dict[str, Any]] = [
-        {
-            "class": name,
-            "n": int(stats.support[i]),
-            "predicted": int(stats.predicted[i]),
-            "precision": float(stats.precision[i]),
-            "recall": None if np.isnan(stats.recall[i]) else float(stats.recall[i]),
-        }
-        for i, name in enumerate(classes)
-    ]
-    predictions = Predictions(
-        ids=ids,
-        true=[classes[t] for t in targets],
-        predicted=[classes[p] for p in predicted],
-        score=scores[np.arange(len(predicted)), predicted] if len(predicted) else np.empty(0),
-        true_rank=true_label_rank(scores, targets) if len(targets) else np.empty(0, np.int64),
-    )
-    return replace(
-        base,
-        metrics=metrics,
-        classes=list(classes),
-        per_class=per,
-        confusion_matrix=confusion.tolist(),
-        predictions=predictions,
     )
 
 

@@ -1,2 +1,4 @@
-"""Images in: discovery (files, folders, globs, stdin), decoding with its guards, preprocessing and
-batching (:mod:`~clipcli.images.core`), and decoding on a GPU (:mod:`~clipcli.images.gpu`)."""
+"""Images in: discovery of files, folders, globs and stdin (:mod:`~clipcli.images.sources`), decoding with
+its guards and preprocessing (:mod:`~clipcli.images.decode`), batching and decoding workers
+(:mod:`~clipcli.images.batches`), and decoding on a GPU (:mod:`~clipcli.images.gpu`,
+with the JPEG headers it reads in :mod:`~clipcli.images.jpeg`)."""

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from clipcli.errors import ModelError
-from clipcli.images.core import ImageSpec
+from clipcli.images.decode import ImageSpec
 from clipcli.models.precision import Precision
 
 if TYPE_CHECKING:
@@ -45,6 +45,15 @@ class LoadedModel(ABC):
     logit_scale: float
     logit_bias: float | None = None
 
+    def hold(self, name: str, model: Any, device: torch.device, precision: Precision) -> None:
+        """Set what every family's model holds: its name, the family's own model object (whose learnt
+        temperature gives :attr:`logit_scale`), its device and its precision."""
+        self.name = name
+        self.model = model
+        self.device = device
+        self.precision = precision
+        self.logit_scale = float(model.logit_scale.exp())
+
     @property
     @abstractmethod
     def checksum(self) -> str:
@@ -71,7 +80,7 @@ class LoadedModel(ABC):
     @abstractmethod
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """Image features (N x D, not normalised) of model input made by
-        :func:`~clipcli.images.core.normalize_pixels`."""
+        :func:`~clipcli.images.decode.normalize_pixels`."""
 
     def towers(self) -> dict[str, nn.Module]:
         """The torch modules that do the image and the text work (``image``, ``text``): what a precision

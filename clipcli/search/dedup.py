@@ -102,7 +102,7 @@ def group_members(
     group's representative first, then its members by similarity to it, none below ``threshold``."""
     import numpy as np
 
-    from clipcli.images.core import natural_key
+    from clipcli.images.sources import natural_key
 
     groups = []
     for rows in components:
@@ -182,7 +182,7 @@ class StoredFiles:
         if self._stats is None:
             from pathlib import Path
 
-            from clipcli.store.dataset import read_parquet
+            from clipcli.store.parts import read_parquet
 
             self._stats = {}
             for part in self.parts:

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from clipcli.errors import InputError
-from clipcli.images.core import DEFAULT_MAX_PIXELS, Skipped, discover, nothing_found
+from clipcli.images.decode import DEFAULT_MAX_PIXELS
+from clipcli.images.sources import Skipped, discover, nothing_found
 from clipcli.models import LoadedModel
 from clipcli.store.saved import PartRow, is_embedding_source, iter_saved
 from clipcli.zeroshot.encode import encode_texts, iter_image_embeddings
@@ -70,18 +71,6 @@ class TopK:
         ]
 
 
-def rank_sources(
-    lm: LoadedModel,
-    query: np.ndarray,
-    sources: Sequence[str],
-    top_k: int,
-    threshold: float | None = None,
-    scan: SourceScan | None = None,
-) -> list[Hit]:
-    """The ``top_k`` sources most similar to ``query`` (a unit vector), best first."""
-    return rank_many(lm, query[None, :], sources, top_k, threshold, scan)[0]
-
-
 @dataclass(frozen=True)
 class IndexChoice:
     """How saved embeddings are searched: through the index beside them (or ``path``), or by a scan."""
@@ -117,7 +106,7 @@ def rank_many(
     scan: SourceScan | None = None,
 ) -> list[list[Hit]]:
     """For each row of ``queries`` (Q x D unit vectors), its ``top_k`` sources, best first: every source
-    is read once for all the queries."""
+    is read once for all the queries (one query: ``query[None, :]``)."""
     scan = scan or SourceScan()
     choice = scan.index
     best = [TopK(top_k, threshold) for _ in range(len(queries))]

@@ -10,10 +10,8 @@ import contextlib
 import csv
 import io
 import json
-import os
-import stat
 import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from enum import Enum
 from pathlib import Path
 from types import TracebackType
@@ -23,7 +21,7 @@ from clipcli.atomic import AtomicFile, OutputLock, describe_os_error, is_stream,
 from clipcli.errors import OutputError
 
 if TYPE_CHECKING:
-    from clipcli.images.core import ImageRef, Skipped
+    from clipcli.images.sources import ImageRef, Skipped
 
 
 class OutputFormat(str, Enum):
@@ -124,6 +122,12 @@ class RowWriter:
             self._lock.release()
             raise
 
+    @classmethod
+    def create(cls, output: str | None, **details: Any) -> RowWriter:
+        """The writer for ``output``; ``details`` are what its format uses (``columns`` for CSV, ``schema``
+        for Parquet), the others ignored: one call opens any format (see :data:`ROW_WRITERS`)."""
+        return cls(output)
+
     def _binary(self) -> IO[bytes]:
         if self._file is not None:
             return self._file.file
@@ -223,6 +227,10 @@ class CsvWriter(RowWriter):
         self._line = io.StringIO()
         self.writer: csv.DictWriter[str] | None = None
 
+    @classmethod
+    def create(cls, output: str | None, **details: Any) -> RowWriter:
+        return cls(output, details.get("columns")) if cls is CsvWriter else cls(output)
+
     def _write(self, rows: Sequence[Mapping[str, Any]]) -> None:
         if not rows:
             return
@@ -296,6 +304,10 @@ class ParquetWriter(RowWriter):
         self.schema = schema
         self.writer: Any = None
         self._pending: list[Mapping[str, Any]] = []
+
+    @classmethod
+    def create(cls, output: str | None, **details: Any) -> RowWriter:
+        return cls(output, details.get("schema"))
 
     def write_table(self, table: Any) -> None:
         self._append(table)
@@ -383,7 +395,7 @@ NOT_UTF8 = "file name is not UTF-8, which Parquet cannot store (rename it, or wr
 def parquet_storable(refs: Sequence[ImageRef]) -> tuple[list[ImageRef], list[Skipped]]:
     """Split off images whose names Parquet cannot store: its strings are UTF-8, and a name read from
     a disk in another encoding is not (Python holds its stray bytes as surrogate escapes)."""
-    from clipcli.images.core import Skipped
+    from clipcli.images.sources import Skipped
 
     good = [r for r in refs if is_utf8(r.path)]
     return good, [Skipped(r.path, NOT_UTF8) for r in refs if not is_utf8(r.path)]
@@ -395,77 +407,30 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+ROW_WRITERS: dict[OutputFormat, type[RowWriter]] = {
+    OutputFormat.CSV: CsvWriter,
+    OutputFormat.JSONL: JsonlWriter,
+    OutputFormat.TSV: TsvWriter,
+    OutputFormat.PARQUET: ParquetWriter,
+    OutputFormat.TABLE: TableWriter,
+}
+"""The writers of rows, by format; :data:`clipcli.store.output.WRITERS` adds NPY's."""
+
+
 def open_writer(
     fmt: OutputFormat, output: str | None, schema: Any = None, columns: Sequence[str] | None = None
 ) -> RowWriter:
     """A writer for ``fmt``; ``columns`` (CSV) and ``schema`` (Parquet) give an empty run its header."""
-    if fmt is OutputFormat.CSV:
-        return CsvWriter(output, columns)
-    if fmt is OutputFormat.JSONL:
-        return JsonlWriter(output)
-    if fmt is OutputFormat.TSV:
-        return TsvWriter(output)
-    if fmt is OutputFormat.PARQUET:
-        return ParquetWriter(output, schema)
-    if fmt is OutputFormat.TABLE:
-        return TableWriter(output)
-    raise OutputError(f"format {fmt.value} cannot be written row by row")
+    if fmt not in ROW_WRITERS:
+        raise OutputError(f"format {fmt.value} cannot be written row by row")
+    return ROW_WRITERS[fmt].create(output, schema=schema, columns=columns)
+
+
+def format_choices(name: str, formats: Sequence[OutputFormat]) -> type[Enum]:
+    """A command's ``--format`` choices: the subset ``formats`` of :class:`OutputFormat`, as the enum
+    that typer needs to list exactly those in the help (values and order as in ``formats``)."""
+    return Enum(name, [(f.name, f.value) for f in formats], type=str)  # type: ignore[return-value]
 
 
 def stdout_is_tty() -> bool:
     return sys.stdout.isatty()
-
-
-PathArg = str | Path | None
-
-
-def refuse_output_over_inputs(
-    outputs: Iterable[PathArg], inputs: Iterable[PathArg], datasets: Iterable[PathArg] = ()
-) -> None:
-    """Refuse, before any work, an output that is one of the inputs: the same file (or folder) through
-    symbolic links, relative paths or hard links; or a Parquet file inside one of ``datasets`` (inputs
-    whose Parquet files are all read: embeddings written by ``embed -o DIR/``).
-
-    Writing it would replace the data being read (``rank q src.parquet -o src.parquet``). Stdout, ``-``,
-    object-store URIs and streams (FIFOs, devices) are never inputs; an output that does not exist yet
-    cannot be one either, so only an existing output costs a ``stat`` per input. Raises OutputError.
-    """
-    folders = [d for d in datasets if _is_local_path(d)]
-    inputs = [i for i in (*inputs, *folders) if _is_local_path(i)]
-    for output in outputs:
-        if not _is_local_path(output):
-            continue
-        out = Path(output or "")
-        if out.suffix.lower() in (".parquet", ".pq"):
-            _refuse_inside_datasets(out, folders)
-        out_stat = _stat(out)
-        if out_stat is None or not (stat.S_ISREG(out_stat.st_mode) or stat.S_ISDIR(out_stat.st_mode)):
-            continue  # not there yet, or a FIFO or a device, written as a stream and never replaced
-        for given in inputs:
-            in_stat = _stat(Path(given or ""))
-            if in_stat is not None and (in_stat.st_dev, in_stat.st_ino) == (out_stat.st_dev, out_stat.st_ino):
-                same = "" if str(given) == str(output) else f" ({given})"
-                raise OutputError(f"{output}: is also an input{same}; write the output to another file")
-
-
-def _refuse_inside_datasets(out: Path, folders: Sequence[PathArg]) -> None:
-    """A Parquet output inside an input dataset folder would become one of the parts read from there."""
-    where = real_path(out).parent
-    for given in folders:
-        folder = Path(given or "")
-        inside = folder.is_dir() and (where == real_path(folder) or real_path(folder) in where.parents)
-        if inside and any(folder.glob("*.parquet")):  # a dataset, not a folder of images
-            raise OutputError(
-                f"{out}: is inside the input dataset {given}, whose Parquet files are read; write elsewhere"
-            )
-
-
-def _is_local_path(value: PathArg) -> bool:
-    return value is not None and str(value) not in ("", "-") and "://" not in str(value)
-
-
-def _stat(path: Path) -> os.stat_result | None:
-    try:
-        return os.stat(path)
-    except (OSError, ValueError):
-        return None

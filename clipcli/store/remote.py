@@ -37,21 +37,18 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from clipcli.errors import InputError, OutputError
-from clipcli.store.dataset import (
-    _KEPT_PARTS,
-    _PART,
-    ParquetStore,
+from clipcli.store.dataset import ParquetStore
+from clipcli.store.parts import (
+    KEPT_PARTS,
+    PART_NAME,
     PartKey,
     PartWriter,
+    PlannedRows,
     Rows,
-    Stat,
-    _check_compatible,
-    _first_rows,
-    _PlannedRows,
-    _Stored,
-    any_exists,
+    Stored,
     arrow_array,
-    newest_unchanged,
+    check_compatible,
+    first_rows,
     refuse_unreachable,
 )
 
@@ -69,18 +66,23 @@ DEFAULT_TIMEOUT_S = 30.0
 UPLOAD_BYTES_PER_S = 256 * 1024  # the least upload speed waited for, on top of the timeout
 
 
-def store_timeout() -> float:
-    """Seconds one object-store call may take: ``$CLIPCLI_OBJECT_STORE_TIMEOUT``, else 30."""
-    raw = os.environ.get(TIMEOUT_VARIABLE, "").strip()
+def seconds_setting(variable: str, default: float) -> float:
+    """A wait in seconds that ``$variable`` sets (a number above 0), else ``default``."""
+    raw = os.environ.get(variable, "").strip()
     if not raw:
-        return DEFAULT_TIMEOUT_S
+        return default
     try:
         seconds = float(raw)
     except ValueError:
         seconds = math.nan
     if not (math.isfinite(seconds) and seconds > 0):
-        raise InputError(f"{TIMEOUT_VARIABLE}={raw}: give a number of seconds above 0")
+        raise InputError(f"{variable}={raw}: give a number of seconds above 0")
     return seconds
+
+
+def store_timeout() -> float:
+    """Seconds one object-store call may take: ``$CLIPCLI_OBJECT_STORE_TIMEOUT``, else 30."""
+    return seconds_setting(TIMEOUT_VARIABLE, DEFAULT_TIMEOUT_S)
 
 
 def bounded(where: str, doing: str, call: Callable[[], T], *, upload_bytes: int = 0) -> T:
@@ -221,9 +223,9 @@ def put_table(fs: Any, path: str, table: pa.Table, sch: pa.Schema, where: str) -
     except OSError as e:
         with contextlib.suppress(OSError, OutputError):
             bounded(where, f"deleting {name}", lambda: fs.delete_file(path))  # a failed upload is no part
-        raise OutputError(f"{where}: cannot write {name} ({reason_of(e)}); {_KEPT_PARTS}") from e
+        raise OutputError(f"{where}: cannot write {name} ({reason_of(e)}); {KEPT_PARTS}") from e
     except OutputError as e:  # no answer in time
-        raise OutputError(f"{e}; {_KEPT_PARTS}") from None
+        raise OutputError(f"{e}; {KEPT_PARTS}") from None
 
 
 def read_table(fs: Any, path: str, columns: list[str] | None = None, where: str = "") -> tuple[pa.Schema, pa.Table]:
@@ -251,7 +253,7 @@ class RemotePartWriter(PartWriter):
 
 
 @dataclass
-class RemoteStore(_PlannedRows):
+class RemoteStore(PlannedRows):
     """:class:`clipcli.store.dataset.ParquetStore`'s directory mode on a ``pyarrow.fs`` filesystem, unlocked."""
 
     uri: str
@@ -259,7 +261,7 @@ class RemoteStore(_PlannedRows):
     model: str
     part_rows: int = 4096
     shard: Shard | None = None
-    stored: dict[str, list[_Stored]] = field(default_factory=dict)
+    stored: dict[str, list[Stored]] = field(default_factory=dict)
     _pending: list[pa.Table] = field(default_factory=list)
     _pending_rows: int = 0
     _next_part: int = 0
@@ -287,7 +289,7 @@ class RemoteStore(_PlannedRows):
             raise OutputError(f"{self.where}: cannot list ({reason_of(e)})") from e
         found = []
         for info in infos:
-            m = _PART.match(info.base_name)
+            m = PART_NAME.match(info.base_name)
             if m and info.type == pafs.FileType.File:
                 found.append(((int(m.group(1)), m.group(2)), info.path))
         return sorted(found)
@@ -320,9 +322,9 @@ class RemoteStore(_PlannedRows):
     def release(self) -> None:
         """Nothing is held: object stores have no locks (see the module's doc)."""
 
-    def _scan(self) -> dict[str, list[_Stored]]:
+    def _scan(self) -> dict[str, list[Stored]]:
         fs, _ = open_uri(self.uri)
-        stored: dict[str, list[_Stored]] = {}
+        stored: dict[str, list[Stored]] = {}
         self._foreign = {}
         for key, part in self._parts():
             self._next_part = max(self._next_part, key[0] + 1)
@@ -336,14 +338,10 @@ class RemoteStore(_PlannedRows):
                 continue  # rewritten by its own writer since the listing: none of its rows are this run's
             except (OSError, ValueError) as e:
                 raise OutputError(f"{self.where}: cannot read existing embeddings in {part} ({e})") from e
-            _check_compatible(found, self.schema, Path(part))
-            paths = table.column("path").to_pylist()
-            self._reachable = self._reachable or any_exists(map(self.locate, paths))
-            for p, b, m in zip(paths, *(table.column(c).to_pylist() for c in ("bytes", "mtime")), strict=True):
-                if self.owns(p):
-                    stored.setdefault(p, []).append(_Stored(key, Stat(b, m)))
-                    if not self._mine(key):
-                        self._foreign.setdefault(key, []).append(p)
+            check_compatible(found, self.schema, Path(part))
+            for p in self.record_rows(table, key, stored):
+                if not self._mine(key):
+                    self._foreign.setdefault(key, []).append(p)
         return stored
 
     def _other_shards(self, key: PartKey) -> bool:
@@ -380,19 +378,11 @@ class RemoteStore(_PlannedRows):
             self._put_new_part(pa.concat_tables(self._pending))
             self._pending, self._pending_rows = [], 0
 
-    def _keep(self) -> dict[str, PartKey]:
-        return newest_unchanged(self.stored, self.locate)
-
     def finish(self) -> int:
         """Write what is pending, drop stale and duplicate rows from this run's parts; returns how many
         paths were removed."""
         self._flush()
-        # Read again from the parts themselves: Ray workers wrote parts this process has not seen.
-        self.stored = self._scan()
-        keep = self._keep()
-        removed = sum(1 for p in self.stored if p not in keep)
-        self._clean_parts(keep)
-        return removed
+        return self.reconcile()  # Ray workers wrote parts this process has not seen
 
     def _clean_parts(self, keep: dict[str, PartKey]) -> None:
         import numpy as np
@@ -404,7 +394,7 @@ class RemoteStore(_PlannedRows):
                 continue
             _, table = read_table(fs, part, ["path"], self.where)
             paths = table.column("path").to_pylist()
-            wanted = _first_rows(paths, [key] * len(paths), keep, written, self.owns)
+            wanted = first_rows(paths, [key] * len(paths), keep, written, self.owns)
             if len(wanted) == len(paths):
                 continue
             _, whole = read_table(fs, part, None, self.where)
@@ -416,7 +406,7 @@ class RemoteStore(_PlannedRows):
             try:
                 bounded(self.where, f"deleting {part}", lambda: fs.delete_file(part))  # noqa: B023 (waited for)
             except OSError as e:
-                raise OutputError(f"{self.where}: cannot delete {part} ({reason_of(e)}); {_KEPT_PARTS}") from e
+                raise OutputError(f"{self.where}: cannot delete {part} ({reason_of(e)}); {KEPT_PARTS}") from e
         if not self._parts():
             self._put_new_part(self.schema.empty_table())
 

@@ -1,6 +1,6 @@
 """Reading embeddings that ``embed`` saved (Parquet files or directories, NPY), chunk by chunk.
 
-Every source is checked against the loaded model first (:meth:`clipcli.store.dataset.ModelTag.require_model`),
+Every source is checked against the loaded model first (:meth:`clipcli.store.parts.ModelTag.require_model`),
 and yields N x D float32 unit rows with a function that names the rows a search keeps. Parquet sources
 go through the memory-mapped search cache (:mod:`clipcli.store.search_cache`) when allowed; NPY files are
 memory-mapped directly.
@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from clipcli.errors import InputError
 from clipcli.models import LoadedModel
-from clipcli.store.dataset import ModelTag, npy_sidecar, open_npy, read_parquet
+from clipcli.store.npy import npy_sidecar, open_npy
+from clipcli.store.parts import ModelTag, read_parquet
 
 if TYPE_CHECKING:
     import numpy as np
@@ -29,7 +30,7 @@ CHUNK_ROWS = 1 << 16
 def is_embedding_source(source: str) -> bool:
     """A saved-embeddings file, or a folder of Parquet files and no images (an image folder that
     happens to hold a Parquet file, classify's output say, is still ranked as images)."""
-    from clipcli.images.core import IMAGE_EXTENSIONS
+    from clipcli.images.sources import IMAGE_EXTENSIONS
 
     path = Path(source)
     if path.is_file():

@@ -9,23 +9,28 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from clipcli.errors import InputError, ModelError, OutputError
-from clipcli.images.core import Skipped, describe_error, load_image, preprocess
+from clipcli.images.sources import Skipped
+from clipcli.training.checkpoints import (
+    atomic_save,
+    checkpoint_path,
+    checkpoint_state,
+    export_state_dict,
+    resume,
+    signals_held,
+)
+from clipcli.training.pairs import Pairs, PixelSource, read_pairs
 
 if TYPE_CHECKING:
-    import pandas as pd
     import torch
     from clip.model import CLIP
 
 MAX_LOGIT_SCALE = math.log(100.0)
-# Preprocessed images are kept in memory (fp16) up to this size; beyond it, decoded every step.
-PRELOAD_LIMIT_BYTES = 6 * 2**30
 # The architectures `--arch` offers. families.openai.ARCHITECTURES also holds tiny shapes for the test suite
 # (test-vit, test-rn): still accepted, but not offered.
 PUBLIC_ARCHITECTURES = ("tiny-shapes", "ViT-B/32", "ViT-B/16", "RN50")
@@ -58,6 +63,11 @@ class TrainConfig:
         """Refuse settings that cannot train, before anything is read or built."""
         import math
 
+        from clipcli.models import family_of
+
+        if self.model and family_of(self.model) != "openai":  # the loop trains OpenAI's CLIP class only
+            family = family_of(self.model)
+            raise ModelError(f"train fine-tunes OpenAI-layout models only; {self.model} is of the {family} family")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise InputError(f"--lr must be a positive number, not {self.lr}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
@@ -66,13 +76,6 @@ class TrainConfig:
             raise InputError(f"--warmup is a fraction of the steps, from 0 up to 1, not {self.warmup}")
         if self.resume and self.overwrite:
             raise InputError("give --resume (continue OUTPUT.ckpt) or --overwrite (start over), not both")
-
-
-@dataclass
-class Pairs:
-    files: list[Path]
-    texts: list[str]
-    rows: list[int]  # the 1-based data row each pair came from, for messages
 
 
 @dataclass
@@ -93,44 +96,6 @@ class TrainResult:
     val_text_to_image_r1: float | None = None
 
 
-def read_pairs(path: Path) -> Pairs:
-    """Read CSV/Parquet/JSONL with ``image`` (relative to the file's folder) and ``text`` columns."""
-    import pandas as pd
-
-    readers: dict[str, Callable[[Path], pd.DataFrame]] = {
-        ".csv": lambda p: pd.read_csv(p, dtype=str, keep_default_na=False),
-        ".parquet": pd.read_parquet,
-        ".jsonl": lambda p: pd.read_json(p, lines=True, dtype=False),
-    }
-    reader = readers.get(path.suffix.lower())
-    if reader is None:
-        raise InputError(f"{path}: pairs must be .csv, .parquet or .jsonl")
-    try:
-        frame = reader(path)
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path}: cannot read pairs ({str(e).splitlines()[0]})") from e
-    missing = [c for c in ("image", "text") if c not in frame.columns]
-    if missing:
-        raise InputError(f"{path}: missing column(s) {', '.join(missing)} (need image and text)")
-    if frame.empty:
-        raise InputError(f"{path}: no pairs")
-    from clipcli.models.families.openai import tokenize
-
-    files, texts, rows = [], [], []
-    for i, (image, text) in enumerate(zip(frame["image"], frame["text"], strict=True), start=1):
-        text = "" if text is None or (isinstance(text, float) and math.isnan(text)) else str(text).strip()
-        if not text:
-            raise InputError(f"{path}: row {i}: empty caption")
-        try:
-            tokenize([text])
-        except InputError as e:
-            raise InputError(f"{path}: row {i}: {e}") from None
-        files.append(path.parent / str(image))
-        texts.append(text)
-        rows.append(i)
-    return Pairs(files, texts, rows)
-
-
 def _initial_model(config: TrainConfig) -> CLIP:
     from clipcli.models.families.openai import ARCHITECTURES, build_from_state_dict, read_state_dict, resolve_checkpoint
 
@@ -144,61 +109,6 @@ def _initial_model(config: TrainConfig) -> CLIP:
     if name not in ARCHITECTURES:
         raise ModelError(f"unknown architecture {name!r}; valid: {', '.join(PUBLIC_ARCHITECTURES)}")
     return ARCHITECTURES[name].build().float()
-
-
-class _PixelSource:
-    """Preprocessed images by pair index: from a uint8 cache in memory, or decoded when asked."""
-
-    def __init__(self, files: Sequence[Path], n_px: int, workers: int, on_progress: Callable[[int], None] | None):
-        import torch
-
-        self.files = files
-        self.n_px = n_px
-        self.ok = torch.ones(len(files), dtype=torch.bool)
-        self.reasons: dict[int, str] = {}
-        self.cache: torch.Tensor | None = None
-        if len(files) * 3 * n_px * n_px * 2 <= PRELOAD_LIMIT_BYTES:
-            self.cache = self._preload(workers, on_progress)
-        else:
-            # Without a cache, every file is checked once up front so bad rows are known before training.
-            self._check_all()
-
-    def _decode(self, i: int) -> torch.Tensor | str:
-        try:
-            return preprocess(load_image(self.files[i], self.n_px), self.n_px)
-        except (OSError, ValueError, SyntaxError) as e:
-            return describe_error(e)
-
-    def _check_all(self) -> None:
-        for i in range(len(self.files)):
-            got = self._decode(i)
-            if isinstance(got, str):
-                self.ok[i] = False
-                self.reasons[i] = got
-
-    def _preload(self, workers: int, on_progress: Callable[[int], None] | None) -> torch.Tensor:
-        import torch
-
-        from clipcli.images.core import ImageRef, iter_batches, normalize_pixels
-
-        cache = torch.empty(len(self.files), 3, self.n_px, self.n_px, dtype=torch.float16)
-        refs = [ImageRef(str(f), f) for f in self.files]
-        for batch in iter_batches(refs, self.n_px, batch_size=256, workers=workers):
-            if batch.images is not None:
-                cache[batch.indices] = normalize_pixels(batch.images).half()
-            for i, reason in batch.skipped:
-                self.ok[i] = False
-                self.reasons[i] = reason
-            if on_progress:
-                on_progress(len(batch.indices) + len(batch.skipped))
-        return cache
-
-    def get(self, indices: Sequence[int]) -> torch.Tensor:
-        import torch
-
-        if self.cache is not None:
-            return self.cache[list(indices)].float()
-        return torch.stack([t for t in (self._decode(i) for i in indices) if not isinstance(t, str)])
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -260,117 +170,6 @@ def _batch_at(train_idx: Sequence[int], seed: int, step: int, batch_size: int) -
     return order[k * batch_size : (k + 1) * batch_size]
 
 
-def checkpoint_path(output: Path) -> Path:
-    """Where a run writing ``output`` keeps its resumable checkpoint."""
-    return output.with_name(output.name + ".ckpt")
-
-
-def _atomic_save(obj: dict[str, Any], path: Path) -> None:
-    import torch
-
-    from clipcli.atomic import atomic_write
-
-    with atomic_write(path) as f:
-        torch.save(obj, f)
-
-
-@contextmanager
-def _signals_held() -> Iterator[None]:
-    """Ctrl-C and SIGTERM wait until the block is done, then act as they would have.
-
-    ``torch.save`` turns an exception raised inside its writer (where Python runs a signal's handler) into
-    an internal error; a checkpoint is written whole, then the run stops with the usual message and exit.
-    """
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    stops = (signal.SIGINT, signal.SIGTERM)
-    previous = {s: signal.getsignal(s) for s in stops}
-    for s in stops:
-        signal.signal(s, lambda signum, frame: caught.append(signum))
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
-        if caught:
-            signal.raise_signal(caught[0])
-
-
-def _checkpoint_state(
-    model: CLIP, optimizer: torch.optim.Optimizer, step: int, signature: dict[str, str]
-) -> dict[str, Any]:
-    """What resume needs, in types ``torch.load(weights_only=True)`` reads: tensors, numbers, strings."""
-    import torch
-
-    return {
-        "signature": signature,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "rng": torch.get_rng_state(),
-        "step": step,
-    }
-
-
-_START_OVER = "delete it to start the run over"
-
-
-@dataclass
-class _ResumeState:
-    model: dict[str, Any]
-    optimizer: dict[str, Any]
-    rng: torch.Tensor
-    step: int
-
-
-def _read_checkpoint(ckpt: Path, signature: dict[str, str]) -> _ResumeState:
-    """Read OUTPUT.ckpt without running anything in it, and check it belongs to this run."""
-    import torch
-
-    from clipcli.models.checkpoint import load_tensors
-
-    # A pickle could run code: only tensors and plain values are read.
-    state = load_tensors(ckpt, remedy=_START_OVER)
-    kinds = {"signature": dict, "model": dict, "optimizer": dict, "rng": torch.Tensor, "step": int}
-    wrong = [k for k, kind in kinds.items() if not isinstance(state, dict) or not isinstance(state.get(k), kind)]
-    if wrong:
-        raise ModelError(f"{ckpt}: not a clipcli training checkpoint (no valid {', '.join(wrong)}); {_START_OVER}")
-    if state["signature"] != signature:
-        changed = sorted(k for k in signature if state["signature"].get(k) != signature[k])
-        raise InputError(f"{ckpt}: checkpoint was made with different settings ({', '.join(changed)})")
-    if state["rng"].dtype != torch.uint8 or state["step"] < 0:
-        raise ModelError(f"{ckpt}: not a clipcli training checkpoint (bad random state or step); {_START_OVER}")
-    return _ResumeState(state["model"], state["optimizer"], state["rng"], state["step"])
-
-
-def _resume(ckpt: Path, signature: dict[str, str], model: CLIP, optimizer: torch.optim.Optimizer) -> int:
-    """Restore model, optimiser and random state from ``ckpt``; the step to continue from."""
-    import torch
-
-    state = _read_checkpoint(ckpt, signature)
-    try:
-        model.load_state_dict(state.model)
-        optimizer.load_state_dict(state.optimizer)
-        torch.set_rng_state(state.rng)
-    except (RuntimeError, ValueError, KeyError, TypeError) as e:
-        from clipcli.models.checkpoint import plain_reason
-
-        raise ModelError(f"{ckpt}: does not fit this run ({plain_reason(e)}); {_START_OVER}") from e
-    return state.step
-
-
-def export_state_dict(model: CLIP, half: bool) -> dict[str, Any]:
-    """OpenAI's layout: the keys ``clip.model.build_model`` reads (fp16 floats when ``half``)."""
-    return {
-        k: (v.detach().half() if half and v.is_floating_point() else v.detach()).cpu().clone()
-        for k, v in model.state_dict().items()
-    }
-
-
 @dataclass
 class _Recall:
     image_to_text: float
@@ -417,7 +216,7 @@ class _Throughput:
 
 
 def _report_bad_images(
-    config: TrainConfig, pairs: Pairs, pixels: _PixelSource, on_skip: Callable[[Skipped], None] | None
+    config: TrainConfig, pairs: Pairs, pixels: PixelSource, on_skip: Callable[[Skipped], None] | None
 ) -> None:
     """Stop at the first unreadable image, or report each one that will be left out."""
     for i, reason in sorted(pixels.reasons.items()):
@@ -501,7 +300,7 @@ def _train(
     tokens = tokenize(pairs.texts, model.context_length)
 
     total_pairs = len(pairs.files)
-    pixels = _PixelSource(
+    pixels = PixelSource(
         pairs.files, n_px, config.workers, (lambda n: on_preload(n, total_pairs)) if on_preload else None
     )
     _report_bad_images(config, pairs, pixels, on_skip)
@@ -524,7 +323,7 @@ def _train(
     run_only = ("resume", "overwrite", "workers", "checkpoint_every")
     signature = {k: str(v) for k, v in asdict(config).items() if k not in run_only}
     if config.resume and ckpt.exists():
-        step = _resume(ckpt, signature, model, optimizer)
+        step = resume(ckpt, signature, model, optimizer)
         if on_resume:
             on_resume(step, total_steps)
     elif config.resume and on_fresh_start:
@@ -547,8 +346,8 @@ def _train(
         if on_step:
             on_step(StepInfo(step, total_steps, loss, lr, pairs_per_s))
         if step % config.checkpoint_every == 0 and step < total_steps:
-            with _signals_held():
-                _atomic_save(_checkpoint_state(model, optimizer, step, signature), ckpt)
+            with signals_held():
+                atomic_save(checkpoint_state(model, optimizer, step, signature), ckpt)
                 if on_checkpoint:
                     on_checkpoint(step)
 
@@ -560,8 +359,8 @@ def _train(
         result.val_image_to_text_r1 = recall.image_to_text
         result.val_text_to_image_r1 = recall.text_to_image
     model.eval()
-    with _signals_held():
-        _atomic_save(export_state_dict(model, config.half), config.output)
+    with signals_held():
+        atomic_save(export_state_dict(model, config.half), config.output)
         ckpt.unlink(missing_ok=True)
     result.seconds = time.perf_counter() - started
     return result

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from clipcli.images.core import DEFAULT_MAX_PIXELS, ImageRef, Skipped
-from clipcli.models import LoadedModel
+from clipcli.images.decode import DEFAULT_MAX_PIXELS
+from clipcli.images.sources import ImageRef, Skipped
+from clipcli.models import LoadedModel, ModelOptions
 from clipcli.zeroshot.encode import iter_image_embeddings
 from clipcli.zeroshot.prompts import TemplateSet, zero_shot_classifier, zero_shot_probabilities
 
 if TYPE_CHECKING:
     import pyarrow as pa
+
+    from clipcli.images.decode import ImageOptions
 
 
 PREDICTION_COLUMNS = ("path", "rank", "label", "score")
@@ -74,3 +78,71 @@ def classify_images(
                 yield Prediction(path, tuple(labels[i] for i in idx), tuple(scores))
         if on_batch:
             on_batch(len(batch.names) + len(batch.skipped))
+
+
+@dataclass(frozen=True)
+class ClassifyHooks:
+    """What a run of :func:`run_classify` tells its caller: ``load`` loads the model; ``on_skip`` hears of
+    each image left out; ``storable`` splits off the images the output cannot name (none by default);
+    ``prompts_progress(total)`` and ``images_progress(total)`` give callbacks counting prompts encoded and
+    images done (read or skipped)."""
+
+    load: Callable[[ModelOptions], LoadedModel]
+    on_skip: Callable[[Skipped], None]
+    prompts_progress: Callable[[int], AbstractContextManager[Callable[[int], None]]]
+    images_progress: Callable[[int], AbstractContextManager[Callable[[int], None]]]
+    storable: Callable[[list[ImageRef]], tuple[list[ImageRef], list[Skipped]]] | None = None
+    stdin: IO[str] | None = None
+
+
+@dataclass(frozen=True)
+class ClassifyResult:
+    classified: int
+    scoring: str  # the model's: with one label, a softmax scores every image 1.0
+
+
+def run_classify(
+    inputs: Sequence[str],
+    labels: Sequence[str],
+    templates: TemplateSet,
+    top_k: int,
+    models: ModelOptions,
+    images: ImageOptions,
+    hooks: ClassifyHooks,
+    write: Callable[[Prediction], None],
+) -> ClassifyResult:
+    """Find the images, load the model, and hand each prediction to ``write``, in input order."""
+    from clipcli.images.sources import discover, nothing_found
+
+    refs, missing = discover(inputs, hooks.stdin)
+    if hooks.storable is not None:
+        refs, unstorable = hooks.storable(refs)
+        missing += unstorable
+    if not refs:
+        raise nothing_found(inputs, missing)
+    for m in missing:
+        hooks.on_skip(m)
+    lm = hooks.load(models)
+    n_ok = 0
+    n_prompts = len(labels) * len(templates.templates)
+    with hooks.prompts_progress(n_prompts) as on_prompts, hooks.images_progress(len(refs)) as on_batch:
+        predictions = classify_images(
+            lm,
+            refs,
+            labels,
+            templates,
+            top_k,
+            images.batch_size,
+            images.workers,
+            images.exact,
+            on_batch,
+            on_prompts,
+            max_pixels=images.max_pixels,
+        )
+        for item in predictions:
+            if not isinstance(item, Prediction):
+                hooks.on_skip(item)
+                continue
+            n_ok += 1
+            write(item)
+    return ClassifyResult(n_ok, lm.scoring)

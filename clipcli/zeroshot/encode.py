@@ -6,8 +6,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from clipcli.images.core import DEFAULT_MAX_PIXELS, Batch, ImageRef, Skipped, iter_batches, normalize_pixels
+from clipcli.images.batches import Batch, iter_batches
+from clipcli.images.decode import DEFAULT_MAX_PIXELS, normalize_pixels
 from clipcli.images.gpu import DeviceBatch, iter_device_batches, use_device_decoding
+from clipcli.images.sources import ImageRef, Skipped
 from clipcli.models import LoadedModel
 
 if TYPE_CHECKING:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field, replace
+from typing import IO, TYPE_CHECKING
 
 from clipcli.errors import InputError
-from clipcli.images.core import ImageRef, Skipped
-from clipcli.models import load_model
+from clipcli.images.sources import ImageRef, Skipped
+from clipcli.models import ModelOptions, load_model
 from clipcli.zeroshot.encode import iter_image_embeddings
 from clipcli.zeroshot.prompts import TemplateSet, zero_shot_classifier
 
@@ -40,6 +40,7 @@ class Comparison:
     reference: PrecisionRun
     candidate: PrecisionRun
     skipped: list[Skipped]
+    missing: list[Skipped] = field(default_factory=list)  # inputs never read (not found, not images)
 
     @property
     def cosines(self) -> torch.Tensor:
@@ -56,6 +57,26 @@ class Comparison:
         if self.reference.top1 is None:
             return None
         return 1 - len(self.changed) / max(len(self.reference.names), 1)
+
+    def table(self) -> list[str]:
+        """Tab-separated lines, a header then one per precision: images per second, the lowest and
+        median cosine to the reference, and (with labels) the share of unchanged top-1 labels."""
+        cosines, agreement = self.cosines, self.top1_agreement
+        lines = ["precision\timages\timages_per_s\tcosine_min\tcosine_median\ttop1_agreement"]
+        for run, low, mid in (
+            (self.reference, 1.0, 1.0),
+            (self.candidate, float(cosines.min()), float(cosines.median())),
+        ):
+            same = "" if agreement is None else f"{1.0 if run is self.reference else agreement:.4f}"
+            lines.append(
+                f"{run.precision}\t{len(run.names)}\t{run.images_per_second:.1f}\t{low:.5f}\t{mid:.5f}\t{same}"
+            )
+        return lines
+
+    def below(self, min_cosine: float) -> list[tuple[str, float]]:
+        """(image, cosine) for each image whose candidate embedding is below ``min_cosine`` to the reference."""
+        pairs = zip(self.reference.names, self.cosines.tolist(), strict=True)
+        return [(name, float(c)) for name, c in pairs if c < min_cosine]
 
 
 def run_at(
@@ -104,3 +125,23 @@ def compare_precisions(
         raise InputError("no image could be read: nothing to compare")
     other, _ = run_at(spec, device, precision, refs, labels, templates, batch_size)
     return Comparison(base, other, skipped)
+
+
+def check_precision(
+    inputs: Sequence[str],
+    models: ModelOptions,
+    labels: Sequence[str] | None,
+    templates: TemplateSet,
+    batch_size: int = 32,
+    stdin: IO[str] | None = None,
+) -> Comparison:
+    """``bench-precision``: find the images, then compare ``models.precision`` with fp32 on them."""
+    from clipcli.images.sources import discover, nothing_found
+
+    refs, missing = discover(inputs, stdin)
+    if not refs:
+        raise nothing_found(inputs, missing)
+    result = compare_precisions(
+        models.spec, refs, models.precision, "fp32", models.device, labels, templates, batch_size=batch_size
+    )
+    return replace(result, missing=missing)

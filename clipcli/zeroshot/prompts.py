@@ -77,6 +77,12 @@ def resolve_templates(
     return TemplateSet("+".join(s.name for s in sets), tuple(pooled))
 
 
+def optional_templates(template: Sequence[str] | None, templates: Sequence[str] | None) -> TemplateSet | None:
+    """As :func:`resolve_templates` where ``--template``/``--templates`` were given; None where neither was
+    (the bare text, no prompt ensemble)."""
+    return resolve_templates(template, templates) if (template or templates) else None
+
+
 def template_set(name: str) -> TemplateSet:
     """A built-in set by name, or a file with one template per line."""
     if name in BUILTIN_TEMPLATE_SETS:

@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from clipcli.errors import InputError, ModelError
-from clipcli.images.core import ImageSpec
+from clipcli.images.decode import ImageSpec
 from clipcli.models.contract import LoadedModel, ModelEntry, require_extra
-from clipcli.models.families.open_clip import files_checksum
+from clipcli.models.hf_files import WEIGHT_FILES, index_shards, read_json_object, weight_files
 from clipcli.models.precision import Precision
+from clipcli.models.weights import files_checksum
 
 if TYPE_CHECKING:
     import torch
@@ -67,16 +68,10 @@ class HFModel(LoadedModel):
         device: torch.device,
         precision: Precision,
     ) -> None:
-        self.name = name
-        self.files = files
-        self.model = model
-        self.tokenizer = tokenizer
-        self.image = image
-        self.device = device
-        self.precision = precision
+        self.hold(name, model, device, precision)
+        self.files, self.tokenizer, self.image = files, tokenizer, image
         self.siglip = model.config.model_type == "siglip"
         self.embed_dim = _embed_dim(model)
-        self.logit_scale = float(model.logit_scale.exp())
         self.logit_bias = float(model.logit_bias) if self.siglip else None
         self.scoring = "sigmoid" if self.siglip else "softmax"
         text = model.config.text_config
@@ -198,12 +193,11 @@ def _fetch(repo: str, filename: str, spec: str) -> Path | None:
 
 def _check_config(config_path: Path, spec: str) -> dict[str, Any]:
     """The repo's config.json, refused unless it describes a model clipcli can build without custom code."""
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{spec}: cannot read {config_path} ({e})") from None
-    if not isinstance(config, dict):
-        raise ModelError(f"{spec}: {config_path} is not a model config")
+    config = read_json_object(
+        config_path,
+        lambda e: f"{spec}: cannot read {config_path} ({e})",
+        f"{spec}: {config_path} is not a model config",
+    )
     if config.get("auto_map"):
         raise ModelError(f"{spec}: the model needs custom code (auto_map in config.json), which clipcli never runs")
     model_type = config.get("model_type")
@@ -218,14 +212,10 @@ def _check_config(config_path: Path, spec: str) -> dict[str, Any]:
 
 
 def _weight_files_in(folder: Path, spec: str) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if (folder / "model.safetensors").is_file():
-        return [folder / "model.safetensors"]
-    if index.is_file():
-        return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    if (folder / "pytorch_model.bin").is_file():
-        return [folder / "pytorch_model.bin"]
-    raise ModelError(f"{spec}: no model.safetensors or pytorch_model.bin in {folder}")
+    files = weight_files(folder)
+    if not files:
+        raise ModelError(f"{spec}: no model.safetensors or pytorch_model.bin in {folder}")
+    return files
 
 
 def _hub_files(repo: str, spec: str) -> Path:
@@ -236,9 +226,9 @@ def _hub_files(repo: str, spec: str) -> Path:
     _check_config(config, spec)
     for name in CONFIG_FILES:
         _fetch(repo, name, spec)
-    weights = first_available(repo, ["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"], spec)
+    weights = first_available(repo, list(WEIGHT_FILES[:3]), spec)  # sharded pickles: not from the hub
     if weights.name.endswith(".index.json"):
-        for shard in sorted(set(json.loads(weights.read_text())["weight_map"].values())):
+        for shard in index_shards(weights):
             hub_download(repo, shard, spec)
     return config.parent
 

@@ -11,7 +11,6 @@ config and filled with those tensors, the way open_clip's ``load_checkpoint`` ma
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -20,11 +19,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from clipcli.errors import ModelError
-from clipcli.images.core import ImageSpec
+from clipcli.images.decode import ImageSpec
 from clipcli.models.contract import LoadedModel, ModelEntry, require_extra
-from clipcli.models.digest import file_sha256
 from clipcli.models.hub import first_available, hub_cache, hub_download
 from clipcli.models.precision import Precision, cast_weights
+from clipcli.models.weights import files_checksum, skipping_init
 
 if TYPE_CHECKING:
     import torch
@@ -47,15 +46,10 @@ class OpenClipModel(LoadedModel):
     def __init__(
         self, name: str, files: list[Path], model: Any, tokenizer: Any, device: torch.device, precision: Precision
     ) -> None:
-        self.name = name
-        self.files = files
-        self.model = model
-        self.tokenizer = tokenizer
-        self.device = device
-        self.precision = precision
+        self.hold(name, model, device, precision)
+        self.files, self.tokenizer = files, tokenizer
         self.image = image_spec(model.visual)
         self.embed_dim = _embed_dim(model)
-        self.logit_scale = float(model.logit_scale.exp())
         bias = getattr(model, "logit_bias", None)
         self.logit_bias = None if bias is None else float(bias)
         self.scoring = "sigmoid" if bias is not None else "softmax"
@@ -176,19 +170,6 @@ def _input_dtype(visual: Any) -> torch.dtype:
     return torch.float32
 
 
-def files_checksum(files: Sequence[Path]) -> str:
-    """SHA-256 over the weight file(s); several files are hashed in order, with names."""
-    if len(files) == 1:
-        return file_sha256(files[0])
-    h = hashlib.sha256()
-    for path in files:
-        h.update(path.name.encode() + b"\0")
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
 # --- resolving ARCH/TAG, ARCH/FILE and hf-hub:ORG/REPO ------------------------------------------------
 
 
@@ -304,10 +285,8 @@ def _fill(model: Any, sd: dict[str, Any], source: Path, spec: str) -> None:
 
 
 def _build(oc: Any, arch: str, overrides: dict[str, Any], spec: str) -> Any:
-    from clipcli.models.families.openai import _skipping_init
-
     try:
-        with _skipping_init(), _quiet():
+        with skipping_init(), _quiet():
             return oc.create_model(arch, pretrained=None, **overrides)
     except ModelError:
         raise

@@ -13,9 +13,8 @@ import importlib.util
 import os
 import sys
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import astuple, dataclass
 from functools import cache, cached_property
 from importlib import resources
 from pathlib import Path
@@ -24,10 +23,11 @@ from typing import TYPE_CHECKING, Any
 
 from clipcli.cache import cache_dir
 from clipcli.errors import DownloadError, InputError, ModelError
-from clipcli.images.core import ImageSpec
+from clipcli.images.decode import ImageSpec
 from clipcli.models.contract import DownloadProgress, LoadedModel, ModelEntry
 from clipcli.models.digest import file_sha256
 from clipcli.models.precision import Precision, cast_weights
+from clipcli.models.weights import skipping_init
 
 if TYPE_CHECKING:
     import torch
@@ -127,21 +127,10 @@ class Architecture:
 
     def build(self, initialize: bool = True) -> CLIP:
         """A CLIP of this shape; ``initialize=False`` leaves the weights for a state dict to fill."""
-        shape = (
-            self.embed_dim,
-            self.image_resolution,
-            self.vision_layers,
-            self.vision_width,
-            self.vision_patch_size,
-            self.context_length,
-            self.vocab_size,
-            self.transformer_width,
-            self.transformer_heads,
-            self.transformer_layers,
-        )
+        shape = astuple(self)  # the fields in the order of CLIP's parameters
         if initialize:
             return clip_module("model").CLIP(*shape)
-        with _skipping_init():
+        with skipping_init():
             return clip_module("model").CLIP(*shape)
 
     @classmethod
@@ -195,27 +184,6 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 
-@contextmanager
-def _skipping_init() -> Iterator[None]:
-    """Turn torch.nn.init's random fills into no-ops while a model that will load a state dict is built.
-
-    Drawing random weights only to overwrite them is most of a command's start-up for a full-size
-    model on a CPU. (The same trick as transformers' ``no_init_weights``; building on the meta
-    device instead costs as much the first time, importing torch's symbolic-shape machinery.)
-    """
-    from torch.nn import init
-
-    names = [n for n in dir(init) if n.endswith("_") and not n.startswith("_")]
-    saved = {name: getattr(init, name) for name in names}
-    try:
-        for name in names:
-            setattr(init, name, lambda tensor, *args, **kwargs: tensor)
-        yield
-    finally:
-        for name, fill in saved.items():
-            setattr(init, name, fill)
-
-
 class OpenAIModel(LoadedModel):
     """A ``clip.model.CLIP`` rebuilt from an OpenAI-layout checkpoint."""
 
@@ -224,15 +192,10 @@ class OpenAIModel(LoadedModel):
     def __init__(
         self, name: str, path: Path, model: CLIP, architecture: Architecture, device: torch.device, precision: Precision
     ) -> None:
-        self.name = name
-        self.path = path
-        self.model = model
-        self.architecture = architecture
-        self.device = device
-        self.precision = precision
+        self.hold(name, model, device, precision)
+        self.path, self.architecture = path, architecture
         self.embed_dim = architecture.embed_dim
         self.image = ImageSpec(architecture.image_resolution)
-        self.logit_scale = float(model.logit_scale.exp())
 
     @cached_property
     def checksum(self) -> str:
@@ -345,9 +308,10 @@ def resolve_checkpoint(spec: str, on_download: DownloadProgress | None = None) -
 def read_state_dict(path: Path) -> dict[str, Any]:
     """Read an OpenAI TorchScript archive or a plain state dict as a plain state dict.
 
-    Nothing in the file is run: see :mod:`clipcli.models.checkpoint`.
+    Nothing in the file is run: see :mod:`clipcli.models.checkpoint` and :mod:`clipcli.models.torchscript`.
     """
-    from clipcli.models.checkpoint import is_torchscript, load_tensors, read_torchscript_state_dict
+    from clipcli.models.checkpoint import is_torchscript, load_tensors
+    from clipcli.models.torchscript import read_torchscript_state_dict
 
     sd = read_torchscript_state_dict(path) if is_torchscript(path) else load_tensors(path)
     if not isinstance(sd, Mapping):

@@ -1,0 +1,201 @@
+"""The engine contract: what ``embed`` and ``eval`` ask of an engine, and the bookkeeping every engine shares.
+
+An engine embeds images. :meth:`Engine.embed` writes an :class:`EmbedJob` (images, output, options) and
+returns an :class:`EmbedSummary`; the plan (which images to embed, which are unchanged, which rows to
+remove), the images skipped and the summary are kept here, once; an engine only runs the plan
+(:meth:`Engine.run`). :meth:`Engine.embed_dataset` embeds a labelled dataset's images for ``eval``.
+
+Engines are found by name in :data:`clipcli.engines.ENGINES` (``--engine``): :mod:`clipcli.engines.local` (this
+process) and :mod:`clipcli.engines.ray` (a Ray cluster). A new engine subclasses :class:`Engine` and
+adds itself to the table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from clipcli.images.decode import ImageOptions
+from clipcli.images.sources import ImageRef, Skipped
+from clipcli.models import LoadedModel, ModelOptions
+from clipcli.store.dataset import ParquetStore
+from clipcli.store.formats import OutputFormat, keep_partial, parquet_storable
+from clipcli.store.output import Output, OutputKind
+from clipcli.store.parts import ModelTag, Rows, schema
+
+if TYPE_CHECKING:
+    from clipcli.evaluation.datasets import CaptionPairs, LabelledImages
+    from clipcli.evaluation.run import ImageEmbeddings
+    from clipcli.store.remote import RemoteStore
+
+
+OnBatch = Callable[[int], None] | None
+"""Called with the number of images a batch held."""
+
+
+@dataclass(frozen=True)
+class DatasetJob:
+    """``eval``'s image side: embed ``source``'s images, in dataset order, with these options."""
+
+    source: LabelledImages | CaptionPairs
+    model: ModelOptions
+    images: ImageOptions
+
+
+@dataclass
+class EmbedSummary:
+    embedded: int = 0
+    unchanged: int = 0
+    removed: int = 0
+    skipped: int = 0
+
+
+@dataclass(frozen=True)
+class EmbedEvents:
+    """What a run reports as it goes (each optional): the number of images it will embed once planned,
+    each image it skips, the number of images done after each batch, and (Ray) that the cluster is ready."""
+
+    on_plan: Callable[[int], None] | None = None
+    on_skip: Callable[[Skipped], None] | None = None
+    on_batch: Callable[[int], None] | None = None
+    on_ready: Callable[[], None] | None = None
+
+
+@dataclass(frozen=True)
+class EmbedJob:
+    """One ``embed`` run: the images, where they go, and how they are embedded and stored.
+
+    ``prune`` lets an incremental run remove more than :data:`clipcli.store.parts.PRUNE_SHARE` of the
+    rows (of files gone or changed); without it such a run is refused before the first image."""
+
+    refs: Sequence[ImageRef]
+    output: Output
+    model: ModelOptions = field(default_factory=ModelOptions)
+    images: ImageOptions = field(default_factory=ImageOptions)
+    dtype: str = "float32"
+    normalize: bool = True
+    part_size: int = 4096
+    prune: bool = False
+
+
+def model_tag(lm: LoadedModel, normalized: bool) -> ModelTag:
+    return ModelTag(lm.name, lm.checksum, normalized)
+
+
+class Sink:
+    """Where embedded rows go; ``finish(keep)`` ends the run, writing what it has when ``keep``, and
+    returns the number of rows it removed (of files gone or changed)."""
+
+    def add(self, rows: Rows) -> None:
+        raise NotImplementedError
+
+    def finish(self, keep: bool) -> int:
+        raise NotImplementedError
+
+
+class StoreSink(Sink):
+    """A Parquet dataset directory, local or in an object store, planned before the run."""
+
+    def __init__(self, store: ParquetStore | RemoteStore) -> None:
+        self.store = store
+
+    def add(self, rows: Rows) -> None:
+        self.store.add(rows)
+
+    def finish(self, keep: bool) -> int:
+        if not keep:
+            self.store.release()
+            return 0
+        return self.store.finish()
+
+
+class Run:
+    """A run's tally: each image skipped is counted and reported in one place."""
+
+    def __init__(self, summary: EmbedSummary, events: EmbedEvents) -> None:
+        self.summary, self.events = summary, events
+
+    def skip(self, skipped: Skipped) -> None:
+        self.summary.skipped += 1
+        if self.events.on_skip:
+            self.events.on_skip(skipped)
+
+    def batch(self, embedded: int, done: int) -> None:
+        """``embedded`` rows written of ``done`` images handled."""
+        self.summary.embedded += embedded
+        if self.events.on_batch:
+            self.events.on_batch(done)
+
+
+class Engine:
+    """One way to run ``embed`` (and ``eval``'s images); see the module's doc."""
+
+    name = ""
+
+    def embed(self, lm: LoadedModel, job: EmbedJob, events: EmbedEvents | None = None) -> EmbedSummary:
+        """Embed ``job.refs`` into ``job.output``; a Parquet output (a dataset or one file) is incremental
+        (see :mod:`clipcli.store.dataset`): its plan leaves out the images it holds unchanged.
+
+        The output is locked and checked writable before the first image; whatever happens after that,
+        the rows embedded so far are written where the engine keeps them (:meth:`keeps_partial`)."""
+        events = events or EmbedEvents()
+        summary = EmbedSummary()
+        run = Run(summary, events)
+        self.check(job)
+        sch = schema(lm.embed_dim, job.dtype, model_tag(lm, job.normalize))
+        refs = job.refs
+        if job.output.format is OutputFormat.PARQUET:
+            refs, unstorable = parquet_storable(refs)
+            for s in unstorable:
+                run.skip(s)
+        sink: Sink
+        if job.output.format is OutputFormat.PARQUET and job.output.kind is not OutputKind.STREAM:
+            from clipcli.store.remote import parquet_store
+
+            store = parquet_store(
+                job.output.target or "", sch, lm.name, part_rows=job.part_size, shard=job.output.shard
+            )
+            self.check_store(store, job)
+            store.prune = job.prune
+            store.open()
+            try:
+                plan = store.plan(refs)
+            except BaseException:
+                store.release()
+                raise
+            refs, summary.unchanged = plan.to_embed, plan.unchanged
+            sink = StoreSink(store)
+        else:
+            sink = self.file_sink(lm, job, sch)
+        if events.on_plan:
+            events.on_plan(len(refs))
+        try:
+            self.run(lm, job, refs, sink, run)
+        except BaseException as e:
+            sink.finish(self.keeps_partial(e, summary))
+            raise
+        summary.removed = sink.finish(True)
+        return summary
+
+    def check(self, job: EmbedJob) -> None:
+        """Refuse, before anything is read, a job this engine cannot run."""
+
+    def check_store(self, store: ParquetStore | RemoteStore, job: EmbedJob) -> None:
+        """Refuse, before it is opened, a store this engine cannot write."""
+
+    def file_sink(self, lm: LoadedModel, job: EmbedJob, sch: Any) -> Sink:
+        """The sink of an output that is one file or a stream (not a dataset directory)."""
+        raise NotImplementedError(f"the {self.name} engine writes Parquet dataset directories only")
+
+    def keeps_partial(self, error: BaseException, summary: EmbedSummary) -> bool:
+        """Whether the rows of a run that ended with ``error`` are written (else the output is released)."""
+        return keep_partial(error, summary.embedded)
+
+    def run(self, lm: LoadedModel, job: EmbedJob, refs: Sequence[ImageRef], sink: Sink, run: Run) -> None:
+        """Embed ``refs`` (the plan) into ``sink``, counting each batch and skip through ``run``."""
+        raise NotImplementedError
+
+    def embed_dataset(self, lm: LoadedModel, job: DatasetJob, on_batch: OnBatch = None) -> ImageEmbeddings:
+        """``eval``'s image side: the embeddings of the job's images, in dataset order."""
+        raise NotImplementedError

@@ -1,0 +1,446 @@
+"""The Parquet building blocks of an embeddings dataset, shared by a local directory
+(:mod:`clipcli.store.dataset`) and an object store (:mod:`clipcli.store.remote`): the model tag and schema
+its metadata records, rows and their file stats, writing one part whole, and a run's plan against the rows
+already stored (which files are new or changed, which rows to keep).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from clipcli.atomic import AtomicFile, describe_os_error
+from clipcli.errors import InputError, ModelError, OutputError
+from clipcli.images.sources import ImageRef
+from clipcli.store.shard import Shard
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pyarrow as pa
+
+META_MODEL = b"clipcli.model"
+META_SHA = b"clipcli.model_sha256"
+META_NORMALIZED = b"clipcli.normalized"
+META_BASE = b"clipcli.base"  # the folder that the dataset's relative paths are relative to
+# A run that would remove more than this share of a dataset's rows, and more than PRUNE_FEW rows, is
+# refused unless --prune: an unmounted share or a moved folder looks like files that are gone.
+PRUNE_SHARE = 0.10
+PRUNE_FEW = 5
+PART_NAME = re.compile(r"^part-(\d+)((?:-[0-9a-z]+)*)\.parquet$")
+PartKey = tuple[int, str]  # (run number, tags): later keys supersede earlier ones
+
+
+@dataclass(frozen=True)
+class ModelTag:
+    """What a set of embeddings was made with; mixing two is refused."""
+
+    name: str
+    sha256: str
+    normalized: bool
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[bytes, bytes] | None) -> ModelTag:
+        """The tag in a Parquet file's metadata (unknown parts empty; unmarked files count as normalised)."""
+        meta = metadata or {}
+        return cls(
+            meta.get(META_MODEL, b"an unknown model").decode(),
+            meta.get(META_SHA, b"").decode(),
+            meta.get(META_NORMALIZED, b"true") == b"true",
+        )
+
+    def require_model(self, name: str, sha256: str, where: Path) -> None:
+        """Refuse embeddings made with another model than the one loaded (``name``, ``sha256``)."""
+        if self.sha256 != sha256:
+            made_with = self.name if self.name != name else f"{self.name} of checksum {self.sha256[:12]}"
+            loaded = name if self.name != name else f"the loaded {sha256[:12]}"
+            raise ModelError(
+                f"{where}: embeddings were made with {made_with}, not {loaded}; "
+                "write to another output, delete it, or pass the --model it was made with"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class Stat:
+    bytes: int
+    mtime: float
+
+
+def stat_of(path: str) -> Stat | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return Stat(st.st_size, st.st_mtime)
+
+
+def schema(dim: int, dtype: str, tag: ModelTag) -> pa.Schema:
+    import pyarrow as pa
+
+    value = pa.float16() if dtype == "float16" else pa.float32()
+    return pa.schema(
+        [
+            ("path", pa.string()),
+            ("embedding", pa.list_(value, dim)),
+            ("width", pa.int32()),
+            ("height", pa.int32()),
+            ("bytes", pa.int64()),
+            ("mtime", pa.float64()),
+            ("model", pa.string()),
+        ],
+        metadata={META_MODEL: tag.name, META_SHA: tag.sha256, META_NORMALIZED: str(tag.normalized).lower()},
+    )
+
+
+@dataclass
+class Rows:
+    """A batch of embedded images, column-wise."""
+
+    paths: list[str]
+    embeddings: np.ndarray  # N x D
+    sizes: list[tuple[int, int]]
+    stats: list[Stat]
+
+    def table(self, sch: pa.Schema, model: str) -> pa.Table:
+        import numpy as np
+        import pyarrow as pa
+
+        value_type = sch.field("embedding").type.value_type
+        dim = sch.field("embedding").type.list_size
+        flat = arrow_array(np.ascontiguousarray(self.embeddings, np.float32).reshape(-1)).cast(value_type)
+        return pa.table(
+            {
+                "path": arrow_strings(self.paths),
+                "embedding": pa.FixedSizeListArray.from_arrays(flat, dim),
+                "width": arrow_array(np.array([w for w, _ in self.sizes], np.int32)),
+                "height": arrow_array(np.array([h for _, h in self.sizes], np.int32)),
+                "bytes": arrow_array(np.array([s.bytes for s in self.stats], np.int64)),
+                "mtime": arrow_array(np.array([s.mtime for s in self.stats], np.float64)),
+                "model": arrow_strings([model] * len(self.paths)),
+            },
+            schema=sch,
+        )
+
+
+# Arrays are built from their buffers because pa.array() imports pandas on first use (to recognise
+# pandas inputs): peak memory and start-up time that an embedding run never needs.
+def arrow_array(values: np.ndarray) -> pa.Array:
+    """A 1-d numeric numpy array as an Arrow array, sharing its memory."""
+    import pyarrow as pa
+
+    return pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), len(values), [None, pa.py_buffer(values)])
+
+
+def arrow_strings(values: Sequence[str]) -> pa.Array:
+    """Python strings as an Arrow string array (UTF-8 bytes and their offsets)."""
+    import numpy as np
+    import pyarrow as pa
+
+    encoded = [v.encode() for v in values]
+    offsets = np.zeros(len(encoded) + 1, np.int32)
+    np.cumsum([len(b) for b in encoded], out=offsets[1:])
+    return pa.StringArray.from_buffers(len(encoded), pa.py_buffer(offsets), pa.py_buffer(b"".join(encoded)))
+
+
+def read_parquet(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """One Parquet file as a table (``pq.read_table`` goes through pyarrow.dataset, which imports pandas)."""
+    import pyarrow.parquet as pq
+
+    with pq.ParquetFile(path) as file:
+        return file.read(columns=columns)
+
+
+def check_compatible(found: pa.Schema, wanted: pa.Schema, where: Path) -> None:
+    meta = found.metadata or {}
+    want = wanted.metadata or {}
+    if meta.get(META_SHA) != want.get(META_SHA):
+        ModelTag.from_metadata(meta).require_model(want[META_MODEL].decode(), want[META_SHA].decode(), where)
+    if meta.get(META_NORMALIZED) != want.get(META_NORMALIZED):
+        raise InputError(f"{where}: normalisation differs from this run (--normalize/--no-normalize)")
+    if found.field("embedding").type != wanted.field("embedding").type:
+        raise InputError(f"{where}: holds {found.field('embedding').type} embeddings; use the same --dtype")
+
+
+@dataclass(slots=True)  # one per stored row, kept for the whole run
+class Stored:
+    part: PartKey  # order of writing: later parts supersede earlier ones
+    stat: Stat
+
+
+def write_table(table: pa.Table, target: Path, sch: pa.Schema, kept: str) -> None:
+    """``table`` as the Parquet file ``target``, whole or not at all (see :class:`AtomicFile`);
+    ``kept`` says what is left as it was when writing fails."""
+    import pyarrow.parquet as pq
+
+    out = AtomicFile(target)
+    try:
+        # Dictionary-encoding unique floats only to fall back to plain pages makes reads slower.
+        pq.write_table(table.replace_schema_metadata(sch.metadata), out.file, use_dictionary=["model"])
+    except OSError as e:
+        reason = describe_os_error(e, target)
+        out.discard()
+        raise OutputError(f"{target}: cannot write ({reason}); {kept}") from e
+    except BaseException:
+        out.discard()
+        raise
+    out.commit()
+
+
+KEPT_PARTS = "the parts already written are kept: run again to resume"
+
+
+@dataclass(frozen=True)
+class PartWriter:
+    """Writes whole parts into a dataset directory from any process (a Ray worker on another node):
+    each under a name no other writer uses, so writers need no coordination beyond the run's number,
+    which the store that planned the run reserved for them."""
+
+    folder: str
+    schema: pa.Schema
+    model: str
+    number: int
+    tags: str  # "" or "-sIofN"
+
+    def write(self, rows: Rows) -> str:
+        """Write ``rows`` as one new part; returns its file name."""
+        import uuid
+
+        name = f"part-{self.number:06d}{self.tags}-r{uuid.uuid4().hex[:16]}.parquet"
+        write_table(rows.table(self.schema, self.model), Path(self.folder) / name, self.schema, KEPT_PARTS)
+        return name
+
+
+@dataclass
+class Plan:
+    to_embed: list[ImageRef]
+    unchanged: int
+
+
+def _here(path: str) -> str:
+    return path
+
+
+def plan_against(
+    refs: Sequence[ImageRef],
+    stored: Mapping[str, list[Stored]],
+    owns: Callable[[str], bool],
+    locate: Callable[[str], str] = _here,
+) -> Plan:
+    """What a run embeds: the ``refs`` it owns whose file is new, or changed since ``stored`` recorded it.
+    ``locate`` turns a stored path into one that opens from here (see :meth:`PlannedRows.locate`)."""
+    todo, unchanged = [], 0
+    for ref in refs:
+        if not owns(ref.path):
+            continue
+        current = stat_of(locate(ref.path))
+        if current is not None and any(s.stat == current for s in stored.get(ref.path, [])):
+            unchanged += 1
+        else:
+            todo.append(ref)
+    return Plan(todo, unchanged)
+
+
+def newest_unchanged(stored: Mapping[str, list[Stored]], locate: Callable[[str], str] = _here) -> dict[str, PartKey]:
+    """For each path whose file is unchanged on disk: the part holding its newest matching row."""
+    keep = {}
+    for p, rows in stored.items():
+        current = stat_of(locate(p))
+        valid = [r.part for r in rows if r.stat == current]
+        if valid:
+            keep[p] = max(valid)
+    return keep
+
+
+class PlannedRows:
+    """What a local and an object-store dataset share: which paths a run owns, its plan against the
+    stored rows, and new rows buffered into parts of ``part_rows``."""
+
+    schema: pa.Schema
+    model: str
+    part_rows: int
+    shard: Shard | None
+    stored: dict[str, list[Stored]]
+    _pending: list[pa.Table]
+    _pending_rows: int
+    _next_part: int
+    _reachable: bool  # whether any path stored in the dataset, this shard's or not, exists from here
+
+    @property
+    def is_dir(self) -> bool:
+        return True
+
+    @property
+    def tags(self) -> str:
+        """What this run's part names carry after their number: its shard, if any."""
+        return f"-{self.shard.tag}" if self.shard else ""
+
+    def owns(self, path: str) -> bool:
+        """Whether this run plans, stores and cleans ``path`` (every path, unless sharded)."""
+        return self.shard is None or self.shard.owns(path)
+
+    def record_rows(self, table: pa.Table, key: PartKey, stored: dict[str, list[Stored]]) -> list[str]:
+        """Record in ``stored`` the rows of ``table`` (a part's path, bytes and mtime columns) that this
+        run owns, as rows of the part ``key``; returns their paths, in order. Notes whether any path exists."""
+        paths = table.column("path").to_pylist()
+        self._reachable = self._reachable or any_exists(map(self.locate, paths))
+        owned = []
+        for p, b, m in zip(paths, *(table.column(c).to_pylist() for c in ("bytes", "mtime")), strict=True):
+            if self.owns(p):
+                stored.setdefault(p, []).append(Stored(key, Stat(b, m)))
+                owned.append(p)
+        return owned
+
+    base: str | None = None  # the folder relative paths are relative to; None: the working folder
+    prune: bool = False  # remove rows of gone files even past PRUNE_SHARE (embed --prune)
+
+    def locate(self, path: str) -> str:
+        """A stored path as it opens from here: a relative one is relative to the dataset's folder."""
+        if self.base is None or os.path.isabs(path):
+            return path
+        return os.path.join(self.base, path)
+
+    def adopt_base(self, recorded: Mapping[bytes, bytes] | None, new: bool) -> None:
+        """Take the folder the dataset's relative paths are relative to from the metadata ``recorded``
+        in one of its parts; for a ``new`` dataset, the working folder. Every part this run writes
+        records it. A dataset written before clipcli recorded it has none: its paths stay relative to
+        the working folder, as then."""
+        self.base = working_folder() if new else dataset_base(recorded)
+        metadata = {k: v for k, v in (self.schema.metadata or {}).items() if k != META_BASE}
+        if self.base is not None:
+            metadata[META_BASE] = os.fsencode(self.base)
+        self.schema = self.schema.with_metadata(metadata)
+
+    def rebase(self, ref: ImageRef) -> ImageRef:
+        """``ref`` keyed as the dataset keys it: a relative path given in another working folder is
+        made relative to the dataset's own folder, so that it names the same file from there."""
+        if self.base is None or os.path.isabs(ref.path) or _same_folder(self.base):
+            return ref
+        return ImageRef(os.path.relpath(os.path.abspath(ref.path), self.base), ref.file)
+
+    def plan(self, refs: Sequence[ImageRef]) -> Plan:
+        plan = plan_against([self.rebase(r) for r in refs], self.stored, self.owns, self.locate)
+        self._refuse_mass_removal(plan)
+        return plan
+
+    def _refuse_mass_removal(self, plan: Plan) -> None:
+        """Refuse, before any work, a run that would remove more than PRUNE_SHARE of the rows (and more
+        than PRUNE_FEW) without --prune: files that are merely unreachable are not gone."""
+        if self.prune or len(self.stored) <= PRUNE_FEW:
+            return
+        embedding = {r.path for r in plan.to_embed}
+        unchanged = newest_unchanged(self.stored, self.locate)
+        doomed = sum(1 for p in self.stored if p not in embedding and p not in unchanged)
+        if doomed > PRUNE_FEW and doomed > PRUNE_SHARE * len(self.stored):
+            raise InputError(
+                f"{self.where}: this run would remove {doomed} of its {len(self.stored)} rows (files missing or "
+                f"changed from here, more than {PRUNE_SHARE:.0%}); if they are gone for good pass --prune, else "
+                "run where they can be read (a share unmounted? a folder moved?)"
+            )
+
+    @property
+    def where(self) -> str:
+        raise NotImplementedError
+
+    def add(self, rows: Rows) -> None:
+        """Buffer ``rows``; in a directory, every ``part_rows`` rows are written as one part, whatever
+        the size of the batches they come in (a batch may fill one part and start the next)."""
+        if not rows.paths:
+            return
+        table = rows.table(self.schema, self.model)
+        start = 0
+        while start < table.num_rows:
+            room = self.part_rows - self._pending_rows if self.is_dir else table.num_rows
+            chunk = table.slice(start, max(room, 1))
+            self._pending.append(chunk)
+            self._pending_rows += chunk.num_rows
+            end = start + chunk.num_rows
+            for p, st in zip(rows.paths[start:end], rows.stats[start:end], strict=True):
+                # The key of the part these rows go into: the number the next flush reserves.
+                self.stored.setdefault(p, []).append(Stored((self._next_part, self.tags), st))
+            start = end
+            if self.is_dir and self._pending_rows >= self.part_rows:
+                self._flush()
+
+    def _flush(self) -> None:
+        raise NotImplementedError
+
+    def _scan(self) -> dict[str, list[Stored]]:
+        raise NotImplementedError
+
+    def _keep(self) -> dict[str, PartKey]:
+        """For each path whose file is unchanged on disk: the part holding its newest matching row."""
+        return newest_unchanged(self.stored, self.locate)
+
+    def _clean_parts(self, keep: dict[str, PartKey]) -> None:
+        raise NotImplementedError
+
+    def reconcile(self) -> int:
+        """Read the stored rows again from the parts themselves (other writers, Ray workers or other
+        shards, may have changed them since this run began), then drop stale and duplicate rows from this
+        run's parts; returns how many paths were removed."""
+        self.stored = {}
+        self.stored = self._scan()
+        keep = self._keep()
+        removed = sum(1 for p in self.stored if p not in keep)
+        self._clean_parts(keep)
+        return removed
+
+
+def _same_folder(folder: str) -> bool:
+    """Whether ``folder`` is the working folder (through links)."""
+    try:
+        return os.path.samefile(folder, os.getcwd())
+    except OSError:
+        return False
+
+
+def working_folder() -> str | None:
+    try:
+        return os.getcwd()
+    except OSError:
+        return None  # the working folder was deleted: relative paths name nothing
+
+
+def dataset_base(metadata: Mapping[bytes, bytes] | None) -> str | None:
+    """The folder a dataset's relative paths are relative to, as its Parquet metadata records it; None
+    for a dataset written before clipcli recorded it (its paths are relative to the working folder)."""
+    value = (metadata or {}).get(META_BASE)
+    return os.fsdecode(value) if value else None
+
+
+def any_exists(paths: Iterable[str]) -> bool:
+    return any(os.path.lexists(p) for p in paths)
+
+
+def refuse_unreachable(where: str, stored: dict[str, list[Stored]], reachable: bool) -> None:
+    """Refuse a dataset whose paths all fail to exist from here: relative paths read from another folder,
+    or an unmounted share, would otherwise make a rerun drop every row. ``reachable`` says whether any path
+    the scan read exists, another shard's included: a shard whose own files were all deleted is not lost."""
+    if stored and not reachable:
+        raise InputError(
+            f"{where}: none of its {len(stored)} paths exist from here; run from the folder it "
+            "was made in (paths are stored as given), or, if those files are gone for good, delete it or "
+            "choose another output"
+        )
+
+
+def first_rows(
+    paths: Sequence[str],
+    tags: Sequence[PartKey],
+    keep: dict[str, PartKey],
+    written: set[str],
+    owns: Callable[[str], bool],
+) -> list[int]:
+    """Rows to keep: each path once, from the part ``keep`` chose for it (``written`` spans parts);
+    rows of paths this run does not own (another shard's) are kept as they are."""
+    wanted = []
+    for i, (p, tag) in enumerate(zip(paths, tags, strict=True)):
+        if not owns(p):
+            wanted.append(i)
+        elif keep.get(p) == tag and p not in written:
+            written.add(p)
+            wanted.append(i)
+    return wanted
