@@ -300,3 +300,25 @@ def test_a_saved_source_still_scans_equal_after_the_check(tmp_path):
     exact_scores, _ = exact_search(open_matrix(emb, expect), queries, 5)
     assert (found[:, 0] == np.arange(20)).all() and np.allclose(scores[:, 0], exact_scores[:, 0])
     assert json.loads((default_index_path(emb) / ".clipcli-index").read_text())["written"]
+
+
+def test_an_unmarked_folder_whose_meta_json_names_a_users_file_never_loses_it(cli, tmp_path):
+    """Found by a fault run after the first fix: a folder with no marker whose meta.json reads as an index
+    (copied from one, then edited to name the user's own file) was adopted, and that file removed."""
+    emb = tmp_path / "e.npy"
+    assert cli("embed", str(SAMPLES / "seen"), "-m", "tiny-shapes", "-o", str(emb)).exit_code == 0
+    assert cli("index", str(emb)).exit_code == 0
+    real = default_index_path(emb)
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    meta = json.loads((real / META).read_text())
+    user_file = next(iter(meta["files"]))
+    meta["files"][user_file] = "user.npy"
+    (fake / META).write_text(json.dumps(meta))
+    np.save(fake / "user.npy", np.arange(7))
+    before = (fake / "user.npy").read_bytes()
+    ran = cli("index", str(emb), "-o", str(fake), "--rebuild")
+    assert ran.exit_code == 0, ran.stderr
+    assert (fake / "user.npy").read_bytes() == before  # a meta.json proves nothing about who wrote a file
+    assert "answered" not in ran.stderr
+    assert cli("rank", "a red circle", str(emb), "-m", "tiny-shapes", "--index", str(fake)).exit_code == 0

@@ -332,3 +332,36 @@ def test_max_megapixels_inf_means_no_limit_and_nan_is_refused(cli: Cli, tmp_path
     ran = cli("embed", str(SAMPLES / "busy"), *MODEL, "--max-megapixels", "inf", "-f", "csv")
     assert ran.exit_code == 0 and len(ran.stdout.splitlines()) == 7
     one_line_error(cli("embed", str(SAMPLES / "busy"), *MODEL, "--max-megapixels", "nan"), "--max-megapixels")
+
+
+@pytest.mark.parametrize("command", ["classify", "rank", "dedup"])
+def test_an_output_that_is_an_image_inside_an_input_folder_is_refused(cli: Cli, tmp_path: Path, command: str) -> None:
+    """Found by a fault run after the first fix: `classify d -o d/red-circle.jpg -f csv` replaced the photo."""
+    folder = tmp_path / "d"
+    shutil.copytree(SAMPLES / "busy", folder)
+    victim = folder / "red-circle.jpg"
+    (tmp_path / "img.csv").symlink_to(victim)  # through a link with another suffix, too
+    before = victim.read_bytes()
+    first = {"classify": [], "rank": ["a red circle"], "dedup": []}[command]
+    labels = ["--labels", "circle,star"] if command == "classify" else []
+    for output in (victim, tmp_path / "img.csv"):
+        ran = cli(command, *first, str(folder), *MODEL, *labels, "-o", str(output), "-f", "csv")
+        one_line_error(ran, str(output), "inside the input folder")
+    assert victim.read_bytes() == before
+    # a file of another kind in the folder is no input, and may be written
+    ran = cli("classify", str(folder), *MODEL, "--labels", "circle,star", "-o", str(folder / "labels.csv"))
+    assert ran.exit_code == 0, ran.stderr
+
+
+def test_a_templates_file_given_as_output_is_refused(cli: Cli, tmp_path: Path) -> None:
+    templates = tmp_path / "tpl.txt"
+    templates.write_text("a photo of a {}.\n")
+    image = SAMPLES / "busy" / "red-circle.jpg"
+    runs = [
+        ("classify", str(image), *MODEL, "--labels", "circle,star", "--templates", str(templates)),
+        ("embed", "--text", "a circle", *MODEL, "--templates", str(templates)),
+        ("rank", "a circle", str(SAMPLES / "busy"), *MODEL, "--templates", str(templates)),
+    ]
+    for args in runs:
+        one_line_error(cli(*args, "-o", str(templates), "-f", "csv"), "is also an input")
+    assert templates.read_text() == "a photo of a {}.\n"

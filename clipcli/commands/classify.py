@@ -44,7 +44,7 @@ def classify(
     from clipcli.zeroshot.classify import PREDICTION_COLUMNS, ClassifyHooks, prediction_schema, run_classify
     from clipcli.zeroshot.prompts import resolve_labels, resolve_templates
 
-    refuse_output_over_inputs([output], [*inputs, labels_file])
+    refuse_output_over_inputs([output], [*inputs, labels_file, *(templates or [])])
     label_list = resolve_labels(labels, labels_file)
     template_set = resolve_templates(template, templates)
     out_format = parse_output(output, fmt, opt.RESULT_FORMATS, tty=stdout_is_tty()).format

@@ -109,7 +109,7 @@ def embed(
     inputs = inputs or []
     out = parse_dataset_output(output, fmt, FORMATS, tty=stdout_is_tty(), text=text)
     check_scale_out(engine.value, shard, text, out, output)
-    refuse_output_over_inputs(out.written_files(), [*inputs, texts_file])
+    refuse_output_over_inputs(out.written_files(), [*inputs, texts_file, *(templates or [])])
     if shard is not None:  # a malformed I/N is refused before any file is touched
         out = dataclasses.replace(out, shard=Shard.parse(shard))
     if text:

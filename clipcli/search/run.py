@@ -91,7 +91,7 @@ def run_rank(request: RankRequest, models: ModelOptions, images: ImageOptions, h
     out_format = parse_output(r.output, r.format, RANK_FORMATS, tty=stdout_is_tty(), piped=OutputFormat.TSV).format
     if r.null:
         out_format = OutputFormat.TSV  # its writer prints nothing here: the paths go out as bytes
-    queries = [r.image, r.texts_file, r.queries_file, r.image_queries, r.index]
+    queries = [r.image, r.texts_file, r.queries_file, r.image_queries, r.index, *(r.templates or [])]
     refuse_output_over_inputs([r.output], queries, datasets=args)
     if r.index and r.no_index:
         raise InputError("give --index or --no-index, not both")

@@ -177,8 +177,10 @@ class _Ledger:
         state = _folder_state(out)
         if state is None:
             return cls(out, [], False)
-        if isinstance(state, Meta):  # adopted: the files its meta.json names are clipcli's
-            return cls(out, list(state.files.values()), False)
+        if isinstance(state, Meta):
+            # An index from before folders were marked is taken over, but a meta.json proves nothing about
+            # who wrote the files it names: they are left where they are, never removed.
+            return cls(out, [], False)
         try:
             written = json.loads((out / MARKER).read_text()).get("written", [])
         except (OSError, ValueError, AttributeError):

@@ -17,6 +17,7 @@ The NPY writer is here rather than in :mod:`clipcli.store.formats` with the row 
 from __future__ import annotations
 
 import os
+import re
 import stat
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager, ExitStack, nullcontext
@@ -281,6 +282,33 @@ def refuse_output_over_inputs(
             if in_stat is not None and (in_stat.st_dev, in_stat.st_ino) == (out_stat.st_dev, out_stat.st_ino):
                 same = "" if str(given) == str(output) else f" ({given})"
                 raise OutputError(f"{output}: is also an input{same}; write the output to another file")
+            if in_stat is not None and stat.S_ISDIR(in_stat.st_mode) and stat.S_ISREG(out_stat.st_mode):
+                _refuse_image_inside(output, out, Path(given or ""))
+            elif in_stat is None and _GLOB_CHARS.search(str(given)):
+                _refuse_glob_match(output, out_stat, str(given))
+
+
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+def _refuse_image_inside(output: PathArg, out: Path, folder: Path) -> None:
+    """An image file inside an input folder (through links too) is one of the inputs that folder yields."""
+    from clipcli.images.sources import IMAGE_EXTENSIONS
+
+    target = real_path(out)
+    if target.suffix.lower() in IMAGE_EXTENSIONS and real_path(folder) in target.parents:
+        raise OutputError(
+            f"{output}: is also an input (an image inside the input folder {folder}); write the output to another file"
+        )
+
+
+def _refuse_glob_match(output: PathArg, out_stat: os.stat_result, pattern: str) -> None:
+    import glob
+
+    for match in glob.iglob(pattern, recursive=True):
+        found = _stat(Path(match))
+        if found is not None and (found.st_dev, found.st_ino) == (out_stat.st_dev, out_stat.st_ino):
+            raise OutputError(f"{output}: is also an input ({match}, from {pattern}); write the output to another file")
 
 
 def _refuse_inside_datasets(out: Path, folders: Sequence[PathArg]) -> None:

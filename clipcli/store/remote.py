@@ -46,6 +46,7 @@ from clipcli.store.parts import (
     PlannedRows,
     Rows,
     Stored,
+    any_exists,
     arrow_array,
     check_compatible,
     first_rows,
@@ -329,6 +330,10 @@ class RemoteStore(PlannedRows):
         for key, part in self._parts():
             self._next_part = max(self._next_part, key[0] + 1)
             if self._other_shards(key):
+                # Not this shard's rows, but whether any stored path exists from here is the dataset's
+                # question (refuse_unreachable): a shard whose own files are all gone is not a wrong folder.
+                if not self._reachable:
+                    self._note_reachable(fs, part)
                 continue
             try:
                 found, table = read_table(fs, part, ["path", "bytes", "mtime"], self.where)
@@ -343,6 +348,13 @@ class RemoteStore(PlannedRows):
                 if not self._mine(key):
                     self._foreign.setdefault(key, []).append(p)
         return stored
+
+    def _note_reachable(self, fs: Any, part: str) -> None:
+        try:
+            table = read_table(fs, part, ["path"], self.where)[1]
+        except (OSError, ValueError):
+            return  # rewritten by its own writer since the listing, or unreadable: it proves nothing
+        self._reachable = any_exists(map(self.locate, table.column("path").to_pylist()))
 
     def _other_shards(self, key: PartKey) -> bool:
         """A part of another shard of the same count holds none of this shard's paths: not read."""
