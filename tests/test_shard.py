@@ -85,6 +85,20 @@ def test_three_shards_equal_one_run_and_stay_equal_incrementally(cli, folder, tm
     assert_same_dataset(whole, sharded)
 
 
+def test_a_shard_that_owns_no_file_leaves_no_part_once_another_shard_writes(cli, tmp_path):
+    # One image, named so that shard 0 (which runs first) owns nothing: two of three shards own nothing.
+    path = next(p for i in range(20) if shard_of(p := str(tmp_path / "imgs" / f"a{i}.png"), 3) != 0)
+    make_image(Path(path), (20, 20), seed=1)
+    owner = shard_of(path, 3)
+    for order in ([0, 1, 2], [owner, *sorted({0, 1, 2} - {owner})]):
+        out = tmp_path / f"out{order[0]}"
+        for i in order:
+            ran = cli("embed", str(tmp_path / "imgs"), "-m", "tiny-shapes", "-o", f"{out}/", "--shard", f"{i}/3")
+            assert ran.exit_code == 0, ran.stderr
+        assert [p.name.split("-")[2][:5] for p in out.glob("part-*.parquet")] == [f"s{owner}of3"]
+        assert list(read_dataset(out)["path"]) == [path]
+
+
 @pytest.mark.slow
 def test_shards_after_an_unsharded_run_clean_only_their_own_rows(cli, folder, tmp_path):
     out = tmp_path / "out"

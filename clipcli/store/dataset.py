@@ -211,9 +211,13 @@ class ParquetStore(PlannedRows):
         import numpy as np
 
         written: set[str] = set()
+        empty: list[Path] = []
         for key, part in self._parts():
             # Paths alone decide; the embeddings (most of the bytes) are read only for a part that changes.
             paths = read_parquet(part, ["path"]).column("path").to_pylist()
+            if not paths:
+                empty.append(part)
+                continue
             wanted = first_rows(paths, [key] * len(paths), keep, written, self.owns)
             if len(wanted) == len(paths):
                 continue
@@ -223,6 +227,11 @@ class ParquetStore(PlannedRows):
             if kept.num_rows:
                 self._write(kept, self._new_part())
             part.unlink()
-        if not self._parts():
+        # An empty part only keeps an empty dataset readable (a shard that owned no file writes one
+        # when it runs first); once any part holds rows it has no purpose.
+        if len(empty) < len(self._parts()):
+            for part in empty:
+                part.unlink()
+        elif not self._parts():
             self.path.mkdir(parents=True, exist_ok=True)
             self._write(self.schema.empty_table(), self._new_part())
