@@ -58,9 +58,10 @@ def fresh_rows(batch: EmbeddedBatch, refs: Sequence[ImageRef]) -> tuple[Rows, li
     keep = [
         i for i, (then, current) in enumerate(zip(decoded, now, strict=True)) if then is not None and then == current
     ]
+    meta = batch.meta
     if len(keep) == len(files):
         stats = [s or Stat(0, 0.0) for s in decoded]
-        return Rows(batch.names, batch.embeddings.numpy(), batch.sizes, stats), batch.skipped
+        return Rows(batch.names, batch.embeddings.numpy(), batch.sizes, stats, meta), batch.skipped
     kept = set(keep)
     skipped = [*batch.skipped, *(Skipped(batch.names[i], CHANGED) for i in range(len(files)) if i not in kept)]
     rows = Rows(
@@ -68,6 +69,7 @@ def fresh_rows(batch: EmbeddedBatch, refs: Sequence[ImageRef]) -> tuple[Rows, li
         batch.embeddings.numpy()[keep],
         [batch.sizes[i] for i in keep],
         [decoded[i] or Stat(0, 0.0) for i in keep],
+        None if meta is None else [meta[i] for i in keep],
     )
     return rows, skipped
 

@@ -15,20 +15,21 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
+from clipcli.images.containers import decode_member
 from clipcli.images.decode import (
     DEFAULT_MAX_PIXELS,
-    FileStat,
     ImageSpec,
     decode_file,
     describe_error,
     image_spec,
     resize_and_crop,
 )
+from clipcli.images.refs import FileStat
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from clipcli.images.sources import ImageRef
+    from clipcli.images.refs import ImageRef
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Batch:
     sizes: list[tuple[int, int]]  # full-resolution (width, height) of each decoded image
     skipped: list[tuple[int, str]]
     stats: list[FileStat] | None = None  # (bytes, mtime) of each file as it was opened, from fstat
+    meta: list[dict[str, Any]] | None = None  # each image's metadata columns (see clipcli.images.refs.Decoded)
 
 
 class ImageDataset:
@@ -61,9 +63,14 @@ class ImageDataset:
         return len(self.refs)
 
     def __getitem__(self, i: int) -> tuple[int, Any]:
+        ref = self.refs[i]
         try:
-            image, size, st = decode_file(self.refs[i].file, self.draft, self.max_pixels)
-            return i, (resize_and_crop(image, self.spec), size, st)
+            got = (
+                decode_member(ref, self.draft, self.max_pixels)
+                if ref.member is not None
+                else decode_file(ref.file, self.draft, self.max_pixels)
+            )
+            return i, (resize_and_crop(got.image, self.spec), got.size, got.stat, got.meta)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             return i, describe_error(e)
         except Exception as e:
@@ -88,10 +95,11 @@ def _collate(items: list[tuple[int, Any]]) -> Batch:
     bad = [(i, t) for i, t in items if isinstance(t, str)]
     images = np.stack([t[0] for _, t in good]) if good else None
     sizes = [t[1] for _, t in good]
-    # (pixels, size, stat) from a file; (pixels, size) or a None stat from an array, which has none
+    # (pixels, size, stat, meta) from a file; (pixels, size) from an array, which has neither
     stats: list[FileStat | None] = [t[2] if len(t) > 2 else None for _, t in good]
     known = [st for st in stats if st is not None]
-    return Batch([i for i, _ in good], images, sizes, bad, known if len(known) == len(stats) else None)
+    meta = [t[3] for _, t in good] if all(len(t) > 3 for _, t in good) else None
+    return Batch([i for i, _ in good], images, sizes, bad, known if len(known) == len(stats) else None, meta)
 
 
 def iter_batches(

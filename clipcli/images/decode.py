@@ -6,6 +6,7 @@ Bad files never stop a run: :func:`describe_error` gives the reason a batch reco
 
 from __future__ import annotations
 
+import math
 import os
 import stat
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from PIL import Image, ImageOps
 
 from clipcli.images.limits import DEFAULT_MAX_PIXELS
+from clipcli.images.refs import Decoded
 
 if TYPE_CHECKING:
     import numpy as np
@@ -70,20 +72,16 @@ def decode(
     An image of more than ``max_pixels`` pixels (None: no limit) is refused from its header alone.
     Raises OSError or ValueError (with PIL's reason) for anything unreadable.
     """
-    image, size, _ = decode_file(file, draft_size, max_pixels)
-    return image, size
+    got = decode_file(file, draft_size, max_pixels)
+    return got.image, got.size
 
 
-FileStat = tuple[int, float]  # (bytes, mtime) of a file as it was read
-
-
-def decode_file(
-    file: Path, draft_size: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS
-) -> tuple[Image.Image, tuple[int, int], FileStat]:
-    """:func:`decode`, and the size and mtime of the file that was decoded, taken from the open file
+def decode_file(file: Path, draft_size: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Decoded:
+    """:func:`decode`, with the size and mtime of the file that was decoded, taken from the open file
     (``fstat``) once its header is read and before its pixels are: a file replaced while it is decoded
     then shows a stat that no longer matches its path, and the embedding of the old picture is never
-    stored as the new one's."""
+    stored as the new one's. The photo's metadata columns come from the same open file (see
+    :func:`photo_metadata`): nothing is read twice."""
     require_regular_file(file)
     with Image.open(file) as im:
         st = _open_file_stat(im, file)
@@ -91,7 +89,8 @@ def decode_file(
         _require_at_most(width * height, max_pixels)
         if getattr(im, "n_frames", 1) > 1:
             im.seek(0)
-        orientation = im.getexif().get(_ORIENTATION, 1)
+        exif = im.getexif()
+        orientation = exif.get(_ORIENTATION, 1)
         if orientation in (5, 6, 7, 8):
             width, height = height, width
         if draft_size and im.format == "JPEG":
@@ -99,7 +98,44 @@ def decode_file(
         im.load()
         # exif_transpose copies even an upright image; most photos are upright.
         oriented = ImageOps.exif_transpose(im) if orientation != 1 else im
-        return _to_rgb(oriented), (width, height), (st.st_size, st.st_mtime)
+        meta = photo_metadata(exif, st.st_mtime)
+        return Decoded(_to_rgb(oriented), (width, height), (st.st_size, st.st_mtime), meta)
+
+
+_DATETIME_ORIGINAL, _EXIF_IFD, _GPS_IFD, _MAKE, _MODEL = 0x9003, 0x8769, 0x8825, 0x010F, 0x0110
+
+
+def photo_metadata(exif: Image.Exif, mtime: float) -> dict[str, Any]:
+    """The columns people filter photos on: ``taken`` (EXIF DateTimeOriginal, else the file's mtime,
+    as a naive local time, as cameras write it), ``camera_make``, ``camera_model``, and ``gps_lat`` /
+    ``gps_lon`` in degrees (south and west negative) when the photo has them. A field that is missing
+    or malformed is left out: metadata never costs a row."""
+    import datetime
+
+    meta: dict[str, Any] = {}
+    try:
+        stamp = str(exif.get_ifd(_EXIF_IFD).get(_DATETIME_ORIGINAL, "")).strip("\0 ")
+        meta["taken"] = datetime.datetime.strptime(stamp[:19], "%Y:%m:%d %H:%M:%S")
+    except (ValueError, TypeError, KeyError, OSError, SyntaxError):
+        pass
+    if "taken" not in meta:
+        meta["taken"] = datetime.datetime.fromtimestamp(mtime).replace(microsecond=0)
+    for tag, column in ((_MAKE, "camera_make"), (_MODEL, "camera_model")):
+        value = exif.get(tag)
+        if isinstance(value, str) and value.strip("\0 "):
+            meta[column] = value.strip("\0 ")[:200]
+    try:
+        gps = exif.get_ifd(_GPS_IFD)
+        for ref_tag, tag, column, negative in ((1, 2, "gps_lat", "S"), (3, 4, "gps_lon", "W")):
+            if tag in gps:
+                d, m, sec = (float(x) for x in gps[tag])
+                degrees = d + m / 60 + sec / 3600
+                if not math.isfinite(degrees) or degrees > 180:
+                    continue
+                meta[column] = -degrees if str(gps.get(ref_tag, "")).upper().startswith(negative) else degrees
+    except (ValueError, TypeError, KeyError, OSError, SyntaxError, ZeroDivisionError):
+        pass
+    return meta
 
 
 def _open_file_stat(im: Image.Image, file: Path) -> os.stat_result:

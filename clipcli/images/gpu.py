@@ -74,7 +74,7 @@ class _ReadDataset:
         _, got = self.cpu[i]
         if isinstance(got, str):
             return Read(i, error=got)
-        pixels, size, _stat = got  # the device path keeps no stats: rows are checked after embedding
+        pixels, size = got[0], got[1]  # the device path keeps no stats: rows are checked after embedding
         return Read(i, size=size, pixels=pixels)
 
     def decode_order(self, indices: range) -> Sequence[int]:

@@ -10,30 +10,19 @@ import glob
 import os
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from clipcli.errors import InputError
+from clipcli.images.containers import container_extensions, expand
+from clipcli.images.refs import ContainerOptions, ImageRef, Skipped
+
+__all__ = ["IMAGE_EXTENSIONS", "ImageRef", "Skipped", "discover", "natural_key", "nothing_found", "walk_folder"]
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 )
 _GLOB_CHARS = re.compile(r"[*?\[]")
-
-
-@dataclass(frozen=True, slots=True)  # one per input: slots keep a million of them small
-class ImageRef:
-    """One input image: ``path`` as the user wrote it (or folder + relative path), ``file`` to open."""
-
-    path: str
-    file: Path
-
-
-@dataclass(frozen=True, slots=True)
-class Skipped:
-    path: str
-    reason: str
 
 
 def natural_key(text: str) -> list[Any]:
@@ -79,9 +68,10 @@ def _walk_once(
 def walk_folder(folder: str, visited: set[tuple[int, int] | None] | None = None) -> list[ImageRef]:
     """Every image under ``folder`` (natural order), each real directory once; see :func:`_walk_once`."""
     found = []
+    wanted = IMAGE_EXTENSIONS | container_extensions()
     for root, files in _walk_once(folder, visited=visited):
         for name in files:
-            if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+            if Path(name).suffix.lower() in wanted:
                 full = os.path.join(root, name)
                 found.append(ImageRef(full, Path(full)))
     found.sort(key=lambda ref: natural_key(os.path.relpath(ref.path, folder)))
@@ -154,8 +144,12 @@ def nothing_found(arguments: Sequence[str], missing: Sequence[Skipped]) -> Input
     return InputError(f"no images found in {', '.join(arguments)}" + (f" ({reasons})" if reasons else ""))
 
 
-def discover(arguments: Sequence[str], stdin: IO[str] | None = None) -> tuple[list[ImageRef], list[Skipped]]:
-    """Expand files, folders, globs and ``-`` (paths on stdin) into images, in input order.
+def discover(
+    arguments: Sequence[str], stdin: IO[str] | None = None, containers: ContainerOptions | None = None
+) -> tuple[list[ImageRef], list[Skipped]]:
+    """Expand files, folders, globs and ``-`` (paths on stdin) into images, in input order; a container
+    of images (a video, a WebDataset shard: see :mod:`clipcli.images.containers`) into its members, as
+    ``containers`` says.
 
     Arguments that name nothing are returned as skipped, not raised: one typo must not cost a batch.
     A file named twice (directly, by a folder or a glob) is listed once, where it was first named.
@@ -179,4 +173,5 @@ def discover(arguments: Sequence[str], stdin: IO[str] | None = None) -> tuple[li
             refs.extend(ImageRef(m, Path(m)) for m in files)
         else:
             missing.append(Skipped(arg, "no such file or directory"))
-    return _drop_repeats(refs), missing
+    members, empty = expand(_drop_repeats(refs), containers)
+    return members, missing + empty

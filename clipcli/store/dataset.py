@@ -31,6 +31,7 @@ from clipcli.store.parts import (
     Stored,
     arrow_array,
     check_compatible,
+    columns_as_found,
     first_rows,
     read_parquet,
     refuse_unreachable,
@@ -149,14 +150,15 @@ class ParquetStore(PlannedRows):
         import pyarrow.parquet as pq
 
         parts = self._parts()
-        recorded = None
+        found = None
         for _, part in parts:
             try:
-                recorded = pq.read_schema(part).metadata
+                found = pq.read_schema(part)
             except (OSError, ValueError):
                 continue  # reported by the scan that follows
             break
-        self.adopt_base(recorded, new=not parts)
+        self.schema = columns_as_found(self.schema, found)
+        self.adopt_base(None if found is None else found.metadata, new=not parts)
 
     def _write(self, table: pa.Table, target: Path) -> None:
         kept = KEPT_PARTS if self.is_dir else "any previous file is left as it was"

@@ -49,6 +49,7 @@ from clipcli.store.parts import (
     any_exists,
     arrow_array,
     check_compatible,
+    columns_as_found,
     first_rows,
     refuse_unreachable,
 )
@@ -306,10 +307,11 @@ class RemoteStore(PlannedRows):
             raise OutputError(f"{self.where}: cannot write ({reason_of(e)})") from e
         parts = self._parts()  # relative paths are relative to the folder the dataset records (store.py)
         try:
-            recorded = read_table(fs, parts[0][1], ["path"], self.where)[0].metadata if parts else None
+            found = read_table(fs, parts[0][1], ["path"], self.where)[0] if parts else None
         except OSError:
-            recorded = None  # rewritten since the listing (by a shard): this run reads paths as given
-        self.adopt_base(recorded, not parts)
+            found = None  # rewritten since the listing (by a shard): this run reads paths as given
+        self.schema = columns_as_found(self.schema, found)
+        self.adopt_base(None if found is None else found.metadata, not parts)
         self.stored = self._scan()
         refuse_unreachable(self.where, self.stored, self._reachable)
         stale = self._stale_foreign(self._keep())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from clipcli.images.batches import Batch, iter_batches
 from clipcli.images.decode import DEFAULT_MAX_PIXELS, normalize_pixels
@@ -76,6 +76,7 @@ class EmbeddedBatch:
     sizes: list[tuple[int, int]]  # full-resolution (width, height) per image embedded
     skipped: list[Skipped]
     stats: list[tuple[int, float]] | None = None  # (bytes, mtime) per image from the open file, where known
+    meta: list[dict[str, Any]] | None = None  # per image: its metadata columns (clipcli.images.refs.Decoded)
 
 
 def embed_batches(
@@ -90,7 +91,9 @@ def embed_batches(
         pixels = _model_input(lm, batch)
         embeddings = torch.empty(0, lm.embed_dim) if pixels is None else encode_pixels(lm, pixels, normalize)
         stats = batch.stats if isinstance(batch, Batch) else None
-        yield EmbeddedBatch(batch.indices, [names[i] for i in batch.indices], embeddings, batch.sizes, skipped, stats)
+        meta = batch.meta if isinstance(batch, Batch) else None
+        names_of = [names[i] for i in batch.indices]
+        yield EmbeddedBatch(batch.indices, names_of, embeddings, batch.sizes, skipped, stats, meta)
 
 
 def _model_input(lm: LoadedModel, batch: Batch | DeviceBatch) -> torch.Tensor | None:
