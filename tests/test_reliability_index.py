@@ -80,6 +80,26 @@ def test_an_index_folder_keeps_files_it_did_not_write_across_updates(cli, tmp_pa
     assert ours - named == {".clipcli-index"}  # what earlier builds wrote is gone, the marker stays
 
 
+def test_a_forged_marker_gets_no_file_it_lists_removed(cli, tmp_path):
+    """A marker is only a list of names: one copied from elsewhere, or written by someone else, that
+    lists the user's files must not make an update remove them."""
+    emb = tmp_path / "emb.npy"
+    assert cli("embed", str(SAMPLES / "seen"), "-m", "tiny-shapes", "-o", str(emb)).exit_code == 0
+    folder = default_index_path(emb)
+    folder.mkdir()
+    (folder / "photo.jpg").write_bytes(b"precious")
+    (folder / "keys.npy").write_bytes(b"precious too")
+    (tmp_path / "outside.txt").write_text("precious")
+    marker = {"clipcli": "index", "format": 1, "written": ["photo.jpg", "keys.npy", "../outside.txt", ".clipcli-index"]}
+    (folder / ".clipcli-index").write_text(json.dumps(marker))
+    for extra in (["--kind", "hnsw"], ["--rebuild"], ["--kind", "flat"]):
+        assert cli("index", str(emb), *extra).exit_code == 0
+    assert (folder / "photo.jpg").read_bytes() == b"precious"
+    assert (folder / "keys.npy").read_bytes() == b"precious too"
+    assert (tmp_path / "outside.txt").read_text() == "precious"
+    assert cli("rank", "a red circle", str(emb), "-m", "tiny-shapes", "-k", "1").exit_code == 0
+
+
 # --- item 11: a stale index behind restored sizes and mtimes ----------------------------------------
 
 

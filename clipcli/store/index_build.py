@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -163,6 +164,9 @@ def _folder_state(out: Path) -> Meta | bool | None:
     )
 
 
+DATA_FILE = re.compile(r"[a-z]+-[0-9a-f]{8}\.(?:npy|faiss)")  # as _write_npy and _write_faiss name them
+
+
 class _Ledger:
     """The marker file: what makes a folder an index clipcli made, and the data files it wrote there
     (each named before it is created, so a build killed half-way leaves nothing unaccounted for)."""
@@ -185,7 +189,9 @@ class _Ledger:
             written = json.loads((out / MARKER).read_text()).get("written", [])
         except (OSError, ValueError, AttributeError):
             written = []  # a damaged marker proves nothing: nothing it might have named is removed
-        plain = [w for w in written if isinstance(w, str) and w == Path(w).name and w not in (META, MARKER)]
+        # Only names of the form clipcli gives its data files: a marker copied or forged to list other
+        # files (photo.jpg, ../x) gets none of them removed.
+        plain = [w for w in written if isinstance(w, str) and DATA_FILE.fullmatch(w)]
         return cls(out, plain, True)
 
     def start(self) -> None:
