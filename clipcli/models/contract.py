@@ -101,14 +101,16 @@ class LoadedModel(ABC):
         return self.device.type != "cpu"
 
 
-def require_extra(module: str, extra: str, family: str) -> Any:
-    """Import an optional family's library, or say which extra installs it (exit 2)."""
+def require_extra(module: str, extra: str, needed_by: str) -> Any:
+    """Import an optional library, or say which extra installs it (exit 2). ``needed_by`` names what
+    needs it, as the subject of the message: "open_clip models", "--where filters", "clipcli serve"."""
     import importlib
 
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise ModelError(f"{family} models need the {extra} extra: pip install 'clipcli[{extra}]' ({e})") from None
+        verb = "need" if needed_by.endswith("s") else "needs"
+        raise ModelError(f"{needed_by} {verb} the {extra} extra: pip install 'clipcli[{extra}]' ({e})") from None
 
 
 @dataclass(frozen=True)

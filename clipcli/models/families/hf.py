@@ -50,7 +50,7 @@ _RESAMPLE: dict[int, Literal["bicubic", "bilinear"]] = {3: "bicubic", 2: "biline
 
 
 def _transformers() -> Any:
-    return require_extra("transformers", "hf", "Hugging Face")
+    return require_extra("transformers", "hf", "Hugging Face models")
 
 
 class HFModel(LoadedModel):

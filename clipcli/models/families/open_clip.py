@@ -35,7 +35,7 @@ _HUB_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 
 def _open_clip() -> Any:
-    return require_extra("open_clip", "open_clip", "open_clip")
+    return require_extra("open_clip", "open_clip", "open_clip models")
 
 
 class OpenClipModel(LoadedModel):
