@@ -26,7 +26,8 @@ Arguments = Annotated[
     list[str] | None,
     typer.Argument(
         help="QUERY text then SOURCES (images, folders, globs, - for stdin, or embeddings written by "
-        "embed); with --image, only SOURCES.",
+        "embed); with --image, only SOURCES. QUERY may weigh and combine texts and images: "
+        "'beach - people', '\"2:dog\" + ./x.jpg - fruit' (see docs/search.md).",
         metavar="[QUERY] SOURCES...",
         show_default=False,
     ),
@@ -52,7 +53,40 @@ NoIndex = Annotated[
     bool, typer.Option("--no-index", help="Scan every saved embedding exactly, even where an index exists.")
 ]
 TopK = Annotated[int, typer.Option("--top-k", "-k", min=1, metavar="K", help="How many results to keep.")]
-Threshold = Annotated[float | None, typer.Option(metavar="SCORE", help="Drop results with a cosine score below this.")]
+Threshold = Annotated[
+    float | None,
+    typer.Option("--threshold", "--min-score", metavar="SCORE", help="Drop results with a cosine score below this."),
+]
+Negative = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--negative",
+        metavar="TEXT",
+        help="Subtract this text from the query (as QUERY - TEXT); repeatable.",
+        show_default=False,
+    ),
+]
+Cutoff = Annotated[
+    str | None,
+    typer.Option(
+        metavar="auto|Z",
+        help="Keep only results that stand out: a z-score of at least Z against the same query's scores over "
+        "a fixed sample of the dataset; auto asks more of bigger datasets, and returns nothing when "
+        "nothing stands out.",
+    ),
+]
+Where = Annotated[
+    str | None,
+    typer.Option(
+        metavar="SQL",
+        help="Only rows of saved embeddings whose columns satisfy this DuckDB SQL expression (e.g. "
+        "\"folder LIKE '%holiday%' AND width >= 1000\"), applied before the top K (needs clipcli[sql]).",
+    ),
+]
+Html = Annotated[
+    str | None,
+    typer.Option(metavar="FILE", help="Also write the results as a self-contained page of thumbnails (HTML)."),
+]
 Null = Annotated[
     bool,
     typer.Option(
@@ -94,6 +128,10 @@ def rank(
     output: opt.Output = None,
     null: Null = False,
     fmt: FormatOpt = None,
+    negative: Negative = None,
+    cutoff: Cutoff = None,
+    where: Where = None,
+    html: Html = None,
     *,
     models: ModelOptions,
     images: ImageOptions,
@@ -107,6 +145,7 @@ def rank(
     query = RankRequest(arguments or [], image, texts_file, queries_file, image_queries, index, no_index, cache)
     request = replace(query, template=template, templates=templates, top_k=top_k, threshold=threshold, null=null)
     request = replace(request, output=output, format=opt.output_format(fmt))
+    request = replace(request, negative=negative or (), cutoff=cutoff, where=where, html=html)
     tally = Tally()
     result = run_rank(request, models, images, RankHooks(opt.load, tally.on_skip, prompt_progress, say, sys.stdin))
     if result.paths is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import pairwise
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -22,6 +23,8 @@ from clipcli.zeroshot.prompts import TemplateSet, zero_shot_classifier
 
 if TYPE_CHECKING:
     import numpy as np
+
+    from clipcli.search.query import Query
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,8 @@ class SourceScan:
     index: IndexChoice = field(default_factory=IndexChoice)
     on_skip: Callable[[Skipped], None] | None = None
     stdin: IO[str] | None = None
+    on_rows: Callable[[np.ndarray], None] | None = None  # told each batch of images embedded (unit rows)
+    where: str | None = None  # a --where filter over saved embeddings' columns (see clipcli.search.where)
 
 
 def rank_many(
@@ -106,15 +111,20 @@ def rank_many(
     scan: SourceScan | None = None,
 ) -> list[list[Hit]]:
     """For each row of ``queries`` (Q x D unit vectors), its ``top_k`` sources, best first: every source
-    is read once for all the queries (one query: ``query[None, :]``)."""
+    is read once for all the queries (one query: ``query[None, :]``). With ``scan.where``, only saved
+    embeddings are taken, and only their rows that the filter keeps, before the top k are chosen."""
     scan = scan or SourceScan()
     choice = scan.index
     best = [TopK(top_k, threshold) for _ in range(len(queries))]
     image_args = []
     saved = [s for s in sources if s != "-" and is_embedding_source(s)]
     explicit = _explicit_index_source(choice, saved)
+    if scan.where is not None:
+        _refuse_where_on_images(sources, saved)
     for source in sources:
-        if source in saved:
+        if source in saved and scan.where is not None:
+            _offer_where(lm, queries, Path(source), best, scan.where)
+        elif source in saved:
             # The index re-scores against the search cache, which --no-cache forbids writing for Parquet.
             indexed = scan.use_cache or Path(source).suffix.lower() == ".npy"
             if not (indexed and _offer_from_index(lm, queries, Path(source), best, choice, explicit)):
@@ -133,6 +143,8 @@ def rank_many(
         for batch in batches:
             for s in batch.skipped:
                 on_skip(s)
+            if batch.names and scan.on_rows is not None:
+                scan.on_rows(batch.embeddings.numpy())
             if batch.names:
                 _offer_all(best, batch.embeddings.numpy(), queries, partial(_names_at, batch.names))
     return [b.hits() for b in best]
@@ -146,6 +158,56 @@ def _offer_all(best: list[TopK], chunk: np.ndarray, queries: np.ndarray, name_of
         scores = chunk @ queries[start : start + QUERY_GROUP].T
         for j in range(scores.shape[1]):
             best[start + j].offer(scores[:, j], name_of)
+
+
+WHERE_BLOCK = 1 << 16  # matching rows scored at once
+
+
+def _refuse_where_on_images(sources: Sequence[str], saved: Sequence[str]) -> None:
+    for source in sources:
+        if source not in saved:
+            raise InputError(
+                f"{source}: --where filters the columns of embeddings saved by `clipcli embed` (Parquet), "
+                "not images; embed them first"
+            )
+
+
+def _offer_where(lm: LoadedModel, queries: np.ndarray, source: Path, best: list[TopK], where: str) -> None:
+    """Score exactly the rows of ``source`` that ``where`` keeps (an index, built over all rows, would
+    return fewer than k of them): the filter runs first, then the top k of what it kept."""
+    from clipcli.search.where import WhereTable
+    from clipcli.store.saved import Expect, open_matrix
+
+    table = WhereTable(source)  # the filter's errors (a missing column) come before any model check
+    rows = table.rows(where)
+    saved = open_matrix(source, Expect.of(lm))
+    if len(rows) and int(rows[-1]) >= saved.matrix.shape[0]:
+        raise InputError(f"{source}: changed while it was read; run the search again")
+    import numpy as np
+
+    local = [TopK(b.k, b.threshold) for b in best]  # rows by number, named once at the end
+    bounds = np.searchsorted(rows, np.arange(0, saved.matrix.shape[0] + WHERE_BLOCK, WHERE_BLOCK))
+    for i, (lo, hi) in enumerate(pairwise(bounds)):
+        block = rows[lo:hi]
+        if not len(block):
+            continue
+        start = i * WHERE_BLOCK
+        stop = min(start + WHERE_BLOCK, saved.matrix.shape[0])
+        if len(block) == stop - start:  # every row of the block
+            vectors = saved.unit_rows(start, stop)
+        elif 4 * len(block) >= WHERE_BLOCK:  # many of them: read the block whole, in order
+            vectors = saved.unit_rows(start, stop)[block - start]
+        else:
+            vectors = saved.take(block)
+        _offer_all(local, vectors, queries, partial(_rows_at, block))
+    wanted = sorted({r for t in local for r in t.names})
+    names = dict(zip(wanted, saved.name_rows(wanted), strict=True))
+    for b, t in zip(best, local, strict=True):
+        b.offer(np.asarray(t.scores, np.float64), partial(_names_at, [names[r] for r in t.names]))
+
+
+def _rows_at(block: np.ndarray, idx: np.ndarray) -> list[Any]:
+    return [int(block[int(i)]) for i in idx]
 
 
 def _explicit_index_source(choice: IndexChoice, saved: Sequence[str]) -> str | None:
@@ -301,3 +363,53 @@ def query_embedding(
     if templates is not None:
         return zero_shot_classifier(lm, [text], templates)[0].numpy()
     return encode_texts(lm, [text])[0].numpy()
+
+
+def language_query_vector(
+    lm: LoadedModel,
+    query: Query,
+    sources: Sequence[str] = (),
+    templates: TemplateSet | None = None,
+    exact: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """The unit vector of a parsed query (:mod:`clipcli.search.query`): texts through the model (prompt
+    ensembles with ``templates``); an image term is the saved embedding of the row of that name among
+    ``sources``, else the file of that name embedded by the model."""
+    from clipcli.search.query import query_vector
+
+    def texts(batch: list[str]) -> np.ndarray:
+        if templates is not None:
+            return zero_shot_classifier(lm, batch, templates).numpy()
+        return encode_texts(lm, batch).numpy()
+
+    def image(path: str) -> np.ndarray:
+        import os
+
+        if path.startswith(("http://", "https://")):
+            raise InputError(f"{path}: rank does not fetch URLs for a query; download the image and give its path")
+        found = saved_row_vector(lm, sources, path)  # a row of the dataset: its saved embedding
+        if found is not None:
+            return found
+        local = os.path.expanduser(path)
+        if not os.path.isfile(local):
+            raise InputError(f"{path}: no such image file, nor a row of the embeddings given (query term)")
+        return query_embedding(lm, image=local, exact=exact, max_pixels=max_pixels)
+
+    return query_vector(query, texts, image)
+
+
+def saved_row_vector(lm: LoadedModel, sources: Sequence[str], name: str) -> np.ndarray | None:
+    """The saved unit embedding of the first row named ``name`` in the saved ``sources``, or None."""
+    from clipcli.store.saved import Expect, open_matrix
+
+    for source in sources:
+        if source == "-" or not is_embedding_source(source):
+            continue
+        saved = open_matrix(Path(source), Expect.of(lm))
+        start = 0
+        for block in saved.iter_names():
+            if name in block:
+                return saved.unit_rows(start + block.index(name), start + block.index(name) + 1)[0]
+            start += len(block)
+    return None

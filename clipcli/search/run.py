@@ -20,8 +20,13 @@ from clipcli.search.rank import IndexChoice, SourceScan
 from clipcli.store.formats import OutputFormat
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from clipcli.images.decode import ImageOptions
     from clipcli.images.sources import Skipped
+    from clipcli.search.cutoff import SampleOfScan
+    from clipcli.search.query import Query
+    from clipcli.search.rank import Hit
     from clipcli.store.formats import RowWriter
 
 # What rank can write; tsv is score<TAB>path lines (the piped default).
@@ -48,6 +53,10 @@ class RankRequest:
     output: str | None = None
     format: OutputFormat | None = None
     null: bool = False
+    negative: Sequence[str] = ()  # --negative TEXT: terms subtracted from the query
+    cutoff: str | None = None  # --cutoff auto|Z (see clipcli.search.cutoff)
+    where: str | None = None  # --where SQL over saved embeddings' columns (see clipcli.search.where)
+    html: str | None = None  # --html FILE: the results as a page (see clipcli.search.html)
 
 
 @dataclass(frozen=True)
@@ -92,13 +101,15 @@ def run_rank(request: RankRequest, models: ModelOptions, images: ImageOptions, h
     if r.null:
         out_format = OutputFormat.TSV  # its writer prints nothing here: the paths go out as bytes
     queries = [r.image, r.texts_file, r.queries_file, r.image_queries, r.index, *(r.templates or [])]
-    refuse_output_over_inputs([r.output], queries, datasets=args)
+    refuse_output_over_inputs([r.output, r.html], queries, datasets=args)
     if r.index and r.no_index:
         raise InputError("give --index or --no-index, not both")
+    _check_extras(r)
     index = IndexChoice(not r.no_index, Path(r.index) if r.index else None, hooks.on_note)
     scan = SourceScan(
         images.batch_size, images.workers, images.exact, images.max_pixels, r.cache, index, hooks.on_skip, hooks.stdin
     )
+    scan = replace(scan, where=r.where)
     if r.queries_file or r.image_queries:
         if r.image or r.texts_file or (r.queries_file and r.image_queries):
             raise InputError("--queries-file/--image-queries take the place of QUERY, --image and --texts-file")
@@ -110,7 +121,13 @@ def _rank_one(
     r: RankRequest, args: list[str], out_format: OutputFormat, models: ModelOptions, scan: SourceScan, hooks: RankHooks
 ) -> RankResult:
     from clipcli.images.sources import Skipped
-    from clipcli.search.rank import query_embedding, rank_many, rank_texts, refuse_flat_embeddings
+    from clipcli.search.rank import (
+        language_query_vector,
+        query_embedding,
+        rank_many,
+        rank_texts,
+        refuse_flat_embeddings,
+    )
     from clipcli.store.formats import NOT_UTF8, is_utf8
     from clipcli.zeroshot.encode import encode_texts
     from clipcli.zeroshot.prompts import optional_templates, read_lines
@@ -128,23 +145,36 @@ def _rank_one(
             f"no sources to rank: pass a query, then images, folders, or embeddings written by `clipcli embed`{hint}"
         )
     refuse_flat_embeddings(args)
+    parsed = _language(query_text, r.image, r.negative)
     ensemble = optional_templates(r.template, r.templates)
     key = "text" if r.texts_file else "path"
+    sampler = _sampler(r)
+    if sampler is not None:
+        scan = replace(scan, on_rows=sampler.see)
     with _open(out_format, r.output, (key, "score")) as writer:
         lm = _load(models, [] if r.texts_file else args, hooks.load)
-        query = query_embedding(lm, query_text, r.image, ensemble, scan.exact, scan.max_pixels)
+        if parsed is None:
+            query = query_embedding(lm, query_text, r.image, ensemble, scan.exact, scan.max_pixels)
+        else:
+            query = language_query_vector(lm, parsed, args, ensemble, scan.exact, scan.max_pixels)
         if r.texts_file:
             texts = read_lines(r.texts_file, "texts")
             with hooks.progress("encoding texts", len(texts)) as on_progress:
                 embeddings = encode_texts(lm, texts, on_progress=on_progress).numpy()
             hits = rank_texts(query, texts, embeddings, r.top_k, r.threshold)
+            if sampler is not None:
+                sampler.see(embeddings)
         else:
             hits = rank_many(lm, query[None, :], args, r.top_k, r.threshold, scan)[0]
+        if sampler is not None:
+            hits = _cut(r, lm, query[None, :], [hits], [] if r.texts_file else args, scan, sampler)[0]
         if out_format is OutputFormat.PARQUET:
             for h in hits:
                 if not is_utf8(h.name):
                     hooks.on_skip(Skipped(h.name, NOT_UTF8))
             hits = [h for h in hits if is_utf8(h.name)]
+        if r.html:
+            _write_html(r, lm, [(_label(query_text, r.image, r.negative), hits)], args, scan)
         if r.null:
             return RankResult(len(hits), paths=[h.name for h in hits])
         if out_format is OutputFormat.TSV:  # score first, for sort -n and cut
@@ -177,7 +207,14 @@ def _rank_batch(
             vectors = query_embeddings(lm, images=queries, exact=scan.exact, max_pixels=scan.max_pixels)
         else:
             vectors = query_embeddings(lm, texts=queries, templates=ensemble)
+        sampler = _sampler(r)
+        if sampler is not None:
+            scan = replace(scan, on_rows=sampler.see)
         results = rank_many(lm, vectors, sources, r.top_k, r.threshold, scan)
+        if sampler is not None:
+            results = _cut(r, lm, vectors, results, sources, scan, sampler)
+        if r.html:
+            _write_html(r, lm, list(zip(queries, results, strict=True)), sources, scan)
         if out_format is OutputFormat.TSV:
             refuse_newlines(h.name for hits in results for h in hits)
         rows = [
@@ -187,6 +224,81 @@ def _rank_batch(
         ]
         writer.write(rows)
     return RankResult(len(rows), queries=len(queries))
+
+
+def _check_extras(r: RankRequest) -> None:
+    """Refuse, before any work, what --negative, --cutoff and --where cannot go with."""
+    from clipcli.search.cutoff import parse_cutoff
+
+    parse_cutoff(r.cutoff)
+    if r.negative and (r.queries_file or r.image_queries):
+        raise InputError("--negative goes with one QUERY (or --image), not --queries-file or --image-queries")
+    if r.where is not None and r.texts_file:
+        raise InputError("--where filters saved embeddings by their columns: it cannot go with --texts-file")
+    if r.html == "-":
+        raise InputError("--html needs a file name: the rows are what goes to stdout")
+    if r.html and r.output and os.path.abspath(r.html) == os.path.abspath(r.output):
+        raise InputError(f"{r.html}: given as both --html and --output; write them to two files")
+
+
+def _language(text: str | None, image: str | None, negative: Sequence[str]) -> Query | None:
+    """The parsed query, or None for a plain one (one text, or --image alone), answered as ever."""
+    from clipcli.search.query import Query, Term, negative_terms, parse_query
+
+    if text is None:
+        if not negative:
+            return None
+        return Query((Term(1.0, image=image), *negative_terms(negative)))
+    parsed = parse_query(text, negative)
+    return None if parsed.plain_text == text and not negative else parsed
+
+
+def _label(text: str | None, image: str | None, negative: Sequence[str]) -> str:
+    return (text if text is not None else f"image {image}") + "".join(f" - {n}" for n in negative)
+
+
+def _sampler(r: RankRequest) -> SampleOfScan | None:
+    from clipcli.search.cutoff import SampleOfScan
+
+    return SampleOfScan() if r.cutoff is not None else None
+
+
+def _cut(
+    r: RankRequest,
+    lm: LoadedModel,
+    queries: np.ndarray,
+    results: list[list[Hit]],
+    sources: Sequence[str],
+    scan: SourceScan,
+    sampler: SampleOfScan,
+) -> list[list[Hit]]:
+    """Each query's hits that stand out from its scores over a sample of the whole dataset (--cutoff):
+    saved sources sampled at fixed random rows, images and texts from the rows embedded."""
+    import numpy as np
+
+    from clipcli.search.cutoff import auto_cutoff, combine, parse_cutoff, source_sample
+    from clipcli.store.saved import is_embedding_source
+
+    z = parse_cutoff(r.cutoff)
+    samples = [source_sample(Path(s), lm, scan.use_cache) for s in sources if s != "-" and is_embedding_source(s)]
+    if sampler.rows:
+        samples.append((np.concatenate(sampler.rows), sampler.total))
+    sample, total = combine(samples, lm.embed_dim)
+    z_value = None if z == "auto" else float(z or 0.0)
+    out = []
+    for q, hits in zip(queries, results, strict=True):
+        threshold = auto_cutoff(q, sample, z_value, total)
+        out.append([h for h in hits if h.score >= threshold])
+    return out
+
+
+def _write_html(
+    r: RankRequest, lm: LoadedModel, sections: list[tuple[str, list[Hit]]], sources: Sequence[str], scan: SourceScan
+) -> None:
+    from clipcli.search.html import Section, dataset_locator, write_page
+
+    pages = [Section(title, hits, texts=bool(r.texts_file)) for title, hits in sections]
+    write_page(pages, Path(r.html or ""), lm.name, scan.max_pixels, dataset_locator(sources))
 
 
 def _row(fmt: OutputFormat, *cells: tuple[str, Any]) -> dict[str, Any]:
