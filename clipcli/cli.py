@@ -25,6 +25,7 @@ from clipcli.commands.eval import evaluate
 from clipcli.commands.index import index
 from clipcli.commands.models import models
 from clipcli.commands.rank import rank
+from clipcli.commands.serve import serve
 from clipcli.commands.train import make_shapes, train
 from clipcli.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, ClipCliError, Terminated
 
@@ -188,6 +189,7 @@ app.command(cls=_Command)(embed)
 app.command(cls=_Command)(rank)
 app.command(cls=_Command)(index)
 app.command(cls=_Command)(dedup)
+app.command(cls=_Command)(serve)
 app.command("eval", cls=_Command)(evaluate)
 app.command(cls=_Command)(models)
 app.command(cls=_Command)(train)
