@@ -10,6 +10,7 @@ import typer
 
 from clipcli.commands import options as opt
 from clipcli.store.formats import OutputFormat, format_choices
+from clipcli.store.output import Layout
 
 FORMATS = (OutputFormat.CSV, OutputFormat.JSONL, OutputFormat.PARQUET, OutputFormat.NPY)
 if TYPE_CHECKING:
@@ -61,7 +62,23 @@ def embed(
     template: opt.Template = None,
     templates: opt.Templates = None,
     normalize: Annotated[bool, typer.Option(help="L2-normalise embeddings.")] = True,
-    dtype: Annotated[Dtype, typer.Option(case_sensitive=False, help="float16 halves the size.")] = Dtype.FLOAT32,
+    dtype: Annotated[
+        Dtype | None,
+        typer.Option(
+            case_sensitive=False,
+            help="float16 halves the size. Default: float32; float16 with --layout clip-retrieval.",
+            show_default=False,
+        ),
+    ] = None,
+    layout: Annotated[
+        Layout,
+        typer.Option(
+            case_sensitive=False,
+            help="Of a directory output: parquet (clipcli's dataset), or clip-retrieval (DIR/img_emb/*.npy beside "
+            "DIR/metadata/*.parquet, as clip-retrieval writes it and embedding-reader and autofaiss read it; "
+            "incremental too).",
+        ),
+    ] = Layout.PARQUET,
     part_size: Annotated[
         int,
         typer.Option(min=1, metavar="ROWS", help="Rows per part file in a directory output (each written when full)."),
@@ -107,25 +124,26 @@ def embed(
     from clipcli.store.shard import Shard
 
     inputs = inputs or []
-    out = parse_dataset_output(output, fmt, FORMATS, tty=stdout_is_tty(), text=text)
+    out = parse_dataset_output(output, fmt, FORMATS, tty=stdout_is_tty(), text=text, layout=layout)
+    stored = dtype.value if dtype else ("float16" if layout is Layout.CLIP_RETRIEVAL else "float32")
     check_scale_out(engine.value, shard, text, out, output)
     refuse_output_over_inputs(out.written_files(), [*inputs, texts_file, *(templates or [])])
     if shard is not None:  # a malformed I/N is refused before any file is touched
         out = dataclasses.replace(out, shard=Shard.parse(shard))
     if text:
         templating = (template, templates)
-        return _embed_texts(inputs, texts_file, templating, out, models, dtype.value, normalize)
+        return _embed_texts(inputs, texts_file, templating, out, models, stored, normalize)
     if not inputs:
         raise InputError("no inputs: pass image files, folders, globs, or - to read paths from stdin")
     tally = Tally()
     # Locked before anything is read: a second run into this output is refused at once.
     with out.lock():
-        refs, missing = find_images(inputs, out)
+        refs, missing = find_images(inputs, out, containers=images.containers)
         for m in missing:
             tally.on_skip(m)
         lm = opt.load(models)
         opt.check_decode(opt.DecodeChoice(images.decode), lm)
-        job = EmbedJob(refs, out, models, images, dtype.value, normalize, part_size, prune)
+        job = EmbedJob(refs, out, models, images, stored, normalize, part_size, prune)
         with Progress("embedding", len(refs)) as bar:
             tally.bar = bar
             events = EmbedEvents(on_plan=lambda n: bar.update(total=n), on_skip=tally.on_skip, on_batch=tally.on_batch)

@@ -123,10 +123,10 @@ def evaluate(
         outputs, run = (report, predictions, min_acc1), (device, precision.value, batch_size)
         image_only = {"--plots": plots, "--classnames": classnames}
         return evaluate_texts(data, models, (template, templates), (limit, seed), outputs, run, image_only)
-    sets = session.template_sets(template, templates)
     refused = [f for f, v in (("--predictions", predictions), ("--plots", plots)) if v]
     refused += ["--template(s)"] if (template or templates) else []
     source = session.load_source(data, dataset, data_root, download, classnames, refused, (limit, seed))
+    sets = session.template_sets(template, templates, source.templates if isinstance(source, LabelledImages) else None)
     for folder in source.empty_folders if isinstance(source, LabelledImages) else []:
         say(f"note: {folder}: no images, class left out")
     runner = get_engine(engine.value, ray_address)

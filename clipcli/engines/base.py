@@ -14,14 +14,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from clipcli.errors import InputError
 from clipcli.images.decode import ImageOptions
 from clipcli.images.sources import ImageRef, Skipped
 from clipcli.models import LoadedModel, ModelOptions
+from clipcli.store.clip_retrieval import ClipRetrievalStore
 from clipcli.store.dataset import ParquetStore
 from clipcli.store.formats import OutputFormat, keep_partial, parquet_storable
-from clipcli.store.output import Output, OutputKind
+from clipcli.store.output import Layout, Output, OutputKind
 from clipcli.store.parts import ModelTag, Rows, schema
 
 if TYPE_CHECKING:
@@ -110,6 +113,22 @@ class StoreSink(Sink):
         return self.store.finish()
 
 
+class LayoutSink(Sink):
+    """A folder in clip-retrieval's layout, planned before the run (written by this process only)."""
+
+    def __init__(self, store: ClipRetrievalStore) -> None:
+        self.store = store
+
+    def add(self, rows: Rows) -> None:
+        self.store.add(rows)
+
+    def finish(self, keep: bool) -> int:
+        if not keep:
+            self.store.release()
+            return 0
+        return self.store.finish()
+
+
 class Run:
     """A run's tally: each image skipped is counted and reported in one place."""
 
@@ -132,6 +151,8 @@ class Engine:
     """One way to run ``embed`` (and ``eval``'s images); see the module's doc."""
 
     name = ""
+    # The dataset layouts beside clipcli's own Parquet parts that this engine's runs write.
+    layouts: frozenset[Layout] = frozenset()
 
     def embed(self, lm: LoadedModel, job: EmbedJob, events: EmbedEvents | None = None) -> EmbedSummary:
         """Embed ``job.refs`` into ``job.output``; a Parquet output (a dataset or one file) is incremental
@@ -149,23 +170,21 @@ class Engine:
             refs, unstorable = parquet_storable(refs)
             for s in unstorable:
                 run.skip(s)
+        layout = job.output.layout
+        if layout is not Layout.PARQUET and layout not in self.layouts:
+            raise InputError(
+                f"{job.output.target}: the {self.name} engine cannot write {layout.value}; use --engine local"
+            )
         sink: Sink
         if job.output.format is OutputFormat.PARQUET and job.output.kind is not OutputKind.STREAM:
-            from clipcli.store.remote import parquet_store
-
-            store = parquet_store(
-                job.output.target or "", sch, lm.name, part_rows=job.part_size, shard=job.output.shard
-            )
-            self.check_store(store, job)
-            store.prune = job.prune
-            store.open()
+            store = self._open_store(job, sch, lm.name)
             try:
                 plan = store.plan(refs)
             except BaseException:
                 store.release()
                 raise
             refs, summary.unchanged = plan.to_embed, plan.unchanged
-            sink = StoreSink(store)
+            sink = LayoutSink(store) if isinstance(store, ClipRetrievalStore) else StoreSink(store)
         else:
             sink = self.file_sink(lm, job, sch)
         if events.on_plan:
@@ -177,6 +196,21 @@ class Engine:
             raise
         summary.removed = sink.finish(True)
         return summary
+
+    def _open_store(self, job: EmbedJob, sch: Any, model: str) -> ParquetStore | RemoteStore | ClipRetrievalStore:
+        """The incremental store of a dataset output (clipcli's Parquet, or clip-retrieval's layout), opened."""
+        store: ParquetStore | RemoteStore | ClipRetrievalStore
+        target = job.output.target or ""
+        if job.output.layout is Layout.CLIP_RETRIEVAL:
+            store = ClipRetrievalStore(Path(target), sch, model, part_rows=job.part_size, shard=job.output.shard)
+        else:
+            from clipcli.store.remote import parquet_store
+
+            store = parquet_store(target, sch, model, part_rows=job.part_size, shard=job.output.shard)
+            self.check_store(store, job)
+        store.prune = job.prune
+        store.open()
+        return store
 
     def check(self, job: EmbedJob) -> None:
         """Refuse, before anything is read, a job this engine cannot run."""

@@ -15,7 +15,9 @@ it embeds as a whole part of the output (:class:`clipcli.store.parts.PartWriter`
 reasons for the driver's summary. A part is complete when it has its name, so a driver killed at any
 moment leaves whole parts, which the next run keeps (its plan skips their files). Ray restarts an actor
 whose process dies and retries its batch; a batch written twice that way, or by a run resumed after a
-crash, leaves duplicate rows that the store drops at the end (one row per file).
+crash, leaves duplicate rows that the store drops at the end (one row per file). A container's members
+(a WebDataset shard's samples) travel as one block, one call and one part, decoded in the actor: a
+whole tar shard is the unit of work, and a killed run leaves all of its rows or none.
 """
 
 from __future__ import annotations
@@ -120,13 +122,13 @@ class Embedder:
 
         if self.error is not None:
             raise ModelError(f"the model failed to load on Ray node {socket.gethostname()}: {self.error}")
-        names = [str(p) for p in batch["path"]]
-        files = [str(f) for f in batch["file"]]
-        refs = [ImageRef(n, Path(f)) for n, f in zip(names, files, strict=True)]
+        refs = batch_refs(batch)
+        names, files = [r.path for r in refs], [str(r.file) for r in refs]
         errors = [""] * len(refs)
         chunks: list[np.ndarray] = []
         rows: list[int] = []
         sizes: list[tuple[int, int]] = []
+        meta: list[dict[str, Any]] = []
         position = {name: i for i, name in enumerate(names)}
         for embedded in self._embedded(batch, refs):
             for s in embedded.skipped:
@@ -134,6 +136,7 @@ class Embedder:
             chunks.append(embedded.embeddings.numpy())
             rows.extend(embedded.indices)
             sizes.extend(embedded.sizes)
+            meta.extend(embedded.meta or [{} for _ in embedded.indices])
         dim = self.lm.embed_dim
         matrix = np.concatenate(chunks) if chunks else np.empty((0, dim), np.float32)
         out = {"index": np.asarray(batch["index"], np.int64), "error": np.array(errors, dtype=object)}
@@ -143,7 +146,7 @@ class Embedder:
             out["embedding"] = full
         elif rows:
             stats = [stat_of(files[i]) or Stat(0, 0.0) for i in rows]
-            self.writer.write(Rows([names[i] for i in rows], matrix, sizes, stats))
+            self.writer.write(Rows([names[i] for i in rows], matrix, sizes, stats, meta))
         return out
 
     def _embedded(self, batch: dict[str, np.ndarray], refs: list[ImageRef]) -> Iterator[Any]:
@@ -167,6 +170,33 @@ class Embedder:
             yield from embed_batches(self.lm, [decoded], names, w.normalize)
 
 
+def batch_refs(batch: dict[str, np.ndarray]) -> list[ImageRef]:
+    """The images of a Ray batch; a container's member carries its ``member`` (empty for a file)."""
+    members = batch.get("member")
+    return [
+        ImageRef(str(n), Path(str(f)), str(members[i]) if members is not None and members[i] else None)
+        for i, (n, f) in enumerate(zip(batch["path"], batch["file"], strict=True))
+    ]
+
+
+def _units(refs: Sequence[ImageRef], rows_per_call: int) -> list[list[int]]:
+    """The inputs split into units of work: each container's members together (a whole tar shard,
+    however many samples it holds), files in runs of up to ``rows_per_call``."""
+    units: list[list[int]] = []
+    current: list[int] = []
+    for i, ref in enumerate(refs):
+        same = current and (
+            refs[current[-1]].file == ref.file if ref.member is not None else refs[current[-1]].member is None
+        )
+        if current and (not same or (ref.member is None and len(current) >= rows_per_call)):
+            units.append(current)
+            current = []
+        current.append(i)
+    if current:
+        units.append(current)
+    return units
+
+
 def decode_batch(batch: dict[str, np.ndarray], work: Work) -> dict[str, np.ndarray]:
     """A CPU task: decode and resize images to the model's input, uint8 (the actor normalises them)."""
     import numpy as np
@@ -174,7 +204,7 @@ def decode_batch(batch: dict[str, np.ndarray], work: Work) -> dict[str, np.ndarr
     from clipcli.images.batches import iter_batches
     from clipcli.images.decode import image_spec
 
-    refs = [ImageRef(str(n), Path(str(f))) for n, f in zip(batch["path"], batch["file"], strict=True)]
+    refs = batch_refs(batch)
     size = image_spec(work.geometry).size
     pixels = np.zeros((len(refs), size, size, 3), np.uint8)
     width, height = np.zeros(len(refs), np.int32), np.zeros(len(refs), np.int32)
@@ -210,16 +240,34 @@ def plan_layout(ray: Any, device: str, n: int, batch_size: int, part_size: int) 
 def _pipeline(
     ray: Any, refs: Sequence[ImageRef], layout: Layout, spec: ModelSpec, work: Work, writer: PartWriter | None
 ) -> Any:
-    items = [{"index": i, "path": r.path, "file": os.path.abspath(r.file)} for i, r in enumerate(refs)]
-    blocks = max(1, math.ceil(len(items) / layout.rows_per_call))
-    ds = ray.data.from_items(items, override_num_blocks=blocks)
-    if layout.decode_in_tasks:
-        ds = ds.map_batches(decode_batch, batch_size=work.batch_size, fn_kwargs={"work": work}, num_cpus=1)
+    if any(r.member is not None for r in refs):
+        # Containers (WebDataset shards) are whole units of work: one block per shard, one call per
+        # block, so an actor writes a shard's rows as one part, and decodes them itself.
+        import pyarrow as pa
+
+        blocks = [
+            pa.table(
+                {
+                    "index": unit,
+                    "path": [refs[i].path for i in unit],
+                    "file": [os.path.abspath(refs[i].file) for i in unit],
+                    "member": [refs[i].member or "" for i in unit],
+                }
+            )
+            for unit in _units(refs, layout.rows_per_call)
+        ]
+        ds, per_call = ray.data.from_arrow(blocks), None
+    else:
+        items = [{"index": i, "path": r.path, "file": os.path.abspath(r.file)} for i, r in enumerate(refs)]
+        blocks_n = max(1, math.ceil(len(items) / layout.rows_per_call))
+        ds, per_call = ray.data.from_items(items, override_num_blocks=blocks_n), layout.rows_per_call
+        if layout.decode_in_tasks:
+            ds = ds.map_batches(decode_batch, batch_size=work.batch_size, fn_kwargs={"work": work}, num_cpus=1)
     # Ray Data restarts an actor whose process dies and retries its batch (max_restarts and
     # max_task_retries are unlimited by default), and retries a task whose worker dies.
     return ds.map_batches(
         Embedder,
-        batch_size=layout.rows_per_call,
+        batch_size=per_call,
         fn_constructor_kwargs={
             "spec": ModelSpec(spec.model, layout.device, spec.precision, spec.checksum),
             "work": work,

@@ -1,4 +1,5 @@
-"""Evaluation data: image folders, CSV/Parquet manifests, and torchvision's CIFAR-10/100."""
+"""Evaluation data: image folders, CSV/Parquet manifests, WebDataset benchmarks in CLIP_benchmark's
+layout, and torchvision's CIFAR-10/100."""
 
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ class LabelledImages:
     # Folders under an image folder that hold no image, so no class: the CLI tells the user, since a
     # class silently missing from the report reads as a class that was evaluated.
     empty_folders: list[str] = field(default_factory=list)
+    templates: tuple[str, ...] | None = None  # the dataset's own prompt templates ("{}" for the class)
 
     def __len__(self) -> int:
         """The number of images."""
@@ -86,6 +88,8 @@ def load_dataset(
     if dataset is not None and data is None:
         return cifar(dataset, data_root, download)
     if data is not None and dataset is None:
+        if is_wds_benchmark(data):
+            return wds_benchmark(data, classnames)
         if data.is_dir():
             return image_folder(data, classnames)
         if data.is_file():
@@ -112,15 +116,21 @@ def _class_names(folder_names: list[str], classnames: str | None) -> list[str]:
 
 
 def image_folder(root: Path, classnames: str | None = None) -> LabelledImages:
-    """Every image under ``root``; its class is the name of the folder it sits in."""
+    """Every image under ``root``; its class is the name of the folder it sits in (for a sample of a
+    WebDataset shard, or another container, the folder of its container)."""
+    from clipcli.images.containers import container_of, expand
     from clipcli.images.sources import natural_key, walk_folder
 
     if not root.is_dir():
         raise InputError(f"{root}: not a folder")
-    refs = walk_folder(str(root))
+    refs, skipped = expand(walk_folder(str(root)))
+    if skipped:  # labelled data is evaluated whole: a container that cannot be read is named, not dropped
+        more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
+        raise InputError(f"{skipped[0].path}: {skipped[0].reason}{more}")
     if not refs:
         raise InputError(f"{root}: no images found")
-    leaf = [os.path.basename(os.path.dirname(r.path)) for r in refs]
+    folders = [os.path.dirname(container_of(r.path) or r.path) for r in refs]
+    leaf = [os.path.basename(folder) for folder in folders]
     folder_names = sorted(set(leaf), key=natural_key)
     if len(folder_names) < 2:
         raise InputError(
@@ -134,7 +144,7 @@ def image_folder(root: Path, classnames: str | None = None) -> LabelledImages:
         targets=[index[n] for n in leaf],
         classes=_class_names(folder_names, classnames),
         refs=refs,
-        empty_folders=_empty_folders(str(root), (os.path.dirname(r.path) for r in refs)),
+        empty_folders=_empty_folders(str(root), folders),
     )
 
 
@@ -221,6 +231,78 @@ def manifest_cells(manifest: Path, column: Iterable[Any], what: str) -> list[str
             raise InputError(f"{manifest}: row {row}: empty {what}")
         values.append(text)
     return values
+
+
+WDS_CLASSNAMES = "classnames.txt"
+WDS_TEMPLATES = "zeroshot_classification_templates.txt"
+WDS_TYPE = "dataset_type.txt"
+
+
+def is_wds_benchmark(root: Path) -> bool:
+    """A folder in CLIP_benchmark's WebDataset layout: ``classnames.txt`` (or ``dataset_type.txt``) beside
+    ``test/`` (``nshards.txt`` and ``0.tar`` .. ``N-1.tar``), or beside the shards themselves."""
+    if not root.is_dir() or not any((root / name).is_file() for name in (WDS_CLASSNAMES, WDS_TYPE)):
+        return False
+    folder = root / "test" if (root / "test").is_dir() else root
+    return (folder / "nshards.txt").is_file() or any(folder.glob("*.tar"))
+
+
+def wds_shards(root: Path) -> list[str]:
+    """The test split's shards: ``{0..N-1}.tar`` as ``nshards.txt`` counts them, else every ``.tar``."""
+    from clipcli.images.sources import natural_key
+
+    folder = root / "test" if (root / "test").is_dir() else root
+    count = folder / "nshards.txt"
+    if count.is_file():
+        text = " ".join(read_lines(count, "shard count"))
+        if not text.isdigit() or int(text) < 1:
+            raise InputError(f"{count}: expected a number of shards, got {text[:40]!r}")
+        return [str(folder / f"{i}.tar") for i in range(int(text))]
+    return sorted((str(p) for p in folder.glob("*.tar")), key=natural_key)
+
+
+def wds_benchmark(root: Path, classnames: str | None = None) -> EvalData:
+    """A CLIP_benchmark WebDataset benchmark: samples with a ``cls`` (an index into ``classnames.txt``)
+    and the benchmark's prompt templates (``{c}`` for the class); or, where ``dataset_type.txt`` says
+    ``retrieval``, samples with captions, one per line of their ``txt``. A sample the shards cannot give
+    (no image, no class, a truncated shard) is an error naming it: a benchmark is evaluated whole."""
+    from clipcli.images.sources import discover
+    from clipcli.images.webdataset import sample_fields
+
+    refs, skipped = discover(wds_shards(root))
+    if skipped:
+        more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
+        raise InputError(f"{skipped[0].path}: {skipped[0].reason}{more}")
+    if not refs:
+        raise InputError(f"{root}: no samples in its shards")
+    try:
+        fields = sample_fields(refs)
+    except OSError as e:
+        raise InputError(f"{root}: cannot read its shards ({e})") from e
+    kind = " ".join(read_lines(root / WDS_TYPE, "dataset type")).lower() if (root / WDS_TYPE).is_file() else ""
+    if kind == "retrieval":
+        texts: list[str] = []
+        owner: list[int] = []
+        for i, (ref, got) in enumerate(zip(refs, fields, strict=True)):
+            lines = [ln.strip() for ln in str(got.get("txt") or got.get("caption") or "").splitlines() if ln.strip()]
+            if not lines:
+                raise InputError(f"{ref.path}: the sample has no caption (txt)")
+            texts += lines
+            owner += [i] * len(lines)
+        return CaptionPairs(name=f"wds:{root}", refs=refs, texts=texts, text_to_image=owner)
+    names = read_lines(classnames or root / WDS_CLASSNAMES, "class names")
+    targets = []
+    for ref, got in zip(refs, fields, strict=True):
+        label = got.get("cls")
+        if label is None or not 0 <= label < len(names):
+            found = "none" if label is None else str(label)
+            raise InputError(f"{ref.path}: class {found} is not one of the {len(names)} in {WDS_CLASSNAMES}")
+        targets.append(label)
+    own = root / WDS_TEMPLATES
+    templates = tuple(t.replace("{c}", "{}") for t in read_lines(own, "templates")) if own.is_file() else None
+    return LabelledImages(
+        name=f"wds:{root}", ids=[r.path for r in refs], targets=targets, classes=names, refs=refs, templates=templates
+    )
 
 
 def cifar(benchmark: Benchmark, root: Path, download: bool = False) -> LabelledImages:

@@ -24,11 +24,15 @@ if TYPE_CHECKING:
 PromptProgress = Callable[[str, int], AbstractContextManager[Callable[[int], None]]]
 
 
-def template_sets(template: list[str] | None, templates: list[str] | None) -> list[TemplateSet]:
-    """The sets compared: the --template ensemble (if any), then each --templates set once (``simple``
-    when neither is given)."""
-    from clipcli.zeroshot.prompts import resolve_templates
+def template_sets(
+    template: list[str] | None, templates: list[str] | None, own: tuple[str, ...] | None = None
+) -> list[TemplateSet]:
+    """The sets compared: the --template ensemble (if any), then each --templates set once (when neither
+    is given: the dataset's ``own`` templates, a CLIP_benchmark dataset's, else ``simple``)."""
+    from clipcli.zeroshot.prompts import TemplateSet, check_template, resolve_templates
 
+    if own and not template and not templates:
+        return [TemplateSet("benchmark", tuple(check_template(t) for t in own))]
     sets = [resolve_templates(template, None)] if template else []
     names = dict.fromkeys(templates or ([] if template else ["simple"]))  # each set once
     return sets + [resolve_templates(None, name) for name in names]

@@ -14,7 +14,10 @@ from typing import cast
 from clipcli.images.refs import Container, ContainerOptions, Decoded, ImageRef, Skipped
 
 # module -> the extensions it claims (lower case, with the dot)
-CONTAINERS: dict[str, frozenset[str]] = {}
+CONTAINERS: dict[str, frozenset[str]] = {
+    "clipcli.images.webdataset": frozenset({".tar"}),
+    "clipcli.images.video": frozenset({".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v"}),
+}
 
 
 def _kind_of(path: str) -> str | None:
@@ -29,6 +32,17 @@ def container_extensions() -> frozenset[str]:
 
 def is_container(path: str) -> bool:
     return _kind_of(path) is not None
+
+
+def container_of(path: str) -> str | None:
+    """The container part of a member's row path (``shard.tar`` of ``shard.tar#000042``): the text
+    before the first ``#`` that follows a container's extension; None for a path that names no member."""
+    at = path.find("#")
+    while at != -1:
+        if is_container(path[:at]):
+            return path[:at]
+        at = path.find("#", at + 1)
+    return None
 
 
 def _module(name: str) -> Container:

@@ -9,14 +9,14 @@ from __future__ import annotations
 import math
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from PIL import Image, ImageOps
 
 from clipcli.images.limits import DEFAULT_MAX_PIXELS
-from clipcli.images.refs import Decoded
+from clipcli.images.refs import ContainerOptions, Decoded, FileStat
 
 if TYPE_CHECKING:
     import numpy as np
@@ -85,21 +85,29 @@ def decode_file(file: Path, draft_size: int | None = None, max_pixels: int | Non
     require_regular_file(file)
     with Image.open(file) as im:
         st = _open_file_stat(im, file)
-        width, height = im.size
-        _require_at_most(width * height, max_pixels)
-        if getattr(im, "n_frames", 1) > 1:
-            im.seek(0)
-        exif = im.getexif()
-        orientation = exif.get(_ORIENTATION, 1)
-        if orientation in (5, 6, 7, 8):
-            width, height = height, width
-        if draft_size and im.format == "JPEG":
-            im.draft("RGB", (draft_size, draft_size))
-        im.load()
-        # exif_transpose copies even an upright image; most photos are upright.
-        oriented = ImageOps.exif_transpose(im) if orientation != 1 else im
-        meta = photo_metadata(exif, st.st_mtime)
-        return Decoded(_to_rgb(oriented), (width, height), (st.st_size, st.st_mtime), meta)
+        return decode_opened(im, (st.st_size, st.st_mtime), draft_size, max_pixels)
+
+
+def decode_opened(
+    im: Image.Image, st: FileStat, draft_size: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> Decoded:
+    """An image Pillow has opened (from a file, or a container member's bytes), decoded with the guards
+    of :func:`decode`; ``st`` is the (bytes, mtime) of the file it came from."""
+    width, height = im.size
+    _require_at_most(width * height, max_pixels)
+    if getattr(im, "n_frames", 1) > 1:
+        im.seek(0)
+    exif = im.getexif()
+    orientation = exif.get(_ORIENTATION, 1)
+    if orientation in (5, 6, 7, 8):
+        width, height = height, width
+    if draft_size and im.format == "JPEG":
+        im.draft("RGB", (draft_size, draft_size))
+    im.load()
+    # exif_transpose copies even an upright image; most photos are upright.
+    oriented = ImageOps.exif_transpose(im) if orientation != 1 else im
+    meta = photo_metadata(exif, st[1])
+    return Decoded(_to_rgb(oriented), (width, height), st, meta)
 
 
 _DATETIME_ORIGINAL, _EXIF_IFD, _GPS_IFD, _MAKE, _MODEL = 0x9003, 0x8769, 0x8825, 0x010F, 0x0110
@@ -203,13 +211,15 @@ def describe_error(exc: BaseException) -> str:
 @dataclass(frozen=True)
 class ImageOptions:
     """How images become model input, as one value (``--batch-size``, ``--workers``, ``--exact``,
-    ``--max-megapixels`` as a pixel limit, ``--decode``): every command that reads images takes it."""
+    ``--max-megapixels`` as a pixel limit, ``--decode``, and ``--every``/``--frames`` as how videos and
+    other containers open into images): every command that reads images takes it."""
 
     batch_size: int = 32
     workers: int = 0
     exact: bool = False
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     decode: str = "auto"
+    containers: ContainerOptions = field(default_factory=ContainerOptions)
 
 
 # OpenAI's normalisation constants (clip/clip.py), per RGB channel.

@@ -59,6 +59,8 @@ class _ReadDataset:
         return len(self.refs)
 
     def __getitem__(self, i: int) -> tuple[int, Read]:
+        if self.refs[i].member is not None:  # a container's member (a shard's sample): the file is not the image
+            return i, self.on_cpu(i)
         try:
             require_regular_file(self.refs[i].file)
             data = read_jpeg(self.refs[i].file)

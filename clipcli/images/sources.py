@@ -144,6 +144,27 @@ def nothing_found(arguments: Sequence[str], missing: Sequence[Skipped]) -> Input
     return InputError(f"no images found in {', '.join(arguments)}" + (f" ({reasons})" if reasons else ""))
 
 
+_BRACES = re.compile(r"\{[^{}]*(?:,|\.\.)[^{}]*\}")
+
+
+def expand_braces(arguments: Sequence[str], missing: list[Skipped]) -> list[str]:
+    """Arguments with WebDataset's brace patterns (``shards/{000000..000099}.tar``, ``{a,b}.tar``)
+    expanded by ``braceexpand``, the package WebDataset itself expands them with; an argument that
+    names a file as written is kept as it is."""
+    out: list[str] = []
+    for arg in arguments:
+        if arg == "-" or os.path.lexists(arg) or not _BRACES.search(arg):
+            out.append(arg)
+            continue
+        try:
+            from braceexpand import braceexpand
+        except ImportError:
+            missing.append(Skipped(arg, "brace patterns need the webdataset extra: pip install 'clipcli[webdataset]'"))
+            continue
+        out.extend(braceexpand(arg))
+    return out
+
+
 def discover(
     arguments: Sequence[str], stdin: IO[str] | None = None, containers: ContainerOptions | None = None
 ) -> tuple[list[ImageRef], list[Skipped]]:
@@ -151,13 +172,14 @@ def discover(
     of images (a video, a WebDataset shard: see :mod:`clipcli.images.containers`) into its members, as
     ``containers`` says.
 
+    A brace pattern (``shards/{000000..000099}.tar``) names each file it expands to (see :func:`expand_braces`).
     Arguments that name nothing are returned as skipped, not raised: one typo must not cost a batch.
     A file named twice (directly, by a folder or a glob) is listed once, where it was first named.
     """
     refs: list[ImageRef] = []
     missing: list[Skipped] = []
     walked: set[tuple[int, int] | None] = set()  # real directories, across folder arguments
-    for arg in arguments:
+    for arg in expand_braces(arguments, missing):
         if arg == "-":
             # Lines from `find` name files one by one: a directory here is a mistake, not a folder to walk.
             refs.extend(ImageRef(line, Path(line)) for line in _stdin_paths(stdin.read() if stdin else ""))

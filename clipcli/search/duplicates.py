@@ -109,6 +109,10 @@ def _keep(r: DedupRequest, saved: list[str], models: ModelOptions, images: Image
         paths, refused = listable(groups, stored)
         for path, reason in refused:
             hooks.on_skip(Skipped(path, reason))
+    # A video's frame or a shard's sample is no file of its own: never listed for deletion.
+    for path in [p for p in paths if inside_container(p)]:
+        hooks.on_skip(Skipped(path, "not listed: it is inside a video or a WebDataset shard, not a file of its own"))
+    paths = [p for p in paths if not inside_container(p)]
     if not r.null:
         for p in paths:
             if "\n" in p:
@@ -117,6 +121,14 @@ def _keep(r: DedupRequest, saved: list[str], models: ModelOptions, images: Image
                     "paths, for xargs -0)"
                 )
     return DedupResult(groups, paths)
+
+
+def inside_container(path: str) -> bool:
+    """Whether ``path`` names a member of a container (``clip.mp4#t=2.000``, ``shard.tar#000042``)."""
+    from clipcli.images.containers import is_container
+
+    head, sep, _ = path.rpartition("#")
+    return bool(sep) and is_container(head)
 
 
 def _groups(
@@ -148,7 +160,7 @@ def _image_groups(
     from clipcli.search.dedup import find_duplicates, matrix_search
     from clipcli.zeroshot.encode import iter_image_embeddings
 
-    refs, missing = discover(list(r.inputs), hooks.stdin)
+    refs, missing = discover(list(r.inputs), hooks.stdin, images().containers)
     if not refs:
         raise nothing_found(list(r.inputs), missing)
     for m in missing:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -79,8 +79,11 @@ class NpyHeader:
             raise InputError(f"{where}: not an NPY sidecar written by clipcli embed") from None
 
 
-def write_npy(path: Path, embeddings: np.ndarray, names: Sequence[str], tag: ModelTag, key: str = "path") -> Path:
-    """``path`` (N x D) and its sidecar (the model, then each row's name as a JSON string).
+def write_npy(
+    path: Path, embeddings: np.ndarray, names: Sequence[str | Mapping[str, Any]], tag: ModelTag, key: str = "path"
+) -> Path:
+    """``path`` (N x D) and its sidecar (the model, then each row's name as a JSON string, or, for a
+    video's frame, an object with the name under ``key`` and the frame's time: ``{"path": ..., "t": 12.0}``).
 
     Both are written in full under temporary names before either is renamed, so a failure while
     writing (a full disk) leaves the previous pair as it was; the sidecar records the matrix's
@@ -155,14 +158,24 @@ class SavedNpy:
     lines: Lines
 
     def name(self, row: int) -> str:
-        line = self.lines[row + 1]
-        try:
-            value: Any = json.loads(line)
-        except ValueError:
-            value = None
+        value = self.entry(row)
+        if isinstance(value, dict):
+            value = value.get(self.header.key)
         if not isinstance(value, str):
             raise InputError(f"{self.lines.path}: line {row + 2} is not a JSON string")
         return value
+
+    def time(self, row: int) -> float | None:
+        """A video frame's time (``t``, seconds); None for an image."""
+        value = self.entry(row)
+        t = value.get("t") if isinstance(value, dict) else None
+        return float(t) if isinstance(t, int | float) else None
+
+    def entry(self, row: int) -> Any:
+        try:
+            return json.loads(self.lines[row + 1])
+        except ValueError:
+            return None
 
 
 def open_npy(path: Path) -> SavedNpy:

@@ -37,6 +37,13 @@ if TYPE_CHECKING:
     from clipcli.store.shard import Shard
 
 
+class Layout(str, Enum):
+    """How a dataset directory is laid out (``embed --layout``)."""
+
+    PARQUET = "parquet"  # clipcli's Parquet parts: clipcli.store.dataset
+    CLIP_RETRIEVAL = "clip-retrieval"  # NPY matrices beside Parquet metadata: clipcli.store.clip_retrieval
+
+
 class OutputKind(str, Enum):
     STREAM = "stream"  # stdout, or a FIFO, device or pipe
     FILE = "file"
@@ -52,6 +59,7 @@ class Output:
     kind: OutputKind
     format: OutputFormat
     shard: Shard | None = None
+    layout: Layout = Layout.PARQUET  # of a dataset directory
 
     @property
     def on_stdout(self) -> bool:
@@ -125,14 +133,24 @@ def parse_output(
 
 
 def parse_dataset_output(
-    output: str | None, fmt: Enum | None, allowed: Sequence[OutputFormat], *, tty: bool, text: bool = False
+    output: str | None,
+    fmt: Enum | None,
+    allowed: Sequence[OutputFormat],
+    *,
+    tty: bool,
+    text: bool = False,
+    layout: Layout = Layout.PARQUET,
 ) -> Output:
     """``-o``/``--format`` of a command that can also write a Parquet dataset directory of image
     embeddings, locally or in an object store (``embed``; ``text``: it writes texts, which go to one
-    file). A ``file://`` URI is its local path; a URI that names no dataset directory is refused."""
+    file). A ``file://`` URI is its local path; a URI that names no dataset directory is refused.
+    ``layout`` ``clip-retrieval`` writes that layout into a local folder instead
+    (:mod:`clipcli.store.clip_retrieval`)."""
     from clipcli.store.remote import check_remote_output, is_remote, local_output
 
     output = local_output(output)
+    if layout is Layout.CLIP_RETRIEVAL:
+        return _layout_output(output, fmt, text)
     into_dir = is_dataset_dir(output) and _as_format(fmt) in (None, OutputFormat.PARQUET)
     check_remote_output(output, into_dir, text)
     if into_dir:
@@ -144,6 +162,27 @@ def parse_dataset_output(
             f"(-o {output.rstrip('/' + os.sep)}/), or name a file (.parquet, .npy, .csv or .jsonl)"
         )
     return parse_output(output, fmt, allowed, tty=tty)
+
+
+def _layout_output(output: str | None, fmt: Enum | None, text: bool) -> Output:
+    """``--layout clip-retrieval``: a local folder of image embeddings, whatever its name."""
+    from clipcli.store.remote import is_remote
+
+    flag = "--layout clip-retrieval"
+    if text:
+        raise InputError(f"{flag}: writes image embeddings; drop it to embed texts")
+    if fmt is not None:
+        raise InputError(f"{flag} writes .npy matrices beside .parquet metadata: drop --format")
+    if not output or output == "-" or is_stream(Path(output)):
+        raise InputError(f"{flag} writes a folder: pass -o DIR/")
+    if is_remote(output):
+        raise InputError(f"{output}: {flag} writes a local folder, not an object store")
+    if Path(output).exists() and not Path(output).is_dir():
+        raise InputError(f"{output}: exists and is not a folder; {flag} writes a folder: pass -o DIR/")
+    from clipcli.store.clip_retrieval import refuse_foreign
+
+    refuse_foreign(Path(output))  # before the model loads
+    return Output(output, OutputKind.DATASET, OutputFormat.PARQUET, layout=Layout.CLIP_RETRIEVAL)
 
 
 def dataset_output(path: str) -> Output:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from clipcli.atomic import AtomicFile, describe_os_error
 from clipcli.errors import InputError, OutputError
+from clipcli.images.containers import container_of
 from clipcli.images.sources import ImageRef
 from clipcli.store.rows import (
     META_BASE,
@@ -185,6 +186,7 @@ class PlannedRows:
     _pending_rows: int
     _next_part: int
     _reachable: bool  # whether any path stored in the dataset, this shard's or not, exists from here
+    _open_container: str | None = None  # the container of the last row added (see add)
 
     @property
     def is_dir(self) -> bool:
@@ -236,7 +238,7 @@ class PlannedRows:
         made relative to the dataset's own folder, so that it names the same file from there."""
         if self.base is None or os.path.isabs(ref.path) or _same_folder(self.base):
             return ref
-        return ImageRef(os.path.relpath(os.path.abspath(ref.path), self.base), ref.file)
+        return ImageRef(os.path.relpath(os.path.abspath(ref.path), self.base), ref.file, ref.member)
 
     def plan(self, refs: Sequence[ImageRef]) -> Plan:
         plan = plan_against([self.rebase(r) for r in refs], self.stored, self.owns, self.locate)
@@ -264,22 +266,31 @@ class PlannedRows:
 
     def add(self, rows: Rows) -> None:
         """Buffer ``rows``; in a directory, every ``part_rows`` rows are written as one part, whatever
-        the size of the batches they come in (a batch may fill one part and start the next)."""
+        the size of the batches they come in (a batch may fill one part and start the next). The rows of
+        one container (a WebDataset shard's samples) are never split between parts: a part that fills
+        in the middle of one grows to its end, so a run killed at any moment leaves all of a
+        container's rows or none, and the next run embeds it whole."""
         if not rows.paths:
             return
         table = rows.table(self.schema, self.model)
-        start = 0
-        while start < table.num_rows:
-            room = self.part_rows - self._pending_rows if self.is_dir else table.num_rows
-            chunk = table.slice(start, max(room, 1))
+        groups = [container_of(p) for p in rows.paths]
+        start, count = 0, table.num_rows
+        while start < count:
+            if self.is_dir and self._pending_rows >= self.part_rows and groups[start] != self._open_container:
+                self._flush()  # a part held open for its container's last rows ends where they do
+            room = self.part_rows - self._pending_rows if self.is_dir else count
+            end = min(count, start + max(room, 1))
+            while self.is_dir and end < count and groups[end - 1] is not None and groups[end] == groups[end - 1]:
+                end += 1
+            chunk = table.slice(start, end - start)
             self._pending.append(chunk)
             self._pending_rows += chunk.num_rows
-            end = start + chunk.num_rows
             for p, st in zip(rows.paths[start:end], rows.stats[start:end], strict=True):
                 # The key of the part these rows go into: the number the next flush reserves.
                 self.stored.setdefault(p, []).append(Stored((self._next_part, self.tags), st))
+            self._open_container = groups[end - 1]
             start = end
-            if self.is_dir and self._pending_rows >= self.part_rows:
+            if self.is_dir and self._pending_rows >= self.part_rows and self._open_container is None:
                 self._flush()
 
     def _flush(self) -> None:
@@ -330,7 +341,8 @@ def dataset_base(metadata: Mapping[bytes, bytes] | None) -> str | None:
 
 
 def any_exists(paths: Iterable[str]) -> bool:
-    return any(os.path.lexists(p) for p in paths)
+    """Whether any of ``paths`` names a file (a member's, its container) that exists."""
+    return any(os.path.lexists(p) or os.path.lexists(container_of(p) or p) for p in paths)
 
 
 def refuse_unreachable(where: str, stored: dict[str, list[Stored]], reachable: bool) -> None:

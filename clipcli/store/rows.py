@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from clipcli.errors import ModelError
+from clipcli.images.containers import container_of
 
 if TYPE_CHECKING:
     import numpy as np
@@ -58,10 +59,18 @@ class Stat:
 
 
 def stat_of(path: str) -> Stat | None:
+    """The (bytes, mtime) of the file ``path`` names; a container member's (``shard.tar#KEY``) has its
+    container's, as its rows record it (see :class:`clipcli.images.refs.Decoded`)."""
     try:
         st = os.stat(path)
     except OSError:
-        return None
+        container = container_of(path)
+        if container is None:
+            return None
+        try:
+            st = os.stat(container)
+        except OSError:
+            return None
     return Stat(st.st_size, st.st_mtime)
 
 

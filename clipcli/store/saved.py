@@ -1,9 +1,10 @@
-"""Reading embeddings that ``embed`` saved (Parquet files or directories, NPY), chunk by chunk.
+"""Reading embeddings that ``embed`` saved (Parquet files or directories, NPY, clip-retrieval's layout),
+chunk by chunk.
 
 Every source is checked against the loaded model first (:meth:`clipcli.store.parts.ModelTag.require_model`),
 and yields N x D float32 unit rows with a function that names the rows a search keeps. Parquet sources
-go through the memory-mapped search cache (:mod:`clipcli.store.search_cache`) when allowed; NPY files are
-memory-mapped directly.
+go through the memory-mapped search cache (:mod:`clipcli.store.search_cache`) when allowed; NPY files
+(clip-retrieval's matrices too) are memory-mapped directly.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from clipcli.errors import InputError
 from clipcli.models import LoadedModel
+from clipcli.store import clip_retrieval as layout
 from clipcli.store.npy import npy_sidecar, open_npy
 from clipcli.store.parts import ModelTag, read_parquet
 
@@ -33,6 +35,8 @@ def is_embedding_source(source: str) -> bool:
     from clipcli.images.sources import IMAGE_EXTENSIONS
 
     path = Path(source)
+    if layout.is_layout(path):
+        return True
     if path.is_file():
         return path.suffix.lower() in (".parquet", ".pq", ".npy")
     if not path.is_dir():
@@ -94,8 +98,27 @@ def iter_saved(source: Path, lm: LoadedModel, use_cache: bool = True) -> Iterato
         saved = open_npy(source)
         unit = _check_tag(saved.header.tag, expect, source)
         yield from _chunks(saved.matrix, unit, lambda rows: [saved.name(r) for r in rows])
+    elif layout.is_layout(source):
+        yield from _iter_layout(source, expect, use_cache)
     else:
         yield from _iter_parquet(source, expect, use_cache)
+
+
+def _iter_layout(source: Path, expect: Expect, use_cache: bool) -> Iterator[Chunk]:
+    """clip-retrieval's matrices: one memory-mapped matrix (the only pair's, or their copy in the search
+    cache, built by the first search), else pair by pair; the rows a search keeps are named from their
+    metadata once it ends (:class:`PartRow`)."""
+    record, found, parts = _layout_pairs(source, expect)
+    whole = found[0][1] if len(found) == 1 else _layout_cached(source, found, record, expect) if use_cache else None
+    if whole is not None:
+        yield from _chunks(whole, record.tag.normalized, partial(_part_rows, parts, 0))
+        return
+    for (_, matrix), start in zip(found, parts.starts, strict=True):
+        yield from _chunks(matrix, record.tag.normalized, partial(_part_rows, parts, start))
+
+
+def _part_rows(parts: _Parts, start: int, rows: list[int]) -> list[Any]:
+    return [PartRow(parts, start + r) for r in rows]
 
 
 def _chunks(matrix: np.ndarray, unit: bool, name_rows: Callable[[list[int]], list[Any]]) -> Iterator[Chunk]:
@@ -262,6 +285,9 @@ def saved_tag(source: Path) -> tuple[ModelTag, int]:
     if source.suffix.lower() == ".npy":
         saved = open_npy(source)
         return saved.header.tag, int(saved.matrix.shape[1])
+    if layout.is_layout(source):
+        record = layout.read_record(source)
+        return record.tag, record.dim
     files = _parquet_files(source)
     if not files:
         raise InputError(f"{source}: no Parquet files in it")
@@ -280,6 +306,8 @@ def source_fingerprint(source: Path) -> list[Any]:
 
     if source.suffix.lower() == ".npy":
         return search_cache.fingerprint([source, npy_sidecar(source)])
+    if layout.is_layout(source):
+        return search_cache.fingerprint(layout.fingerprint_files(source))
     return search_cache.fingerprint(_parquet_files(source))
 
 
@@ -297,6 +325,8 @@ def open_matrix(source: Path, expect: Expect) -> SavedMatrix:
         n = saved.header.rows
         blocks = partial(_blocks_of, names, n)
         return SavedMatrix(source, saved.matrix, saved.header.tag, saved.header.key, names, blocks)
+    if layout.is_layout(source):
+        return _layout_matrix(source, expect)
     from itertools import accumulate
 
     from clipcli.store import search_cache
@@ -337,3 +367,53 @@ def _blocks_of(name_rows: Callable[[list[int]], list[str]], n: int) -> Iterator[
 def _part_names(parts: _Parts) -> Iterator[list[str]]:
     for file in parts.files:
         yield [str(n) for n in read_parquet(file, [parts.key]).column(0).to_pylist()]
+
+
+def _layout_pairs(source: Path, expect: Expect) -> tuple[layout.Record, list[tuple[layout.Pair, np.ndarray]], _Parts]:
+    """A layout's record (checked against the model), its pairs with their matrices, and their metadata."""
+    from itertools import accumulate
+
+    record = layout.read_record(source)
+    _check_tag(record.tag, expect, source)
+    found = list(layout.iter_pairs(source, record.dim))
+    starts = tuple(accumulate((int(m.shape[0]) for _, m in found), initial=0))[:-1]
+    return record, found, _Parts(tuple(pair.meta for pair, _ in found), starts, layout.NAME_KEY)
+
+
+def _layout_cached(
+    source: Path, found: list[tuple[layout.Pair, np.ndarray]], record: layout.Record, expect: Expect
+) -> np.ndarray | None:
+    """The layout's matrices as one, from the search cache: built now if missing or stale; None when the
+    cache cannot be written."""
+    import numpy as np
+
+    from clipcli.store import search_cache
+
+    files = [pair.emb for pair, _ in found]
+    cached = search_cache.load(source, files, expect.sha256)
+    if cached is not None:
+        return cached.matrix
+    builder: Builder | None
+    try:
+        rows = [int(m.shape[0]) for _, m in found]
+        builder = search_cache.Builder(source, files, rows, record.dim, np.dtype(record.dtype))
+    except OSError:
+        return None
+    for _, matrix in found:
+        builder = _cache_step(builder, partial(_add_chunk, chunk=matrix))
+    builder = _cache_step(builder, lambda b: b.commit(expect.sha256, "path", record.tag.normalized))
+    cached = search_cache.load(source, files, expect.sha256)
+    return None if cached is None else cached.matrix
+
+
+def _layout_matrix(source: Path, expect: Expect) -> SavedMatrix:
+    """clip-retrieval's layout as one matrix: its only matrix memory-mapped, or its matrices copied once
+    into the search cache (into memory when the cache cannot be written)."""
+    import numpy as np
+
+    record, found, parts = _layout_pairs(source, expect)
+    matrix = found[0][1] if len(found) == 1 else _layout_cached(source, found, record, expect)
+    if matrix is None:
+        stored = [m for _, m in found]
+        matrix = np.concatenate(stored) if stored else np.zeros((0, record.dim), np.dtype(record.dtype))
+    return SavedMatrix(source, matrix, record.tag, "path", parts.names, partial(_part_names, parts))

@@ -1,6 +1,7 @@
 """``--shard I/N``: a deterministic slice of the inputs, for job arrays (Slurm arrays, indexed Jobs).
 
-Each path belongs to exactly one shard, chosen by a hash of the path as stored (the name the user gave),
+Each path belongs to exactly one shard, chosen by a hash of the path as stored (the name the user gave;
+for a member of a container, such as a WebDataset shard's sample, the container's path),
 so N processes started with ``0/N`` .. ``N-1/N`` over the same inputs split them with no coordination,
 and a file keeps its shard from one run to the next (an incremental rerun of shard I finds its rows).
 The hash is SHA-1, not Python's ``hash()``, which is salted per process.
@@ -29,6 +30,7 @@ from typing import TypeVar
 
 from clipcli.atomic import LOCK_NAME, describe_os_error, real_path
 from clipcli.errors import InputError, OutputError
+from clipcli.images.containers import container_of
 
 SHARDS_LOCK = ".clipcli.shards.lock"
 COMPACT_LOCK = ".clipcli.compact.lock"
@@ -70,8 +72,10 @@ class Shard:
 
 
 def shard_of(path: str, count: int) -> int:
-    """The shard of ``path`` among ``count``: the first 8 bytes of its SHA-1, modulo ``count``."""
-    digest = hashlib.sha1(path.encode("utf-8", "surrogateescape"), usedforsecurity=False).digest()
+    """The shard of ``path`` among ``count``: the first 8 bytes of its SHA-1, modulo ``count``. A
+    container's members (``shard.tar#KEY``) go with their container: a whole tar shard is one job's."""
+    key = container_of(path) or path
+    digest = hashlib.sha1(key.encode("utf-8", "surrogateescape"), usedforsecurity=False).digest()
     return int.from_bytes(digest[:8], "big") % count
 
 

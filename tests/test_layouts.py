@@ -1,0 +1,185 @@
+"""clip-retrieval's layout out (issue 25): ``embed --layout clip-retrieval`` read back by the real
+``embedding-reader`` and by rank, index and dedup; incremental, atomic by pairs, and written only into
+folders clipcli wrote. (Lance was measured and dropped: docs/formats.md.)"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ("-m", "tiny-shapes")
+
+
+@pytest.fixture
+def shapes(tmp_path: Path) -> Path:
+    """The bundled model's samples, copied so that a test may change them."""
+    folder = tmp_path / "shapes"
+    shutil.copytree(ROOT / "samples", folder, ignore=shutil.ignore_patterns("*.txt"))
+    return folder
+
+
+def all_images(folder: Path) -> set[str]:
+    return {str(p) for p in folder.rglob("*.jpg")}
+
+
+def embed_layout(cli, out: Path, *inputs: Path | str, extra: tuple[str, ...] = ()):
+    return cli("embed", *map(str, inputs), *MODEL, "--layout", "clip-retrieval", "-o", f"{out}/", *extra)
+
+
+def layout_rows(out: Path) -> tuple[np.ndarray, list[str]]:
+    """Every row of a layout folder, read with the real embedding-reader (matrices beside metadata)."""
+    from embedding_reader import EmbeddingReader
+
+    reader = EmbeddingReader(
+        str(out / "img_emb"),
+        file_format="parquet_npy",
+        embedding_column="embedding",
+        metadata_folder=str(out / "metadata"),
+        meta_columns=["image_path"],
+    )
+    assert EmbeddingReader(str(out / "img_emb"), file_format="npy").count == reader.count
+    matrices, paths = [], []
+    for matrix, meta in reader(batch_size=7, show_progress=False):
+        matrices.append(matrix)
+        paths += meta["image_path"].tolist()
+    return np.concatenate(matrices), paths
+
+
+def npy_rows(cli, tmp_path: Path, inputs: Path, dtype: str = "float32") -> dict[str, np.ndarray]:
+    """The same images embedded into an NPY: row vectors by path."""
+    out = tmp_path / f"ref-{dtype}.npy"
+    assert cli("embed", str(inputs), *MODEL, "--dtype", dtype, "-o", str(out)).exit_code == 0
+    lines = (tmp_path / f"ref-{dtype}.rows.jsonl").read_text().splitlines()[1:]
+    return dict(zip(map(json.loads, lines), np.load(out), strict=True))
+
+
+def test_embedding_reader_reads_every_row_with_its_path(cli, shapes, tmp_path):
+    out = tmp_path / "cr"
+    ran = embed_layout(cli, out, shapes, extra=("--part-size", "5"))
+    assert ran.exit_code == 0, ran.stderr
+    matrix, paths = layout_rows(out)
+    assert sorted(paths) == sorted(all_images(shapes))  # every row, each once
+    assert {np.load(f).dtype for f in (out / "img_emb").glob("*.npy")} == {np.dtype(np.float16)}  # as clip-retrieval
+    assert len(list((out / "img_emb").glob("*.npy"))) == 7  # 32 rows in parts of 5
+    reference = npy_rows(cli, tmp_path, shapes)
+    for path, vector in zip(paths, matrix, strict=True):  # row-aligned: each vector is its path's
+        np.testing.assert_allclose(vector.astype(np.float32), reference[path], atol=2e-3)
+    record = json.loads((out / "clipcli.json").read_text())
+    assert (record["model"], record["dim"], record["dtype"]) == ("tiny-shapes", 64, "float16")
+    meta = pq.read_table(out / "metadata" / "metadata_000000.parquet")
+    assert {"image_path", "caption", "width", "height", "bytes", "mtime", "folder"} <= set(meta.column_names)
+    assert "embedding" not in meta.column_names
+
+
+def test_float32_on_request(cli, shapes, tmp_path):
+    out = tmp_path / "cr"
+    assert embed_layout(cli, out, shapes / "seen", extra=("--dtype", "float32")).exit_code == 0
+    matrix, paths = layout_rows(out)
+    assert {np.load(f).dtype for f in (out / "img_emb").glob("*.npy")} == {np.dtype(np.float32)}
+    reference = npy_rows(cli, tmp_path, shapes / "seen")
+    np.testing.assert_allclose(matrix, np.stack([reference[p] for p in paths]), atol=1e-6)
+    ran = embed_layout(cli, out, shapes / "seen")  # float16 by default: not what the folder holds
+    assert ran.exit_code == 2 and "--dtype float32" in ran.stderr
+
+
+def test_reruns_embed_only_what_changed_and_drop_what_is_gone(cli, shapes, tmp_path):
+    out = tmp_path / "cr"
+    assert embed_layout(cli, out, shapes / "seen", shapes / "busy", extra=("--part-size", "4")).exit_code == 0
+    ran = embed_layout(cli, out, shapes, extra=("--part-size", "4"))
+    assert "embedded 10, unchanged 22, removed 0" in ran.stderr
+    gone, changed = shapes / "seen" / "red-square.jpg", shapes / "busy" / "blue-star.jpg"
+    gone.unlink()
+    shutil.copyfile(shapes / "seen" / "blue-cross.jpg", changed)
+    ran = embed_layout(cli, out, shapes, extra=("--part-size", "4"))
+    assert "embedded 1, unchanged 30, removed 1" in ran.stderr
+    matrix, paths = layout_rows(out)
+    assert sorted(paths) == sorted(all_images(shapes))
+    cross = paths.index(str(shapes / "seen" / "blue-cross.jpg"))
+    np.testing.assert_array_equal(matrix[paths.index(str(changed))], matrix[cross])  # embedded as it is now
+    assert "embedded 0, unchanged 31, removed 0" in embed_layout(cli, out, shapes).stderr
+
+
+def test_a_killed_run_leaves_whole_pairs(cli, shapes, tmp_path):
+    """What a kill can leave (a matrix renamed but not its metadata, temporaries) is not read as rows,
+    and the next run removes it and carries on."""
+    out = tmp_path / "cr"
+    assert embed_layout(cli, out, shapes / "seen").exit_code == 0
+    orphan = out / "img_emb" / "img_emb_000007.npy"
+    np.save(orphan, np.ones((3, 64), np.float16))
+    tmp = out / "metadata" / ".metadata_000008.parquet.999999.tmp"
+    tmp.write_bytes(b"half a part")
+    ran = cli("rank", "a photo of a red circle.", f"{out}/", *MODEL, "-k", "50", "-f", "csv")
+    assert ran.exit_code == 0 and len(ran.stdout.splitlines()) == 1 + 16  # the pair's rows, not the orphan's
+    ran = embed_layout(cli, out, shapes)
+    assert ran.exit_code == 0 and "embedded 16, unchanged 16" in ran.stderr
+    assert not orphan.exists() and not tmp.exists()
+    assert sorted(layout_rows(out)[1]) == sorted(all_images(shapes))
+
+
+def test_refuses_folders_clipcli_did_not_write(cli, shapes, tmp_path):
+    mine = tmp_path / "mine"
+    (mine / "notes.txt").parent.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    ran = embed_layout(cli, mine, shapes / "seen")
+    assert ran.exit_code == 2 and "notes.txt" in ran.stderr and "did not write" in ran.stderr
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    theirs = tmp_path / "theirs"  # clip-retrieval's own output: no record of clipcli's
+    (theirs / "img_emb").mkdir(parents=True)
+    (theirs / "metadata").mkdir()
+    np.save(theirs / "img_emb" / "img_emb_0.npy", np.zeros((1, 64), np.float16))
+    ran = embed_layout(cli, theirs, shapes / "seen")
+    assert ran.exit_code == 2 and "did not write" in ran.stderr
+    assert [p.name for p in (theirs / "img_emb").iterdir()] == ["img_emb_0.npy"]
+    ran = cli("rank", "a photo of a red circle.", f"{theirs}/", *MODEL)  # no record of the model: refused
+    assert ran.exit_code == 2 and "clipcli.json" in ran.stderr and "Traceback" not in ran.stderr
+    ours = tmp_path / "ours"
+    assert embed_layout(cli, ours, shapes / "seen").exit_code == 0
+    (ours / "metadata" / "extra.parquet").write_bytes(b"x")  # would misalign embedding-reader's pairs
+    ran = embed_layout(cli, ours, shapes / "seen")
+    assert ran.exit_code == 2 and "metadata/extra.parquet" in ran.stderr
+
+
+def test_written_by_this_process_into_a_local_folder(cli, shapes, tmp_path):
+    """Ray workers and --shard runs write clipcli's own parts: this layout is refused before any image."""
+    for extra in (("--engine", "ray"), ("--shard", "0/2")):
+        ran = embed_layout(cli, tmp_path / "cr", shapes / "seen", extra=extra)
+        assert ran.exit_code == 2 and ran.stderr.startswith("Error:") and "Traceback" not in ran.stderr
+        assert not (tmp_path / "cr" / "img_emb").exists()
+    ran = cli("embed", str(shapes), *MODEL, "--layout", "clip-retrieval", "-o", "s3://bucket/emb/")
+    assert ran.exit_code == 2 and "local folder" in ran.stderr
+
+
+def _tsv(text: str) -> list[tuple[float, str]]:
+    return [(float(s), p) for s, p in (line.split("\t") for line in text.splitlines())]
+
+
+def test_rank_index_and_dedup_read_the_layout(cli, shapes, tmp_path):
+    out, parquet = tmp_path / "cr", tmp_path / "pq"
+    assert embed_layout(cli, out, shapes, extra=("--part-size", "6")).exit_code == 0
+    same = ("--dtype", "float16")
+    assert cli("embed", str(shapes), *MODEL, *same, "--part-size", "6", "-o", f"{parquet}/").exit_code == 0
+    query = ("rank", "a photo of a red circle.", *MODEL, "-k", "5", "-f", "tsv")
+    from_layout = _tsv(cli(*query[:2], f"{out}/", *query[2:]).stdout)
+    from_parquet = _tsv(cli(*query[:2], f"{parquet}/", *query[2:]).stdout)
+    assert from_layout == from_parquet
+    assert Path(from_layout[0][1]).name == "red-circle.jpg"
+    assert _tsv(cli(*query[:2], f"{out}/", *query[2:], "--no-cache").stdout) == from_layout  # pair by pair
+    ran = cli("index", f"{out}/")
+    assert ran.exit_code == 0 and "32 rows" in ran.stderr, ran.stderr
+    assert _tsv(cli(*query[:2], f"{out}/", *query[2:]).stdout) == from_layout  # now through the index
+    groups = {}
+    for source in (out, parquet):
+        ran = cli("dedup", f"{source}/", *MODEL, "-f", "csv")
+        assert ran.exit_code == 0, ran.stderr
+        rows = [line.split(",") for line in ran.stdout.splitlines()[1:]]
+        found: dict[str, set[str]] = {}
+        for group, path, *_ in rows:
+            found.setdefault(group, set()).add(path)
+        groups[source] = sorted(map(sorted, found.values()))
+    assert groups[out] == groups[parquet] and groups[out]
