@@ -77,6 +77,33 @@ MaxMegapixels = Annotated[
 ]
 
 
+Every = Annotated[
+    float,
+    typer.Option(
+        "--every",
+        min=0.001,
+        metavar="SECONDS",
+        help="Videos: embed one frame every SECONDS (from the first frame; --frames every).",
+    ),
+]
+
+
+class FramesChoice(str, Enum):
+    EVERY = "every"
+    SCENE = "scene"
+
+
+Frames = Annotated[
+    FramesChoice,
+    typer.Option(
+        "--frames",
+        case_sensitive=False,
+        help="Videos: which frames become rows. every: one per --every seconds; scene: the first frame, then "
+        "each frame whose picture changed (small grey frames compared; see the video page of the manual).",
+    ),
+]
+
+
 class DecodeChoice(str, Enum):
     AUTO = "auto"
     CPU = "cpu"
@@ -236,13 +263,17 @@ def image_options(
     exact: bool = False,
     max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
     decode: DecodeChoice | str = "auto",
+    every: float = 2.0,
+    frames: FramesChoice | str = "every",
 ) -> ImageOptions:
-    """``--batch-size``, ``--workers``, ``--exact``, ``--max-megapixels`` (refused if NaN) and ``--decode``
-    as the one value the core takes."""
+    """``--batch-size``, ``--workers``, ``--exact``, ``--max-megapixels`` (refused if NaN), ``--decode``,
+    ``--every`` and ``--frames`` as the one value the core takes."""
     from clipcli.images.decode import ImageOptions
+    from clipcli.images.refs import ContainerOptions
 
     choice = decode.value if isinstance(decode, DecodeChoice) else decode
-    return ImageOptions(batch_size, workers, exact, max_pixels(max_megapixels), choice)
+    sampling = ContainerOptions(every, frames.value if isinstance(frames, FramesChoice) else frames)
+    return ImageOptions(batch_size, workers, exact, max_pixels(max_megapixels), choice, sampling)
 
 
 def load(
@@ -290,6 +321,8 @@ IMAGE_OPTIONS = OptionGroup(
         _option("workers", Workers, 0),
         _option("exact", Exact, False),
         _option("max_megapixels", MaxMegapixels, DEFAULT_MAX_MEGAPIXELS),
+        _option("every", Every, 2.0),
+        _option("frames", Frames, FramesChoice.EVERY),
     ),
     image_options,
 )

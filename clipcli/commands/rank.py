@@ -103,6 +103,14 @@ FormatOpt = Annotated[
         "table on a terminal, tsv in a pipe, else from --output's extension."
     ),
 ]
+RawFrames = Annotated[
+    bool,
+    typer.Option(
+        "--raw-frames",
+        help="Videos: list the frames that rank (VIDEO#t=SECONDS), not the moments they make (VIDEO#t=START,END: "
+        "adjacent frames of one video that score alike, as one result).",
+    ),
+]
 Cache = Annotated[
     bool,
     typer.Option(
@@ -132,6 +140,7 @@ def rank(
     cutoff: Cutoff = None,
     where: Where = None,
     html: Html = None,
+    raw_frames: RawFrames = False,
     *,
     models: ModelOptions,
     images: ImageOptions,
@@ -145,7 +154,7 @@ def rank(
     query = RankRequest(arguments or [], image, texts_file, queries_file, image_queries, index, no_index, cache)
     request = replace(query, template=template, templates=templates, top_k=top_k, threshold=threshold, null=null)
     request = replace(request, output=output, format=opt.output_format(fmt))
-    request = replace(request, negative=negative or (), cutoff=cutoff, where=where, html=html)
+    request = replace(request, negative=negative or (), cutoff=cutoff, where=where, html=html, raw_frames=raw_frames)
     tally = Tally()
     result = run_rank(request, models, images, RankHooks(opt.load, tally.on_skip, prompt_progress, say, sys.stdin))
     if result.paths is not None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import IO
 
 from clipcli.errors import InputError
+from clipcli.images.refs import ContainerOptions
 from clipcli.images.sources import ImageRef, Skipped
 from clipcli.store.output import Output, OutputKind
 
@@ -35,14 +36,15 @@ def check_text_output(out: Output) -> None:
 
 
 def find_images(
-    inputs: Sequence[str], out: Output, stdin: IO[str] | None = None
+    inputs: Sequence[str], out: Output, stdin: IO[str] | None = None, containers: ContainerOptions | None = None
 ) -> tuple[list[ImageRef], list[Skipped]]:
-    """The images ``inputs`` name (those of ``out``'s shard), and the inputs found missing; call it under
-    the output's lock. Refuses no images at all, and an output that is one of the images."""
+    """The images ``inputs`` name (those of ``out``'s shard; a video's frames as ``containers`` says),
+    and the inputs found missing; call it under the output's lock. Refuses no images at all, and an
+    output that is one of the images."""
     from clipcli.images.sources import discover, nothing_found
     from clipcli.store.output import refuse_output_over_inputs
 
-    refs, missing = discover(inputs, stdin or sys.stdin)
+    refs, missing = discover(inputs, stdin or sys.stdin, containers)
     if not refs:
         raise nothing_found(inputs, missing)
     if not out.is_dataset:  # an image found in a folder given as input (a folder output holds none)

@@ -11,9 +11,10 @@ from clipcli.engines.base import DatasetJob, EmbedJob, Engine, OnBatch, Run, Sin
 from clipcli.errors import InputError
 from clipcli.images.decode import DEFAULT_MAX_PIXELS
 from clipcli.images.sources import ImageRef, Skipped
+from clipcli.images.video import has_frames
 from clipcli.models import LoadedModel
 from clipcli.store.formats import OutputFormat, ParquetWriter, RowWriter
-from clipcli.store.output import NpyWriter, Output, open_writer
+from clipcli.store.output import Layout, NpyWriter, Output, open_writer
 from clipcli.store.parts import Rows, Stat, stat_of
 from clipcli.zeroshot.encode import EmbeddedBatch, encode_texts, iter_image_embeddings
 from clipcli.zeroshot.prompts import TemplateSet
@@ -74,26 +75,38 @@ def fresh_rows(batch: EmbeddedBatch, refs: Sequence[ImageRef]) -> tuple[Rows, li
     return rows, skipped
 
 
-def _flat_rows(key: str, names: Sequence[str], embeddings: np.ndarray, fmt: OutputFormat) -> list[dict[str, Any]]:
+def _flat_rows(
+    key: str, names: Sequence[str], embeddings: np.ndarray, fmt: OutputFormat, times: Sequence[float | None] = ()
+) -> list[dict[str, Any]]:
+    """Rows of CSV (a column per dimension) or JSONL (an ``embedding`` list); with ``times``, each row's
+    video time ``t`` after its name (None for an image: an empty cell, a JSON null)."""
+    head: list[dict[str, Any]] = [{key: n} for n in names]
+    if times:
+        head = [{**h, "t": t} for h, t in zip(head, times, strict=True)]
     if fmt is OutputFormat.CSV:
         columns = [f"e{i}" for i in range(embeddings.shape[1])]
-        return [
-            {key: n, **dict(zip(columns, map(float, e), strict=True))} for n, e in zip(names, embeddings, strict=True)
-        ]
-    return [{key: n, "embedding": [float(x) for x in e]} for n, e in zip(names, embeddings, strict=True)]
+        return [{**h, **dict(zip(columns, map(float, e), strict=True))} for h, e in zip(head, embeddings, strict=True)]
+    return [{**h, "embedding": [float(x) for x in e]} for h, e in zip(head, embeddings, strict=True)]
+
+
+def row_times(rows: Rows) -> list[float | None]:
+    """Each row's video time (``t``), None for an image."""
+    return [m.get("t") for m in rows.meta] if rows.meta is not None else [None] * len(rows.paths)
 
 
 class LocalEngine(Engine):
     """This process: decoding and the model side by side (see :func:`clipcli.zeroshot.encode.iter_image_embeddings`)."""
 
     name = "local"
+    layouts = frozenset({Layout.CLIP_RETRIEVAL})
 
     def file_sink(self, lm: LoadedModel, job: EmbedJob, sch: pa.Schema) -> Sink:
         out = job.output
-        columns = ["path", *(f"e{i}" for i in range(lm.embed_dim))]
+        frames = has_frames(job.refs)  # a video's frames: a `t` column beside the path
+        columns = ["path", *(["t"] if frames else []), *(f"e{i}" for i in range(lm.embed_dim))]
         tag = model_tag(lm, job.normalize)
         writer = open_writer(out, schema=sch, columns=columns, tag=tag, dim=lm.embed_dim, dtype=job.dtype)
-        return WriterSink(writer, sch, lm.name, job.dtype, out.format)
+        return WriterSink(writer, sch, lm.name, job.dtype, out.format, frames)
 
     def run(self, lm: LoadedModel, job: EmbedJob, refs: Sequence[ImageRef], sink: Sink, run: Run) -> None:
         im = job.images
@@ -113,10 +126,15 @@ class LocalEngine(Engine):
 
 
 class WriterSink(Sink):
-    """One file or stream, in any format (NPY's matrix gathered and written at the end)."""
+    """One file or stream, in any format (NPY's matrix gathered and written at the end). With ``frames``
+    (a video among the inputs) CSV and JSONL rows carry ``t`` after the path, and NPY's sidecar names a
+    frame as ``{"path": ..., "t": ...}``; without, they are as they always were."""
 
-    def __init__(self, writer: RowWriter, sch: pa.Schema, model: str, dtype: str, fmt: OutputFormat) -> None:
+    def __init__(
+        self, writer: RowWriter, sch: pa.Schema, model: str, dtype: str, fmt: OutputFormat, frames: bool = False
+    ) -> None:
         self.writer, self.schema, self.model, self.dtype, self.fmt = writer, sch, model, dtype, fmt
+        self.frames = frames
 
     def add(self, rows: Rows) -> None:
         import numpy as np
@@ -124,10 +142,14 @@ class WriterSink(Sink):
         if isinstance(self.writer, ParquetWriter):
             self.writer.write_table(rows.table(self.schema, self.model))
         elif isinstance(self.writer, NpyWriter):
-            self.writer.write_matrix(rows.paths, rows.embeddings)
+            names: list[Any] = list(rows.paths)
+            if self.frames:  # the sidecar takes JSON objects too (clipcli.store.npy.write_npy)
+                names = [n if t is None else {"path": n, "t": t} for n, t in zip(names, row_times(rows), strict=True)]
+            self.writer.write_matrix(names, rows.embeddings)
         else:
             embeddings = rows.embeddings.astype(np.float16) if self.dtype == "float16" else rows.embeddings
-            self.writer.write(_flat_rows("path", rows.paths, embeddings, self.fmt))
+            times = row_times(rows) if self.frames else []
+            self.writer.write(_flat_rows("path", rows.paths, embeddings, self.fmt, times))
 
     def finish(self, keep: bool) -> int:
         if keep:

@@ -24,6 +24,7 @@ from clipcli.zeroshot.prompts import TemplateSet, zero_shot_classifier
 if TYPE_CHECKING:
     import numpy as np
 
+    from clipcli.images.refs import ContainerOptions
     from clipcli.search.query import Query
 
 
@@ -98,6 +99,7 @@ class SourceScan:
     index: IndexChoice = field(default_factory=IndexChoice)
     on_skip: Callable[[Skipped], None] | None = None
     stdin: IO[str] | None = None
+    containers: ContainerOptions | None = None  # how videos are sampled into frames (--every, --frames)
     on_rows: Callable[[np.ndarray], None] | None = None  # told each batch of images embedded (unit rows)
     where: str | None = None  # a --where filter over saved embeddings' columns (see clipcli.search.where)
 
@@ -133,7 +135,7 @@ def rank_many(
         else:
             image_args.append(source)
     if image_args:
-        refs, missing = discover(image_args, scan.stdin)
+        refs, missing = discover(image_args, scan.stdin, scan.containers)
         if not refs and len(image_args) == len(sources):  # nothing at all to rank
             raise nothing_found(image_args, missing)
         on_skip = scan.on_skip or (lambda skipped: None)

@@ -16,6 +16,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from clipcli.errors import InputError, ModelError
 from clipcli.models import LoadedModel, ModelOptions
+from clipcli.search.moments import candidates, moment_hits
 from clipcli.search.rank import IndexChoice, SourceScan
 from clipcli.store.formats import OutputFormat
 
@@ -57,6 +58,7 @@ class RankRequest:
     cutoff: str | None = None  # --cutoff auto|Z (see clipcli.search.cutoff)
     where: str | None = None  # --where SQL over saved embeddings' columns (see clipcli.search.where)
     html: str | None = None  # --html FILE: the results as a page (see clipcli.search.html)
+    raw_frames: bool = False  # --raw-frames: a video's frames as they rank, not moments (clipcli.search.moments)
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,7 @@ def run_rank(request: RankRequest, models: ModelOptions, images: ImageOptions, h
     scan = SourceScan(
         images.batch_size, images.workers, images.exact, images.max_pixels, r.cache, index, hooks.on_skip, hooks.stdin
     )
-    scan = replace(scan, where=r.where)
+    scan = replace(scan, where=r.where, containers=images.containers)
     if r.queries_file or r.image_queries:
         if r.image or r.texts_file or (r.queries_file and r.image_queries):
             raise InputError("--queries-file/--image-queries take the place of QUERY, --image and --texts-file")
@@ -165,7 +167,8 @@ def _rank_one(
             if sampler is not None:
                 sampler.see(embeddings)
         else:
-            hits = rank_many(lm, query[None, :], args, r.top_k, r.threshold, scan)[0]
+            hits = rank_many(lm, query[None, :], args, candidates(r.top_k, r.raw_frames), r.threshold, scan)[0]
+            hits = hits if r.raw_frames else moment_hits(hits, r.top_k)
         if sampler is not None:
             hits = _cut(r, lm, query[None, :], [hits], [] if r.texts_file else args, scan, sampler)[0]
         if out_format is OutputFormat.PARQUET:
@@ -210,7 +213,8 @@ def _rank_batch(
         sampler = _sampler(r)
         if sampler is not None:
             scan = replace(scan, on_rows=sampler.see)
-        results = rank_many(lm, vectors, sources, r.top_k, r.threshold, scan)
+        results = rank_many(lm, vectors, sources, candidates(r.top_k, r.raw_frames), r.threshold, scan)
+        results = results if r.raw_frames else [moment_hits(hits, r.top_k) for hits in results]
         if sampler is not None:
             results = _cut(r, lm, vectors, results, sources, scan, sampler)
         if r.html:

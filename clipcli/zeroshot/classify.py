@@ -12,6 +12,7 @@ from clipcli.images.sources import ImageRef, Skipped
 from clipcli.models import LoadedModel, ModelOptions
 from clipcli.zeroshot.encode import iter_image_embeddings
 from clipcli.zeroshot.prompts import TemplateSet, zero_shot_classifier, zero_shot_probabilities
+from clipcli.zeroshot.timeline import Segment, Timeline
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -99,6 +100,12 @@ class ClassifyHooks:
 class ClassifyResult:
     classified: int
     scoring: str  # the model's: with one label, a softmax scores every image 1.0
+    frames: int = 0  # of the images classified, how many were a video's frames
+
+
+# Opens the output once the inputs are known: with True (a video among them) for a timeline's segments
+# (:class:`clipcli.zeroshot.timeline.Segment`), else for predictions; gives the function that writes one.
+OpenOutput = Callable[[bool], AbstractContextManager[Callable[["Prediction | Segment"], None]]]
 
 
 def run_classify(
@@ -109,12 +116,15 @@ def run_classify(
     models: ModelOptions,
     images: ImageOptions,
     hooks: ClassifyHooks,
-    write: Callable[[Prediction], None],
+    output: OpenOutput,
 ) -> ClassifyResult:
-    """Find the images, load the model, and hand each prediction to ``write``, in input order."""
+    """Find the images, open the output, load the model, and write each prediction, in input order; with
+    a video among the inputs, a timeline (:mod:`clipcli.zeroshot.timeline`): each video's segments, and
+    each image as a segment of its own."""
     from clipcli.images.sources import discover, nothing_found
+    from clipcli.images.video import has_frames
 
-    refs, missing = discover(inputs, hooks.stdin)
+    refs, missing = discover(inputs, hooks.stdin, images.containers)
     if hooks.storable is not None:
         refs, unstorable = hooks.storable(refs)
         missing += unstorable
@@ -122,8 +132,24 @@ def run_classify(
         raise nothing_found(inputs, missing)
     for m in missing:
         hooks.on_skip(m)
+    timeline = Timeline() if has_frames(refs) else None
+    with output(timeline is not None) as write:
+        return _classify(refs, labels, templates, top_k, models, images, hooks, write, timeline)
+
+
+def _classify(
+    refs: list[ImageRef],
+    labels: Sequence[str],
+    templates: TemplateSet,
+    top_k: int,
+    models: ModelOptions,
+    images: ImageOptions,
+    hooks: ClassifyHooks,
+    write: Callable[[Prediction | Segment], None],
+    timeline: Timeline | None,
+) -> ClassifyResult:
     lm = hooks.load(models)
-    n_ok = 0
+    n_ok = n_frames = 0
     n_prompts = len(labels) * len(templates.templates)
     with hooks.prompts_progress(n_prompts) as on_prompts, hooks.images_progress(len(refs)) as on_batch:
         predictions = classify_images(
@@ -144,5 +170,13 @@ def run_classify(
                 hooks.on_skip(item)
                 continue
             n_ok += 1
-            write(item)
-    return ClassifyResult(n_ok, lm.scoring)
+            if timeline is None:
+                write(item)
+                continue
+            for segment in timeline.add(item.path, item.labels[0], item.scores[0]):
+                n_frames += segment.frames if segment.start is not None else 0
+                write(segment)
+        for segment in timeline.close() if timeline is not None else ():
+            n_frames += segment.frames
+            write(segment)
+    return ClassifyResult(n_ok, lm.scoring, n_frames)

@@ -1,0 +1,359 @@
+"""Videos as inputs: sampled frames as rows (with ``t``), moments in ``rank``, a timeline in ``classify``,
+bad videos reported while the good ones are embedded. The videos are written by the tests themselves
+(tests/video_helpers.py: a red circle from 4 s to 8 s and a blue star from 12 s to 16 s in a 20 s
+clip, a green square the rest of the time), in H.264 (libx264) and VP9 (libvpx-vp9)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as ds
+import pytest
+from conftest import make_image
+from video_helpers import LABELS, write_audio_only, write_video
+
+from clipcli.errors import EXIT_PARTIAL
+
+pytest.importorskip("av")
+
+TINY = ("-m", "tiny-shapes")
+SHOWN = {"a red circle": (4.0, 8.0), "a blue star": (12.0, 16.0)}
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("videos")
+    rng = random.Random(7)
+    times, t = [], 0.0
+    while t < 20:  # frames 0.1 s to 0.9 s apart
+        times.append(round(t, 3))
+        t += rng.choice((0.1, 0.3, 0.9))
+    return {
+        "h264": write_video(root / "clip.mp4", "h264-b"),
+        "vp9": write_video(root / "clip.webm", "vp9"),
+        "vfr": write_video(root / "vfr.mkv", "h264", times=times),
+        "rotated": write_video(root / "rotated.mp4", "h264", duration=2, size=(128, 96), rotation=-90),
+    }
+
+
+def rows(folder: Path, columns: list[str]) -> dict[str, list]:
+    table = ds.dataset(folder, format="parquet").to_table(columns=columns)
+    return {c: table.column(c).to_pylist() for c in columns}
+
+
+def frame_times(paths: list[str], video: str) -> list[float]:
+    return sorted(float(p.rpartition("#t=")[2]) for p in paths if p.startswith(video + "#t="))
+
+
+def test_frames_are_rows_with_their_time_and_images_keep_t_empty(cli, videos, tmp_path):
+    image = make_image(tmp_path / "photo.jpg")
+    out = tmp_path / "emb"
+    r = cli("embed", *TINY, str(videos["h264"]), str(videos["vp9"]), str(image), "-o", f"{out}/")
+    assert r.exit_code == 0, r.stderr
+    got = rows(out, ["path", "t", "width", "height", "folder"])
+    by_path = dict(
+        zip(got["path"], zip(got["t"], got["width"], got["height"], got["folder"], strict=True), strict=True)
+    )
+    for video in (videos["h264"], videos["vp9"]):
+        assert frame_times(got["path"], str(video)) == [0, 2, 4, 6, 8, 10, 12, 14, 16, 18]
+        t, w, h, folder = by_path[f"{video}#t=12.000"]
+        assert (t, w, h, folder) == (12.0, 128, 128, str(video.parent))
+    assert by_path[str(image)][0] is None
+    assert "embedded 21" in r.stderr
+
+
+def test_every_and_scene_choose_the_frames(cli, videos, tmp_path):
+    r = cli("embed", *TINY, str(videos["h264"]), "--every", "5", "-f", "jsonl")
+    assert r.exit_code == 0, r.stderr
+    assert [json.loads(line)["t"] for line in r.stdout.splitlines()] == [0.0, 5.0, 10.0, 15.0]
+    r = cli("embed", *TINY, str(videos["vp9"]), "--frames", "scene", "-f", "jsonl")
+    assert r.exit_code == 0, r.stderr
+    # the first frame, then each change of picture: the circle, the square, the star, the square
+    assert [json.loads(line)["t"] for line in r.stdout.splitlines()] == [0.0, 4.0, 8.0, 12.0, 16.0]
+
+
+def test_csv_and_npy_carry_t_and_image_outputs_are_unchanged(cli, videos, tmp_path):
+    image = make_image(tmp_path / "photo.png")
+    r = cli("embed", *TINY, str(videos["h264"]), str(image), "--every", "10", "-f", "csv")
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("path,t,e0,")
+    assert lines[1].startswith(f"{videos['h264']}#t=0.000,0.0,") and lines[3].startswith(f"{image},,")
+    only_images = cli("embed", *TINY, str(image), "-f", "csv").stdout.splitlines()
+    assert only_images[0].startswith("path,e0,") and only_images[1].startswith(f"{image},0") is False
+    assert only_images[1].split(",")[1:] == lines[3].split(",")[2:]  # the same numbers, no t cell
+    npy = tmp_path / "e.npy"
+    assert cli("embed", *TINY, str(videos["h264"]), str(image), "--every", "10", "-o", str(npy)).exit_code == 0
+    sidecar = [json.loads(line) for line in npy.with_name("e.rows.jsonl").read_text().splitlines()[1:]]
+    assert sidecar == [
+        {"path": f"{videos['h264']}#t=0.000", "t": 0.0},
+        {"path": f"{videos['h264']}#t=10.000", "t": 10.0},
+        str(image),
+    ]
+    r = cli("rank", *TINY, "a red circle", str(npy), "--raw-frames", "-k", "3", "-f", "jsonl")
+    assert r.exit_code == 0, r.stderr  # the sidecar reads back
+    plain = tmp_path / "p.npy"
+    assert cli("embed", *TINY, str(image), "-o", str(plain)).exit_code == 0
+    assert json.loads(plain.with_name("p.rows.jsonl").read_text().splitlines()[1]) == str(image)
+
+
+@pytest.mark.parametrize("kind", ["h264", "vp9", "vfr"])
+def test_classify_gives_a_timeline_of_the_shown_shapes(cli, videos, kind):
+    every = 1.0
+    r = cli("classify", *TINY, str(videos[kind]), "--labels", ",".join(LABELS), "--every", str(every), "-f", "jsonl")
+    assert r.exit_code == 0, r.stderr
+    segments = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [s["label"] for s in segments] == [LABELS[2], LABELS[0], LABELS[2], LABELS[1], LABELS[2]]
+    assert segments[0]["start"] == 0.0 and abs(segments[-1]["end"] - 20.0) <= every
+    for s in segments:
+        assert s["path"] == str(videos[kind]) and 0 < s["score"] <= 1
+        if s["label"] in SHOWN:
+            shown = SHOWN[s["label"]]
+            assert abs(s["start"] - shown[0]) <= every and abs(s["end"] - shown[1]) <= every, s
+    assert "20 of them video frames" in r.stderr
+
+
+def test_classify_timeline_as_parquet_and_table(cli, videos, tmp_path):
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "timeline.parquet"
+    image = make_image(tmp_path / "photo.png")
+    r = cli("classify", *TINY, str(videos["h264"]), str(image), "--labels", ",".join(LABELS), "-o", str(out))
+    assert r.exit_code == 0, r.stderr
+    table = pq.read_table(out)
+    assert table.column_names == ["path", "start", "end", "label", "score"]
+    got = table.to_pylist()
+    circle = [row for row in got if row["label"] == LABELS[0]]
+    assert [(row["path"], row["start"], row["end"]) for row in circle] == [(str(videos["h264"]), 4.0, 8.0)]
+    assert got[-1]["path"] == str(image) and got[-1]["start"] is None and got[-1]["end"] is None
+    r = cli("classify", *TINY, str(videos["h264"]), "--labels", ",".join(LABELS), "-f", "table")
+    assert "4.000" in r.stdout and "8.000" in r.stdout and "a red circle" in r.stdout
+
+
+def test_rank_finds_the_red_circle_as_one_moment(cli, videos, tmp_path):
+    out = tmp_path / "emb"
+    r = cli("embed", *TINY, str(videos["h264"]), str(videos["vp9"]), "--every", "1", "-o", f"{out}/")
+    assert r.exit_code == 0, r.stderr
+    r = cli("rank", *TINY, "a red circle", str(out), "-k", "3", "-f", "jsonl")
+    assert r.exit_code == 0, r.stderr
+    hits = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(hits) == 3
+    top = hits[0]["path"]
+    video, _, span = top.rpartition("#t=")
+    start, end = (float(x) for x in span.split(","))
+    assert 4.0 <= start < end <= 8.0, top
+    # the other video's circle is a moment of its own, not more frames of the first
+    assert hits[1]["path"].rpartition("#t=")[0] not in (video, "")
+    raw = cli("rank", *TINY, "a red circle", str(out), "-k", "3", "--raw-frames", "-f", "jsonl")
+    frames = [json.loads(line)["path"] for line in raw.stdout.splitlines()]
+    assert all("," not in f.rpartition("#t=")[2] for f in frames) and len(frames) == 3
+
+
+def test_a_rerun_is_incremental_and_a_changed_video_replaces_its_frames(cli, videos, tmp_path):
+    clip = write_video(tmp_path / "clip.mp4", "h264", duration=6)
+    out = tmp_path / "emb"
+    assert cli("embed", *TINY, str(clip), str(videos["vp9"]), "-o", f"{out}/").exit_code == 0
+    r = cli("embed", *TINY, str(clip), str(videos["vp9"]), "-o", f"{out}/")
+    assert "embedded 0, unchanged 13" in r.stderr, r.stderr
+    write_video(clip, "h264", duration=3)  # shorter: the frame at 4 s is gone
+    r = cli("embed", *TINY, str(clip), str(videos["vp9"]), "-o", f"{out}/")
+    assert r.exit_code == 0, r.stderr
+    assert "embedded 2, unchanged 10, removed 1" in r.stderr, r.stderr
+    assert frame_times(rows(out, ["path"])["path"], str(clip)) == [0.0, 2.0]
+
+
+def test_rotation_is_applied(videos):
+    from clipcli.images.sources import discover
+    from clipcli.images.video import CONTAINER
+
+    def left_red_right_blue(t: float, size: tuple[int, int]):
+        from PIL import Image
+
+        w, h = size
+        image = Image.new("RGB", size, (30, 70, 225))
+        image.paste((220, 30, 30), (0, 0, w // 2, h))
+        return image
+
+    folder = videos["rotated"].parent
+    clip = write_video(
+        folder / "turned.mp4", "h264", duration=1, size=(128, 96), rotation=-90, picture=left_red_right_blue
+    )
+    refs, skipped = discover([str(clip)])
+    assert not skipped
+    got = CONTAINER.decode(refs[0], None, None)
+    assert got.size == (96, 128) and got.image.size == (96, 128)
+    top, bottom = got.image.getpixel((48, 10)), got.image.getpixel((48, 118))
+    assert top[0] > 150 > top[2] and bottom[2] > 150 > bottom[0]  # turned clockwise: the left side on top
+
+
+def test_bad_videos_are_reported_and_the_good_ones_embedded(cli, videos, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "empty.mp4").write_bytes(b"")
+    (bad / "noise.mkv").write_bytes(bytes(random.Random(1).randrange(256) for _ in range(4000)))
+    write_audio_only(bad / "audio.mp4")
+    data = write_video(tmp_path / "x.mkv", "h264-b").read_bytes()
+    (bad / "truncated.mkv").write_bytes(data[: len(data) // 2])
+    lying = bytearray(data)
+    at = lying.find(b"\x44\x89\x88")  # Matroska's Duration element: an 8-byte float, in milliseconds
+    lying[at + 3 : at + 11] = struct.pack(">d", 600_000.0)
+    (bad / "lying.mkv").write_bytes(bytes(lying))
+    avi = write_video(tmp_path / "x.avi", "mjpeg", duration=1).read_bytes()
+    (bad / "unknown.avi").write_bytes(avi.replace(b"MJPG", b"QQQQ"))  # a codec FFmpeg does not know
+    write_video(bad / "huge.avi", "mjpeg", duration=1, fps=1, size=(1600, 1200))
+    out = tmp_path / "emb"
+    r = cli("embed", *TINY, str(bad), str(videos["vp9"]), "--max-megapixels", "1", "-o", f"{out}/")
+    assert r.exit_code == EXIT_PARTIAL, r.stderr
+    assert "Traceback" not in r.stderr
+    reasons = {
+        line.split(": ", 1)[0].rpartition("/")[2]: line for line in r.stderr.splitlines() if line.startswith("skipped")
+    }
+    assert "empty file" in reasons["empty.mp4"]
+    assert "no video stream" in reasons["audio.mp4"]
+    assert "not a readable video" in reasons["noise.mkv"]
+    assert "unknown video codec" in reasons["unknown.avi"]
+    assert "frames too large" in reasons["huge.avi#t=0.000"]
+    assert "stop at 1" in reasons["truncated.mkv"] and "stated 20.000 s" in reasons["truncated.mkv"]
+    assert "stated 600.000 s" in reasons["lying.mkv"]
+    paths = rows(out, ["path"])["path"]
+    assert len(frame_times(paths, str(videos["vp9"]))) == 10
+    truncated = frame_times(paths, str(bad / "truncated.mkv"))
+    assert truncated[0] == 0.0 and 8.0 <= truncated[-1] < 14.0  # the frames before the damage
+    assert frame_times(paths, str(bad / "lying.mkv"))[-1] == 18.0  # sampled to the real end
+
+
+def test_a_decode_that_makes_no_progress_is_abandoned(videos, monkeypatch):
+    from clipcli.images import video, video_decode
+    from clipcli.images.sources import discover
+
+    refs, _ = discover([str(videos["h264"])])
+    video.forget(videos["h264"])
+    monkeypatch.setattr(video_decode, "STALL_SECONDS", -1.0)  # any packet that gives no frame at once stalls
+    with pytest.raises(ValueError, match="made no progress"):
+        video.CONTAINER.decode(refs[3], None, None)
+
+
+def test_without_pyav_a_video_is_skipped_naming_the_extra(cli, videos, tmp_path, monkeypatch):
+    from clipcli.images import video
+
+    def missing() -> None:
+        raise ImportError("No module named 'av'")
+
+    monkeypatch.setattr(video, "load_av", missing)
+    image = make_image(tmp_path / "photo.jpg")
+    r = cli("embed", *TINY, str(videos["h264"]), str(image), "-f", "jsonl")
+    assert r.exit_code == EXIT_PARTIAL
+    assert len(r.stdout.splitlines()) == 1
+    assert f"skipped {videos['h264']}: " in r.stderr and "clipcli[video]" in r.stderr
+
+
+def test_frames_decoded_forward_or_by_seeking_are_the_same(videos):
+    """Frames decoded in passes, onward from one to the next, are those a fresh seek to each gives; and
+    the decoding threads, sharing the passes, give the same frames too."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from clipcli.images import video
+    from clipcli.images.sources import discover
+
+    clip = videos["h264"]
+    refs, _ = discover([str(clip)], containers=video.ContainerOptions(every=0.6))
+    video.forget(clip)
+    onward = [np.asarray(video.CONTAINER.decode(r, None, None).image) for r in refs]
+    fresh = []
+    for r in refs:
+        video.forget(clip)
+        fresh.append(np.asarray(video.CONTAINER.decode(r, None, None).image))
+    assert all(np.array_equal(a, b) for a, b in zip(onward, fresh, strict=True))
+    refs, _ = discover([str(clip)], containers=video.ContainerOptions(every=0.6))
+    video.forget(clip)
+    with ThreadPoolExecutor(4) as pool:
+        shared = list(pool.map(lambda r: np.asarray(video.CONTAINER.decode(r, None, None).image), refs))
+    assert all(np.array_equal(a, b) for a, b in zip(onward, shared, strict=True))
+
+
+@pytest.mark.slow
+def test_killed_mid_video_then_rerun_embeds_every_frame_once(tmp_path):
+    """A video's frames are written as one unit: a run killed inside the second video kept the first
+    one's, and the rerun embeds the second whole, each frame once."""
+    first = write_video(tmp_path / "a.mp4", "h264", duration=1)
+    second = write_video(tmp_path / "b.mp4", "h264", duration=10)
+    out = tmp_path / "emb"
+    args = [sys.executable, "-m", "clipcli", "embed", *TINY, str(first), str(second), "--every", "0.2", "-b", "4"]
+    args += ["-o", f"{out}/", "--part-size", "4"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob("part-*.parquet")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert proc.poll() is None, "the run ended before it was killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+    kept = rows(out, ["path"])["path"]
+    assert frame_times(kept, str(first)) == [0.0, 0.2, 0.4, 0.6, 0.8] and not frame_times(kept, str(second))
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "embedded 50, unchanged 5" in done.stderr
+    paths = rows(out, ["path"])["path"]
+    assert len(paths) == len(set(paths)) == 55
+    assert frame_times(paths, str(second)) == [round(i * 0.2, 3) for i in range(50)]
+
+
+def test_moments_merge_adjacent_frames_within_the_margin():
+    from clipcli.search.moments import moments
+
+    hits = [
+        ("a.mp4#t=4.000", 0.80),
+        ("a.mp4#t=6.000", 0.79),
+        ("a.mp4#t=8.000", 0.50),  # adjacent, but far below the best
+        ("a.mp4#t=14.000", 0.70),  # not adjacent
+        ("photo.jpg", 0.75),
+        ("b.webm#t=2.000", 0.78),
+        ("b.webm#t=4.000", 0.77),
+    ]
+    got = moments(hits)
+    assert [(m.path, m.start, m.end, m.score, m.t) for m in got] == [
+        ("a.mp4", 4.0, 6.0, 0.80, 4.0),
+        ("b.webm", 2.0, 4.0, 0.78, 2.0),
+        ("photo.jpg", None, None, 0.75, None),
+        ("a.mp4", 14.0, 14.0, 0.70, 14.0),
+        ("a.mp4", 8.0, 8.0, 0.50, 8.0),
+    ]
+    assert got[0].name == "a.mp4#t=4.000,6.000" and got[2].name == "photo.jpg"
+    assert [m.name for m in moments([("x.jpg", 0.9), ("y.png", 0.8)])] == ["x.jpg", "y.png"]
+
+
+def test_moment_hits_keep_image_results_as_they_were():
+    from clipcli.search.moments import candidates, moment_hits
+    from clipcli.search.rank import Hit
+
+    images = [Hit(0.9, "b.jpg"), Hit(0.9, "a.jpg"), Hit(0.5, "c.jpg")]
+    assert moment_hits(images, 2) == images[:2]  # order and ties untouched
+    frames = [Hit(0.8, "v.mp4#t=2.000"), Hit(0.79, "v.mp4#t=4.000"), Hit(0.7, "c.jpg")]
+    assert moment_hits(frames, 2) == [Hit(0.8, "v.mp4#t=2.000,4.000"), Hit(0.7, "c.jpg")]
+    assert candidates(10) > 10 and candidates(10, raw_frames=True) == 10
+
+
+def test_timeline_segments_tile_the_video():
+    from clipcli.zeroshot.timeline import Timeline
+
+    timeline = Timeline()
+    got = []
+    for path, label in [("v.mp4#t=0.000", "x"), ("v.mp4#t=2.000", "y"), ("v.mp4#t=4.000", "y"), ("i.jpg", "z")]:
+        got += list(timeline.add(path, label, 0.5))
+    got += list(timeline.close())
+    assert [(s.path, s.start, s.end, s.label, s.frames) for s in got] == [
+        ("v.mp4", 0.0, 2.0, "x", 1),
+        ("v.mp4", 2.0, 6.0, "y", 2),
+        ("i.jpg", None, None, "z", 1),
+    ]
