@@ -1,17 +1,30 @@
-"""`clipcli classify-text` against Hugging Face's zero-shot-classification pipeline, same model, same precision.
+"""`clipcli classify-text` against Hugging Face's zero-shot-classification pipeline, same model.
 
-One run: a random-weight BART-MNLI-shaped model (BART-base or BART-large size; compute does not depend
-on the weights' values) with a byte-level BPE tokenizer trained here on the benchmark's own words, so
-texts take realistic numbers of tokens; 1,000 texts of mixed length (a few words to a few hundred) x 10
-labels. The pipeline runs its documented batched use, ``classifier(texts, candidate_labels=...,
-batch_size=B)`` (``--pipeline-batch-sizes``, default 1, its default, and 8), at the same dtype clipcli
-picks (``--precision auto``: bf16 on CPUs with native bf16). When the pipeline is slow it scores fewer
-texts (``--pipeline-texts``), drawn evenly from the same list, and its rate is taken from those:
-texts/s does not depend on how many.
+One run: a random-weight BART-MNLI-shaped model (BART-base or BART-large size, the latter
+``facebook/bart-large-mnli``'s shapes; compute does not depend on the weights' values) with a byte-level
+BPE tokenizer trained here on the benchmark's own words, so texts take realistic numbers of tokens; texts
+x 10 labels. The pipeline runs its documented batched use, ``classifier(texts, candidate_labels=...,
+batch_size=B)`` (``--pipeline-batch-sizes``, default 1, its default, and 8), at ``--pipeline-precision``
+(by default the dtype clipcli's ``auto`` picks: bf16 on CPUs with native bf16). When the pipeline is slow it
+scores fewer texts (``--pipeline-texts``), drawn evenly from the same list, and its rate is taken from
+those: texts/s does not depend on how many.
+
+``--precisions int8,bf16,fp32`` runs clipcli at each of those precisions side by side with the pipeline
+(rounds taken in turns, so that a shared machine's drift slows all alike), on texts of tweet to paragraph
+length (``--lengths tweets``), and prints each one's texts/s, its ratio to the pipeline's best batch size,
+where its time went (tokeniser, model, softmax), and how far its scores moved from fp32's.
+``--emulate-avx2`` limits torch's, oneDNN's, FBGEMM's and MKL's kernels to AVX2 (an emulation of an
+AVX2-only CPU on a newer one, not a measurement on one).
 
     python benchmarks/classify_text.py --size base                       # the issue's run: long on 2 cores
     python benchmarks/classify_text.py --texts 120 --pipeline-texts 24 --rounds 4 --no-process  # README's CPU row
     python benchmarks/classify_text.py --size large --device cuda --pipeline-texts 200 --pipeline-batch-sizes 1,8,64
+    python benchmarks/classify_text.py --size large --lengths tweets --texts 8 --pipeline-texts 8 \
+        --pipeline-precision fp32 --pipeline-batch-sizes 8 --precisions int8,bf16,fp32 --rounds 2 \
+        --no-process          # docs/precision.md#texts, a few minutes on 2 cores; with --precisions int8,fp32
+                              # --emulate-avx2: what an AVX2-only CPU gets (emulated)
+    python benchmarks/classify_text.py --size large --lengths tweets --texts 8 --precisions fp32,int8 --forward \
+        --rounds 3 --emulate-avx2                      # forward passes alone, kernels limited to AVX2
 """
 
 from __future__ import annotations
@@ -55,6 +68,18 @@ def mixed_texts(n: int, seed: int = 0) -> list[str]:
     for _ in range(n):
         kind = rng.random()
         words = rng.randint(3, 15) if kind < 0.4 else rng.randint(16, 80) if kind < 0.85 else rng.randint(81, 350)
+        text = " ".join(rng.choice(WORDS) for _ in range(words))
+        texts.append(text[0].upper() + text[1:] + ".")
+    return texts
+
+
+def tweets_to_paragraphs(n: int, seed: int = 0) -> list[str]:
+    """Lengths from a tweet to a paragraph: 8 to 40 words (40%), 40 to 100 (40%), 100 to 160 (20%)."""
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(n):
+        kind = rng.random()
+        words = rng.randint(8, 40) if kind < 0.4 else rng.randint(40, 100) if kind < 0.8 else rng.randint(100, 160)
         text = " ".join(rng.choice(WORDS) for _ in range(words))
         texts.append(text[0].upper() + text[1:] + ".")
     return texts
@@ -124,20 +149,24 @@ class Pipeline:
 class Clipcli:
     """clipcli's core after loading (what `classify-text` runs per text), timed the same way."""
 
-    def __init__(self, folder: Path, device: str, batch_size: int) -> None:
+    def __init__(self, folder: Path, device: str, batch_size: int, precision: str = "auto") -> None:
         from clipcli.models.nli import load_nli_model
-        from clipcli.text.nli import classify_texts
+        from clipcli.text.nli import StageSeconds, iter_scores
 
-        self.nm = load_nli_model(str(folder), device, "auto")
-        self.classify = classify_texts
+        self.nm = load_nli_model(str(folder), device, precision)
+        self.iter_scores = iter_scores
         self.batch_size = batch_size
-        list(classify_texts(self.nm, [(0, "warm up")], LABELS, TEMPLATE))
+        self.stages = StageSeconds()
+        list(iter_scores(self.nm, ["warm up"], LABELS, TEMPLATE))
         self.texts = self.seconds = 0.0
+        self.scores: dict[str, object] = {}  # text -> its scores, to compare precisions
 
     def run(self, texts: list[str]) -> None:
         start = time.perf_counter()
-        predictions = self.classify(self.nm, enumerate(texts), LABELS, TEMPLATE, batch_size=self.batch_size)
-        self.texts += sum(1 for _ in predictions)
+        rows = self.iter_scores(self.nm, texts, LABELS, TEMPLATE, batch_size=self.batch_size, seconds=self.stages)
+        for text, row in zip(texts, rows, strict=True):
+            self.scores[text] = row
+            self.texts += 1
         self.seconds += time.perf_counter() - start
 
 
@@ -167,8 +196,86 @@ def cpu_class() -> str:
     return f"{name}, {os.cpu_count()} cores, native bf16: {cpu_has_native_bf16()}"
 
 
+AVX2_ONLY = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+}
+
+
+def precisions_side_by_side(args: argparse.Namespace, folder: Path, texts: list[str]) -> dict[str, object]:
+    """clipcli at each of ``--precisions`` and the pipeline at ``--pipeline-precision``, in turns."""
+    import numpy as np
+    import torch
+
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    ours = {p: Clipcli(folder, args.device, args.batch_size, p) for p in args.precisions.split(",")}
+    pipe_precision = args.pipeline_precision or "fp32"
+    sizes = [int(b) for b in args.pipeline_batch_sizes.split(",")]
+    pipes = {b: Pipeline(folder, dtypes[pipe_precision], args.device, b) for b in sizes}
+    step = max(1, len(texts) // args.pipeline_texts)
+    subset = texts[::step][: args.pipeline_texts]
+    for r in range(args.rounds):
+        for run in ours.values():
+            run.run(texts[r * len(texts) // args.rounds : (r + 1) * len(texts) // args.rounds])
+        for pipe in pipes.values():
+            pipe.run(subset[r * len(subset) // args.rounds : (r + 1) * len(subset) // args.rounds])
+        print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+    results: dict[str, object] = {}
+    best = 0.0
+    for b, pipe in pipes.items():
+        rate = pipe.texts / pipe.seconds
+        best = max(best, rate)
+        results[f"pipeline_{pipe_precision}_batch_{b}_texts_per_s"] = rate
+        print(f"pipeline batch_size={b} ({pipe_precision}, {int(pipe.texts)} texts): {rate:.3f} texts/s")
+    reference = ours.get("fp32")
+    for precision, run in ours.items():
+        rate = run.texts / run.seconds
+        results[f"clipcli_{precision}_texts_per_s"] = rate
+        results[f"clipcli_{precision}_vs_best_pipeline"] = rate / best
+        shares = ", ".join(f"{k} {v:.2%}" for k, v in run.stages.shares().items())
+        line = f"clipcli {precision} ({int(run.texts)} texts): {rate:.3f} texts/s, {rate / best:.2f}x the best pipeline"
+        if reference is not None and run is not reference:
+            a = np.stack([reference.scores[t] for t in texts])  # type: ignore[misc]
+            b = np.stack([run.scores[t] for t in texts])  # type: ignore[misc]
+            same = float((a.argmax(1) == b.argmax(1)).mean())
+            moved = float(np.abs(a - b).max())
+            results[f"clipcli_{precision}_top1_agreement"], results[f"clipcli_{precision}_max_abs_change"] = same, moved
+            line += f"; vs fp32: top label kept {same:.2%}, largest probability change {moved:.4f}"
+        print(f"{line}; time: {shares}", flush=True)
+    return results
+
+
+def forward_passes(args: argparse.Namespace, folder: Path, texts: list[str]) -> dict[str, object]:
+    """Seconds of the model's forward passes alone over the texts' pairs, at each of ``--precisions``, in
+    turns: the share of a precision's gain that does not depend on batching (and quick enough to repeat
+    with ``--emulate-avx2``)."""
+    from clipcli.models.nli import load_nli_model
+    from clipcli.text.nli import StageSeconds, batch_tokens_for, hypotheses, pair_logits
+
+    filled = hypotheses(TEMPLATE, LABELS)
+    models = {p: load_nli_model(str(folder), args.device, p) for p in args.precisions.split(",")}
+    seconds = {p: 0.0 for p in models}
+    for r in range(args.rounds):
+        for precision, nm in models.items():
+            stages = StageSeconds()
+            pair_logits(nm, texts, filled, (args.batch_size, batch_tokens_for(nm)), seconds=stages)
+            seconds[precision] += stages.model if r else 0.0  # the first round warms up
+        print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+    base = next(iter(seconds.values()))
+    for precision, s in seconds.items():
+        print(f"forward passes at {precision}: {s:.1f} s, {base / s:.2f}x {next(iter(seconds))}", flush=True)
+    return {f"forward_{p}_s": s for p, s in seconds.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", choices=["mixed", "tweets"], default="mixed", help="mixed: up to 350 words")
+    parser.add_argument("--precisions", default="", help="clipcli precisions side by side, e.g. int8,bf16,fp32")
+    parser.add_argument("--pipeline-precision", choices=["fp32", "bf16", "fp16"], default=None)
+    parser.add_argument("--emulate-avx2", action="store_true", help="limit the kernels to AVX2 (see above)")
+    parser.add_argument("--forward", action="store_true", help="time the forward passes alone, no pipeline")
     parser.add_argument("--size", choices=sorted(SIZES), default="base")
     parser.add_argument("--texts", type=int, default=1000)
     parser.add_argument("--pipeline-texts", type=int, default=100, help="texts the pipeline scores (its rate)")
@@ -179,14 +286,17 @@ def main() -> None:
     parser.add_argument("--no-process", action="store_true", help="skip the whole-process run")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out")
     args = parser.parse_args()
+    if args.emulate_avx2:  # before torch loads its kernels
+        os.environ.update(AVX2_ONLY)
 
     import torch
 
-    print(f"CPU: {cpu_class()}; torch {torch.__version__} ({torch.get_num_threads()} threads)", flush=True)
+    emulated = " (emulated AVX2-only: kernels limited to AVX2 on this CPU)" if args.emulate_avx2 else ""
+    print(f"CPU: {cpu_class()}{emulated}; torch {torch.__version__} ({torch.get_num_threads()} threads)", flush=True)
     if args.device != "cpu":
         print(f"device: {torch.cuda.get_device_name(args.device)}", flush=True)
     folder = build_model(args.out / f"random-bart-{args.size}-mnli", args.size)
-    texts = mixed_texts(args.texts)
+    texts = (tweets_to_paragraphs if args.lengths == "tweets" else mixed_texts)(args.texts)
     from transformers import AutoTokenizer
 
     lengths = sorted(len(AutoTokenizer.from_pretrained(folder)(t)["input_ids"]) for t in texts)
@@ -195,9 +305,15 @@ def main() -> None:
         f"median {lengths[len(lengths) // 2]}, max {lengths[-1]}, mean {sum(lengths) / len(lengths):.0f}",
         flush=True,
     )
+    if args.precisions and args.forward:
+        print(json.dumps(forward_passes(args, folder, texts)))
+        return
+    if args.precisions:
+        print(json.dumps(precisions_side_by_side(args, folder, texts)))
+        return
     ours = Clipcli(folder, args.device, args.batch_size)
     precision = ours.nm.precision
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.pipeline_precision or precision]
     pipes = {int(b): Pipeline(folder, dtype, args.device, int(b)) for b in args.pipeline_batch_sizes.split(",")}
     step = max(1, len(texts) // args.pipeline_texts)
     subset = texts[::step][: args.pipeline_texts]

@@ -392,8 +392,4 @@ def test_text_metrics_by_hand() -> None:
     assert r.predictions is not None and list(r.predictions.true_rank) == [3, 1, 1, 3]
 
 
-def test_int8_is_refused_in_one_line(cli: Callable[..., Ran], bert_dir: Path) -> None:
-    """int8 rewrites image models' towers; an NLI model has none, so asking for it is a usage error."""
-    ran = cli("classify-text", *TEXTS, "-l", LABELS, "-m", str(bert_dir), "--precision", "int8")
-    assert ran.exit_code == 2
-    assert ran.stderr.strip().startswith("Error: classify-text runs NLI models at fp32, bf16 or fp16")
+# --precision int8 and bf16 for NLI models, and their refusals: tests/test_text_precision.py

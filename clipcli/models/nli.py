@@ -5,6 +5,10 @@ NLI, its tokenizer, and where entailment and contradiction are in its logits (sc
 Models are loaded as data only: a folder (or a Hub repository, through the Hugging Face cache) whose
 config or tokenizer asks for custom code is refused, ``trust_remote_code`` is never set, and weights
 come from safetensors files, or from ``pytorch_model.bin`` read with ``torch.load(weights_only=True)``.
+
+``--precision`` is the images' (:mod:`clipcli.models.precision`): bf16 and fp16 load the model in that
+type; int8 (CPU only, for :data:`INT8_MODEL_TYPES`) loads it at fp32 and rewrites its body's linear layers
+as :class:`clipcli.models.quantize.Int8Linear`, per output channel (docs/precision.md, "Texts").
 """
 
 from __future__ import annotations
@@ -47,6 +51,9 @@ _PICKLED = ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-
 _REPO = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # Position tables of these families start after the padding index, so they hold two fewer tokens.
 _OFFSET_POSITIONS = {"roberta": 2, "xlm-roberta": 2, "camembert": 2, "longformer": 2}
+# The architectures whose int8 scores are measured against fp32 (tests/test_text_precision.py); v3 is
+# model_type deberta-v2.
+INT8_MODEL_TYPES = ("bart", "bert", "roberta", "deberta-v2")
 
 
 @dataclass
@@ -63,6 +70,7 @@ class NliModel:
     contradiction: int
     max_length: int
     input_names: tuple[str, ...]
+    plain_tokenizer: Any = field(default=None, repr=False)  # its backend unpadded, untruncated: see text.nli
     _sha256: str | None = field(default=None, repr=False)
 
     @property
@@ -90,13 +98,43 @@ def load_nli_model(spec: str | None, device: str = "auto", precision: str = "aut
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     if prec == "int8":
-        raise ModelError("classify-text runs NLI models at fp32, bf16 or fp16; int8 is for the image models' towers")
-    model = _load_weights(transformers, folder, name, prec).to(dev).eval()
+        check_int8(name, config, dev)
+    model = _load_weights(transformers, folder, name, "fp32" if prec == "int8" else prec).to(dev).eval()
+    if prec == "int8":
+        quantize_nli(model)
     tokenizer = _load_tokenizer(transformers, folder, name)
     limit, inputs = _max_length(tokenizer, config), tuple(tokenizer.model_input_names)
     nm = NliModel(name, folder, model, tokenizer, dev, prec, entailment, contradiction, limit, inputs)
     nm.checksum  # noqa: B018  # now, from the files just read: see clipcli.models.loader._load_family
     return nm
+
+
+def check_int8(name: str, config: dict[str, Any], device: torch.device) -> None:
+    """Refuse int8 before any weight is read: on a device other than the CPU, or for a model type whose
+    layers have not been checked against fp32 (:data:`INT8_MODEL_TYPES`)."""
+    from clipcli.models.quantize import check_int8_device
+
+    check_int8_device(device)
+    kind = str(config.get("model_type"))
+    if kind not in INT8_MODEL_TYPES:
+        raise ModelError(
+            f"{name}: --precision int8 is offered for {', '.join(INT8_MODEL_TYPES)} NLI models, not {kind}; "
+            "use --precision fp32 or bf16"
+        )
+
+
+def quantize_nli(model: Any) -> None:
+    """The body's linear layers (attention projections, feed-forward layers) as int8, per output channel
+    (:class:`clipcli.models.quantize.Int8Linear`), in place. Embeddings, layer norms, the attention scores
+    and the classification head (and BERT's pooler), which see one row per pair, stay fp32."""
+    import torch
+
+    from clipcli.models.quantize import quantize_module
+
+    with torch.inference_mode(False):
+        for name, child in model.base_model.named_children():
+            if name != "pooler":
+                quantize_module(child)
 
 
 def _import_transformers() -> Any:

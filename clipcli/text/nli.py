@@ -4,16 +4,19 @@ Each (text, label) pair is posed as premise = the text, hypothesis = the templat
 and scored as Hugging Face's ``zero-shot-classification`` pipeline scores it: single-label, a softmax
 of the entailment logits over the labels; multi-label (or a single label), for each label on its own, a
 softmax over (contradiction, entailment). The results are the pipeline's to float rounding (a test
-holds them to 1e-5); what differs is how the work is done: the pairs of many texts are tokenised in one
-call, sorted by length so that a batch holds pairs of nearly one length (little padding), and run in
-large batches under ``inference_mode`` at the chosen precision, while results stream out window by
-window in input order, so memory stays flat over any number of texts.
+holds them to 1e-5, at fp32); what differs is how the work is done: each text and each hypothesis is
+tokenised once and the pairs joined from them (:func:`encode_pairs`), sorted by length so that a batch
+holds pairs of nearly one length (little padding), and run in large batches under ``inference_mode`` at
+the chosen precision (bf16, fp16, or int8: :mod:`clipcli.models.nli`), while results stream out window
+by window in input order, so memory stays flat over any number of texts. :class:`StageSeconds` says
+where the time went.
 
 The model itself (loading, the files it needs, its labels) is :mod:`clipcli.models.nli`.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -29,7 +32,8 @@ T = TypeVar("T")
 DEFAULT_HYPOTHESIS = "This text is about {}."
 
 DEFAULT_BATCH_SIZE = 64  # pairs per forward pass, at most
-DEFAULT_BATCH_TOKENS = 8192  # and at most this many padded tokens
+DEFAULT_BATCH_TOKENS = 8192  # and at most this many padded tokens on a GPU;
+CPU_BATCH_TOKENS = 1024  # on a CPU, where batches that fit in its caches run faster (see batch_tokens_for)
 DEFAULT_WINDOW = 512  # texts sorted together; results appear window by window
 
 # --- scoring -------------------------------------------------------------------------------------
@@ -68,6 +72,20 @@ def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
     return e / e.sum(axis=axis, keepdims=True)
 
 
+@dataclass
+class StageSeconds:
+    """Where scoring time goes: tokenising the pairs, the model's forward passes (padding the batches
+    included), and the softmax of the logits into scores. Summed over the calls it is handed to."""
+
+    tokenize: float = 0.0
+    model: float = 0.0
+    scores: float = 0.0
+
+    def shares(self) -> dict[str, float]:
+        total = self.tokenize + self.model + self.scores or 1.0
+        return {"tokenize": self.tokenize / total, "model": self.model / total, "scores": self.scores / total}
+
+
 def iter_scores(
     nm: NliModel,
     texts: Iterable[str],
@@ -75,19 +93,33 @@ def iter_scores(
     template: str = DEFAULT_HYPOTHESIS,
     multi_label: bool = False,
     batch_size: int = DEFAULT_BATCH_SIZE,
-    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    batch_tokens: int | None = None,
     window: int = DEFAULT_WINDOW,
     on_progress: Callable[[float], None] | None = None,
+    seconds: StageSeconds | None = None,
 ) -> Iterator[np.ndarray]:
     """For each text, in input order, its score for each label (one row of floats per text).
 
     Texts are read ``window`` at a time, so ``texts`` may be a generator over any number of lines.
     ``on_progress`` gets the number of texts done after each forward pass (a fraction when a pass
-    ends part-way through a text's labels)."""
+    ends part-way through a text's labels); ``seconds``, where given, adds up the time of each stage."""
     filled = hypotheses(template, labels)
+    clock = seconds if seconds is not None else StageSeconds()
     for chunk in _windows(texts, window):
-        logits = pair_logits(nm, chunk, filled, (batch_size, batch_tokens), on_progress)
-        yield from scores_from_logits(logits, nm, multi_label)
+        limits = (batch_size, batch_tokens or batch_tokens_for(nm))
+        logits = pair_logits(nm, chunk, filled, limits, on_progress, clock)
+        start = time.perf_counter()
+        scores = scores_from_logits(logits, nm, multi_label)
+        clock.scores += time.perf_counter() - start
+        yield from scores
+
+
+def batch_tokens_for(nm: NliModel) -> int:
+    """Padded tokens a forward pass takes at most, by default: 8,192 on a GPU; 1,024 on a CPU, where a
+    batch's activations then stay in the caches (the GELU, layer norms and residual sums between the matrix
+    products read and write them): on 2 Zen 4 cores a BART forward pass ran 1.3x faster at fp32 and 1.4x at
+    int8 than with 8,192 tokens (and 512 was no faster)."""
+    return DEFAULT_BATCH_TOKENS if nm.device.type != "cpu" else CPU_BATCH_TOKENS
 
 
 def _windows(texts: Iterable[T], size: int) -> Iterator[list[T]]:
@@ -105,20 +137,28 @@ def pair_logits(
     nm: NliModel,
     texts: Sequence[str],
     filled: Sequence[str],
-    limits: tuple[int, int] = (DEFAULT_BATCH_SIZE, DEFAULT_BATCH_TOKENS),
+    limits: tuple[int, int] | None = None,
     on_progress: Callable[[float], None] | None = None,
+    seconds: StageSeconds | None = None,
 ) -> np.ndarray:
     """Texts x hypotheses x classes logits. The same text twice is run once. A forward pass takes at most
-    ``limits`` = (batch size, padded tokens)."""
+    ``limits`` = (batch size, padded tokens); by default 64 pairs and :func:`batch_tokens_for` the device."""
     import numpy as np
 
+    limits = limits or (DEFAULT_BATCH_SIZE, batch_tokens_for(nm))
+
+    clock = seconds if seconds is not None else StageSeconds()
+    start = time.perf_counter()
     unique = list(dict.fromkeys(texts))
     encoded = encode_pairs(nm, unique, filled)
+    clock.tokenize += time.perf_counter() - start
     n_classes = int(nm.model.config.num_labels)
     logits = np.empty((len(encoded["input_ids"]), n_classes), np.float32)
     per_pass = len(filled) * len(unique) / max(len(texts), 1)  # pairs that make one input text
     for rows in length_batches([len(ids) for ids in encoded["input_ids"]], *limits):
+        start = time.perf_counter()
         logits[rows] = _forward(nm, {k: [encoded[k][i] for i in rows] for k in nm.input_names})
+        clock.model += time.perf_counter() - start
         if on_progress:
             on_progress(len(rows) / per_pass)
     by_text = logits.reshape(len(unique), len(filled), n_classes)
@@ -127,14 +167,64 @@ def pair_logits(
 
 
 def encode_pairs(nm: NliModel, texts: Sequence[str], filled: Sequence[str]) -> dict[str, list[list[int]]]:
-    """Token ids of every (text, hypothesis) pair, text-major, truncated as the pipeline truncates:
-    the text is cut (``only_first``), never the hypothesis; where even that cannot make a pair fit,
-    the pipeline leaves the pair whole, and so does this."""
-    premises = [t for t in texts for _ in filled]
-    hyps = [h for _ in texts for h in filled]
+    """Token ids of every (text, hypothesis) pair, text-major, as the pipeline tokenises them.
+
+    Pre-tokenised: each text and each hypothesis is tokenised once, on its own, and every pair is
+    joined from the two by the tokenizer's own post-processor (its special tokens and token types),
+    which is how a tokenizer builds a pair anyway; ``n`` texts x ``k`` labels cost ``n + k`` tokenisations,
+    not ``n x k``. A pair too long for the model is tokenised whole, as the pipeline does (see
+    :func:`encode_pairs_jointly`), and so is every pair of a tokenizer without a Rust backend."""
+    plain = _plain_backend(nm)
+    if plain is None:
+        return encode_pairs_jointly(nm, [t for t in texts for _ in filled], [h for _ in texts for h in filled])
+    singles = plain.encode_batch(list(texts), add_special_tokens=False)
+    hyps = plain.encode_batch(list(filled), add_special_tokens=False)
+    room = nm.max_length - nm.tokenizer.num_special_tokens_to_add(pair=True)
+    out: dict[str, list[list[int]]] = {k: [] for k in nm.input_names}
+    too_long: list[tuple[int, str, str]] = []  # (pair index, text, hypothesis)
+    fields = {"input_ids": "ids", "token_type_ids": "type_ids", "attention_mask": "attention_mask"}
+    for text, single in zip(texts, singles, strict=True):
+        for hyp, h in zip(filled, hyps, strict=True):
+            if len(single.ids) + len(h.ids) > room:
+                too_long.append((len(out["input_ids"]), text, hyp))
+                for k in nm.input_names:
+                    out[k].append([])
+                continue
+            pair = plain.post_process(single, h, add_special_tokens=True)
+            for k in nm.input_names:
+                out[k].append(list(getattr(pair, fields[k])))
+    if too_long:
+        whole = encode_pairs_jointly(nm, [t for _, t, _ in too_long], [h for _, _, h in too_long])
+        for j, (i, _, _) in enumerate(too_long):
+            for k in nm.input_names:
+                out[k][i] = whole[k][j]
+    return out
+
+
+def _plain_backend(nm: NliModel) -> Any:
+    """A copy of the tokenizer's Rust backend that neither truncates nor pads (the tokenizer sets both
+    on its backend per call), made once per model; None for a tokenizer without one, or whose inputs are
+    not ids, token types and attention masks."""
+    tokenizer = nm.tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not set(tokenizer.model_input_names) <= {"input_ids", "token_type_ids", "attention_mask"}:
+        return None
+    if nm.plain_tokenizer is None:
+        from tokenizers import Tokenizer
+
+        nm.plain_tokenizer = Tokenizer.from_str(backend.to_str())
+        nm.plain_tokenizer.no_truncation()
+        nm.plain_tokenizer.no_padding()
+    return nm.plain_tokenizer
+
+
+def encode_pairs_jointly(nm: NliModel, premises: Sequence[str], hyps: Sequence[str]) -> dict[str, list[list[int]]]:
+    """Token ids of each (premise, hypothesis) pair tokenised together, truncated as the pipeline
+    truncates: the text is cut (``only_first``), never the hypothesis; where even that cannot make a pair
+    fit, the pipeline leaves the pair whole, and so does this."""
     tok = nm.tokenizer
     try:
-        out = tok(premises, hyps, truncation="only_first", max_length=nm.max_length, padding=False)
+        out = tok(list(premises), list(hyps), truncation="only_first", max_length=nm.max_length, padding=False)
     except Exception as e:
         if "too short" not in str(e):
             raise
