@@ -96,24 +96,33 @@ def _card(hit: Hit, base: Path, is_text: bool, max_pixels: int | None, locate: C
 
 def _thumbnail(name: str, max_pixels: int | None) -> str | None:
     """A data: URI of the file's thumbnail, or None when it cannot be read as an image."""
+    from clipcli.images.containers import container_of
     from clipcli.images.thumbs import thumbnail_jpeg
 
-    if not os.path.isfile(name):
+    container = container_of(name)  # a video's frame or moment, a WebDataset sample
+    member = None if container is None else name[len(container) + 1 :]
+    file = name if container is None else container
+    if not os.path.isfile(file):
         return None
     try:
-        jpeg = thumbnail_jpeg(Path(name), THUMB_SIZE, max_pixels=max_pixels)
+        jpeg = thumbnail_jpeg(Path(file), THUMB_SIZE, max_pixels=max_pixels, member=member)
     except (OSError, ValueError):
         return None
     return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
 
 
 def _href(name: str, base: Path) -> str:
-    """The file's address relative to the page (absolute when on another drive)."""
-    target = Path(name).resolve()
+    """The file's address relative to the page (absolute when on another drive); a member's keeps its
+    ``#fragment`` (``clip.mp4#t=4.000,7.000`` opens a browser's player at that moment)."""
+    from clipcli.images.containers import container_of
+
+    container = container_of(name)
+    fragment = "" if container is None else "#" + quote(name[len(container) + 1 :], safe="=,.")
+    target = Path(name if container is None else container).resolve()
     try:
-        return quote(os.path.relpath(target, base))
+        return quote(os.path.relpath(target, base)) + fragment
     except ValueError:
-        return target.as_uri()
+        return target.as_uri() + fragment
 
 
 def dataset_locator(sources: Sequence[str]) -> Callable[[str], str]:

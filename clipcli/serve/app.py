@@ -249,11 +249,11 @@ def _api(app: FastAPI, served: Served, searcher: Searcher, uploads: Uploads) -> 
         size: Annotated[int, Query(description=f"The longer side, one of {THUMB_SIZES}.")] = 256,
     ) -> Response:
         """A result's thumbnail (JPEG, upright); only the datasets' own images are served."""
-        file = catalog.file_of(path) if size in THUMB_SIZES else None
-        if file is None:
+        found = catalog.file_of(path) if size in THUMB_SIZES else None
+        if found is None:
             return JSONResponse({"detail": "not found"}, 404)
         try:
-            data, etag = served.thumbs.get(file, size)
+            data, etag = served.thumbs.get(found[0], size, found[1])
         except Exception:  # a file that is no picture Pillow can read, however Pillow fails
             return JSONResponse({"detail": "not found"}, 404)
         headers = {"ETag": f'"{etag}"', "Cache-Control": "private, max-age=86400"}

@@ -171,14 +171,19 @@ class Catalog:
                 return dataset, row
         return None
 
-    def file_of(self, path: str) -> Path | None:
-        """The file behind a row's stored path, or None (serve a 404): not a row, not inside its
+    def file_of(self, path: str) -> tuple[Path, str | None] | None:
+        """The file behind a row's stored path, with the member of it the row is (a video's frame, a
+        WebDataset sample; None for a plain image), or None (serve a 404): not a row, not inside its
         dataset's tree once links are followed, or not a regular file."""
+        from clipcli.images.containers import container_of
+
         found = self.row_of(path)
         if found is None:
             return None
         dataset, _ = found
-        real = os.path.realpath(dataset.locate(path))
+        container = container_of(path)
+        member = None if container is None else path[len(container) + 1 :]
+        real = os.path.realpath(dataset.locate(path if container is None else container))
         if os.path.commonpath([real, dataset.root]) != dataset.root:
             return None
         try:
@@ -186,4 +191,4 @@ class Catalog:
                 return None
         except (OSError, ValueError):
             return None
-        return Path(real)
+        return Path(real), member

@@ -41,18 +41,20 @@ class ThumbCache:
         self.lock = threading.Lock()
         self.total: int | None = None  # bytes held, counted on the first write
 
-    def key(self, file: Path, size: int) -> tuple[str, Path]:
+    def key(self, file: Path, size: int, member: str | None = None) -> tuple[str, Path]:
         """The entry's digest (also the thumbnail's ETag) and its path; raises OSError for a missing file."""
         st = os.stat(file)
-        digest = hashlib.sha256(f"{file}\0{st.st_size}\0{st.st_mtime_ns}\0{size}".encode()).hexdigest()[:40]
+        name = f"{file}\0{st.st_size}\0{st.st_mtime_ns}\0{size}" + (f"\0{member}" if member is not None else "")
+        digest = hashlib.sha256(name.encode()).hexdigest()[:40]
         return digest, self.folder / digest[:2] / f"{digest}.jpg"
 
-    def get(self, file: Path, size: int) -> tuple[bytes, str]:
-        """The thumbnail of ``file`` (a real path already checked by the caller) and its ETag: from the
-        cache, or made and kept. Raises OSError or ValueError for a file that is not a readable image."""
+    def get(self, file: Path, size: int, member: str | None = None) -> tuple[bytes, str]:
+        """The thumbnail of ``file`` (a real path already checked by the caller; with ``member``, that
+        member of it) and its ETag: from the cache, or made and kept. Raises OSError or ValueError for a
+        file that is not a readable image."""
         from clipcli.images.thumbs import thumbnail_jpeg
 
-        digest, entry = self.key(file, size)
+        digest, entry = self.key(file, size, member)
         try:
             data = entry.read_bytes()
             if time.time() - entry.stat().st_mtime > TOUCH_AFTER_S:
@@ -61,7 +63,7 @@ class ThumbCache:
             return data, digest
         except OSError:
             pass
-        data = thumbnail_jpeg(file, size, self.max_pixels)
+        data = thumbnail_jpeg(file, size, self.max_pixels, member)
         with contextlib.suppress(OSError):  # a cache that cannot be written still serves the thumbnail
             self._put(entry, data)
         return data, digest

@@ -1,0 +1,53 @@
+"""Pictures of members: a video's frame or moment and a WebDataset sample get thumbnails in `rank --html`
+and on the search page, like any image, and links that open the member (a video at its moment)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from video_helpers import write_video
+from wds_helpers import sample_items, write_shard
+
+from clipcli.images.thumbs import thumbnail_jpeg
+
+MODEL = ("-m", "tiny-shapes", "--precision", "fp32")
+
+
+def red_share(jpeg: bytes) -> float:
+    pixels = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB")).astype(int)
+    red = (pixels[..., 0] > 150) & (pixels[..., 1] < 90) & (pixels[..., 2] < 90)
+    return float(red.mean())
+
+
+def test_a_frame_and_a_moment_have_the_thumbnail_of_their_time(tmp_path):
+    video = write_video(tmp_path / "clip.mp4", "h264", duration=20.0, fps=5, size=(96, 96))
+    # The red circle is shown from 4 s to 8 s (tests/video_helpers.py SCENES).
+    assert red_share(thumbnail_jpeg(video, 64, member="t=6.000")) > 0.1
+    assert red_share(thumbnail_jpeg(video, 64, member="t=5.000,7.000")) > 0.1  # a moment: its first frame
+    assert red_share(thumbnail_jpeg(video, 64, member="t=1.000")) < 0.01
+    with pytest.raises((OSError, ValueError)):
+        thumbnail_jpeg(video, 64, member="t=oops")
+
+
+def test_rank_html_shows_shard_samples_and_links_to_video_moments(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    items = sample_items()[:4]
+    write_shard(Path("s.tar"), items)
+    write_video(Path("clip.mp4"), "h264", duration=20.0, fps=5, size=(96, 96))
+    assert cli("embed", "s.tar", "clip.mp4", *MODEL, "-o", "emb/").exit_code == 0
+    ran = cli("rank", "a red circle", "emb/", *MODEL, "-k", "30", "--html", "page.html")
+    assert ran.exit_code == 0, ran.stderr
+    page = Path("page.html").read_text()
+    assert "no preview" not in page  # every member got its picture
+    assert page.count("data:image/jpeg;base64,") >= len(items) + 1
+    links = re.findall(r'href="([^"]+)"', page)
+    assert any(link.startswith("clip.mp4#t=") for link in links), links
+    assert any(link.startswith("s.tar#") for link in links), links
+    first = re.search(r'src="data:image/jpeg;base64,([^"]+)"', page)
+    assert first is not None and red_share(base64.b64decode(first.group(1))) > 0.05  # the red circle first
