@@ -58,10 +58,8 @@ def test_every_format_reads_back(cli, images, tmp_path, vit_ckpt):
     assert cli(*base, "-o", str(tmp_path / "e.parquet")).exit_code == 0
     frame = pq.read_table(tmp_path / "e.parquet").to_pandas()
     columns = ["path", "embedding", "width", "height", "bytes", "mtime", "model"]
-    assert list(frame.columns) == [*columns, "folder", "taken", "camera_make", "camera_model", "gps_lat", "gps_lon"] + [
-        "t",
-        "caption",
-    ]
+    metadata = ["folder", "taken", "camera_make", "camera_model", "gps_lat", "gps_lon", "t", "caption"]
+    assert list(frame.columns) == columns + metadata
     assert len(frame) == 5 and len(frame["embedding"][0]) == 64
     assert frame["width"].tolist()[0] == 64 and frame["bytes"][0] == images[0].stat().st_size
     assert frame["model"][0] == str(vit_ckpt)
