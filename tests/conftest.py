@@ -106,3 +106,13 @@ def cli() -> Callable[..., Ran]:
 @pytest.fixture(scope="session")
 def python() -> str:
     return sys.executable
+
+
+@pytest.fixture(scope="module")
+def samples_emb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """samples/ embedded with the bundled model (fp32) as a Parquet dataset, once per test module."""
+    out = tmp_path_factory.mktemp("samples") / "emb"
+    samples = Path(__file__).resolve().parent.parent / "samples"
+    ran = CliRunner().invoke(app, ["embed", str(samples), "-m", "tiny-shapes", "--precision", "fp32", "-o", f"{out}/"])
+    assert ran.exit_code == 0, ran.output
+    return out

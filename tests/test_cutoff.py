@@ -16,15 +16,8 @@ SAMPLES = ROOT / "samples"
 
 
 @pytest.fixture(scope="module")
-def emb(tmp_path_factory) -> Path:
-    from typer.testing import CliRunner
-
-    from clipcli.cli import app
-
-    out = tmp_path_factory.mktemp("cutoff") / "emb"
-    ran = CliRunner().invoke(app, ["embed", str(SAMPLES), "-m", "tiny-shapes", "--precision", "fp32", "-o", f"{out}/"])
-    assert ran.exit_code == 0, ran.output
-    return out
+def emb(samples_emb: Path) -> Path:
+    return samples_emb
 
 
 def _tsv(text: str) -> list[tuple[float, str]]:

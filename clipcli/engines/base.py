@@ -98,25 +98,10 @@ class Sink:
 
 
 class StoreSink(Sink):
-    """A Parquet dataset directory, local or in an object store, planned before the run."""
+    """An incremental store planned before the run: a Parquet dataset directory, local or in an object
+    store, or a folder in clip-retrieval's layout."""
 
-    def __init__(self, store: ParquetStore | RemoteStore) -> None:
-        self.store = store
-
-    def add(self, rows: Rows) -> None:
-        self.store.add(rows)
-
-    def finish(self, keep: bool) -> int:
-        if not keep:
-            self.store.release()
-            return 0
-        return self.store.finish()
-
-
-class LayoutSink(Sink):
-    """A folder in clip-retrieval's layout, planned before the run (written by this process only)."""
-
-    def __init__(self, store: ClipRetrievalStore) -> None:
+    def __init__(self, store: ParquetStore | RemoteStore | ClipRetrievalStore) -> None:
         self.store = store
 
     def add(self, rows: Rows) -> None:
@@ -184,7 +169,7 @@ class Engine:
                 store.release()
                 raise
             refs, summary.unchanged = plan.to_embed, plan.unchanged
-            sink = LayoutSink(store) if isinstance(store, ClipRetrievalStore) else StoreSink(store)
+            sink = StoreSink(store)
         else:
             sink = self.file_sink(lm, job, sch)
         if events.on_plan:

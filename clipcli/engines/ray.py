@@ -35,6 +35,7 @@ from clipcli.engines.ray_cluster import connected
 from clipcli.errors import ClipCliError, InputError, ModelError
 from clipcli.images.decode import DEFAULT_MAX_PIXELS
 from clipcli.images.sources import ImageRef, Skipped
+from clipcli.store.clip_retrieval import ClipRetrievalStore
 from clipcli.store.parts import PartWriter, Rows, Stat, stat_of
 
 if TYPE_CHECKING:
@@ -338,7 +339,7 @@ class RayEngine(Engine):
     def run(self, lm: LoadedModel, job: EmbedJob, refs: Sequence[ImageRef], sink: Sink, run: Run) -> None:
         if not refs:
             return
-        assert isinstance(sink, StoreSink)
+        assert isinstance(sink, StoreSink) and not isinstance(sink.store, ClipRetrievalStore)  # refused before
         im, spec = job.images, model_spec(job.model.spec, job.model.device, job.model.precision, lm)
         work = Work(lm.image, im.batch_size, im.exact, job.normalize, im.max_pixels)
         with connected(self.address) as ray:
