@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -272,6 +273,8 @@ def image_options(
     from clipcli.images.refs import ContainerOptions
 
     choice = decode.value if isinstance(decode, DecodeChoice) else decode
+    if not math.isfinite(every):  # typer's min= lets inf through (and nan, which compares false)
+        raise typer.BadParameter(f"{every} is not a number of seconds", param_hint="'--every'")
     sampling = ContainerOptions(every, frames.value if isinstance(frames, FramesChoice) else frames)
     return ImageOptions(batch_size, workers, exact, max_pixels(max_megapixels), choice, sampling)
 

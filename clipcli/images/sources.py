@@ -7,6 +7,7 @@ Arguments that name nothing come back as :class:`Skipped` records, not errors, s
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -147,7 +148,22 @@ def nothing_found(arguments: Sequence[str], missing: Sequence[Skipped]) -> Input
 _BRACES = re.compile(r"\{[^{}]*(?:,|\.\.)[^{}]*\}")
 
 
-def expand_braces(arguments: Sequence[str], missing: list[Skipped]) -> list[str]:
+_RANGE = re.compile(r"\{(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?\}")
+
+
+def _range_product(pattern: str) -> int:
+    """How many names the numeric ranges of ``pattern`` make together (braceexpand builds each range
+    whole before yielding a name: ``{0..99999999999999999999}`` would fill the memory)."""
+    total = 1
+    for start, stop, step in _RANGE.findall(pattern):
+        total *= abs(int(stop) - int(start)) // max(abs(int(step or 1)), 1) + 1
+    return total
+
+
+MAX_BRACE_NAMES = 100_000  # a pattern naming more (a typo like {0..99999999}) is refused, not expanded for minutes
+
+
+def expand_braces(arguments: Sequence[str], missing: list[Skipped] | None = None) -> list[str]:
     """Arguments with WebDataset's brace patterns (``shards/{000000..000099}.tar``, ``{a,b}.tar``)
     expanded by ``braceexpand``, the package WebDataset itself expands them with; an argument that
     names a file as written is kept as it is."""
@@ -159,9 +175,20 @@ def expand_braces(arguments: Sequence[str], missing: list[Skipped]) -> list[str]
         try:
             from braceexpand import braceexpand
         except ImportError:
-            missing.append(Skipped(arg, "brace patterns need the webdataset extra: pip install 'clipcli[webdataset]'"))
+            (missing if missing is not None else []).append(
+                Skipped(arg, "brace patterns need the webdataset extra: pip install 'clipcli[webdataset]'")
+            )
             continue
-        out.extend(braceexpand(arg))
+        names = (
+            []
+            if _range_product(arg) > MAX_BRACE_NAMES
+            else list(itertools.islice(braceexpand(arg), MAX_BRACE_NAMES + 1))
+        )
+        if not names or len(names) > MAX_BRACE_NAMES:
+            raise InputError(
+                f"{arg}: the pattern names more than {MAX_BRACE_NAMES:,} files; split it, or name a folder of shards"
+            )
+        out.extend(names)
     return out
 
 

@@ -81,6 +81,9 @@ class ShardIndex:
     problems: list[tuple[str | None, str]]  # (key or None for the shard, reason)
 
 
+END_OF_ARCHIVE = 1024  # the two zero blocks that end every tar
+
+
 def index_shard(handle: IO[bytes], stat: FileStat) -> ShardIndex:
     """Every sample of the open shard ``handle`` (``stat``: its size and mtime), from the tar headers."""
     wds = _webdataset()
@@ -100,13 +103,28 @@ def index_shard(handle: IO[bytes], stat: FileStat) -> ShardIndex:
                 problems.append((None, f"truncated shard ({e or type(e).__name__}); its first {done} samples are used"))
                 break
             if info is None:
+                # A tar ends with two zero blocks; a shard cut at (or inside) a header has none, and tarfile
+                # takes its end for the archive's own.
+                if stat[0] - tar.offset < END_OF_ARCHIVE:
+                    problems.append(
+                        (
+                            None,
+                            f"truncated shard (it ends without the end-of-archive blocks); "
+                            f"its first {len(samples)} samples are used",
+                        )
+                    )
                 break
             tar.members = []  # type: ignore[attr-defined]  # the index keeps spans, not tarfile's record of every member
             name = info.name
-            if not info.isreg() or (name.startswith(wds.meta_prefix) and name.endswith(wds.meta_suffix)):
+            if name.startswith(wds.meta_prefix) and name.endswith(wds.meta_suffix):
                 continue
             key, suffix = wds.base_plus_ext(name)
             if key is None:
+                continue
+            if info.issym() or info.islnk():
+                problems.append((key, f"member {name} is a link, not read"))
+                continue
+            if not info.isreg():
                 continue
             if info.offset_data + info.size > stat[0]:
                 problems.append((key, f"member {name} is cut short (truncated shard)"))

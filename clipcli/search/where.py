@@ -13,7 +13,10 @@ order of :func:`clipcli.store.saved.open_matrix`), so a search can score the mat
 
 from __future__ import annotations
 
+import contextlib
 import re
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,8 +34,16 @@ def _duckdb() -> Any:
     return require_extra("duckdb", "sql", "--where filters")
 
 
+FILTER_SECONDS = 10.0  # the longest a --where filter may run
+
+
 def parquet_parts(source: Path) -> list[Path]:
     """The Parquet files of a saved dataset, in the order of its matrix; NPY (no columns) is refused."""
+    if (source / "metadata").is_dir() and (source / "img_emb").is_dir():
+        raise InputError(
+            f"{source}: --where reads clipcli's Parquet datasets; this is clip-retrieval's layout (its columns are "
+            f"in {source / 'metadata'}: query them with DuckDB directly)"
+        )
     if source.suffix.lower() == ".npy":
         raise InputError(f"{source}: --where needs embeddings saved as Parquet (NPY stores no columns to filter on)")
     if not source.exists():
@@ -99,7 +110,13 @@ class WhereTable:
         if statements != 1:
             raise InputError(f"--where {where!r}: one SQL expression, not statements (no ';')")
         try:
-            return self.con.execute(f"SELECT {what} FROM rows WHERE ({where})")
+            with self._time_limit():
+                return self.con.execute(f"SELECT {what} FROM rows WHERE ({where})")
+        except duckdb.InterruptException:
+            raise InputError(
+                f"--where {where!r}: took longer than {self.limit_s:g} s and was stopped; "
+                "filter on the columns directly"
+            ) from None
         except duckdb.BinderException as e:
             column = re.search(r'column "([^"]+)" not found', str(e))
             if column:
@@ -109,6 +126,20 @@ class WhereTable:
             raise InputError(f"--where {where!r}: {_first_line(e)}") from None
         except duckdb.Error as e:
             raise InputError(f"--where {where!r}: {_first_line(e)}") from None
+
+    limit_s = FILTER_SECONDS
+
+    @contextlib.contextmanager
+    def _time_limit(self) -> Iterator[None]:
+        """Interrupt the query past :data:`FILTER_SECONDS` (a filter can be made to run for ever, as with
+        ``(SELECT sum(x) FROM range(1e12) t(x)) > 0``, and on the search page it would hold the table)."""
+        timer = threading.Timer(self.limit_s, self.con.interrupt)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
 
     def rows(self, where: str) -> np.ndarray:
         """The matrix rows (sorted, int64) whose columns satisfy ``where``."""

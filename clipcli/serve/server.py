@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
 import secrets
 import socket
 from collections.abc import Callable, Iterator, Sequence
@@ -101,6 +102,7 @@ def run_serve(request: ServeRequest, models: ModelOptions, hooks: ServeHooks) ->
         thumbs = ThumbCache(Path(r.thumb_cache) if r.thumb_cache else None, r.thumb_cache_bytes, r.max_pixels)
         app = create_app(Served(lm, catalog, token, thumbs, r.max_upload_bytes, r.max_pixels))
         config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=3)
+        _quiet_cancelled_requests()
         server = _quiet_server(uvicorn)(config)
         port = sock.getsockname()[1]
         host = f"[{r.host}]" if ":" in r.host else r.host
@@ -166,3 +168,19 @@ def _quiet_server(uvicorn: Any) -> Any:
                     signal.signal(sig, handler)
 
     return Server
+
+
+class _NoCancelledTracebacks(logging.Filter):
+    """Drop uvicorn's traceback for a request cancelled at shutdown (still running when the graceful
+    shutdown's time ran out): the server is stopping as asked; its one line says so."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        import asyncio
+
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, asyncio.CancelledError) and "timeout graceful shutdown" not in record.getMessage()
+
+
+def _quiet_cancelled_requests() -> None:
+    for name in ("uvicorn.error", "uvicorn"):
+        logging.getLogger(name).addFilter(_NoCancelledTracebacks())

@@ -325,6 +325,11 @@ def refuse_output_over_inputs(
                 _refuse_image_inside(output, out, Path(given or ""))
             elif in_stat is None and _GLOB_CHARS.search(str(given)):
                 _refuse_glob_match(output, out_stat, str(given))
+            elif in_stat is None and "{" in str(given):
+                _refuse_brace_match(output, out_stat, str(given))
+        if stat.S_ISREG(out_stat.st_mode):
+            for source in folders:
+                _refuse_row_file(output, out, out_stat, Path(source or ""))
 
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
@@ -332,13 +337,46 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 
 def _refuse_image_inside(output: PathArg, out: Path, folder: Path) -> None:
     """An image file inside an input folder (through links too) is one of the inputs that folder yields."""
+    from clipcli.images.containers import container_extensions
     from clipcli.images.sources import IMAGE_EXTENSIONS
 
     target = real_path(out)
-    if target.suffix.lower() in IMAGE_EXTENSIONS and real_path(folder) in target.parents:
+    readable = IMAGE_EXTENSIONS | container_extensions()  # a video or a shard in the folder is read too
+    if target.suffix.lower() in readable and real_path(folder) in target.parents:
         raise OutputError(
             f"{output}: is also an input (an image inside the input folder {folder}); write the output to another file"
         )
+
+
+def _refuse_brace_match(output: PathArg, out_stat: os.stat_result, pattern: str) -> None:
+    from clipcli.images.sources import expand_braces
+
+    for match in expand_braces([pattern]):
+        found = _stat(Path(match))
+        if found is not None and (found.st_dev, found.st_ino) == (out_stat.st_dev, out_stat.st_ino):
+            raise OutputError(f"{output}: is also an input ({match}, from {pattern}); write the output to another file")
+
+
+def _refuse_row_file(output: PathArg, out: Path, out_stat: os.stat_result, source: Path) -> None:
+    """The file behind a row of saved embeddings (an image, or a video or shard holding the row) is an
+    input too: ``rank q emb/ --html photo.jpg`` would replace the photo. Rows are matched by file name
+    first, so only the few that could be the output cost a ``stat``."""
+    from clipcli.store.saved import is_embedding_source, stored_files
+
+    if not is_embedding_source(str(source)):
+        return
+    try:
+        for stored, base in stored_files(source):
+            if os.path.basename(stored) != out.name:
+                continue
+            for where in {stored, os.path.join(base, stored) if base else stored}:
+                found = _stat(Path(where))
+                if found is not None and (found.st_dev, found.st_ino) == (out_stat.st_dev, out_stat.st_ino):
+                    raise OutputError(
+                        f"{output}: is also an input (the file of a row of {source}); write the output to another file"
+                    )
+    except (InputError, OSError, ValueError):
+        return  # a source that cannot be read is reported by the run, which reads it next
 
 
 def _refuse_glob_match(output: PathArg, out_stat: os.stat_result, pattern: str) -> None:

@@ -417,3 +417,37 @@ def _layout_matrix(source: Path, expect: Expect) -> SavedMatrix:
         stored = [m for _, m in found]
         matrix = np.concatenate(stored) if stored else np.zeros((0, record.dim), np.dtype(record.dtype))
     return SavedMatrix(source, matrix, record.tag, "path", parts.names, partial(_part_names, parts))
+
+
+def stored_files(source: Path) -> Iterator[tuple[str, str | None]]:
+    """Each row's file as ``embed`` recorded it, with the folder relative paths are relative to (None:
+    the working folder): the file behind an image, or the container (a video, a shard) of a member.
+    Used to refuse an output that would overwrite one (``rank q emb/ --html photo.jpg``)."""
+    import pyarrow.parquet as pq
+
+    from clipcli.images.containers import container_of
+    from clipcli.store.parts import dataset_base
+
+    def file_of(name: str) -> str:
+        return container_of(name) or name
+
+    if layout.is_layout(source):
+        base = None
+        for pair in layout.pairs(source):
+            if base is None:
+                base = dataset_base(pq.read_schema(pair.meta).metadata)
+            yield from ((file_of(str(n)), base) for n in layout.names_of(pair).to_pylist())
+        return
+    if source.suffix.lower() == ".npy":
+        saved = open_npy(source)
+        for row in range(len(saved.matrix)):
+            value = saved.entry(row)
+            name = value.get(saved.header.key) if isinstance(value, dict) else value
+            if isinstance(name, str):
+                yield file_of(name), None
+        return
+    for part in _parquet_files(source):
+        base = dataset_base(pq.read_schema(part).metadata)
+        table = read_parquet(part, ["path"]) if "path" in pq.read_schema(part).names else None
+        if table is not None:
+            yield from ((file_of(str(n)), base) for n in table.column(0).to_pylist())
