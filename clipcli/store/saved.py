@@ -420,34 +420,22 @@ def _layout_matrix(source: Path, expect: Expect) -> SavedMatrix:
 
 
 def stored_files(source: Path) -> Iterator[tuple[str, str | None]]:
-    """Each row's file as ``embed`` recorded it, with the folder relative paths are relative to (None:
-    the working folder): the file behind an image, or the container (a video, a shard) of a member.
-    Used to refuse an output that would overwrite one (``rank q emb/ --html photo.jpg``)."""
+    """Each row's file as ``embed`` recorded it (a member's container: the video, the shard), with the
+    folder relative paths are relative to (None: the working folder); for refusing an output over one."""
     import pyarrow.parquet as pq
 
     from clipcli.images.containers import container_of
     from clipcli.store.parts import dataset_base
 
-    def file_of(name: str) -> str:
-        return container_of(name) or name
-
-    if layout.is_layout(source):
-        base = None
-        for pair in layout.pairs(source):
-            if base is None:
-                base = dataset_base(pq.read_schema(pair.meta).metadata)
-            yield from ((file_of(str(n)), base) for n in layout.names_of(pair).to_pylist())
-        return
     if source.suffix.lower() == ".npy":
         saved = open_npy(source)
-        for row in range(len(saved.matrix)):
-            value = saved.entry(row)
-            name = value.get(saved.header.key) if isinstance(value, dict) else value
-            if isinstance(name, str):
-                yield file_of(name), None
+        entries = (saved.entry(row) for row in range(len(saved.matrix)))
+        names = (e.get(saved.header.key) if isinstance(e, dict) else e for e in entries)
+        yield from ((container_of(n) or n, None) for n in names if isinstance(n, str))
         return
-    for part in _parquet_files(source):
-        base = dataset_base(pq.read_schema(part).metadata)
-        table = read_parquet(part, ["path"]) if "path" in pq.read_schema(part).names else None
-        if table is not None:
-            yield from ((file_of(str(n)), base) for n in table.column(0).to_pylist())
+    is_layout = layout.is_layout(source)
+    for part in [p.meta for p in layout.pairs(source)] if is_layout else _parquet_files(source):
+        found = pq.read_schema(part)
+        key = layout.NAME_KEY if is_layout else "path"
+        names = read_parquet(part, [key]).column(0).to_pylist() if key in found.names else []
+        yield from ((container_of(n) or n, dataset_base(found.metadata)) for n in names if isinstance(n, str))
