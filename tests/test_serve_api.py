@@ -205,6 +205,11 @@ def test_a_foreign_host_name_is_refused_on_loopback(site: tuple[Server, Path]) -
 def test_the_api_is_documented(client: httpx.Client) -> None:
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/api/search", "/api/similar", "/api/thumb", "/api/dedup", "/api/upload"} <= set(paths)
+    narrowing = {"where", "after", "before", "min_score", "cutoff", "page", "page_size"}
+    for route, own in (("/api/search", {"q", "negative", "upload"}), ("/api/similar", {"path"})):
+        documented = {p["name"]: p for p in paths[route]["get"]["parameters"]}
+        assert set(documented) == narrowing | own and all(p["in"] == "query" for p in documented.values())
+        assert documented["page_size"]["schema"]["maximum"] > 1 and documented["where"]["description"]
     page = client.get("/")
     assert page.status_code == 200 and "default-src 'self'" in page.headers["content-security-policy"]
 

@@ -20,7 +20,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import quote
 
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
@@ -143,6 +143,29 @@ MinScore = Annotated[float | None, Query(description="Drop results scoring below
 CutoffQ = Annotated[Cutoff, Query(description="auto: keep only results that stand out from the dataset's scores.")]
 
 
+class Narrowing:
+    """The query parameters that narrow and page the results, shared by /api/search and /api/similar, in
+    :class:`clipcli.serve.searching.Search`'s order."""
+
+    def __init__(
+        self,
+        where: Where = None,
+        after: After = None,
+        before: Before = None,
+        min_score: MinScore = None,
+        cutoff: CutoffQ = "none",
+        page: Page = 1,
+        page_size: PageSize = 24,
+    ) -> None:
+        self._values = (where, after, before, min_score, cutoff, page, page_size)
+
+    def values(self) -> tuple[Any, ...]:
+        return self._values
+
+
+Narrowed = Annotated[Narrowing, Depends()]
+
+
 def thumb_url(path: str) -> str:
     return f"/api/thumb?path={quote(path, safe='')}"
 
@@ -181,35 +204,21 @@ def _api(app: FastAPI, served: Served, searcher: Searcher, uploads: Uploads) -> 
 
     @app.get("/api/search", response_model=schemas.SearchResponse, responses=problems)
     def search(
+        narrowed: Narrowed,
         q: Annotated[str, Query(description='The query: "beach" - "people", 2:dog + ./ref.jpg (see the docs).')] = "",
         negative: Annotated[list[str] | None, Query(description="Texts to subtract, as rank --negative.")] = None,
         upload: Annotated[str | None, Query(description="An uploaded picture's id (POST /api/upload).")] = None,
-        where: Where = None,
-        after: After = None,
-        before: Before = None,
-        min_score: MinScore = None,
-        cutoff: CutoffQ = "none",
-        page: Page = 1,
-        page_size: PageSize = 24,
     ) -> schemas.SearchResponse:
         """The best images for a query, a page at a time."""
-        return respond(
-            Search(q, tuple(negative or ()), upload, None, where, after, before, min_score, cutoff, page, page_size)
-        )
+        return respond(Search(q, tuple(negative or ()), upload, None, *narrowed.values()))
 
     @app.get("/api/similar", response_model=schemas.SearchResponse, responses=problems)
     def similar(
         path: Annotated[str, Query(description="A result's path: images like it, itself left out.")],
-        where: Where = None,
-        after: After = None,
-        before: Before = None,
-        min_score: MinScore = None,
-        cutoff: CutoffQ = "none",
-        page: Page = 1,
-        page_size: PageSize = 24,
+        narrowed: Narrowed,
     ) -> schemas.SearchResponse:
         """More like this: the images nearest to one of the datasets' images."""
-        return respond(Search("", (), None, path, where, after, before, min_score, cutoff, page, page_size))
+        return respond(Search("", (), None, path, *narrowed.values()))
 
     @app.post(
         "/api/upload",

@@ -22,7 +22,7 @@ import json
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +39,6 @@ from clipcli.store.parts import (
     write_table,
 )
 from clipcli.store.rows import ModelTag, arrow_array, columns_as_found
-from clipcli.store.shard import Shard
 
 if TYPE_CHECKING:
     import numpy as np
@@ -198,14 +197,7 @@ class ClipRetrievalStore(PlannedRows):
     path: Path
     schema: pa.Schema
     model: str
-    part_rows: int = 4096
-    shard: Shard | None = None
-    stored: dict[str, list[Stored]] = field(default_factory=dict)
-    _pending: list[pa.Table] = field(default_factory=list)
-    _pending_rows: int = 0
-    _next_part: int = 0
     _lock: OutputLock | None = None
-    _reachable: bool = False
 
     @property
     def where(self) -> str:

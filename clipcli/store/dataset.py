@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,7 +37,7 @@ from clipcli.store.parts import (
     refuse_unreachable,
     write_table,
 )
-from clipcli.store.shard import Shard, ShardLocks, compaction, refuse_shard_runs, release_fd
+from clipcli.store.shard import ShardLocks, compaction, refuse_shard_runs, release_fd
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -50,15 +50,8 @@ class ParquetStore(PlannedRows):
     path: Path
     schema: pa.Schema
     model: str
-    part_rows: int = 4096
-    shard: Shard | None = None  # a --shard run: only this shard's paths are planned, stored and cleaned
-    stored: dict[str, list[Stored]] = field(default_factory=dict)
-    _pending: list[pa.Table] = field(default_factory=list)
-    _pending_rows: int = 0
-    _next_part: int = 0
     _lock: OutputLock | ShardLocks | None = None
     _shards_fd: int | None = None
-    _reachable: bool = False  # whether any path stored in the dataset, this shard's or not, exists from here
 
     @property
     def is_dir(self) -> bool:

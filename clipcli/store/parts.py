@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -173,19 +173,25 @@ def newest_unchanged(stored: Mapping[str, list[Stored]], locate: Callable[[str],
     return keep
 
 
-class PlannedRows:
-    """What a local and an object-store dataset share: which paths a run owns, its plan against the
-    stored rows, and new rows buffered into parts of ``part_rows``."""
+class _Described:
+    """The fields every store declares first, positionally, after where it writes."""
 
     schema: pa.Schema
     model: str
-    part_rows: int
-    shard: Shard | None
-    stored: dict[str, list[Stored]]
-    _pending: list[pa.Table]
-    _pending_rows: int
-    _next_part: int
-    _reachable: bool  # whether any path stored in the dataset, this shard's or not, exists from here
+
+
+@dataclass(kw_only=True)
+class PlannedRows(_Described):
+    """What a local and an object-store dataset share: which paths a run owns, its plan against the
+    stored rows, and new rows buffered into parts of ``part_rows``."""
+
+    part_rows: int = 4096
+    shard: Shard | None = None  # a --shard run: only this shard's paths are planned, stored and cleaned
+    stored: dict[str, list[Stored]] = field(default_factory=dict)
+    _pending: list[pa.Table] = field(default_factory=list)
+    _pending_rows: int = 0
+    _next_part: int = 0
+    _reachable: bool = False  # whether any path stored in the dataset, this shard's or not, exists from here
     _open_container: str | None = None  # the container of the last row added (see add)
 
     @property

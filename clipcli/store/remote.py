@@ -261,14 +261,7 @@ class RemoteStore(PlannedRows):
     uri: str
     schema: pa.Schema
     model: str
-    part_rows: int = 4096
-    shard: Shard | None = None
-    stored: dict[str, list[Stored]] = field(default_factory=dict)
-    _pending: list[pa.Table] = field(default_factory=list)
-    _pending_rows: int = 0
-    _next_part: int = 0
     _foreign: dict[PartKey, list[str]] = field(default_factory=dict)  # this run's paths in parts not its own
-    _reachable: bool = False  # as ParquetStore's
 
     @property
     def where(self) -> str:

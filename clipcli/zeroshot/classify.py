@@ -134,49 +134,35 @@ def run_classify(
         hooks.on_skip(m)
     timeline = Timeline() if has_frames(refs) else None
     with output(timeline is not None) as write:
-        return _classify(refs, labels, templates, top_k, models, images, hooks, write, timeline)
-
-
-def _classify(
-    refs: list[ImageRef],
-    labels: Sequence[str],
-    templates: TemplateSet,
-    top_k: int,
-    models: ModelOptions,
-    images: ImageOptions,
-    hooks: ClassifyHooks,
-    write: Callable[[Prediction | Segment], None],
-    timeline: Timeline | None,
-) -> ClassifyResult:
-    lm = hooks.load(models)
-    n_ok = n_frames = 0
-    n_prompts = len(labels) * len(templates.templates)
-    with hooks.prompts_progress(n_prompts) as on_prompts, hooks.images_progress(len(refs)) as on_batch:
-        predictions = classify_images(
-            lm,
-            refs,
-            labels,
-            templates,
-            top_k,
-            images.batch_size,
-            images.workers,
-            images.exact,
-            on_batch,
-            on_prompts,
-            max_pixels=images.max_pixels,
-        )
-        for item in predictions:
-            if not isinstance(item, Prediction):
-                hooks.on_skip(item)
-                continue
-            n_ok += 1
-            if timeline is None:
-                write(item)
-                continue
-            for segment in timeline.add(item.path, item.labels[0], item.scores[0]):
-                n_frames += segment.frames if segment.start is not None else 0
+        lm = hooks.load(models)
+        n_ok = n_frames = 0
+        n_prompts = len(labels) * len(templates.templates)
+        with hooks.prompts_progress(n_prompts) as on_prompts, hooks.images_progress(len(refs)) as on_batch:
+            predictions = classify_images(
+                lm,
+                refs,
+                labels,
+                templates,
+                top_k,
+                images.batch_size,
+                images.workers,
+                images.exact,
+                on_batch,
+                on_prompts,
+                max_pixels=images.max_pixels,
+            )
+            for item in predictions:
+                if not isinstance(item, Prediction):
+                    hooks.on_skip(item)
+                    continue
+                n_ok += 1
+                if timeline is None:
+                    write(item)
+                    continue
+                for segment in timeline.add(item.path, item.labels[0], item.scores[0]):
+                    n_frames += segment.frames if segment.start is not None else 0
+                    write(segment)
+            for segment in timeline.close() if timeline is not None else ():
+                n_frames += segment.frames
                 write(segment)
-        for segment in timeline.close() if timeline is not None else ():
-            n_frames += segment.frames
-            write(segment)
     return ClassifyResult(n_ok, lm.scoring, n_frames)
