@@ -157,6 +157,24 @@ def test_rank_finds_the_red_circle_as_one_moment(cli, videos, tmp_path):
     assert all("," not in f.rpartition("#t=")[2] for f in frames) and len(frames) == 3
 
 
+def test_dedup_groups_a_videos_frames_but_keep_lists_none_of_them(cli, videos, tmp_path):
+    """The green square's frames are near-duplicates of each other; a frame is no file to delete."""
+    out = tmp_path / "emb"
+    assert cli("embed", *TINY, str(videos["h264"]), "-o", f"{out}/").exit_code == 0
+    groups = cli("dedup", *TINY, str(out), "-f", "jsonl")
+    assert groups.exit_code == 0, groups.stderr
+    grouped = [json.loads(line)["path"] for line in groups.stdout.splitlines()]
+    assert len(grouped) >= 3 and all(p.startswith(f"{videos['h264']}#t=") for p in grouped)
+    kept = cli("dedup", *TINY, str(out), "--keep", "first", "-0")
+    assert kept.exit_code == EXIT_PARTIAL, kept.stderr  # each frame passed over is reported
+    assert kept.stdout == ""
+    listed = [line for line in kept.stderr.splitlines() if line.startswith("skipped ")]
+    assert listed and all(
+        line.endswith("not listed: it is inside a video or a WebDataset shard, not a file of its own")
+        for line in listed
+    )
+
+
 def test_a_rerun_is_incremental_and_a_changed_video_replaces_its_frames(cli, videos, tmp_path):
     clip = write_video(tmp_path / "clip.mp4", "h264", duration=6)
     out = tmp_path / "emb"

@@ -209,13 +209,16 @@ class StoredFiles:
 
     def problem(self, path: str) -> str | None:
         """Why ``path`` cannot be taken for the file embedded: None when its size and mtime are as stored."""
+        from clipcli.images.containers import container_of
+
         stored = self.stats().get(path)
         if stored is None:
             return "has no size and mtime recorded to check it against"
+        container = container_of(path)  # a video's frame or a shard's sample: its file's size and mtime
         try:
-            st = os.stat(self.locate(path))
+            st = os.stat(self.locate(container or path))
         except FileNotFoundError:
-            return "is missing"
+            return f"is missing ({container} is gone)" if container else "is missing"
         except OSError as e:
             return f"cannot be checked ({e.strerror or e})"
         if (st.st_size, st.st_mtime) != stored:

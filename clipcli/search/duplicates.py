@@ -97,6 +97,7 @@ def run_dedup(request: DedupRequest, models: ModelOptions, images: ImagesOf, hoo
 def _keep(r: DedupRequest, saved: list[str], models: ModelOptions, images: ImagesOf, hooks: DedupHooks) -> DedupResult:
     """The paths one could delete: all but the kept member of each group; saved rows only while their
     files are those embedded."""
+    from clipcli.images.containers import container_of
     from clipcli.images.sources import Skipped
     from clipcli.search.dedup import deletable, listable
 
@@ -109,10 +110,11 @@ def _keep(r: DedupRequest, saved: list[str], models: ModelOptions, images: Image
         paths, refused = listable(groups, stored)
         for path, reason in refused:
             hooks.on_skip(Skipped(path, reason))
-    # A video's frame or a shard's sample is no file of its own: never listed for deletion.
-    for path in [p for p in paths if inside_container(p)]:
+    # A video's frame or a shard's sample (``clip.mp4#t=2.000``, ``shard.tar#000042``) is no file of its
+    # own: never listed for deletion.
+    for path in [p for p in paths if container_of(p) is not None]:
         hooks.on_skip(Skipped(path, "not listed: it is inside a video or a WebDataset shard, not a file of its own"))
-    paths = [p for p in paths if not inside_container(p)]
+    paths = [p for p in paths if container_of(p) is None]
     if not r.null:
         for p in paths:
             if "\n" in p:
@@ -121,14 +123,6 @@ def _keep(r: DedupRequest, saved: list[str], models: ModelOptions, images: Image
                     "paths, for xargs -0)"
                 )
     return DedupResult(groups, paths)
-
-
-def inside_container(path: str) -> bool:
-    """Whether ``path`` names a member of a container (``clip.mp4#t=2.000``, ``shard.tar#000042``)."""
-    from clipcli.images.containers import is_container
-
-    head, sep, _ = path.rpartition("#")
-    return bool(sep) and is_container(head)
 
 
 def _groups(
