@@ -133,3 +133,25 @@ def test_a_server_stopped_during_a_request_leaves_no_traceback(samples_emb, tmp_
         client.join(30)
         assert no_traceback(server.stderr()) and "stopped" in server.stderr(), server.stderr()
         assert "ERROR" not in server.stderr()
+
+
+@pytest.mark.parametrize("kind", ["shard", "video"])
+def test_a_run_over_one_damaged_container_writes_its_empty_output_and_exits_1(cli, tmp_path, monkeypatch, kind):
+    """As a run over damaged photos alone: the previous run's rows do not stay in a file output."""
+    from video_helpers import write_video
+
+    from clipcli.errors import EXIT_PARTIAL
+
+    monkeypatch.chdir(tmp_path)
+    name = write_shard(Path("a.tar"), sample_items()[:3]) if kind == "shard" else write_video(Path("v.mp4"), "h264")
+    for out in ("rows.csv", "rows.jsonl"):
+        assert cli("embed", str(name), *MODEL, "-o", out).exit_code == 0
+    assert len(Path("rows.csv").read_text().splitlines()) > 1
+    for damage in (b"", b"\x13" * 100):
+        Path(name).write_bytes(damage)
+        for out in ("rows.csv", "rows.jsonl"):
+            ran = cli("embed", str(name), *MODEL, "-o", out)
+            assert ran.exit_code == EXIT_PARTIAL and f"skipped {name}: " in ran.stderr, ran.stderr
+        assert len(Path("rows.csv").read_text().splitlines()) == 1 and Path("rows.jsonl").read_text() == ""
+        ran = cli("classify", str(name), *MODEL, "--labels", "a red circle,a blue star", "-f", "csv")
+        assert ran.exit_code == EXIT_PARTIAL and ran.stdout.strip() == "path,rank,label,score", ran.stderr

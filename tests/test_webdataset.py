@@ -113,12 +113,14 @@ def test_bad_members_and_a_truncated_shard_are_named_and_the_rest_is_used(cli, t
     assert ran.exit_code == 2
 
 
-def test_a_file_that_is_no_tar_is_one_line_naming_it(cli, tmp_path, monkeypatch):
+@pytest.mark.parametrize("content", [b"this is not a tar archive" * 40, b"notatar\n", b""], ids=["1000", "8", "0"])
+def test_a_file_that_is_no_tar_is_skipped_naming_it(cli, tmp_path, monkeypatch, content):
+    """As a file that is no picture: skipped with the reason, the run's (empty) output written, exit 1."""
     monkeypatch.chdir(tmp_path)
-    Path("fake.tar").write_bytes(b"this is not a tar archive" * 40)
+    Path("fake.tar").write_bytes(content)
     ran = cli("embed", "fake.tar", *MODEL, "-f", "csv")
-    assert ran.exit_code == 2
-    assert "fake.tar" in ran.stderr and "not a tar file" in ran.stderr and "Traceback" not in ran.stderr
+    assert ran.exit_code == 1 and ran.stdout.startswith("path,")
+    assert ran.stderr.startswith("skipped fake.tar: not a tar file (") and "Traceback" not in ran.stderr
 
 
 def test_a_rerun_skips_unchanged_shards_and_reembeds_a_changed_one(cli, tmp_path, monkeypatch):

@@ -41,11 +41,11 @@ def find_images(
     """The images ``inputs`` name (those of ``out``'s shard; a video's frames as ``containers`` says),
     and the inputs found missing; call it under the output's lock. Refuses no images at all, and an
     output that is one of the images."""
-    from clipcli.images.sources import discover, nothing_found
+    from clipcli.images.sources import discover, found_nothing, nothing_found
     from clipcli.store.output import refuse_output_over_inputs
 
     refs, missing = discover(inputs, stdin or sys.stdin, containers)
-    if not refs:
+    if found_nothing(refs, missing):
         raise nothing_found(inputs, missing)
     if not out.is_dataset:  # an image found in a folder given as input (a folder output holds none)
         refuse_output_over_inputs(out.written_files(), (r.file for r in refs))

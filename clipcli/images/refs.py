@@ -29,8 +29,12 @@ class ImageRef:
 
 @dataclass(frozen=True, slots=True)
 class Skipped:
+    """An input passed over, with the reason. ``read``: the file was there and was read, and held no
+    image that could be decoded (a damaged or empty video or shard), as a damaged photo is."""
+
     path: str
     reason: str
+    read: bool = False
 
 
 @dataclass

@@ -139,6 +139,13 @@ def _drop_repeats(refs: list[ImageRef]) -> list[ImageRef]:
     return unique
 
 
+def found_nothing(refs: Sequence[ImageRef], missing: Sequence[Skipped]) -> bool:
+    """Whether a run has nothing to work on and should stop with :func:`nothing_found`: no image, and
+    no input that was read (a run over damaged videos or shards alone goes on, writes its empty output
+    and ends with exit 1, as one over damaged photos alone does)."""
+    return not refs and not any(m.read for m in missing)
+
+
 def nothing_found(arguments: Sequence[str], missing: Sequence[Skipped]) -> InputError:
     """The error for a run with no image to work on, with the reasons its arguments gave none."""
     reasons = "; ".join(f"{m.path}: {m.reason}" for m in missing[:3]) + ("; ..." if len(missing) > 3 else "")

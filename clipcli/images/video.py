@@ -190,10 +190,10 @@ class Video:
             scene = options.frames == "scene"
             times = scene_times(ref.file, index) if scene else every_times(index, options.every)
         except (OSError, ValueError, av.error.FFmpegError) as e:
-            return [], [Skipped(ref.path, _expand_reason(e))]
+            return [], [Skipped(ref.path, _expand_reason(e), read=True)]
         self.sampled[(str(ref.file), index.stat)] = times  # decoded ahead in passes (see FramePasses)
         members = [ImageRef(f"{ref.path}#t={t:.3f}", ref.file, f"t={t:.3f}") for t in times]
-        return members, [Skipped(ref.path, index.damage)] if index.damage else []
+        return members, [Skipped(ref.path, index.damage, read=True)] if index.damage else []
 
     def decode(self, ref: ImageRef, draft_size: int | None, max_pixels: int | None) -> Decoded:
         av = load_av()

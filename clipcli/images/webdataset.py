@@ -287,22 +287,22 @@ class WebDatasetShards:
                 index = INDEXES.get(ref.file, handle)
         except ExtraMissing as e:
             return [], [Skipped(ref.path, str(e))]
-        except OSError as e:
+        except OSError as e:  # the index's own reasons (no errno: "not a tar file (...)"), or the system's
             from clipcli.images.decode import describe_error
 
-            return [], [Skipped(ref.path, describe_error(e))]
+            return [], [Skipped(ref.path, str(e) if e.errno is None else describe_error(e), read=True)]
         members, skipped = [], []
         for key, sample in index.samples.items():
             if sample.image is None:
                 have = ", ".join(sorted(sample.members)) or "nothing"
                 reason = f"no image in the sample (jpg, jpeg, png or webp; it has {have})"
-                skipped.append(Skipped(member_path(ref.path, key), reason))
+                skipped.append(Skipped(member_path(ref.path, key), reason, read=True))
             else:
                 members.append(ImageRef(member_path(ref.path, key), ref.file, key))
         for where, reason in index.problems:
-            skipped.append(Skipped(ref.path if where is None else member_path(ref.path, where), reason))
+            skipped.append(Skipped(ref.path if where is None else member_path(ref.path, where), reason, read=True))
         if not index.samples and not index.problems:
-            skipped.append(Skipped(ref.path, "a tar file with no samples"))
+            skipped.append(Skipped(ref.path, "a tar file with no samples", read=True))
         return members, skipped
 
     def decode(self, ref: ImageRef, draft_size: int | None, max_pixels: int | None) -> Decoded:

@@ -150,12 +150,12 @@ def _image_groups(
     """Embed the images, then group them by comparing every pair."""
     import numpy as np
 
-    from clipcli.images.sources import discover, nothing_found
+    from clipcli.images.sources import discover, found_nothing, nothing_found
     from clipcli.search.dedup import find_duplicates, matrix_search
     from clipcli.zeroshot.encode import iter_image_embeddings
 
     refs, missing = discover(list(r.inputs), hooks.stdin, images().containers)
-    if not refs:
+    if found_nothing(refs, missing):
         raise nothing_found(list(r.inputs), missing)
     for m in missing:
         hooks.on_skip(m)

@@ -15,7 +15,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from clipcli.errors import InputError
 from clipcli.images.decode import DEFAULT_MAX_PIXELS
-from clipcli.images.sources import Skipped, discover, nothing_found
+from clipcli.images.sources import Skipped, discover, found_nothing, nothing_found
 from clipcli.models import LoadedModel
 from clipcli.store.saved import PartRow, is_embedding_source, iter_saved
 from clipcli.zeroshot.encode import encode_texts, iter_image_embeddings
@@ -136,7 +136,7 @@ def rank_many(
             image_args.append(source)
     if image_args:
         refs, missing = discover(image_args, scan.stdin, scan.containers)
-        if not refs and len(image_args) == len(sources):  # nothing at all to rank
+        if found_nothing(refs, missing) and len(image_args) == len(sources):  # nothing at all to rank
             raise nothing_found(image_args, missing)
         on_skip = scan.on_skip or (lambda skipped: None)
         for m in missing:

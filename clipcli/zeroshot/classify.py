@@ -121,14 +121,14 @@ def run_classify(
     """Find the images, open the output, load the model, and write each prediction, in input order; with
     a video among the inputs, a timeline (:mod:`clipcli.zeroshot.timeline`): each video's segments, and
     each image as a segment of its own."""
-    from clipcli.images.sources import discover, nothing_found
+    from clipcli.images.sources import discover, found_nothing, nothing_found
     from clipcli.images.video import has_frames
 
     refs, missing = discover(inputs, hooks.stdin, images.containers)
     if hooks.storable is not None:
         refs, unstorable = hooks.storable(refs)
         missing += unstorable
-    if not refs:
+    if found_nothing(refs, missing):
         raise nothing_found(inputs, missing)
     for m in missing:
         hooks.on_skip(m)
