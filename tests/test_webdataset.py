@@ -354,3 +354,21 @@ def test_a_benchmark_sample_without_a_class_is_an_error_naming_it(cli, tmp_path)
     ran = cli("eval", str(root), *MODEL)
     assert ran.exit_code == 2
     assert "1.tar#" in ran.stderr and "class none" in ran.stderr
+
+
+def test_dedup_keeps_the_sample_with_more_pixels(cli, tmp_path, monkeypatch):
+    """Samples share their shard's size and mtime: among them "largest" is the most pixels, from the
+    shard directly and from a dataset alike (natural order would pick the small copy, stored first)."""
+    import tarfile
+
+    samples = Path(__file__).resolve().parent.parent / "samples"
+    monkeypatch.chdir(tmp_path)
+    with tarfile.open("s.tar", "w") as tar:
+        tar.add(samples / "held-out" / "red-circle.jpg", arcname="000001.jpg")  # 224 x 183
+        tar.add(samples / "busy" / "red-circle.jpg", arcname="000002.jpg")  # 336 x 400
+    assert cli("embed", "s.tar", *MODEL, "-o", "emb/").exit_code == 0
+    for source in ("s.tar", "emb"):
+        ran = cli("dedup", source, *MODEL, "--threshold", "0.9", "-f", "csv")
+        assert ran.exit_code == 0, ran.stderr
+        kept, copy = ran.stdout.splitlines()[1:]
+        assert kept == "1,s.tar#000002,1.0" and copy.startswith("1,s.tar#000001,"), ran.stdout

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 # Nothing heavy at import: the CLI imports this module for DEFAULT_THRESHOLD while building --help.
@@ -97,9 +97,12 @@ def group_members(
     threshold: float,
     prefer: Prefer = "largest",
     size_of: Callable[[str], int] = file_size,
+    pixels_of: Callable[[str], int] | None = None,
 ) -> list[list[Member]]:
     """Each candidate set split into groups around representatives (see the module's docstring): each
-    group's representative first, then its members by similarity to it, none below ``threshold``."""
+    group's representative first, then its members by similarity to it, none below ``threshold``.
+    "largest" is the most bytes, then the most pixels (``pixels_of``): a video's frames and a shard's
+    samples share their file's size, so pixels choose among them."""
     import numpy as np
 
     from clipcli.images.sources import natural_key
@@ -111,7 +114,8 @@ def group_members(
         if prefer == "first":
             left = sorted(range(len(rows)), key=lambda i: natural_key(paths[i]))
         else:
-            left = sorted(range(len(rows)), key=lambda i: (-sizes[i], natural_key(paths[i])))
+            pixels = [pixels_of(p) if pixels_of is not None else 0 for p in paths]
+            left = sorted(range(len(rows)), key=lambda i: (-sizes[i], -pixels[i], natural_key(paths[i])))
         vectors = rows_of(np.array(rows, np.int64))
         while len(left) > 1:
             rep = left[0]
@@ -135,6 +139,7 @@ def find_duplicates(
     on_progress: Callable[[int], None] | None = None,
     prefer: Prefer = "largest",
     size_of: Callable[[str], int] = file_size,
+    pixels_of: Callable[[str], int] | None = None,
 ) -> list[list[Member]]:
     """Groups of near-duplicates among ``n`` rows (see the module's docstring); ``prefer`` chooses each
     group's representative (the largest file, or the first path in natural order), the file one keeps."""
@@ -142,7 +147,7 @@ def find_duplicates(
     if search is None:
         raise ValueError("an index or an exact search is needed")
     pairs = neighbour_pairs(n, rows_of, threshold, search, on_progress)
-    return group_members(_components(n, pairs), names, rows_of, threshold, prefer, size_of)
+    return group_members(_components(n, pairs), names, rows_of, threshold, prefer, size_of, pixels_of)
 
 
 def deletable(groups: list[list[Member]]) -> list[str]:
@@ -176,6 +181,7 @@ class StoredFiles:
     parts: list[str]
     base: str | None = None
     _stats: dict[str, tuple[int, float]] | None = None
+    _pixels: dict[str, int] = field(default_factory=dict)
     _base_is_here: bool | None = None
 
     def stats(self) -> dict[str, tuple[int, float]]:
@@ -191,7 +197,15 @@ class StoredFiles:
                     continue  # texts, or not written by embed: nothing to check against
                 columns = (table.column(c).to_pylist() for c in ("path", "bytes", "mtime"))
                 self._stats.update((p, (int(b), float(m))) for p, b, m in zip(*columns, strict=True))
+                if {"width", "height"} <= set(table.column_names):
+                    sides = (table.column(c).to_pylist() for c in ("path", "width", "height"))
+                    self._pixels.update((p, (w or 0) * (h or 0)) for p, w, h in zip(*sides, strict=True))
         return self._stats
+
+    def pixels(self, path: str) -> int:
+        """The width times the height embed recorded (0 where it recorded none)."""
+        self.stats()
+        return self._pixels.get(path, 0)
 
     def locate(self, path: str) -> str:
         """Where a stored path is from here: a relative one against the recorded base (kept as stored

@@ -162,11 +162,13 @@ def _image_groups(
     options = images()
     lm = hooks.load(models)
     names: list[str] = []
+    pixels: dict[str, int] = {}
     rows = []
     for batch in iter_image_embeddings(lm, refs, options.batch_size, options.workers, max_pixels=options.max_pixels):
         for s in batch.skipped:
             hooks.on_skip(s)
         names += batch.names
+        pixels.update((name, w * h) for name, (w, h) in zip(batch.names, batch.sizes, strict=True))
         rows.append(batch.embeddings.numpy())
     matrix = np.concatenate(rows) if rows else np.zeros((0, lm.embed_dim), np.float32)
     return find_duplicates(
@@ -177,6 +179,7 @@ def _image_groups(
         None,
         matrix_search(matrix),
         prefer=prefer,
+        pixels_of=lambda path: pixels.get(path, 0),
     )
 
 
@@ -222,6 +225,7 @@ def _saved_groups(
         partial(exact_search, saved),
         prefer=prefer,
         size_of=stored.size if stored is not None else file_size,
+        pixels_of=stored.pixels if stored is not None else None,
     )
     return groups, stored
 
