@@ -353,7 +353,7 @@ def test_a_benchmark_sample_without_a_class_is_an_error_naming_it(cli, tmp_path)
     (root / "test" / "nshards.txt").write_text("2\n")
     ran = cli("eval", str(root), *MODEL)
     assert ran.exit_code == 2
-    assert "1.tar#" in ran.stderr and "class none" in ran.stderr
+    assert "1.tar#" in ran.stderr and "the sample has no class (a .cls member)" in ran.stderr
 
 
 def test_dedup_keeps_the_sample_with_more_pixels(cli, tmp_path, monkeypatch):

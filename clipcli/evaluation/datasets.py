@@ -294,9 +294,10 @@ def wds_benchmark(root: Path, classnames: str | None = None) -> EvalData:
     targets = []
     for ref, got in zip(refs, fields, strict=True):
         label = got.get("cls")
-        if label is None or not 0 <= label < len(names):
-            found = "none" if label is None else str(label)
-            raise InputError(f"{ref.path}: class {found} is not one of the {len(names)} in {WDS_CLASSNAMES}")
+        if label is None:
+            raise InputError(f"{ref.path}: the sample has no class (a .cls member)")
+        if not 0 <= label < len(names):
+            raise InputError(f"{ref.path}: class {label} is not one of the {len(names)} in {WDS_CLASSNAMES}")
         targets.append(label)
     own = root / WDS_TEMPLATES
     templates = tuple(t.replace("{c}", "{}") for t in read_lines(own, "templates")) if own.is_file() else None
