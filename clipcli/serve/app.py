@@ -144,8 +144,8 @@ CutoffQ = Annotated[Cutoff, Query(description="auto: keep only results that stan
 
 
 class Narrowing:
-    """The query parameters that narrow and page the results, shared by /api/search and /api/similar, in
-    :class:`clipcli.serve.searching.Search`'s order."""
+    """The query parameters that narrow and page the results, shared by /api/search and /api/similar, as
+    keywords of :class:`clipcli.serve.searching.Search`."""
 
     def __init__(
         self,
@@ -157,10 +157,15 @@ class Narrowing:
         page: Page = 1,
         page_size: PageSize = 24,
     ) -> None:
-        self._values = (where, after, before, min_score, cutoff, page, page_size)
-
-    def values(self) -> tuple[Any, ...]:
-        return self._values
+        self.keywords: dict[str, Any] = {
+            "where": where,
+            "after": after,
+            "before": before,
+            "min_score": min_score,
+            "cutoff": cutoff,
+            "page": page,
+            "page_size": page_size,
+        }
 
 
 Narrowed = Annotated[Narrowing, Depends()]
@@ -210,7 +215,7 @@ def _api(app: FastAPI, served: Served, searcher: Searcher, uploads: Uploads) -> 
         upload: Annotated[str | None, Query(description="An uploaded picture's id (POST /api/upload).")] = None,
     ) -> schemas.SearchResponse:
         """The best images for a query, a page at a time."""
-        return respond(Search(q, tuple(negative or ()), upload, None, *narrowed.values()))
+        return respond(Search(q, tuple(negative or ()), upload, None, **narrowed.keywords))
 
     @app.get("/api/similar", response_model=schemas.SearchResponse, responses=problems)
     def similar(
@@ -218,7 +223,7 @@ def _api(app: FastAPI, served: Served, searcher: Searcher, uploads: Uploads) -> 
         narrowed: Narrowed,
     ) -> schemas.SearchResponse:
         """More like this: the images nearest to one of the datasets' images."""
-        return respond(Search("", (), None, path, *narrowed.values()))
+        return respond(Search("", (), None, path, **narrowed.keywords))
 
     @app.post(
         "/api/upload",
