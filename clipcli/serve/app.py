@@ -185,7 +185,9 @@ def _api(app: FastAPI, served: Served, searcher: Searcher, uploads: Uploads) -> 
     def respond(s: Search) -> schemas.SearchResponse:
         found = searcher.search(s)
         results = [
-            schemas.Result(path=h.path, score=round(h.score, 6), dataset=h.dataset, thumb=thumb_url(h.path))
+            schemas.Result(
+                path=h.path, row=h.row_path, score=round(h.score, 6), dataset=h.dataset, thumb=thumb_url(h.row_path)
+            )
             for h in found.hits
         ]
         return schemas.SearchResponse(

@@ -6,7 +6,11 @@ from pydantic import BaseModel, Field
 
 
 class Result(BaseModel):
-    path: str = Field(description="The image's path as its dataset stores it (what `rank` prints).")
+    path: str = Field(
+        description="The image's path as its dataset stores it, or a video's moment (`clip.mp4#t=4.000,8.000`), "
+        "as `rank` prints them."
+    )
+    row: str = Field(description="The row behind it: the image, or a moment's best frame (for /api/similar).")
     score: float = Field(description="Cosine similarity to the query.")
     dataset: int = Field(description="Which dataset served holds it (its place on the command line, from 0).")
     thumb: str = Field(description="The URL of its thumbnail.")

@@ -5,6 +5,8 @@ and a date range), a cutoff (a minimum score and the calibrated ``auto`` one of
 
 With a filter, only the rows it matches are scored (exactly), so a page is full whenever enough rows
 match; without one, each dataset's index (or an exact scan) proposes the best ``page x size`` rows.
+A dataset holding video frames answers with moments, as ``rank`` does (:mod:`clipcli.search.moments`):
+the frames proposed are more, and a video's adjacent frames of one scene are one result.
 """
 
 from __future__ import annotations
@@ -53,9 +55,14 @@ class Search:
 
 @dataclass(frozen=True)
 class Hit:
-    path: str
+    path: str  # a row's path, or a video moment's (``clip.mp4#t=4.000,8.000``)
     score: float
     dataset: int
+    row: str = ""  # the row behind it (a moment's best frame); its path when empty
+
+    @property
+    def row_path(self) -> str:
+        return self.row or self.path
 
 
 @dataclass(frozen=True)
@@ -149,6 +156,7 @@ class Searcher:
     # --- the search -------------------------------------------------------------------------------
 
     def search(self, s: Search) -> Found:
+        from clipcli.search.moments import candidates
 
         if not 1 <= s.page_size <= MAX_PAGE_SIZE:
             raise InputError(f"page_size must be 1 to {MAX_PAGE_SIZE}, not {s.page_size}")
@@ -166,13 +174,16 @@ class Searcher:
         skip = s.similar
         for dataset in datasets:
             allowed = self.allowed_rows(dataset, s)
-            scores, rows = self.best(dataset, vector, want + (skip is not None), allowed)
+            frames = has_frames(dataset)
+            scores, rows = self.best(
+                dataset, vector, candidates(want) if frames else want + (skip is not None), allowed
+            )
             keep = rows >= 0
             if threshold is not None:
                 keep &= scores >= threshold
             names = [dataset.names[int(r)] for r in rows[keep]]
-            hits += [Hit(n, float(sc), dataset.number) for n, sc in zip(names, scores[keep], strict=True)]
-        hits = [h for h in hits if h.path != skip]
+            found = [(n, float(sc)) for n, sc in zip(names, scores[keep], strict=True) if n != skip]
+            hits += as_moments(found, dataset.number) if frames else [Hit(n, sc, dataset.number) for n, sc in found]
         hits.sort(key=lambda h: -h.score)
         start = (s.page - 1) * s.page_size
         page = hits[start : start + s.page_size]
@@ -291,3 +302,21 @@ def filter_sql(dataset: Dataset, where: str | None, after: date | None, before: 
 def _epoch(day: date) -> float:
     """The start of ``day`` in the server's local time, as files' mtimes count (seconds since 1970)."""
     return datetime(day.year, day.month, day.day).timestamp()
+
+
+def has_frames(dataset: Dataset) -> bool:
+    """Whether any row of ``dataset`` is a video's frame (found once per dataset served)."""
+    from clipcli.images.video import split_frame
+
+    with dataset.lock:
+        if "frames" not in dataset.cache:
+            dataset.cache["frames"] = any(split_frame(n) is not None for n in dataset.names if "#t=" in n)
+        return bool(dataset.cache["frames"])
+
+
+def as_moments(found: list[tuple[str, float]], number: int) -> list[Hit]:
+    """Ranked rows of one dataset with each video's frames merged into moments; a moment's row is its
+    best frame (what "more like this" and its thumbnail take)."""
+    from clipcli.search.moments import moments
+
+    return [Hit(m.name, m.score, number, m.path if m.t is None else f"{m.path}#t={m.t:.3f}") for m in moments(found)]

@@ -97,7 +97,7 @@ function resultItem(result) {
   more.textContent = "More like this";
   more.setAttribute("aria-label", `More like ${result.path}`);
   more.addEventListener("click", () => {
-    Object.assign(state, { similar: result.path, upload: null, page: 1 });
+    Object.assign(state, { similar: result.row || result.path, upload: null, page: 1 });
     runSearch();
   });
   item.append(figure, more);
