@@ -294,7 +294,10 @@ def _api(app: FastAPI, served: Served, searcher: Searcher, uploads: Uploads) -> 
                 dataset=dataset,
                 members=[
                     schemas.Member(
-                        path=m.path, similarity=round(m.similarity, 6), bytes=m.bytes, thumb=thumb_url(m.path)
+                        path=m.path,
+                        similarity=round(m.similarity, 6),
+                        bytes=m.bytes if m.bytes >= 0 else None,
+                        thumb=thumb_url(m.path),
                     )
                     for m in members
                 ],

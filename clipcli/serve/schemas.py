@@ -32,7 +32,9 @@ class UploadResponse(BaseModel):
 class Member(BaseModel):
     path: str
     similarity: float = Field(description="To the group's representative (1 for itself).")
-    bytes: int
+    bytes: int | None = Field(
+        description="The file's size; null for a video's frame or a shard's sample (no file of its own)."
+    )
     thumb: str
 
 
