@@ -63,24 +63,26 @@ def test_the_search_page_answers_with_a_videos_moments_as_rank_does(tmp_path):
     write_video(tmp_path / "clip.mp4", "h264", duration=20.0, fps=5, size=(96, 96))
     write_shard(tmp_path / "s.tar", sample_items()[:4])
     embed(tmp_path, ["clip.mp4", "s.tar", "--every", "1"], "emb/", env)
-    with running_server(["emb", "-m", "tiny-shapes"], tmp_path, env) as server:
-        with httpx.Client(base_url=server.base, timeout=30) as client:
-            answer = client.get("/api/search", params={"q": "a red circle", "page_size": 10})
-            assert answer.status_code == 200, answer.text
-            results = answer.json()["results"]
-            top = results[0]
-            video, _, span = top["path"].rpartition("#t=")
-            start, end = (float(x) for x in span.split(","))
-            assert video == "clip.mp4" and 4.0 <= start < end <= 8.0, top  # the circle, as one moment
-            assert top["row"].startswith("clip.mp4#t=") and start <= float(top["row"][11:]) <= end
-            assert all(r["row"] == r["path"] for r in results if r["path"].startswith("s.tar#"))
-            spans = [r["path"] for r in results if r["path"].startswith("clip.mp4#")]
-            assert len(spans) == len(set(spans)) and sum(1 for s in spans if s == top["path"]) == 1
-            thumb = client.get(top["thumb"])
-            assert thumb.status_code == 200 and red_share(thumb.content) > 0.05
-            similar = client.get("/api/similar", params={"path": top["row"], "page_size": 5})
-            assert similar.status_code == 200, similar.text
-            assert all(r["row"] != top["row"] for r in similar.json()["results"])
-            groups = client.get("/api/dedup", params={"threshold": 0.95}).json()["groups"]
-            frames = [m for g in groups for m in g["members"] if m["path"].startswith("clip.mp4#t=")]
-            assert frames and all(m["bytes"] is None for m in frames)  # a frame is no file of its own
+    with (
+        running_server(["emb", "-m", "tiny-shapes"], tmp_path, env) as server,
+        httpx.Client(base_url=server.base, timeout=30) as client,
+    ):
+        answer = client.get("/api/search", params={"q": "a red circle", "page_size": 10})
+        assert answer.status_code == 200, answer.text
+        results = answer.json()["results"]
+        top = results[0]
+        video, _, span = top["path"].rpartition("#t=")
+        start, end = (float(x) for x in span.split(","))
+        assert video == "clip.mp4" and 4.0 <= start < end <= 8.0, top  # the circle, as one moment
+        assert top["row"].startswith("clip.mp4#t=") and start <= float(top["row"][11:]) <= end
+        assert all(r["row"] == r["path"] for r in results if r["path"].startswith("s.tar#"))
+        spans = [r["path"] for r in results if r["path"].startswith("clip.mp4#")]
+        assert len(spans) == len(set(spans)) and sum(1 for s in spans if s == top["path"]) == 1
+        thumb = client.get(top["thumb"])
+        assert thumb.status_code == 200 and red_share(thumb.content) > 0.05
+        similar = client.get("/api/similar", params={"path": top["row"], "page_size": 5})
+        assert similar.status_code == 200, similar.text
+        assert all(r["row"] != top["row"] for r in similar.json()["results"])
+        groups = client.get("/api/dedup", params={"threshold": 0.95}).json()["groups"]
+        frames = [m for g in groups for m in g["members"] if m["path"].startswith("clip.mp4#t=")]
+        assert frames and all(m["bytes"] is None for m in frames)  # a frame is no file of its own
