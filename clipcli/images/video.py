@@ -192,7 +192,7 @@ class Video:
         except (OSError, ValueError, av.error.FFmpegError) as e:
             return [], [Skipped(ref.path, _expand_reason(e), read=True)]
         self.sampled[(str(ref.file), index.stat)] = times  # decoded ahead in passes (see FramePasses)
-        members = [ImageRef(f"{ref.path}#t={t:.3f}", ref.file, f"t={t:.3f}") for t in times]
+        members = [ImageRef(frame_path(ref.path, t), ref.file, f"t={t:.3f}") for t in times]
         return members, [Skipped(ref.path, index.damage, read=True)] if index.damage else []
 
     def decode(self, ref: ImageRef, draft_size: int | None, max_pixels: int | None) -> Decoded:
@@ -210,6 +210,12 @@ class Video:
         except av.error.FFmpegError as e:
             raise VideoError(f"cannot decode the frame at {want:.3f} s ({reason(e)})") from None
         return Decoded(image, size, index.stat, {"t": want})
+
+
+def frame_path(video: str, t: float) -> str:
+    """A video frame's row path, the inverse of :func:`split_frame`: ``("clip.mp4", 12.0)`` gives
+    ``clip.mp4#t=12.000``."""
+    return f"{video}#t={t:.3f}"
 
 
 def split_frame(path: str) -> tuple[str, float] | None:

@@ -14,7 +14,7 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from clipcli.images.video import split_frame
+from clipcli.images.video import frame_path, split_frame
 from clipcli.search.rank import Hit
 
 MARGIN = 0.05  # cosine similarity: a frame this much below a moment's best still belongs to it
@@ -36,6 +36,11 @@ class Moment:
         if self.start is None or self.end is None:
             return self.path
         return f"{self.path}#t={self.start:.3f},{self.end:.3f}"
+
+    @property
+    def row(self) -> str:
+        """The row of its best frame (``clip.mp4#t=6.000``); an image's path."""
+        return self.path if self.t is None else frame_path(self.path, self.t)
 
     def record(self) -> dict[str, object]:
         return {"path": self.path, "start": self.start, "end": self.end, "score": self.score, "t": self.t}

@@ -185,9 +185,7 @@ def _api(app: FastAPI, served: Served, searcher: Searcher, uploads: Uploads) -> 
     def respond(s: Search) -> schemas.SearchResponse:
         found = searcher.search(s)
         results = [
-            schemas.Result(
-                path=h.path, row=h.row_path, score=round(h.score, 6), dataset=h.dataset, thumb=thumb_url(h.row_path)
-            )
+            schemas.Result(path=h.path, row=h.row, score=round(h.score, 6), dataset=h.dataset, thumb=thumb_url(h.row))
             for h in found.hits
         ]
         return schemas.SearchResponse(

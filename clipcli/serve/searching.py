@@ -58,11 +58,7 @@ class Hit:
     path: str  # a row's path, or a video moment's (``clip.mp4#t=4.000,8.000``)
     score: float
     dataset: int
-    row: str = ""  # the row behind it (a moment's best frame); its path when empty
-
-    @property
-    def row_path(self) -> str:
-        return self.row or self.path
+    row: str  # the row behind it: the image's path, or a moment's best frame
 
 
 @dataclass(frozen=True)
@@ -183,7 +179,7 @@ class Searcher:
                 keep &= scores >= threshold
             names = [dataset.names[int(r)] for r in rows[keep]]
             found = [(n, float(sc)) for n, sc in zip(names, scores[keep], strict=True) if n != skip]
-            hits += as_moments(found, dataset.number) if frames else [Hit(n, sc, dataset.number) for n, sc in found]
+            hits += as_moments(found, dataset.number) if frames else [Hit(n, sc, dataset.number, n) for n, sc in found]
         hits.sort(key=lambda h: -h.score)
         start = (s.page - 1) * s.page_size
         page = hits[start : start + s.page_size]
@@ -319,4 +315,4 @@ def as_moments(found: list[tuple[str, float]], number: int) -> list[Hit]:
     best frame (what "more like this" and its thumbnail take)."""
     from clipcli.search.moments import moments
 
-    return [Hit(m.name, m.score, number, m.path if m.t is None else f"{m.path}#t={m.t:.3f}") for m in moments(found)]
+    return [Hit(m.name, m.score, number, m.row) for m in moments(found)]
