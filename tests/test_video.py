@@ -297,6 +297,35 @@ def test_frames_decoded_forward_or_by_seeking_are_the_same(videos):
     assert all(np.array_equal(a, b) for a, b in zip(onward, shared, strict=True))
 
 
+def test_keyframes_skip_deblocking_and_every_other_frame_is_decoded_exactly(videos):
+    """A sampled frame that is itself a keyframe is decoded without H.264's deblocking filter (nothing is
+    decoded from it): close to the full decode, not equal to it. Every other frame equals decoding the
+    whole video frame by frame, so no frame is ever decoded from an unfiltered picture."""
+    import av
+
+    from clipcli.images import video
+    from clipcli.images.sources import discover
+
+    clip = videos["h264"]  # x264 veryfast (deblocking on), B-frames, a keyframe every 5 s at least
+    with av.open(str(clip)) as container:
+        decoded = [(float(f.time), f.key_frame, np.asarray(f.to_image())) for f in container.decode(video=0)]
+    origin = min(t for t, _, _ in decoded)
+    plain = {round(t - origin, 3): (bool(key), picture.astype(int)) for t, key, picture in decoded}
+    refs, _ = discover([str(clip)], containers=video.ContainerOptions(every=1.0))
+    video.forget(clip)
+    keyframes = []
+    for ref in refs:
+        decoded_as = video.CONTAINER.decode(ref, None, None)
+        key, expected = plain[round(decoded_as.meta["t"], 3)]
+        got = np.asarray(decoded_as.image).astype(int)
+        if key:
+            keyframes.append(np.abs(got - expected).mean())
+        else:
+            assert np.array_equal(got, expected), decoded_as.meta["t"]
+    assert len(keyframes) >= 4 and len(keyframes) < len(refs)
+    assert max(keyframes) < 1.0 and max(keyframes) > 0.0
+
+
 @pytest.mark.slow
 def test_killed_mid_video_then_rerun_embeds_every_frame_once(tmp_path):
     """A video's frames are written as one unit: a run killed inside the second video kept the first
