@@ -224,3 +224,33 @@ class OutputLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block is done, then act as they would have.
+
+    Python runs a signal's handler inside a file's write (after a partial write, or in a write through
+    Python code), so the exception it raises can cut a write in two: ``torch.save`` turns it into an
+    internal error, pyarrow's Parquet writer is left without its footer. Inside this block a checkpoint,
+    or a batch of rows, is written whole; then the run stops with the usual message and exit. Only the
+    main thread runs signal handlers: elsewhere this holds nothing back.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    stops = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.getsignal(s) for s in stops}
+    for s in stops:
+        signal.signal(s, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        if caught:
+            signal.raise_signal(caught[0])

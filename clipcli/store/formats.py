@@ -17,7 +17,15 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any
 
-from clipcli.atomic import AtomicFile, OutputLock, describe_os_error, is_stream, real_path, remove_temporaries
+from clipcli.atomic import (
+    AtomicFile,
+    OutputLock,
+    describe_os_error,
+    is_stream,
+    real_path,
+    remove_temporaries,
+    signals_held,
+)
 from clipcli.errors import OutputError
 
 if TYPE_CHECKING:
@@ -145,9 +153,15 @@ class RowWriter:
         return self._text
 
     def write(self, rows: Sequence[Mapping[str, Any]]) -> None:
-        with self._write_errors():
+        with self._write_errors(), self._whole():
             self._write(rows)
-        self.rows_written += len(rows)
+            self.rows_written += len(rows)  # counted before a held-back signal is acted on
+
+    def _whole(self) -> contextlib.AbstractContextManager[None]:
+        """Around a write to a file output: Ctrl-C and SIGTERM wait until it is done (see
+        :func:`~clipcli.atomic.signals_held`), so that the rows kept on an interruption are whole. A
+        stream (a pipe, a FIFO) is written as it is, as its write can wait on its reader for ever."""
+        return signals_held() if self._file is not None else contextlib.nullcontext()
 
     @contextlib.contextmanager
     def _write_errors(self) -> Iterator[None]:
@@ -170,7 +184,7 @@ class RowWriter:
 
     def close(self) -> None:
         try:
-            with self._write_errors():
+            with self._write_errors(), self._whole():
                 self._finish()
                 if self._file is not None:
                     self._file.commit()
@@ -310,13 +324,13 @@ class ParquetWriter(RowWriter):
         return cls(output, details.get("schema"))
 
     def write_table(self, table: Any) -> None:
+        self.rows_written += table.num_rows  # as write counts its rows: before a held-back signal acts
         self._append(table)
-        self.rows_written += table.num_rows
 
     def _append(self, table: Any) -> None:
         import pyarrow.parquet as pq
 
-        with self._write_errors():
+        with self._write_errors(), self._whole():
             if self.writer is None:
                 self.writer = pq.ParquetWriter(self._binary(), self.schema or table.schema)
             self.writer.write_table(table.cast(self.writer.schema) if self.schema else table)

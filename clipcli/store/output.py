@@ -26,7 +26,7 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from clipcli.atomic import OutputLock, is_stream, real_path, remove_temporaries
+from clipcli.atomic import OutputLock, is_stream, real_path, remove_temporaries, signals_held
 from clipcli.errors import InputError, OutputError
 from clipcli.store.formats import ROW_WRITERS, OutputFormat, RowWriter, choose_format, has_format_suffix
 
@@ -274,7 +274,8 @@ class NpyWriter(RowWriter):
         try:
             empty = np.empty((0, self.dim), np.dtype(self.dtype))
             matrix = np.concatenate(self.parts) if self.parts else empty
-            write_npy(self.path, matrix, self.names, self.tag, key=self.key)
+            with signals_held():  # the rows are written whole (see RowWriter._whole)
+                write_npy(self.path, matrix, self.names, self.tag, key=self.key)
         finally:
             self._locks.close()
 

@@ -3,8 +3,6 @@ without running anything in it and checked against the run's settings, and the e
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,33 +26,6 @@ def atomic_save(obj: dict[str, Any], path: Path) -> None:
 
     with atomic_write(path) as f:
         torch.save(obj, f)
-
-
-@contextmanager
-def signals_held() -> Iterator[None]:
-    """Ctrl-C and SIGTERM wait until the block is done, then act as they would have.
-
-    ``torch.save`` turns an exception raised inside its writer (where Python runs a signal's handler) into
-    an internal error; a checkpoint is written whole, then the run stops with the usual message and exit.
-    """
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    stops = (signal.SIGINT, signal.SIGTERM)
-    previous = {s: signal.getsignal(s) for s in stops}
-    for s in stops:
-        signal.signal(s, lambda signum, frame: caught.append(signum))
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
-        if caught:
-            signal.raise_signal(caught[0])
 
 
 def checkpoint_state(

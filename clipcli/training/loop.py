@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from clipcli.atomic import signals_held
 from clipcli.errors import InputError, ModelError, OutputError
 from clipcli.images.sources import Skipped
 from clipcli.training.checkpoints import (
@@ -22,7 +23,6 @@ from clipcli.training.checkpoints import (
     checkpoint_state,
     export_state_dict,
     resume,
-    signals_held,
 )
 from clipcli.training.pairs import Pairs, PixelSource, read_pairs
 
