@@ -302,6 +302,59 @@ def test_a_sigterm_inside_a_write_waits_until_the_rows_are_whole(tmp_path, monke
     assert written == [r["path"] for r in rows]
 
 
+@pytest.mark.parametrize("layout", ["one-file", "dataset", "clip-retrieval"])
+def test_a_sigterm_inside_embeds_write_keeps_the_rows_it_was_writing(cli, tmp_path, monkeypatch, layout):
+    """embed's Parquet outputs (a file, a dataset's part, clip-retrieval's pair of a matrix and its
+    metadata) are written whole or not at all; SIGTERM during that write now waits until they are in
+    place, then stops the run (exit 143). Before, the rows being written were dropped: the file or the
+    part was discarded, to be embedded again by the next run."""
+    from clipcli import atomic
+    from clipcli import cli as entry
+
+    armed = [True]
+
+    class SignalMidWrite:
+        def __init__(self, real: object) -> None:
+            self.real = real
+
+        def write(self, data: bytes) -> int:
+            if armed[0]:
+                armed[0] = False
+                signal.raise_signal(signal.SIGTERM)
+            return self.real.write(data)  # type: ignore[attr-defined,no-any-return]
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.real, name)
+
+    opened = atomic.AtomicFile.__init__
+
+    def open_wrapped(self: atomic.AtomicFile, path: Path, *args: object, **kwargs: object) -> None:
+        opened(self, path, *args, **kwargs)
+        if Path(path).suffix in (".parquet", ".npy"):
+            self.file = SignalMidWrite(self.file)
+
+    monkeypatch.setattr(atomic.AtomicFile, "__init__", open_wrapped)
+    out = tmp_path / ("emb.parquet" if layout == "one-file" else "emb")
+    target = str(out) if layout == "one-file" else f"{out}/"
+    extra = ("--layout", "clip-retrieval") if layout == "clip-retrieval" else ()
+    previous = signal.signal(signal.SIGTERM, entry._terminate)
+    try:
+        ran = cli("embed", str(SAMPLES), "-m", "tiny-shapes", "--precision", "fp32", "-o", target, *extra)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert not armed[0]  # the signal came, inside the write
+    assert ran.exit_code == 143, ran.stderr
+    assert ran.stderr.strip().endswith("Terminated."), ran.stderr
+    if layout == "clip-retrieval":
+        metadata = sorted((out / "metadata").glob("*.parquet"))
+        paths = [p for f in metadata for p in pq.read_table(f).column("image_path").to_pylist()]
+        assert len(paths) == sum(len(np.load(f)) for f in (out / "img_emb").glob("*.npy"))
+    else:
+        paths = pq.read_table(out).column("path").to_pylist()
+    assert sorted(paths) == sorted(str(p) for p in SAMPLES.rglob("*.jpg"))  # every row, each once
+    assert temporaries(tmp_path) == []
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("output", ["out.parquet", "out.csv", "out.jsonl"])
 def test_sigterm_keeps_the_rows_written_so_far_and_exits_143(tmp_path, output):

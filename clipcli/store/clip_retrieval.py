@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from clipcli.atomic import AtomicFile, OutputLock, describe_os_error
+from clipcli.atomic import AtomicFile, OutputLock, describe_os_error, signals_held
 from clipcli.errors import InputError, OutputError
 from clipcli.store.parts import (
     KEPT_PARTS,
@@ -295,26 +295,28 @@ class ClipRetrievalStore(PlannedRows):
         out.commit()
 
     def _write_pair(self, number: int, matrix: np.ndarray, meta: pa.Table) -> None:
-        """One pair, whole or not at all: the matrix renamed into place first, the metadata last."""
+        """One pair, whole or not at all: the matrix renamed into place first, the metadata last. Ctrl-C
+        and SIGTERM wait until both are in place (see :func:`~clipcli.atomic.signals_held`)."""
         import numpy as np
 
         self._write_record()
         emb = emb_file(self.path, number)
         emb.parent.mkdir(parents=True, exist_ok=True)
-        out = AtomicFile(emb)
-        try:
-            np.save(out.file, np.ascontiguousarray(matrix))
-        except BaseException as e:
-            out.discard()
-            if isinstance(e, OSError):
-                raise OutputError(f"{emb}: cannot write ({describe_os_error(e, emb)}); {KEPT_PARTS}") from e
-            raise
-        out.commit()
-        try:
-            write_table(meta, meta_file(self.path, number), _meta_schema(self.schema), KEPT_PARTS)
-        except BaseException:
-            emb.unlink(missing_ok=True)
-            raise
+        with signals_held():
+            out = AtomicFile(emb)
+            try:
+                np.save(out.file, np.ascontiguousarray(matrix))
+            except BaseException as e:
+                out.discard()
+                if isinstance(e, OSError):
+                    raise OutputError(f"{emb}: cannot write ({describe_os_error(e, emb)}); {KEPT_PARTS}") from e
+                raise
+            out.commit()
+            try:
+                write_table(meta, meta_file(self.path, number), _meta_schema(self.schema), KEPT_PARTS)
+            except BaseException:
+                emb.unlink(missing_ok=True)
+                raise
 
     def _split(self, table: pa.Table) -> tuple[np.ndarray, pa.Table]:
         """A table of clipcli's schema as the pair's matrix (in the stored type) and its metadata."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from clipcli.atomic import AtomicFile, describe_os_error
+from clipcli.atomic import AtomicFile, describe_os_error, signals_held
 from clipcli.errors import InputError, OutputError
 from clipcli.images.containers import container_of
 from clipcli.images.sources import ImageRef
@@ -91,21 +91,23 @@ class Stored:
 
 def write_table(table: pa.Table, target: Path, sch: pa.Schema, kept: str) -> None:
     """``table`` as the Parquet file ``target``, whole or not at all (see :class:`AtomicFile`);
-    ``kept`` says what is left as it was when writing fails."""
+    ``kept`` says what is left as it was when writing fails. Ctrl-C and SIGTERM wait until the file
+    is in place (see :func:`~clipcli.atomic.signals_held`): the rows it holds are kept, not embedded again."""
     import pyarrow.parquet as pq
 
-    out = AtomicFile(target)
-    try:
-        # Dictionary-encoding unique floats only to fall back to plain pages makes reads slower.
-        pq.write_table(table.replace_schema_metadata(sch.metadata), out.file, use_dictionary=["model"])
-    except OSError as e:
-        reason = describe_os_error(e, target)
-        out.discard()
-        raise OutputError(f"{target}: cannot write ({reason}); {kept}") from e
-    except BaseException:
-        out.discard()
-        raise
-    out.commit()
+    with signals_held():
+        out = AtomicFile(target)
+        try:
+            # Dictionary-encoding unique floats only to fall back to plain pages makes reads slower.
+            pq.write_table(table.replace_schema_metadata(sch.metadata), out.file, use_dictionary=["model"])
+        except OSError as e:
+            reason = describe_os_error(e, target)
+            out.discard()
+            raise OutputError(f"{target}: cannot write ({reason}); {kept}") from e
+        except BaseException:
+            out.discard()
+            raise
+        out.commit()
 
 
 KEPT_PARTS = "the parts already written are kept: run again to resume"
