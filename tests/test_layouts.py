@@ -183,3 +183,27 @@ def test_rank_index_and_dedup_read_the_layout(cli, shapes, tmp_path):
             found.setdefault(group, set()).add(path)
         groups[source] = sorted(map(sorted, found.values()))
     assert groups[out] == groups[parquet] and groups[out]
+    # --keep lists the verified copies: the layout's metadata records each file's size and mtime too
+    listed = {s: cli("dedup", f"{s}/", *MODEL, "--keep", "largest", "-0") for s in (out, parquet)}
+    assert [r.exit_code for r in listed.values()] == [0, 0], listed[out].stderr
+    assert listed[out].stdout == listed[parquet].stdout and listed[out].stdout.count("\0") == sum(
+        len(g) - 1 for g in groups[out]
+    )
+
+
+def test_float16_rows_score_as_unit_vectors(cli, shapes, tmp_path):
+    """A unit vector rounded to float16 is a few parts in 10,000 off unit length: an image scored 1.0002
+    against its own row, and dedup reported similarities above 1. Such rows are normalised as read."""
+    out, parquet = tmp_path / "cr", tmp_path / "h.parquet"
+    assert embed_layout(cli, out, shapes).exit_code == 0  # float16, as clip-retrieval stores it
+    assert cli("embed", str(shapes), *MODEL, "--dtype", "float16", "-o", str(parquet)).exit_code == 0
+    image = next(iter(sorted(all_images(shapes))))
+    for source in (f"{out}/", str(parquet)):
+        for cache in ((), ("--no-cache",)):
+            ran = cli("rank", "--image", image, source, *MODEL, "-k", "3", "-f", "jsonl", *cache)
+            assert ran.exit_code == 0, ran.stderr
+            scores = [json.loads(line)["score"] for line in ran.stdout.splitlines()]
+            assert abs(scores[0] - 1) < 1e-6 and max(scores) <= 1 + 1e-6, scores
+        ran = cli("dedup", source, *MODEL, "-f", "jsonl")
+        similarities = [json.loads(line)["similarity_to_group_representative"] for line in ran.stdout.splitlines()]
+        assert similarities and max(similarities) <= 1 + 1e-6, similarities

@@ -180,6 +180,7 @@ class StoredFiles:
 
     parts: list[str]
     base: str | None = None
+    key: str = "path"  # the path column's name (clip-retrieval's layout: image_path)
     _stats: dict[str, tuple[int, float]] | None = None
     _pixels: dict[str, int] = field(default_factory=dict)
     _base_is_here: bool | None = None
@@ -193,12 +194,12 @@ class StoredFiles:
             self._stats = {}
             for part in self.parts:
                 table = read_parquet(Path(part))
-                if not {"path", "bytes", "mtime"} <= set(table.column_names):
+                if not {self.key, "bytes", "mtime"} <= set(table.column_names):
                     continue  # texts, or not written by embed: nothing to check against
-                columns = (table.column(c).to_pylist() for c in ("path", "bytes", "mtime"))
+                columns = (table.column(c).to_pylist() for c in (self.key, "bytes", "mtime"))
                 self._stats.update((p, (int(b), float(m))) for p, b, m in zip(*columns, strict=True))
                 if {"width", "height"} <= set(table.column_names):
-                    sides = (table.column(c).to_pylist() for c in ("path", "width", "height"))
+                    sides = (table.column(c).to_pylist() for c in (self.key, "width", "height"))
                     self._pixels.update((p, (w or 0) * (h or 0)) for p, w, h in zip(*sides, strict=True))
         return self._stats
 

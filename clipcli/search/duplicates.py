@@ -183,10 +183,6 @@ def _image_groups(
     )
 
 
-def _parquet_parts(path: Path) -> list[str]:
-    return [str(p) for p in (sorted(path.glob("*.parquet")) if path.is_dir() else [path])]
-
-
 def _refuse_unverifiable(source: str) -> None:
     """--keep lists saved rows only once their files are checked: an NPY stores nothing to check with."""
     if Path(source).suffix.lower() == ".npy":
@@ -201,7 +197,7 @@ def _saved_groups(
 ) -> tuple[list[list[Member]], StoredFiles | None]:
     from clipcli.search.dedup import file_size, find_duplicates
     from clipcli.store.index import META, Stale, default_index_path, exact_search, open_index
-    from clipcli.store.saved import Expect, open_matrix, saved_tag
+    from clipcli.store.saved import Expect, open_matrix, row_files, saved_tag
 
     tag, dim = saved_tag(path)
     expect = Expect(tag.name, tag.sha256, dim)
@@ -215,7 +211,10 @@ def _saved_groups(
     saved = opened.saved if opened is not None else open_matrix(path, expect)
     if opened is not None and opened.vectors is None:
         opened = None  # a flat index is the exact search itself
-    stored = None if path.suffix.lower() == ".npy" else StoredFiles(_parquet_parts(path), _recorded_base(path))
+    stored = None
+    if path.suffix.lower() != ".npy":
+        files, key = row_files(path)
+        stored = StoredFiles([str(f) for f in files], _recorded_base(files), key)
     groups = find_duplicates(
         saved.matrix.shape[0],
         saved.take,
@@ -230,7 +229,7 @@ def _saved_groups(
     return groups, stored
 
 
-def _recorded_base(source: Path) -> str | None:
+def _recorded_base(files: list[Path]) -> str | None:
     """The folder the dataset's relative paths are relative to, as its first readable part records it;
     None for a dataset written before clipcli recorded one: its paths are relative to the working folder,
     and are checked from here like any other (what does not match is not listed)."""
@@ -238,7 +237,7 @@ def _recorded_base(source: Path) -> str | None:
 
     from clipcli.store.parts import dataset_base
 
-    for part in _parquet_parts(source):
+    for part in files:
         try:
             return dataset_base(pq.read_schema(part).metadata)
         except (OSError, ValueError):

@@ -121,9 +121,17 @@ def _part_rows(parts: _Parts, start: int, rows: list[int]) -> list[Any]:
     return [PartRow(parts, start + r) for r in rows]
 
 
+def unit_as_stored(normalized: bool, stored: np.ndarray) -> bool:
+    """Whether stored rows are unit vectors as they are: normalised by embed and stored in float32.
+    Rounding a unit vector to float16 moves its length by up to a few parts in 10,000, enough for a row
+    to score 1.0002 against itself: such rows are normalised again as they are read."""
+    return normalized and stored.dtype.itemsize >= 4
+
+
 def _chunks(matrix: np.ndarray, unit: bool, name_rows: Callable[[list[int]], list[Any]]) -> Iterator[Chunk]:
     import numpy as np
 
+    unit = unit_as_stored(unit, matrix)
     for start in range(0, matrix.shape[0], CHUNK_ROWS):
         chunk = np.asarray(matrix[start : start + CHUNK_ROWS], dtype=np.float32)
         yield (chunk if unit else _normalized(chunk)), partial(_offset_names, name_rows, start)
@@ -189,7 +197,8 @@ def _iter_parquet(source: Path, expect: Expect, use_cache: bool) -> Iterator[Chu
                 stored = batch.column("embedding").values.to_numpy(zero_copy_only=False).reshape(len(batch), -1)
                 builder = _cache_step(builder, partial(_add_chunk, chunk=stored))
                 chunk = stored.astype("float32", copy=False)
-                yield (chunk if unit else _normalized(chunk)), partial(_arrow_names, batch.column(key))
+                whole = unit_as_stored(unit, stored)
+                yield (chunk if whole else _normalized(chunk)), partial(_arrow_names, batch.column(key))
         _, unit, key = readers[0]
         builder = _cache_step(builder, lambda b: b.commit(expect.sha256, key, unit))
         builder = None  # committed, or abandoned by _cache_step
@@ -261,12 +270,16 @@ class SavedMatrix:
     name_rows: Callable[[list[int]], list[str]]
     iter_names: Callable[[], Iterator[list[str]]]  # every row's name, in order, a block at a time
 
+    @property
+    def _unit_as_stored(self) -> bool:
+        return unit_as_stored(self.tag.normalized, self.matrix)
+
     def unit_rows(self, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` as float32 unit vectors."""
         import numpy as np
 
         chunk = np.asarray(self.matrix[start:stop], dtype=np.float32)
-        return chunk if self.tag.normalized else _normalized(chunk)
+        return chunk if self._unit_as_stored else _normalized(chunk)
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         """Some rows as float32 unit vectors; read in row order, which a memory map pages in fastest."""
@@ -275,7 +288,7 @@ class SavedMatrix:
         order = np.argsort(rows, kind="stable")
         picked = np.empty((len(rows), self.matrix.shape[1]), np.float32)
         picked[order] = self.matrix[rows[order]]
-        return picked if self.tag.normalized else _normalized(picked)
+        return picked if self._unit_as_stored else _normalized(picked)
 
 
 def saved_tag(source: Path) -> tuple[ModelTag, int]:
@@ -419,6 +432,14 @@ def _layout_matrix(source: Path, expect: Expect) -> SavedMatrix:
     return SavedMatrix(source, matrix, record.tag, "path", parts.names, partial(_part_names, parts))
 
 
+def row_files(source: Path) -> tuple[list[Path], str]:
+    """The Parquet files that hold a saved source's rows (a layout folder's metadata files, a dataset's
+    parts, or the file itself) and the name of their path column."""
+    if layout.is_layout(source):
+        return [p.meta for p in layout.pairs(source)], layout.NAME_KEY
+    return _parquet_files(source), "path"
+
+
 def stored_files(source: Path) -> Iterator[tuple[str, str | None]]:
     """Each row's file as ``embed`` recorded it (a member's container: the video, the shard), with the
     folder relative paths are relative to (None: the working folder); for refusing an output over one."""
@@ -433,9 +454,8 @@ def stored_files(source: Path) -> Iterator[tuple[str, str | None]]:
         names = (e.get(saved.header.key) if isinstance(e, dict) else e for e in entries)
         yield from ((container_of(n) or n, None) for n in names if isinstance(n, str))
         return
-    is_layout = layout.is_layout(source)
-    for part in [p.meta for p in layout.pairs(source)] if is_layout else _parquet_files(source):
+    files, key = row_files(source)
+    for part in files:
         found = pq.read_schema(part)
-        key = layout.NAME_KEY if is_layout else "path"
         names = read_parquet(part, [key]).column(0).to_pylist() if key in found.names else []
         yield from ((container_of(n) or n, dataset_base(found.metadata)) for n in names if isinstance(n, str))
