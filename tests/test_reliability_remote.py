@@ -155,7 +155,6 @@ def ray_embed(folder: Path, tmp_path: Path, address: str) -> list[str]:
 @pytest.mark.parametrize("kind", ["closed port", "unresolvable name", "silent server"])
 @pytest.mark.slow
 def test_an_unreachable_ray_address_is_one_error_line_within_seconds(kind, folder, silent, tmp_path):
-    pytest.importorskip("ray")
     server = Silent(node_ip()) if kind == "silent server" else None
     try:
         address = {"closed port": "127.0.0.1:1", "unresolvable name": "nonexistent.invalid:6379"}.get(
@@ -178,7 +177,6 @@ def test_an_unreachable_ray_address_is_one_error_line_within_seconds(kind, folde
 @pytest.mark.parametrize("address", ["garbage", "ray://127.0.0.1:{port}", "127.0.0.1:99999"])
 @pytest.mark.slow
 def test_a_malformed_or_ray_client_address_is_one_error_line(address, folder, silent, tmp_path):
-    pytest.importorskip("ray")
     with socket.socket() as s:  # a port nothing listens on (10001 in the report)
         s.bind(("127.0.0.1", 0))
         address = address.format(port=s.getsockname()[1])
@@ -191,7 +189,6 @@ def test_a_malformed_or_ray_client_address_is_one_error_line(address, folder, si
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 @pytest.mark.slow
 def test_a_signal_while_connecting_to_ray_ends_the_run_at_once(signum, code, folder, silent, tmp_path):
-    pytest.importorskip("ray")
     server = Silent(node_ip())
     try:
         env = quiet_env(tmp_path, silent.address, CLIPCLI_RAY_CONNECT_TIMEOUT="300")
@@ -204,7 +201,6 @@ def test_a_signal_while_connecting_to_ray_ends_the_run_at_once(signum, code, fol
 
 
 def test_the_ray_connect_timeout_must_be_a_number_of_seconds(folder, silent, tmp_path):
-    pytest.importorskip("ray")
     env = quiet_env(tmp_path, silent.address, CLIPCLI_RAY_CONNECT_TIMEOUT="soon")
     ended = run(ray_embed(folder, tmp_path, "127.0.0.1:1"), env, tmp_path)
     assert ended.returncode == 2, ended.stderr
@@ -223,7 +219,6 @@ def store_uri(scheme: str, server: str) -> str:
 @pytest.mark.parametrize("scheme", ["s3", "gs"])
 @pytest.mark.slow
 def test_an_object_store_that_never_answers_is_one_error_line_within_seconds(scheme, folder, silent, tmp_path):
-    pytest.importorskip("pyarrow.fs")
     env = quiet_env(tmp_path, silent.address, CLIPCLI_OBJECT_STORE_TIMEOUT="2")
     ended = run(["embed", str(folder), *MODEL, "-o", store_uri(scheme, silent.address)], env, tmp_path)
     assert ended.returncode == 2, ended.stderr
@@ -238,7 +233,6 @@ def test_an_object_store_that_never_answers_is_one_error_line_within_seconds(sch
 @pytest.mark.parametrize("scheme", ["s3", "gs"])
 @pytest.mark.slow
 def test_a_signal_during_an_object_store_call_ends_the_run_at_once(scheme, signum, code, folder, silent, tmp_path):
-    pytest.importorskip("pyarrow.fs")
     env = quiet_env(tmp_path, silent.address, CLIPCLI_OBJECT_STORE_TIMEOUT="300")
     args = ["embed", str(folder), *MODEL, "-o", store_uri(scheme, silent.address)]
     ended = signalled(args, env, tmp_path, silent, signum)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import struct
 import subprocess
@@ -22,8 +23,6 @@ from conftest import make_image
 from video_helpers import LABELS, write_audio_only, write_video
 
 from clipcli.errors import EXIT_PARTIAL
-
-pytest.importorskip("av")
 
 TINY = ("-m", "tiny-shapes")
 SHOWN = {"a red circle": (4.0, 8.0), "a blue star": (12.0, 16.0)}
@@ -157,22 +156,55 @@ def test_rank_finds_the_red_circle_as_one_moment(cli, videos, tmp_path):
     assert all("," not in f.rpartition("#t=")[2] for f in frames) and len(frames) == 3
 
 
-def test_dedup_groups_a_videos_frames_but_keep_lists_none_of_them(cli, videos, tmp_path):
-    """The green square's frames are near-duplicates of each other; a frame is no file to delete."""
+def test_a_frame_row_is_a_query_image(cli, videos, tmp_path, monkeypatch):
+    """A frame named as the results name it (``clip.mp4#t=5.000``) is an image term of the query language
+    and an --image, taken from the saved rows; before, the term was read as a text and --image failed."""
+    monkeypatch.chdir(videos["h264"].parent)  # rows named relatively, as from `embed clip.mp4`
     out = tmp_path / "emb"
-    assert cli("embed", *TINY, str(videos["h264"]), "-o", f"{out}/").exit_code == 0
+    assert cli("embed", *TINY, "clip.mp4", "clip.webm", "--every", "1", "-o", f"{out}/").exit_code == 0
+    frame = "clip.mp4#t=5.000"
+    for query in (("+ " + frame,), ("+ ./" + frame,), ("--image", frame)):
+        r = cli("rank", *TINY, *query, str(out), "-k", "10", "-f", "jsonl", "--raw-frames")
+        assert r.exit_code == 0, r.stderr
+        best = [h["path"] for h in map(json.loads, r.stdout.splitlines()) if abs(h["score"] - 1) < 1e-5]
+        assert frame in best, r.stdout  # its own row scores 1 (the circle's other frames too)
+    r = cli("rank", *TINY, "--image", "clip.mp4#t=5.500", str(out))
+    assert r.exit_code == 2 and "nor a row of the embeddings given" in r.stderr, r.stderr
+
+
+def test_dedup_groups_a_videos_frames_but_keep_lists_none_of_them(cli, videos, tmp_path):
+    """The green square's frames are near-duplicates of each other, and of a photo of that frame; a frame
+    is no file to delete, nor a copy that makes a photo deletable: --keep lists photos whose kept copy
+    is a photo too."""
+    import av
+
+    with av.open(str(videos["h264"])) as container:
+        frame = next(f for f in container.decode(video=0) if f.time is not None and f.time >= 5)
+    photo = tmp_path / "photos" / "circle.png"
+    photo.parent.mkdir()
+    frame.to_image().save(photo)
+    only = tmp_path / "only" / "square.png"  # a photo whose near-copies are all frames
+    only.parent.mkdir()
+    with av.open(str(videos["h264"])) as container:
+        next(container.decode(video=0)).to_image().save(only)
+    out = tmp_path / "emb"
+    assert cli("embed", *TINY, str(videos["h264"]), str(photo), str(only), "-o", f"{out}/").exit_code == 0
     groups = cli("dedup", *TINY, str(out), "-f", "jsonl")
     assert groups.exit_code == 0, groups.stderr
     grouped = [json.loads(line)["path"] for line in groups.stdout.splitlines()]
-    assert len(grouped) >= 3 and all(p.startswith(f"{videos['h264']}#t=") for p in grouped)
-    kept = cli("dedup", *TINY, str(out), "--keep", "first", "-0")
-    assert kept.exit_code == EXIT_PARTIAL, kept.stderr  # each frame passed over is reported
-    assert kept.stdout == ""
-    listed = [line for line in kept.stderr.splitlines() if line.startswith("skipped ")]
-    assert listed and all(
-        line.endswith("not listed: it is inside a video or a WebDataset shard, not a file of its own")
-        for line in listed
-    )
+    frames = [p for p in grouped if p.startswith(f"{videos['h264']}#t=")]
+    assert len(frames) >= 3 and {str(photo), str(only)} <= set(grouped)  # photos grouped with frames
+    for keep in ("largest", "first"):
+        kept = cli("dedup", *TINY, str(out), "--keep", keep, "-0")
+        assert kept.exit_code == 0, kept.stderr
+        assert kept.stdout == "" and "skipped" not in kept.stderr, (kept.stdout, kept.stderr)
+    shutil.copy(photo, photo.with_name("circle-copy.png"))  # a real copy: one of the two is listed
+    assert cli("embed", *TINY, str(videos["h264"]), str(photo.parent), str(only), "-o", f"{out}/").exit_code == 0
+    for keep in ("largest", "first"):
+        kept = cli("dedup", *TINY, str(out), "--keep", keep, "-0")
+        assert kept.exit_code == 0, kept.stderr
+        listed = kept.stdout.split("\0")[:-1]
+        assert len(listed) == 1 and Path(listed[0]).parent == photo.parent, kept.stdout
 
 
 def test_a_rerun_is_incremental_and_a_changed_video_replaces_its_frames(cli, videos, tmp_path):

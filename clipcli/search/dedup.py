@@ -98,18 +98,25 @@ def group_members(
     prefer: Prefer = "largest",
     size_of: Callable[[str], int] = file_size,
     pixels_of: Callable[[str], int] | None = None,
+    files_only: bool = False,
 ) -> list[list[Member]]:
     """Each candidate set split into groups around representatives (see the module's docstring): each
     group's representative first, then its members by similarity to it, none below ``threshold``.
     "largest" is the most bytes, then the most pixels (``pixels_of``): a video's frames and a shard's
-    samples share their file's size, so pixels choose among them."""
+    samples share their file's size, so pixels choose among them. ``files_only`` (for ``--keep``) leaves
+    out the rows that are no file of their own (a video's frame, a shard's sample): a file is then
+    grouped only with other files, and never listed because a frame resembles it."""
     import numpy as np
 
+    from clipcli.images.containers import container_of
     from clipcli.images.sources import natural_key
 
     groups = []
     for rows in components:
         paths = names(rows)
+        if files_only:
+            own = [i for i, p in enumerate(paths) if container_of(p) is None]
+            rows, paths = [rows[i] for i in own], [paths[i] for i in own]
         sizes = [size_of(p) for p in paths]
         if prefer == "first":
             left = sorted(range(len(rows)), key=lambda i: natural_key(paths[i]))
@@ -140,14 +147,17 @@ def find_duplicates(
     prefer: Prefer = "largest",
     size_of: Callable[[str], int] = file_size,
     pixels_of: Callable[[str], int] | None = None,
+    files_only: bool = False,
 ) -> list[list[Member]]:
     """Groups of near-duplicates among ``n`` rows (see the module's docstring); ``prefer`` chooses each
-    group's representative (the largest file, or the first path in natural order), the file one keeps."""
+    group's representative (the largest file, or the first path in natural order), the file one keeps;
+    ``files_only``: see :func:`group_members`."""
     search = index.search if index is not None else exact_search
     if search is None:
         raise ValueError("an index or an exact search is needed")
     pairs = neighbour_pairs(n, rows_of, threshold, search, on_progress)
-    return group_members(_components(n, pairs), names, rows_of, threshold, prefer, size_of, pixels_of)
+    components = _components(n, pairs)
+    return group_members(components, names, rows_of, threshold, prefer, size_of, pixels_of, files_only)
 
 
 def deletable(groups: list[list[Member]]) -> list[str]:

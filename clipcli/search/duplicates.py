@@ -97,24 +97,20 @@ def run_dedup(request: DedupRequest, models: ModelOptions, images: ImagesOf, hoo
 def _keep(r: DedupRequest, saved: list[str], models: ModelOptions, images: ImagesOf, hooks: DedupHooks) -> DedupResult:
     """The paths one could delete: all but the kept member of each group; saved rows only while their
     files are those embedded."""
-    from clipcli.images.containers import container_of
     from clipcli.images.sources import Skipped
     from clipcli.search.dedup import deletable, listable
 
     if r.output or r.format:
         raise InputError("--keep prints paths one a line on stdout: leave out --output and --format")
     assert r.keep is not None
-    groups, stored = _groups(r, saved, models, images, hooks, r.keep)
+    # A video's frame or a shard's sample (``clip.mp4#t=2.000``, ``shard.tar#000042``) is no file of its
+    # own: the groups leave them out, so that one is never listed, nor a file listed as its copy.
+    groups, stored = _groups(r, saved, models, images, hooks, r.keep, files_only=True)
     paths = deletable(groups)
     if stored is not None:  # saved rows: listed only while the files are those embedded
         paths, refused = listable(groups, stored)
         for path, reason in refused:
             hooks.on_skip(Skipped(path, reason))
-    # A video's frame or a shard's sample (``clip.mp4#t=2.000``, ``shard.tar#000042``) is no file of its
-    # own: never listed for deletion.
-    for path in [p for p in paths if container_of(p) is not None]:
-        hooks.on_skip(Skipped(path, "not listed: it is inside a video or a WebDataset shard, not a file of its own"))
-    paths = [p for p in paths if container_of(p) is None]
     if not r.null:
         for p in paths:
             if "\n" in p:
@@ -132,6 +128,7 @@ def _groups(
     images: ImagesOf,
     hooks: DedupHooks,
     prefer: Prefer,
+    files_only: bool = False,
 ) -> tuple[list[list[Member]], StoredFiles | None]:
     """The groups, and what embed recorded of the files behind saved rows (None for images)."""
     if saved:
@@ -140,12 +137,12 @@ def _groups(
 
             lm = hooks.load(models)
             require_saved_model(saved_tag(Path(saved[0]))[0], Expect.of(lm), Path(saved[0]))
-        return _saved_groups(Path(saved[0]), r.threshold, r.no_index, prefer, hooks.on_note)
-    return _image_groups(r, models, images, hooks, prefer), None
+        return _saved_groups(Path(saved[0]), r.threshold, r.no_index, prefer, hooks.on_note, files_only)
+    return _image_groups(r, models, images, hooks, prefer, files_only), None
 
 
 def _image_groups(
-    r: DedupRequest, models: ModelOptions, images: ImagesOf, hooks: DedupHooks, prefer: Prefer
+    r: DedupRequest, models: ModelOptions, images: ImagesOf, hooks: DedupHooks, prefer: Prefer, files_only: bool
 ) -> list[list[Member]]:
     """Embed the images, then group them by comparing every pair."""
     import numpy as np
@@ -180,6 +177,7 @@ def _image_groups(
         matrix_search(matrix),
         prefer=prefer,
         pixels_of=lambda path: pixels.get(path, 0),
+        files_only=files_only,
     )
 
 
@@ -193,7 +191,7 @@ def _refuse_unverifiable(source: str) -> None:
 
 
 def _saved_groups(
-    path: Path, threshold: float, no_index: bool, prefer: Prefer, on_note: Callable[[str], None]
+    path: Path, threshold: float, no_index: bool, prefer: Prefer, on_note: Callable[[str], None], files_only: bool
 ) -> tuple[list[list[Member]], StoredFiles | None]:
     from clipcli.search.dedup import file_size, find_duplicates
     from clipcli.store.index import META, Stale, default_index_path, exact_search, open_index
@@ -225,6 +223,7 @@ def _saved_groups(
         prefer=prefer,
         size_of=stored.size if stored is not None else file_size,
         pixels_of=stored.pixels if stored is not None else None,
+        files_only=files_only,
     )
     return groups, stored
 

@@ -7,8 +7,8 @@ Grammar (``docs/search.md`` says the same for users)::
     term   := [weight ":"] (quoted | image | words)
     weight := a number (2, 0.5, -1.5)
     quoted := "text" | 'text'            a text, taken as written (no operators or images inside)
-    image  := a run that is an existing file, starts with ./ ../ / ~ or http(s)://, or ends with an image
-              extension (.jpg, .png, ...)
+    image  := a run that is an existing file, starts with ./ ../ / ~ or http(s)://, ends with an image
+              extension (.jpg, .png, ...), or names a video's frame or a shard's sample (clip.mp4#t=4.000)
     words  := any other run of words
 
 A query with no operator is the whole text as one text term, verbatim (``"a photo of a dog, running"``,
@@ -58,8 +58,16 @@ class Query:
 
 
 def looks_like_image(run: str) -> bool:
-    """Whether an unquoted run names an image: a file, a path-like or URL start, or an image extension."""
-    return run.startswith(IMAGE_PREFIXES) or run.lower().endswith(IMAGE_SUFFIXES) or os.path.isfile(run)
+    """Whether an unquoted run names an image: a file, a path-like or URL start, an image extension, or
+    a member of a video or a shard as rows name it (``clip.mp4#t=4.000``, ``shard.tar#000042``)."""
+    from clipcli.images.containers import container_of
+
+    return (
+        run.startswith(IMAGE_PREFIXES)
+        or run.lower().endswith(IMAGE_SUFFIXES)
+        or os.path.isfile(run)
+        or container_of(run) is not None
+    )
 
 
 def parse_query(text: str, negative: Sequence[str] = ()) -> Query:

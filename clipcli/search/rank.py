@@ -386,32 +386,50 @@ def language_query_vector(
         return encode_texts(lm, batch).numpy()
 
     def image(path: str) -> np.ndarray:
-        import os
-
-        if path.startswith(("http://", "https://")):
-            raise InputError(f"{path}: rank does not fetch URLs for a query; download the image and give its path")
-        found = saved_row_vector(lm, sources, path)  # a row of the dataset: its saved embedding
-        if found is not None:
-            return found
-        local = os.path.expanduser(path)
-        if not os.path.isfile(local):
-            raise InputError(f"{path}: no such image file, nor a row of the embeddings given (query term)")
-        return query_embedding(lm, image=local, exact=exact, max_pixels=max_pixels)
+        return image_query_vector(lm, path, sources, exact, max_pixels, "query term")
 
     return query_vector(query, texts, image)
 
 
+def image_query_vector(
+    lm: LoadedModel,
+    path: str,
+    sources: Sequence[str] = (),
+    exact: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    given_as: str = "--image",
+) -> np.ndarray:
+    """The unit vector of a query image: the saved embedding of the row of that name among ``sources``
+    (a video's frame, a shard's sample or a file, as the results name it), else the file embedded."""
+    import os
+
+    if path.startswith(("http://", "https://")):
+        raise InputError(f"{path}: rank does not fetch URLs for a query; download the image and give its path")
+    found = saved_row_vector(lm, sources, path)  # a row of the dataset: its saved embedding
+    if found is not None:
+        return found
+    local = os.path.expanduser(path)
+    if not os.path.isfile(local):
+        raise InputError(f"{path}: no such image file, nor a row of the embeddings given ({given_as})")
+    return query_embedding(lm, image=local, exact=exact, max_pixels=max_pixels)
+
+
 def saved_row_vector(lm: LoadedModel, sources: Sequence[str], name: str) -> np.ndarray | None:
-    """The saved unit embedding of the first row named ``name`` in the saved ``sources``, or None."""
+    """The saved unit embedding of the first row named ``name`` (or, for ``./x``, ``x``) in the saved
+    ``sources``, or None."""
+    import os
+
     from clipcli.store.saved import Expect, open_matrix
 
+    names = dict.fromkeys([name, os.path.normpath(name)] if not name.startswith("~") else [name])
     for source in sources:
         if source == "-" or not is_embedding_source(source):
             continue
         saved = open_matrix(Path(source), Expect.of(lm))
         start = 0
         for block in saved.iter_names():
-            if name in block:
-                return saved.unit_rows(start + block.index(name), start + block.index(name) + 1)[0]
+            for wanted in names:
+                if wanted in block:
+                    return saved.unit_rows(start + block.index(wanted), start + block.index(wanted) + 1)[0]
             start += len(block)
     return None

@@ -124,6 +124,7 @@ def _rank_one(
 ) -> RankResult:
     from clipcli.images.sources import Skipped
     from clipcli.search.rank import (
+        image_query_vector,
         language_query_vector,
         query_embedding,
         rank_many,
@@ -155,8 +156,10 @@ def _rank_one(
         scan = replace(scan, on_rows=sampler.see)
     with _open(out_format, r.output, (key, "score")) as writer:
         lm = _load(models, [] if r.texts_file else args, hooks.load)
-        if parsed is None:
-            query = query_embedding(lm, query_text, r.image, ensemble, scan.exact, scan.max_pixels)
+        if parsed is None and r.image is not None:
+            query = image_query_vector(lm, r.image, args, scan.exact, scan.max_pixels)
+        elif parsed is None:
+            query = query_embedding(lm, query_text, None, ensemble, scan.exact, scan.max_pixels)
         else:
             query = language_query_vector(lm, parsed, args, ensemble, scan.exact, scan.max_pixels)
         if r.texts_file:
