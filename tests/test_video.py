@@ -220,6 +220,25 @@ def test_a_rerun_is_incremental_and_a_changed_video_replaces_its_frames(cli, vid
     assert frame_times(rows(out, ["path"])["path"], str(clip)) == [0.0, 2.0]
 
 
+def test_a_video_cut_shorter_replaces_its_frames_without_prune(cli, tmp_path):
+    """Most of a video's rows going because its new version is shorter is no sign of an unmounted share:
+    the run replaces them (--prune guards rows of files missing from here). Before, it was refused."""
+    clip = write_video(tmp_path / "cut.mp4", "h264", duration=20)
+    out = tmp_path / "emb"
+    assert cli("embed", *TINY, str(clip), "--every", "1", "-o", f"{out}/").exit_code == 0
+    write_video(clip, "h264", duration=6)
+    r = cli("embed", *TINY, str(clip), "--every", "1", "-o", f"{out}/")
+    assert r.exit_code == 0, r.stderr
+    assert "embedded 6, unchanged 0, removed 14" in r.stderr, r.stderr
+    assert frame_times(rows(out, ["path"])["path"], str(clip)) == [float(t) for t in range(6)]
+    photos = [make_image(tmp_path / "photos" / f"p{i}.png", seed=i) for i in range(8)]
+    assert cli("embed", *TINY, str(clip), str(photos[0].parent), "-o", f"{out}/").exit_code == 0
+    for photo in photos:
+        photo.unlink()  # files gone from here are still guarded
+    r = cli("embed", *TINY, str(clip), "-o", f"{out}/")
+    assert r.exit_code == 2 and "this run would remove 8 of its" in r.stderr and "--prune" in r.stderr, r.stderr
+
+
 def test_rotation_is_applied(videos):
     from clipcli.images.sources import discover
     from clipcli.images.video import CONTAINER

@@ -260,7 +260,12 @@ class PlannedRows(_Described):
             return
         embedding = {r.path for r in plan.to_embed}
         unchanged = newest_unchanged(self.stored, self.locate)
-        doomed = sum(1 for p in self.stored if p not in embedding and p not in unchanged)
+        # A video or a shard embedded again replaces all its rows: those its new version lacks (a cut
+        # made shorter) are no file missing from here.
+        redone = {container_of(p) for p in embedding} - {None}
+        doomed = sum(
+            1 for p in self.stored if p not in embedding and p not in unchanged and container_of(p) not in redone
+        )
         if doomed > PRUNE_FEW and doomed > PRUNE_SHARE * len(self.stored):
             raise InputError(
                 f"{self.where}: this run would remove {doomed} of its {len(self.stored)} rows (files missing or "
