@@ -39,11 +39,12 @@ def test_a_grouped_command_shows_each_option_and_receives_one_value() -> None:
 
     names = list(inspect.signature(command).parameters)
     assert names == [
-        "first", "model", "device", "precision", "batch_size", "workers", "max_megapixels", "every", "frames", "last"
+        "first", "model", "device", "precision", "batch_size", "workers", "max_megapixels", "every", "frames",
+        "scene_threshold", "last",
     ]  # fmt: skip
     command(
         first=["a"], model="m", device="cpu", precision=opt.PrecisionChoice.FP32, batch_size=4, workers=1,
-        max_megapixels=1.0, every=2.0, frames=opt.FramesChoice.EVERY, last=True,
+        max_megapixels=1.0, every=2.0, frames=opt.FramesChoice.EVERY, scene_threshold=0.08, last=True,
     )  # fmt: skip
     assert seen == {
         "models": ModelOptions("m", "cpu", "fp32"),

@@ -78,6 +78,12 @@ def test_every_and_scene_choose_the_frames(cli, videos, tmp_path):
     assert r.exit_code == 0, r.stderr
     # the first frame, then each change of picture: the circle, the square, the star, the square
     assert [json.loads(line)["t"] for line in r.stdout.splitlines()] == [0.0, 4.0, 8.0, 12.0, 16.0]
+    scene = (str(videos["vp9"]), "--frames", "scene", "-f", "jsonl", "--scene-threshold")
+    r = cli("embed", *TINY, *scene, "0.5")  # no change of these shapes is that large
+    assert [json.loads(line)["t"] for line in r.stdout.splitlines()] == [0.0], r.stderr
+    r = cli("embed", *TINY, *scene, "0")  # any change at all: each look (0.25 s apart) while a shape moves
+    times = [json.loads(line)["t"] for line in r.stdout.splitlines()]
+    assert {0.0, 4.0, 8.0, 12.0, 16.0} <= set(times) and len(times) > 5, times
 
 
 def test_csv_and_npy_carry_t_and_image_outputs_are_unchanged(cli, videos, tmp_path):

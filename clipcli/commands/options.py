@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar, cast
 import typer
 
 from clipcli.images.limits import DEFAULT_MAX_MEGAPIXELS
+from clipcli.images.refs import DEFAULT_SCENE_THRESHOLD
 from clipcli.store.formats import OutputFormat, format_choices
 
 if TYPE_CHECKING:
@@ -85,6 +86,20 @@ Every = Annotated[
         min=0.001,
         metavar="SECONDS",
         help="Videos: embed one frame every SECONDS (from the first frame; --frames every).",
+    ),
+]
+
+
+SceneThreshold = Annotated[
+    float,
+    typer.Option(
+        "--scene-threshold",
+        min=0.0,
+        max=1.0,
+        metavar="FRACTION",
+        help="Videos, --frames scene: how much the picture must change for a new row, as the mean grey "
+        "difference of 32x32 thumbnails (a fraction of the grey scale; 0.08 is 20 levels of 255). Lower "
+        "catches smaller changes.",
     ),
 ]
 
@@ -266,16 +281,19 @@ def image_options(
     decode: DecodeChoice | str = "auto",
     every: float = 2.0,
     frames: FramesChoice | str = "every",
+    scene_threshold: float = DEFAULT_SCENE_THRESHOLD,
 ) -> ImageOptions:
     """``--batch-size``, ``--workers``, ``--exact``, ``--max-megapixels`` (refused if NaN), ``--decode``,
-    ``--every`` and ``--frames`` as the one value the core takes."""
+    ``--every``, ``--frames`` and ``--scene-threshold`` as the one value the core takes."""
     from clipcli.images.decode import ImageOptions
     from clipcli.images.refs import ContainerOptions
 
     choice = decode.value if isinstance(decode, DecodeChoice) else decode
     if not math.isfinite(every):  # typer's min= lets inf through (and nan, which compares false)
         raise typer.BadParameter(f"{every} is not a number of seconds", param_hint="'--every'")
-    sampling = ContainerOptions(every, frames.value if isinstance(frames, FramesChoice) else frames)
+    if not math.isfinite(scene_threshold):
+        raise typer.BadParameter(f"{scene_threshold} is not a fraction", param_hint="'--scene-threshold'")
+    sampling = ContainerOptions(every, frames.value if isinstance(frames, FramesChoice) else frames, scene_threshold)
     return ImageOptions(batch_size, workers, exact, max_pixels(max_megapixels), choice, sampling)
 
 
@@ -326,6 +344,7 @@ IMAGE_OPTIONS = OptionGroup(
         _option("max_megapixels", MaxMegapixels, DEFAULT_MAX_MEGAPIXELS),
         _option("every", Every, 2.0),
         _option("frames", Frames, FramesChoice.EVERY),
+        _option("scene_threshold", SceneThreshold, DEFAULT_SCENE_THRESHOLD),
     ),
     image_options,
 )

@@ -49,13 +49,17 @@ class Decoded:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+DEFAULT_SCENE_THRESHOLD = 0.08  # --frames scene: a mean grey difference of 20 levels of 255
+
+
 @dataclass(frozen=True)
 class ContainerOptions:
     """How containers are opened into images: a video's frames every ``every`` seconds, or at each
-    change of scene (``frames="scene"``)."""
+    change of scene (``frames="scene"``: a mean grey difference above ``scene_threshold``)."""
 
     every: float = 2.0
     frames: str = "every"
+    scene_threshold: float = DEFAULT_SCENE_THRESHOLD
 
 
 class Container(Protocol):

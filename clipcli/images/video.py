@@ -41,10 +41,10 @@ from clipcli.images.video_decode import (
 
 EXTENSIONS = frozenset({".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v"})
 # --frames scene: a frame is kept when its 32x32 grey thumbnail differs from the last kept one's by more
-# than SCENE_THRESHOLD on average (a fraction of the grey scale: 0.08 is 20 levels of 255), looking at
-# one frame in every SCENE_PROBE seconds at most; the first frame is always kept.
+# than --scene-threshold on average (ContainerOptions.scene_threshold, a fraction of the grey scale:
+# 0.08 is 20 levels of 255), looking at one frame in every SCENE_PROBE seconds at most; the first frame
+# is always kept.
 SCENE_SIDE = 32
-SCENE_THRESHOLD = 0.08
 SCENE_PROBE = 0.25
 NEEDS_EXTRA = "a video: reading videos needs the video extra (PyAV): pip install 'clipcli[video]'"
 
@@ -137,9 +137,9 @@ def every_times(index: VideoIndex, every: float) -> list[float]:
     return [round(k * every, 3) for k in steps]
 
 
-def scene_times(file: Path, index: VideoIndex) -> list[float]:
-    """The first frame, then each frame whose small grey picture differs enough from the last one kept
-    (see :data:`SCENE_THRESHOLD`), looked at no more often than every :data:`SCENE_PROBE` seconds."""
+def scene_times(file: Path, index: VideoIndex, threshold: float) -> list[float]:
+    """The first frame, then each frame whose small grey picture differs from the last one kept by more
+    than ``threshold`` on average, looked at no more often than every :data:`SCENE_PROBE` seconds."""
     import numpy as np
 
     if index.width * index.height > DEFAULT_MAX_PIXELS:
@@ -159,7 +159,7 @@ def scene_times(file: Path, index: VideoIndex) -> list[float]:
             next_look = t + SCENE_PROBE
             grey = frame.reformat(width=SCENE_SIDE, height=SCENE_SIDE, format="gray").to_ndarray()
             small = grey[:SCENE_SIDE, :SCENE_SIDE].astype(np.float32) / 255.0
-            if last is None or float(np.abs(small - last).mean()) > SCENE_THRESHOLD:
+            if last is None or float(np.abs(small - last).mean()) > threshold:
                 kept.append(round(max(t, 0.0), 3))
                 last = small
     return kept
@@ -188,7 +188,9 @@ class Video:
         try:
             index = video_index(ref.file)
             scene = options.frames == "scene"
-            times = scene_times(ref.file, index) if scene else every_times(index, options.every)
+            times = (
+                scene_times(ref.file, index, options.scene_threshold) if scene else every_times(index, options.every)
+            )
         except (OSError, ValueError, av.error.FFmpegError) as e:
             return [], [Skipped(ref.path, _expand_reason(e), read=True)]
         self.sampled[(str(ref.file), index.stat)] = times  # decoded ahead in passes (see FramePasses)
