@@ -136,9 +136,16 @@ def test_classify_timeline_as_parquet_and_table(cli, videos, tmp_path):
     table = pq.read_table(out)
     assert table.column_names == ["path", "start", "end", "label", "score"]
     got = table.to_pylist()
-    circle = [row for row in got if row["label"] == LABELS[0]]
+    circle = [row for row in got if row["label"] == LABELS[0] and row["start"] is not None]
     assert [(row["path"], row["start"], row["end"]) for row in circle] == [(str(videos["h264"]), 4.0, 8.0)]
     assert got[-1]["path"] == str(image) and got[-1]["start"] is None and got[-1]["end"] is None
+    top2 = ("--labels", ",".join(LABELS), "--top-k", "2", "-f", "jsonl")
+    r = cli("classify", *TINY, str(videos["h264"]), str(image), *top2)
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [row["path"] for row in rows].count(str(image)) == 2  # the image's top two; each segment one row
+    assert [row["label"] for row in rows if row["path"] == str(videos["h264"])] == [
+        row["label"] for row in got if row["path"] == str(videos["h264"])
+    ]
     r = cli("classify", *TINY, str(videos["h264"]), "--labels", ",".join(LABELS), "-f", "table")
     assert "4.000" in r.stdout and "8.000" in r.stdout and "a red circle" in r.stdout
 
@@ -454,10 +461,11 @@ def test_timeline_segments_tile_the_video():
     timeline = Timeline()
     got = []
     for path, label in [("v.mp4#t=0.000", "x"), ("v.mp4#t=2.000", "y"), ("v.mp4#t=4.000", "y"), ("i.jpg", "z")]:
-        got += list(timeline.add(path, label, 0.5))
+        got += list(timeline.add(path, [label, "w"], [0.5, 0.25]))  # top two: a frame counts with its first
     got += list(timeline.close())
     assert [(s.path, s.start, s.end, s.label, s.frames) for s in got] == [
         ("v.mp4", 0.0, 2.0, "x", 1),
         ("v.mp4", 2.0, 6.0, "y", 2),
         ("i.jpg", None, None, "z", 1),
+        ("i.jpg", None, None, "w", 1),  # an image keeps its top k, as in a run without videos
     ]

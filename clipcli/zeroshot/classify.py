@@ -159,7 +159,7 @@ def run_classify(
                 if timeline is None:
                     write(item)
                     continue
-                for segment in timeline.add(item.path, item.labels[0], item.scores[0]):
+                for segment in timeline.add(item.path, item.labels, item.scores):
                     n_frames += segment.frames if segment.start is not None else 0
                     write(segment)
             for segment in timeline.close() if timeline is not None else ():

@@ -10,7 +10,7 @@ own with no times.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -56,16 +56,18 @@ class Timeline:
     video: str | None = None
     frames: list[tuple[float, str, float]] = field(default_factory=list)  # (t, top label, its score)
 
-    def add(self, path: str, label: str, score: float) -> Iterator[Segment]:
-        """The segments that ``path`` (a frame, ``clip.mp4#t=4.000``, or an image) closes."""
+    def add(self, path: str, labels: Sequence[str], scores: Sequence[float]) -> Iterator[Segment]:
+        """The segments that ``path`` (a frame, ``clip.mp4#t=4.000``, or an image) closes, given its labels
+        best first: a frame counts with its top label; an image is a segment of its own for each label
+        (as many as ``--top-k`` asked for, as a run without videos gives)."""
         frame = split_frame(path)
         if frame is None or frame[0] != self.video:
             yield from self.close()
         if frame is None:
-            yield Segment(path, None, None, label, score)
+            yield from (Segment(path, None, None, label, score) for label, score in zip(labels, scores, strict=True))
             return
         self.video = frame[0]
-        self.frames.append((frame[1], label, score))
+        self.frames.append((frame[1], labels[0], scores[0]))
 
     def close(self) -> Iterator[Segment]:
         """The segments of the video in hand."""
