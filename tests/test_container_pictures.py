@@ -83,6 +83,9 @@ def test_the_search_page_answers_with_a_videos_moments_as_rank_does(tmp_path):
         similar = client.get("/api/similar", params={"path": top["row"], "page_size": 5})
         assert similar.status_code == 200, similar.text
         assert all(r["row"] != top["row"] for r in similar.json()["results"])
+        # the moment asked about is left out whole: not its other frames, split around the one asked of
+        others = [r["path"].rpartition("#t=")[2] for r in similar.json()["results"] if r["path"].startswith("clip.")]
+        assert not any(start <= float(o.split(",")[0]) <= end for o in others), (top, others)
         groups = client.get("/api/dedup", params={"threshold": 0.95}).json()["groups"]
         frames = [m for g in groups for m in g["members"] if m["path"].startswith("clip.mp4#t=")]
         assert frames and all(m["bytes"] is None for m in frames)  # a frame is no file of its own

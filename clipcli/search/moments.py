@@ -46,6 +46,14 @@ class Moment:
         return {"path": self.path, "start": self.start, "end": self.end, "score": self.score, "t": self.t}
 
 
+def holds(moment: Moment, row: str) -> bool:
+    """Whether ``row`` (an image's path, or a frame's ``clip.mp4#t=5.000``) is within ``moment``."""
+    frame = split_frame(row)
+    if frame is None or moment.start is None or moment.end is None:
+        return moment.start is None and moment.path == row
+    return moment.path == frame[0] and moment.start <= frame[1] <= moment.end
+
+
 def candidates(k: int, raw_frames: bool = False) -> int:
     """How many frames to rank for ``k`` moments (a scene's frames crowd the top of the frame ranking);
     ``k`` with ``raw_frames``."""

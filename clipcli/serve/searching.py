@@ -178,8 +178,11 @@ class Searcher:
             if threshold is not None:
                 keep &= scores >= threshold
             names = [dataset.names[int(r)] for r in rows[keep]]
-            found = [(n, float(sc)) for n, sc in zip(names, scores[keep], strict=True) if n != skip]
-            hits += as_moments(found, dataset.number) if frames else [Hit(n, sc, dataset.number, n) for n, sc in found]
+            found = [(n, float(sc)) for n, sc in zip(names, scores[keep], strict=True)]
+            if frames:  # the moment "more like this" was asked of is left out whole, not split around its frame
+                hits += as_moments(found, dataset.number, skip)
+            else:
+                hits += [Hit(n, sc, dataset.number, n) for n, sc in found if n != skip]
         hits.sort(key=lambda h: -h.score)
         start = (s.page - 1) * s.page_size
         page = hits[start : start + s.page_size]
@@ -310,9 +313,9 @@ def has_frames(dataset: Dataset) -> bool:
         return bool(dataset.cache["frames"])
 
 
-def as_moments(found: list[tuple[str, float]], number: int) -> list[Hit]:
-    """Ranked rows of one dataset with each video's frames merged into moments; a moment's row is its
-    best frame (what "more like this" and its thumbnail take)."""
-    from clipcli.search.moments import moments
+def as_moments(found: list[tuple[str, float]], number: int, without: str | None = None) -> list[Hit]:
+    """Ranked rows of one dataset with each video's frames merged into moments, less the one that holds
+    the row ``without``; a moment's row is its best frame (what "more like this" and its thumbnail take)."""
+    from clipcli.search.moments import holds, moments
 
-    return [Hit(m.name, m.score, number, m.row) for m in moments(found)]
+    return [Hit(m.name, m.score, number, m.row) for m in moments(found) if without is None or not holds(m, without)]
