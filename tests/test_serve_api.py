@@ -66,6 +66,8 @@ def test_a_text_query_finds_its_shape_first_and_its_thumbnail_is_served(client: 
         assert max(im.size) <= 256
     again = client.get(data["results"][0]["thumb"], headers={"If-None-Match": thumb.headers["etag"]})
     assert again.status_code == 304
+    odd = client.get("/api/thumb", params={"path": paths[0], "size": 100})
+    assert odd.status_code == 400 and "size must be one of" in odd.json()["detail"], odd.text
 
 
 def test_pages_follow_each_other_without_overlap(client: httpx.Client) -> None:

@@ -253,6 +253,7 @@ def _api(app: FastAPI, served: Served, searcher: Searcher, uploads: Uploads) -> 
         "/api/thumb",
         responses={
             200: {"content": {"image/jpeg": {}}},
+            400: {"model": schemas.Problem, "description": "A size not offered."},
             404: {"model": schemas.Problem, "description": "Not an image served."},
         },
         response_class=Response,
@@ -263,7 +264,9 @@ def _api(app: FastAPI, served: Served, searcher: Searcher, uploads: Uploads) -> 
         size: Annotated[int, Query(description=f"The longer side, one of {THUMB_SIZES}.")] = 256,
     ) -> Response:
         """A result's thumbnail (JPEG, upright); only the datasets' own images are served."""
-        found = catalog.file_of(path) if size in THUMB_SIZES else None
+        if size not in THUMB_SIZES:
+            return JSONResponse({"detail": f"size must be one of {', '.join(map(str, THUMB_SIZES))}, not {size}"}, 400)
+        found = catalog.file_of(path)
         if found is None:
             return JSONResponse({"detail": "not found"}, 404)
         try:
