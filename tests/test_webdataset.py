@@ -113,6 +113,66 @@ def test_bad_members_and_a_truncated_shard_are_named_and_the_rest_is_used(cli, t
     assert ran.exit_code == 2
 
 
+def _damage(shard: Path, how: str) -> int:
+    """Damage ``shard`` (six samples of two members) at its fourth sample, as tarfile alone would not
+    notice, or would loop on; returns how many samples come before the damage."""
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        headers = [m.offset for m in tar.getmembers()]
+    data = bytearray(shard.read_bytes())
+    at = headers[6]  # the fourth sample's first header
+    if how == "first-header-negative":
+        at = 0
+    if how in ("negative-size", "first-header-negative"):
+        block = data[at : at + 512]
+        block[124:136] = b"\xff" + (256**11 - 512).to_bytes(11, "big")  # base-256: -512
+        block[148:156] = b" " * 8
+        block[148:156] = (f"{sum(block):06o}\0 ").encode()
+        data[at : at + 512] = block
+    elif how == "zeroed-header":
+        data[at : at + 512] = bytes(512)
+    elif how == "bad-checksum":
+        data[at + 148 : at + 150] = b"99"
+    elif how == "zero-tail":
+        data[at:] = bytes(len(data) - at + 20 * 1024)  # a preallocated download that stopped
+    elif how == "huge-pax":
+        import tarfile as tf
+
+        pax = tf.TarInfo("././@PaxHeader")
+        pax.type, pax.size = tf.XHDTYPE, 200_000
+        data[at:at] = pax.tobuf(format=tf.USTAR_FORMAT) + b"1" * 200_000 + bytes((-200_000) % 512)
+    shard.write_bytes(bytes(data))
+    return 0 if how == "first-header-negative" else 3
+
+
+@pytest.mark.parametrize(
+    "how", ["negative-size", "first-header-negative", "zeroed-header", "bad-checksum", "zero-tail", "huge-pax"]
+)
+def test_a_damaged_shard_is_reported_and_its_samples_before_the_damage_used(tmp_path, how):
+    """Found by attack: a negative member size made tarfile read the same header for ever (the run hung);
+    a damaged or zeroed header, or a download's zero tail, read as the archive's end, so the samples
+    after it were lost with exit 0 and no word; a 200 KB pax header took 43 s to parse. Each is now one
+    line naming the shard and the byte, the samples before it embedded, exit 1, within seconds."""
+    items = shape_items(6)
+    shard = write_shard(tmp_path / "s.tar", items)
+    before = _damage(shard, how)
+    started = time.monotonic()
+    ran = subprocess.run(
+        [sys.executable, "-m", "clipcli", "embed", str(shard), *MODEL, "-f", "jsonl"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert time.monotonic() - started < 60, how
+    assert ran.returncode == 1, ran.stderr
+    rows = [json.loads(line)["path"] for line in ran.stdout.splitlines()]
+    assert rows == [f"{shard}#{i.key}" for i in items[:before]], ran.stdout
+    skipped = [line for line in ran.stderr.splitlines() if line.startswith("skipped ")]
+    assert len(skipped) == 1 and skipped[0].startswith(f"skipped {shard}: damaged shard ("), ran.stderr
+    assert "Traceback" not in ran.stderr
+
+
 @pytest.mark.parametrize("content", [b"this is not a tar archive" * 40, b"notatar\n", b""], ids=["1000", "8", "0"])
 def test_a_file_that_is_no_tar_is_skipped_naming_it(cli, tmp_path, monkeypatch, content):
     """As a file that is no picture: skipped with the reason, the run's (empty) output written, exit 1."""

@@ -82,20 +82,113 @@ class ShardIndex:
 
 
 END_OF_ARCHIVE = 1024  # the two zero blocks that end every tar
+# What may follow them: zeros up to the end of the last record (tar's writers, Python's and GNU's among
+# them, fill the archive to a multiple of 20 blocks). Anything more is data tarfile would not reach.
+END_PADDING = tarfile.RECORDSIZE
+# An extended header (pax, or GNU's long name) larger than this is not parsed: real ones hold a name
+# and a few attributes, and Python's tarfile takes time quadratic in their size before 3.11.10
+# (CVE-2024-6232): 50 KB took 4 s, 200 KB 43 s.
+MAX_EXTENDED_HEADER = 16 * 1024
+_EXTENDED = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
+
+
+def _read_at(handle: IO[bytes], offset: int, size: int) -> bytes:
+    """``size`` bytes of ``handle`` at ``offset`` (fewer at its end), leaving its position as it was."""
+    try:
+        return os.pread(handle.fileno(), size, offset)
+    except (OSError, io.UnsupportedOperation, AttributeError):
+        at = handle.tell()
+        try:
+            handle.seek(offset)
+            return handle.read(size)
+        finally:
+            handle.seek(at)
+
+
+def _header_size(block: bytes) -> int:
+    """A tar header's size field: octal digits, or base-256 (GNU) when its first byte's top bit is set
+    (negative when the first byte is 0xff); -1 when it is neither."""
+    field = block[124:136]
+    if field[:1] and field[0] & 0x80:
+        return int.from_bytes(field, "big", signed=True) if field[0] == 0xFF else int.from_bytes(field[1:], "big")
+    try:
+        return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        return -1
+
+
+def _checksum_holds(block: bytes) -> bool:
+    """Whether ``block`` is a tar header: its checksum field is the sum of its bytes, the field itself
+    counted as spaces (unsigned, or signed as some old tars summed)."""
+    try:
+        stored = int(block[148:156].split(b"\0", 1)[0].strip() or b"-1", 8)
+    except ValueError:
+        return False
+    blanked = block[:148] + b" " * 8 + block[156:]
+    return stored in (sum(blanked), sum(b - 256 if b > 127 else b for b in blanked))
+
+
+def _header_problem(handle: IO[bytes], offset: int) -> str | None:
+    """Why the header at ``offset`` must not be handed to tarfile, if it must not: a size that is negative
+    or unreadable (tarfile would step back and read the same member for ever), or an extended header
+    too large to parse (see :data:`MAX_EXTENDED_HEADER`)."""
+    block = _read_at(handle, offset, tarfile.BLOCKSIZE)
+    if len(block) < tarfile.BLOCKSIZE or not _checksum_holds(block):
+        return None  # the end, a truncated shard, a damaged header or no tar at all: tarfile's answers serve
+    size = _header_size(block)
+    if size < 0:
+        return f"the member header at byte {offset} gives no valid size"
+    if block[156:157] in _EXTENDED and size > MAX_EXTENDED_HEADER:
+        return f"the member header at byte {offset} has an extended header of {size} bytes (more than 16 KB)"
+    return None
+
+
+def _end_problem(handle: IO[bytes], offset: int, size: int) -> str | None:
+    """Why the shard does not really end at ``offset``, where tarfile found no further member: a header
+    damaged there (a checksum that fails, a block zeroed), or more than the end blocks and their
+    record's padding after it (the zeros of an unfinished download, say)."""
+    rest = size - offset
+    if rest < END_OF_ARCHIVE:
+        return "it ends without the end-of-archive blocks"
+    block = _read_at(handle, offset, tarfile.BLOCKSIZE)
+    if any(block):
+        return f"the member header at byte {offset} is damaged"
+    if rest > END_OF_ARCHIVE + END_PADDING or any(_read_at(handle, offset, rest)):
+        left = f"{rest} bytes are left: a header zeroed, or a cut download"
+        return f"zero blocks at byte {offset} end the archive, yet {left}"
+    return None
 
 
 def index_shard(handle: IO[bytes], stat: FileStat) -> ShardIndex:
-    """Every sample of the open shard ``handle`` (``stat``: its size and mtime), from the tar headers."""
+    """Every sample of the open shard ``handle`` (``stat``: its size and mtime), from the tar headers.
+
+    Each header is checked before :mod:`tarfile` parses it (see :func:`_header_problem`), tarfile must
+    move forward at each member, and where it finds the end the rest of the file must be the end (see
+    :func:`_end_problem`): damage stops the index there, reported, with the samples before it used."""
     wds = _webdataset()
     samples: dict[str, Sample] = {}
     problems: list[tuple[str | None, str]] = []
+
+    def damaged(why: str) -> None:
+        problems.append((None, f"damaged shard ({why}); its first {len(samples)} samples are used"))
+
+    why = _header_problem(handle, 0)  # tarfile.open parses the first header
+    if why is not None:
+        raise OSError(f"damaged shard ({why})")
     try:
         tar = tarfile.open(fileobj=handle, mode="r:")  # noqa: SIM115 (closed below; the handle is the caller's)
     except (tarfile.TarError, OSError, EOFError) as e:
         raise OSError(f"not a tar file ({e or type(e).__name__})") from None
     current: Sample | None = None
+    last = -1  # the offset of the last member's header: each must lie further on
     try:
         while True:
+            at = tar.offset  # where the next header is read (tarfile.open has read the first already)
+            pending = getattr(tar, "firstmember", None)  # the first member, read but not yet given
+            why = _header_problem(handle, at) if pending is None else None
+            if why is not None:
+                damaged(why)
+                break
             try:
                 info = tar.next()
             except (tarfile.TarError, OSError, EOFError) as e:
@@ -103,18 +196,18 @@ def index_shard(handle: IO[bytes], stat: FileStat) -> ShardIndex:
                 problems.append((None, f"truncated shard ({e or type(e).__name__}); its first {done} samples are used"))
                 break
             if info is None:
-                # A tar ends with two zero blocks; a shard cut at (or inside) a header has none, and tarfile
-                # takes its end for the archive's own.
-                if stat[0] - tar.offset < END_OF_ARCHIVE:
-                    problems.append(
-                        (
-                            None,
-                            f"truncated shard (it ends without the end-of-archive blocks); "
-                            f"its first {len(samples)} samples are used",
-                        )
-                    )
+                # tarfile ends at two zero blocks, and also (past the first header) at a damaged header
+                # or at the file's end: only the first is the shard's end.
+                why = _end_problem(handle, at, stat[0])
+                if why is not None:
+                    problem = "truncated shard" if why.startswith("it ends") else "damaged shard"
+                    problems.append((None, f"{problem} ({why}); its first {len(samples)} samples are used"))
                 break
             tar.members = []  # type: ignore[attr-defined]  # the index keeps spans, not tarfile's record of every member
+            if info.size < 0 or info.offset <= last or tar.offset <= info.offset:
+                damaged(f"the member header at byte {info.offset} does not move the archive forward")
+                break
+            last = info.offset
             name = info.name
             if name.startswith(wds.meta_prefix) and name.endswith(wds.meta_suffix):
                 continue
