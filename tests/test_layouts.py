@@ -112,6 +112,7 @@ def test_a_killed_run_leaves_whole_pairs(cli, shapes, tmp_path):
     assert embed_layout(cli, out, shapes / "seen").exit_code == 0
     orphan = out / "img_emb" / "img_emb_000007.npy"
     np.save(orphan, np.ones((3, 64), np.float16))
+    (out / "img_emb" / ".img_emb_000007.npy.pending").touch()  # marked by the run that was killed
     tmp = out / "metadata" / ".metadata_000008.parquet.999999.tmp"
     tmp.write_bytes(b"half a part")
     ran = cli("rank", "a photo of a red circle.", f"{out}/", *MODEL, "-k", "50", "-f", "csv")
@@ -119,7 +120,66 @@ def test_a_killed_run_leaves_whole_pairs(cli, shapes, tmp_path):
     ran = embed_layout(cli, out, shapes)
     assert ran.exit_code == 0 and "embedded 16, unchanged 16" in ran.stderr
     assert not orphan.exists() and not tmp.exists()
+    assert not list((out / "img_emb").glob(".*"))
     assert sorted(layout_rows(out)[1]) == sorted(all_images(shapes))
+
+
+@pytest.mark.parametrize("moment", ["after the matrix", "removing a pair"])
+def test_sigkill_between_a_pairs_two_files_is_cleaned_by_the_next_run(shapes, tmp_path, moment):
+    """A real SIGKILL where a matrix stands without its metadata: after its rename, before the
+    metadata's; or in a rerun's removal of a stale pair, between the metadata's removal and the
+    matrix's. The next run removes the matrix the killed one marked, and every row is there once."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "cr"
+    if moment == "removing a pair":
+        done = subprocess.run([sys.executable, "-m", "clipcli", "embed", str(shapes), *MODEL, "--layout",
+                               "clip-retrieval", "-o", f"{out}/"], capture_output=True, text=True)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        (shapes / "seen" / "blue-cross.jpg").unlink()  # its pair is rewritten without it, then removed
+    kill = (
+        "import os, pathlib, signal, sys\n"
+        "from clipcli.store import clip_retrieval as cr\n"
+        "from clipcli.cli import main\n"
+        "real_unlink = pathlib.Path.unlink\n"
+        "def write_table(*args, **kwargs):\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "def unlink(self, *args, **kwargs):\n"
+        "    if self.name.startswith('img_emb_'):\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return real_unlink(self, *args, **kwargs)\n"
+        + ("cr.write_table = write_table\n" if moment == "after the matrix" else "pathlib.Path.unlink = unlink\n")
+        + "sys.argv = ['clipcli', *sys.argv[1:]]\nmain()\n"
+    )
+    args = ["embed", str(shapes), *MODEL, "--layout", "clip-retrieval", "-o", f"{out}/"]
+    killed = subprocess.run([sys.executable, "-c", kill, *args], capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+    marks = list((out / "img_emb").glob(".*.pending"))
+    assert len(marks) == 1 and (out / "img_emb" / marks[0].name[1 : -len(".pending")]).exists()
+    again = subprocess.run([sys.executable, "-m", "clipcli", *args], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert sorted(layout_rows(out)[1]) == sorted(all_images(shapes))  # each row once, none lost
+    assert not list((out / "img_emb").glob(".*")) and len(list((out / "img_emb").iterdir())) == len(
+        list((out / "metadata").iterdir())
+    )
+
+
+def test_a_matrix_without_metadata_that_no_run_left_is_never_removed(cli, shapes, tmp_path):
+    """Found by attack: a user's img_emb_000007.npy (from another clip-retrieval run, say) was taken for a
+    killed run's leftover and deleted. Only a matrix clipcli marked as pending is; another is refused."""
+    out = tmp_path / "cr"
+    assert embed_layout(cli, out, shapes / "seen").exit_code == 0
+    theirs = out / "img_emb" / "img_emb_000007.npy"
+    np.save(theirs, np.ones((3, 64), np.float16))
+    before = theirs.read_bytes()
+    ran = embed_layout(cli, out, shapes)
+    assert ran.exit_code == 2 and "img_emb/img_emb_000007.npy has no metadata" in ran.stderr, ran.stderr
+    assert theirs.read_bytes() == before
+    theirs.unlink()
+    (out / "img_emb" / "img_emb_000009.npy").mkdir()  # a folder named like a matrix: one line, exit 2
+    ran = embed_layout(cli, out, shapes)
+    assert ran.exit_code == 2 and "img_emb_000009.npy is not a file" in ran.stderr, ran.stderr
 
 
 def test_refuses_folders_clipcli_did_not_write(cli, shapes, tmp_path):

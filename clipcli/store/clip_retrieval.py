@@ -12,8 +12,11 @@ file clipcli did not write is refused.
 A part is a pair: both files are written whole under temporary names, then the matrix is renamed into
 place, then the metadata, which commits the pair; a pair is removed metadata first. So a run killed at
 any moment leaves whole pairs, and at worst a matrix without its metadata, which clipcli's readers
-ignore and the next run removes. Pairs are numbered as clipcli's parts are (each run above every number
-it found), with six digits, so that both folders sort alike (embedding-reader pairs files by sorted name).
+ignore and the next run removes: such a matrix is marked (``.img_emb_N.npy.pending``) from before it
+stands alone until its pair is whole or gone, and a matrix without metadata and without that mark is
+not clipcli's: the run is refused rather than remove it. Pairs are numbered as clipcli's parts are
+(each run above every number it found), with six digits, so that both folders sort alike
+(embedding-reader pairs files by sorted name).
 """
 
 from __future__ import annotations
@@ -152,10 +155,29 @@ def open_pair(pair: Pair, dim: int) -> tuple[np.ndarray, int]:
 
 
 def _allowed(name: str, pattern: re.Pattern[str]) -> bool:
-    """One of clipcli's files in a layout subfolder, or its temporary (``.NAME.PID.tmp``)."""
+    """One of clipcli's files in a layout subfolder, its temporary (``.NAME.PID.tmp``) or a matrix's
+    pending mark (``.NAME.pending``)."""
     if name.startswith(".") and name.endswith(".tmp"):
         name = name[1:].rsplit(".", 2)[0]
+    elif name.startswith(".") and name.endswith(PENDING):
+        name = name[1 : -len(PENDING)]
     return bool(pattern.match(name))
+
+
+PENDING = ".pending"
+
+
+def pending_mark(emb: Path) -> Path:
+    """The mark clipcli leaves beside a matrix while it stands without its metadata (being committed, or
+    being removed): a matrix without metadata is a killed run's only with this mark, else not clipcli's."""
+    return emb.with_name(f".{emb.name}{PENDING}")
+
+
+def _mark(emb: Path) -> None:
+    try:
+        pending_mark(emb).touch()
+    except OSError as e:
+        raise OutputError(f"{emb.parent}: cannot write ({describe_os_error(e, emb.parent)}); {KEPT_PARTS}") from e
 
 
 def refuse_foreign(folder: Path) -> None:
@@ -260,8 +282,18 @@ class ClipRetrievalStore(PlannedRows):
                     tmp.unlink(missing_ok=True)
         metas = _numbered(self.path / META_DIR, META_NAME)
         for n, emb in _numbered(self.path / EMB_DIR, EMB_NAME).items():
+            mark = pending_mark(emb)
+            if not emb.is_file() or (n not in metas and not mark.exists()):
+                what = "is not a file" if not emb.is_file() else "has no metadata, and no run of clipcli left it"
+                raise OutputError(
+                    f"{self.path}: {EMB_DIR}/{emb.name} {what}: move it out of the folder (clipcli removes "
+                    "only matrices it wrote)"
+                )
             if n not in metas:
-                emb.unlink(missing_ok=True)
+                emb.unlink(missing_ok=True)  # a killed run's: it was being committed, or removed
+            mark.unlink(missing_ok=True)
+        for mark in (self.path / EMB_DIR).glob(f".*{PENDING}") if (self.path / EMB_DIR).is_dir() else []:
+            mark.unlink(missing_ok=True)  # its matrix went before its mark did
 
     def release(self) -> None:
         if self._lock is not None:
@@ -306,10 +338,16 @@ class ClipRetrievalStore(PlannedRows):
             out = AtomicFile(emb)
             try:
                 np.save(out.file, np.ascontiguousarray(matrix))
+                out.file.flush()
             except BaseException as e:
                 out.discard()
                 if isinstance(e, OSError):
                     raise OutputError(f"{emb}: cannot write ({describe_os_error(e, emb)}); {KEPT_PARTS}") from e
+                raise
+            try:
+                _mark(emb)
+            except BaseException:
+                out.discard()
                 raise
             out.commit()
             try:
@@ -317,6 +355,8 @@ class ClipRetrievalStore(PlannedRows):
             except BaseException:
                 emb.unlink(missing_ok=True)
                 raise
+            finally:
+                pending_mark(emb).unlink(missing_ok=True)
 
     def _split(self, table: pa.Table) -> tuple[np.ndarray, pa.Table]:
         """A table of clipcli's schema as the pair's matrix (in the stored type) and its metadata."""
@@ -370,8 +410,10 @@ class ClipRetrievalStore(PlannedRows):
                 rows = np.array(wanted, np.int64)
                 meta = read_parquet(pair.meta).take(arrow_array(rows))
                 self._write_pair(self.reserve_number(), np.asarray(matrix[rows]), meta)
+            _mark(pair.emb)
             pair.meta.unlink()
             pair.emb.unlink()
+            pending_mark(pair.emb).unlink(missing_ok=True)
 
 
 def iter_pairs(folder: Path, dim: int) -> Iterator[tuple[Pair, np.ndarray]]:
