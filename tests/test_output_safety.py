@@ -7,6 +7,7 @@ import contextlib
 import errno
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -641,6 +642,26 @@ def test_an_output_that_is_a_fifo_or_a_device_is_written_in_place(cli, tmp_path)
     ran = cli("embed", str(SAMPLES / "seen"), "-m", "tiny-shapes", "-f", "jsonl", "-o", "/dev/null")
     assert ran.exit_code == 0 and Path("/dev/null").is_char_device()
     assert temporaries(tmp_path) == []
+
+
+def test_a_fifo_output_whose_reader_goes_away_is_an_error_not_a_quiet_end(tmp_path):
+    """Found by attack: `-o FIFO` (or `-o >(gzip > x)`) whose reader stopped early ended like `| head`:
+    exit 0, stderr closed, the rows it did not take lost without a word. Now one line and exit 2; a
+    reader of stdout that goes away still ends the run quietly."""
+    copies(tmp_path / "imgs", 200)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    reader = subprocess.Popen(["head", "-c", "100", str(fifo)], stdout=subprocess.DEVNULL)
+    args = ("embed", str(tmp_path / "imgs"), "-m", "tiny-shapes", "-f", "jsonl")  # ~1 KB a row: past a pipe's buffer
+    code, _, err = finish(clipcli(*args, "-o", str(fifo)))
+    reader.wait(timeout=60)
+    assert code == 2, err
+    assert err.strip().splitlines()[-1].startswith(f"Error: {fifo}: its reader went away (broken pipe)"), err
+    piped = subprocess.run(
+        f"{shlex.join([sys.executable, '-m', 'clipcli', *args])} | head -c 100 > /dev/null; echo ${{PIPESTATUS[0]}}",
+        shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert piped.stdout.strip() == "0" and "Error" not in piped.stderr, piped.stderr
 
 
 @pytest.mark.slow

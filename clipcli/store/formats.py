@@ -165,11 +165,18 @@ class RowWriter:
 
     @contextlib.contextmanager
     def _write_errors(self) -> Iterator[None]:
-        """A failed write (a full disk) as the one-line error; a reader that went away stays itself."""
+        """A failed write (a full disk) as the one-line error. A reader of stdout that went away (``| head``)
+        stays itself, which ends the run quietly; one of a stream named by ``-o`` (a FIFO, ``>(gzip > x)``)
+        is an error: the rows it did not take are lost."""
         try:
             yield
-        except BrokenPipeError:
-            raise
+        except BrokenPipeError as e:
+            if self._stream is None:
+                raise
+            raise OutputError(
+                f"{self.output}: its reader went away (broken pipe); the rows after the first "
+                f"{self.rows_written} were not written"
+            ) from e
         except OSError as e:
             if self.output is None:
                 raise OutputError(f"stdout: cannot write ({describe_os_error(e)})") from e
