@@ -644,6 +644,66 @@ def test_an_output_that_is_a_fifo_or_a_device_is_written_in_place(cli, tmp_path)
     assert temporaries(tmp_path) == []
 
 
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("notes.csv", b"my precious data\n"),
+        ("people.csv", b"name,phone\nAda,123\n"),
+        ("report.jsonl", b"my precious data\n"),
+        ("log.jsonl", b'{"event": "login"}\n'),
+        ("table.tsv", b"a\tb\tc\n"),
+        ("mine.npy", None),
+        ("emb.rows.jsonl", b"user sidecar\n"),
+        ("picture.parquet", None),
+    ],
+)
+def test_an_output_clipcli_did_not_write_is_never_replaced(cli, tmp_path, name, content):
+    """Found by attack: `-o notes.csv` over a user's file replaced it (CSV, JSONL, TSV, NPY and its
+    sidecar). A file there is now replaced only if it is an output clipcli writes; else one line, exit 2,
+    the file byte for byte as it was."""
+    target = tmp_path / name
+    if name.endswith(".npy"):
+        np.save(target, np.arange(10))
+    elif name.endswith(".parquet"):
+        import pyarrow as pa
+
+        pq.write_table(pa.table({"pixels": [1, 2]}), target)
+    else:
+        target.write_bytes(content)
+    before = target.read_bytes()
+    fmt = {"tsv": "tsv", "jsonl": "jsonl", "parquet": "parquet"}.get(name.rsplit(".", 1)[1], "csv")
+    out = tmp_path / "emb.npy" if name == "emb.rows.jsonl" else target
+    args = ("classify", str(SAMPLES / "seen"), "-m", "tiny-shapes", "-l", "a,b", "-f", fmt, "-o", str(out))
+    if fmt == "tsv":
+        args = ("rank", "a red circle", str(SAMPLES / "seen"), "-m", "tiny-shapes", "-f", fmt, "-o", str(out))
+    if out.suffix == ".npy":
+        args = ("embed", str(SAMPLES / "seen"), "-m", "tiny-shapes", "-o", str(out))
+    ran = cli(*args)
+    assert ran.exit_code == 2, ran.stderr
+    assert ran.stderr.startswith(f"Error: {target}: exists and is not a") and ran.stderr.count("\n") == 1
+    assert "clipcli replaces only its own outputs" in ran.stderr
+    assert target.read_bytes() == before
+
+
+def test_clipclis_own_outputs_and_empty_files_are_replaced(cli, tmp_path):
+    """What a rerun needs: an earlier output of any clipcli command, of the same format, is replaced; so
+    is an empty file (nothing to lose)."""
+    seen = str(SAMPLES / "seen")
+    for fmt in ("csv", "jsonl", "parquet"):
+        out = tmp_path / f"out.{fmt}"
+        out.write_bytes(b"")
+        classify = ("classify", seen, "-m", "tiny-shapes", "-l", "a,b", "-k", "1", "-f", fmt, "-o", str(out))
+        assert cli(*classify).exit_code == 0
+        assert cli(*classify).exit_code == 0  # its own earlier output
+        ran = cli("rank", "a red circle", seen, "-m", "tiny-shapes", "-f", fmt, "-o", str(out))
+        assert ran.exit_code == 0, ran.stderr  # another command's
+    tsv = ("rank", "a red circle", seen, "-m", "tiny-shapes", "-f", "tsv", "-o", str(tmp_path / "out.tsv"))
+    assert [cli(*tsv).exit_code for _ in range(2)] == [0, 0]  # no header: its own columns tell it
+    npy = tmp_path / "emb.npy"
+    for _ in range(2):
+        assert cli("embed", seen, "-m", "tiny-shapes", "-o", str(npy)).exit_code == 0
+
+
 def test_a_fifo_output_whose_reader_goes_away_is_an_error_not_a_quiet_end(tmp_path):
     """Found by attack: `-o FIFO` (or `-o >(gzip > x)`) whose reader stopped early ended like `| head`:
     exit 0, stderr closed, the rows it did not take lost without a word. Now one line and exit 2; a
@@ -667,7 +727,7 @@ def test_a_fifo_output_whose_reader_goes_away_is_an_error_not_a_quiet_end(tmp_pa
 @pytest.mark.slow
 def test_an_output_that_is_a_symlink_writes_and_locks_its_target(cli, tmp_path):
     real = tmp_path / "real.csv"
-    real.write_text("old\n")
+    real.write_text("path,score\nold.jpg,0.5\n")  # an earlier output of clipcli's
     link = tmp_path / "link.csv"
     link.symlink_to(real)
     from clipcli.atomic import OutputLock

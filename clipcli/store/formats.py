@@ -1,7 +1,11 @@
 """One enum of output formats and one streaming writer per format; ``-`` or no path means stdout.
 
 Writers receive rows batch by batch and flush as they go, so a long run interrupted half-way still
-leaves every row computed so far in a readable file.
+leaves every row computed so far in a readable file. A file already at the output's path is replaced
+only if clipcli wrote it (:mod:`clipcli.store.ownership`).
+
+The output-format extension point is kept in one module: the enum, the base writer (its file, lock and
+signal handling) and each format's writer (a short subclass) are read together when a format is added.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from clipcli.atomic import (
     signals_held,
 )
 from clipcli.errors import OutputError
+from clipcli.store import ownership
 
 if TYPE_CHECKING:
     from clipcli.images.sources import ImageRef, Skipped
@@ -124,11 +129,25 @@ class RowWriter:
             return
         self._lock = OutputLock(path, is_dir=False)
         try:
+            self._refuse_foreign(path)
             remove_temporaries(real_path(path))
             self._file = AtomicFile(path, "wb")
         except BaseException:
             self._lock.release()
             raise
+
+    def _refuse_foreign(self, path: Path) -> None:
+        """Refuse to replace a file that is no output of this kind clipcli writes (see
+        :mod:`clipcli.store.ownership`): one the user made is never overwritten."""
+        head = ownership.read_head(path)
+        if head is not None and not self._own(head, path):
+            raise ownership.refuse(path, self.KIND)
+
+    KIND = "file"
+
+    def _own(self, head: bytes, path: Path) -> bool:
+        """Whether a file that begins with ``head`` is an output of this writer's kind clipcli wrote."""
+        return False
 
     @classmethod
     def create(cls, output: str | None, **details: Any) -> RowWriter:
@@ -242,6 +261,8 @@ def keep_partial(error: BaseException, rows: int) -> bool:
 
 
 class CsvWriter(RowWriter):
+    KIND = "CSV"
+
     def __init__(self, output: str | None, columns: Sequence[str] | None = None) -> None:
         super().__init__(output, columns)
         self.stream = self._text_stream()
@@ -250,7 +271,10 @@ class CsvWriter(RowWriter):
 
     @classmethod
     def create(cls, output: str | None, **details: Any) -> RowWriter:
-        return cls(output, details.get("columns")) if cls is CsvWriter else cls(output)
+        return cls(output, details.get("columns"))
+
+    def _own(self, head: bytes, path: Path) -> bool:
+        return ownership.csv_is_own(head, self.columns[:1] if self.columns else ())
 
     def _write(self, rows: Sequence[Mapping[str, Any]]) -> None:
         if not rows:
@@ -286,6 +310,11 @@ class CsvWriter(RowWriter):
 
 
 class JsonlWriter(CsvWriter):
+    KIND = "JSONL"
+
+    def _own(self, head: bytes, path: Path) -> bool:
+        return ownership.jsonl_is_own(head, self.columns[:1] if self.columns else ())
+
     def _write(self, rows: Sequence[Mapping[str, Any]]) -> None:
         self.stream.write("".join(json_line(row) + "\n" for row in rows))
         self.stream.flush()
@@ -295,6 +324,11 @@ class JsonlWriter(CsvWriter):
 
 
 class TsvWriter(CsvWriter):
+    KIND = "TSV"
+
+    def _own(self, head: bytes, path: Path) -> bool:
+        return ownership.tsv_is_own(head, len(self.columns) if self.columns else None)
+
     def _write(self, rows: Sequence[Mapping[str, Any]]) -> None:
         self.stream.write("".join("\t".join(_cell(v) for v in row.values()) + "\n" for row in rows))
         self.stream.flush()
@@ -319,16 +353,20 @@ class ParquetWriter(RowWriter):
     slow to write and to read); the footer is written when the run ends, also after an error."""
 
     ROW_GROUP_ROWS = 8192
+    KIND = "Parquet"
 
     def __init__(self, output: str | None, schema: Any = None) -> None:
-        super().__init__(output)
         self.schema = schema
+        super().__init__(output)
         self.writer: Any = None
         self._pending: list[Mapping[str, Any]] = []
 
     @classmethod
     def create(cls, output: str | None, **details: Any) -> RowWriter:
         return cls(output, details.get("schema"))
+
+    def _own(self, head: bytes, path: Path) -> bool:
+        return ownership.parquet_is_own(path, self.schema.names[:1] if self.schema is not None else ())
 
     def write_table(self, table: Any) -> None:
         self.rows_written += table.num_rows  # as write counts its rows: before a held-back signal acts
@@ -369,9 +407,14 @@ class ParquetWriter(RowWriter):
 class TableWriter(RowWriter):
     """Collects rows and renders one rich table on stdout at the end."""
 
+    KIND = "table"
+
     def __init__(self, output: str | None) -> None:
         super().__init__(output)
         self.rows: list[Mapping[str, Any]] = []
+
+    def _own(self, head: bytes, path: Path) -> bool:
+        return head.startswith("┏".encode())
 
     def _write(self, rows: Sequence[Mapping[str, Any]]) -> None:
         self.rows.extend(rows)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from clipcli.atomic import OutputLock, is_stream, real_path, remove_temporaries, signals_held
 from clipcli.errors import InputError, OutputError
+from clipcli.store import ownership
 from clipcli.store.formats import ROW_WRITERS, OutputFormat, RowWriter, choose_format, has_format_suffix
 
 if TYPE_CHECKING:
@@ -240,6 +241,7 @@ class NpyWriter(RowWriter):
             self._locks.enter_context(OutputLock(self.path, is_dir=False))
             # The sidecar is written too: no one else may.
             self._locks.enter_context(OutputLock(npy_sidecar(self.path), is_dir=False))
+            ownership.refuse_foreign_npy(real_path(self.path), npy_sidecar(real_path(self.path)))
             remove_temporaries(real_path(self.path))
             remove_temporaries(real_path(npy_sidecar(self.path)))
         except BaseException:

@@ -121,20 +121,12 @@ def _part_rows(parts: _Parts, start: int, rows: list[int]) -> list[Any]:
     return [PartRow(parts, start + r) for r in rows]
 
 
-def unit_as_stored(normalized: bool, stored: np.ndarray) -> bool:
-    """Whether stored rows are unit vectors as they are: normalised by embed and stored in float32.
-    Rounding a unit vector to float16 moves its length by up to a few parts in 10,000, enough for a row
-    to score 1.0002 against itself: such rows are normalised again as they are read."""
-    return normalized and stored.dtype.itemsize >= 4
-
-
 def _chunks(matrix: np.ndarray, unit: bool, name_rows: Callable[[list[int]], list[Any]]) -> Iterator[Chunk]:
     import numpy as np
 
-    unit = unit_as_stored(unit, matrix)
     for start in range(0, matrix.shape[0], CHUNK_ROWS):
         chunk = np.asarray(matrix[start : start + CHUNK_ROWS], dtype=np.float32)
-        yield (chunk if unit else _normalized(chunk)), partial(_offset_names, name_rows, start)
+        yield _unit(chunk, unit, matrix.dtype), partial(_offset_names, name_rows, start)
 
 
 # What a chunk's rows are called, bound per chunk (a lambda in a loop would see the last chunk's values).
@@ -197,8 +189,7 @@ def _iter_parquet(source: Path, expect: Expect, use_cache: bool) -> Iterator[Chu
                 stored = batch.column("embedding").values.to_numpy(zero_copy_only=False).reshape(len(batch), -1)
                 builder = _cache_step(builder, partial(_add_chunk, chunk=stored))
                 chunk = stored.astype("float32", copy=False)
-                whole = unit_as_stored(unit, stored)
-                yield (chunk if whole else _normalized(chunk)), partial(_arrow_names, batch.column(key))
+                yield _unit(chunk, unit, stored.dtype), partial(_arrow_names, batch.column(key))
         _, unit, key = readers[0]
         builder = _cache_step(builder, lambda b: b.commit(expect.sha256, key, unit))
         builder = None  # committed, or abandoned by _cache_step
@@ -253,10 +244,13 @@ def _start_cache(
         return None
 
 
-def _normalized(chunk: np.ndarray) -> np.ndarray:
+def _unit(chunk: np.ndarray, normalized: bool, stored: np.dtype[Any]) -> np.ndarray:
+    """Float32 ``chunk`` as unit rows: as it is if embed normalised it and it was stored in float32. A
+    unit vector rounded to float16 is a few parts in 10,000 off (a row scored 1.0002 against itself)."""
     import numpy as np
 
-    return chunk / np.maximum(np.linalg.norm(chunk, axis=1, keepdims=True), 1e-12)
+    unit = normalized and stored.itemsize >= 4
+    return chunk if unit else chunk / np.maximum(np.linalg.norm(chunk, axis=1, keepdims=True), 1e-12)
 
 
 @dataclass(frozen=True)
@@ -270,16 +264,12 @@ class SavedMatrix:
     name_rows: Callable[[list[int]], list[str]]
     iter_names: Callable[[], Iterator[list[str]]]  # every row's name, in order, a block at a time
 
-    @property
-    def _unit_as_stored(self) -> bool:
-        return unit_as_stored(self.tag.normalized, self.matrix)
-
     def unit_rows(self, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` as float32 unit vectors."""
         import numpy as np
 
         chunk = np.asarray(self.matrix[start:stop], dtype=np.float32)
-        return chunk if self._unit_as_stored else _normalized(chunk)
+        return _unit(chunk, self.tag.normalized, self.matrix.dtype)
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         """Some rows as float32 unit vectors; read in row order, which a memory map pages in fastest."""
@@ -288,7 +278,7 @@ class SavedMatrix:
         order = np.argsort(rows, kind="stable")
         picked = np.empty((len(rows), self.matrix.shape[1]), np.float32)
         picked[order] = self.matrix[rows[order]]
-        return picked if self._unit_as_stored else _normalized(picked)
+        return _unit(picked, self.tag.normalized, self.matrix.dtype)
 
 
 def saved_tag(source: Path) -> tuple[ModelTag, int]:
@@ -433,8 +423,7 @@ def _layout_matrix(source: Path, expect: Expect) -> SavedMatrix:
 
 
 def row_files(source: Path) -> tuple[list[Path], str]:
-    """The Parquet files that hold a saved source's rows (a layout folder's metadata files, a dataset's
-    parts, or the file itself) and the name of their path column."""
+    """The Parquet files holding a saved source's rows (a layout's metadata), and their path column."""
     if layout.is_layout(source):
         return [p.meta for p in layout.pairs(source)], layout.NAME_KEY
     return _parquet_files(source), "path"
