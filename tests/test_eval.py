@@ -637,3 +637,23 @@ def test_eval_scores_are_classifys_probabilities(cli: Cli, shapes_folder: Path, 
     assert (by_eval["predicted_label"] == by_classify.loc[by_eval.index, "label"]).all()
     assert np.allclose(by_eval["score"], by_classify.loc[by_eval.index, "score"], atol=1e-6)
     assert by_eval["score"].min() < 0.5
+
+
+def test_a_report_or_predictions_file_clipcli_did_not_write_is_refused_before_the_work(
+    cli: Cli, shapes_folder: Path, tmp_path: Path
+) -> None:
+    """`--report` and `--predictions` over a user's files are refused at once, the files untouched; an
+    earlier report and predictions of clipcli's are replaced by the rerun."""
+    data = str(shapes_folder / "data")
+    report, predictions = tmp_path / "r.json", tmp_path / "p.csv"
+    for target, other in ((report, predictions), (predictions, report)):
+        target.write_text('{"my": "numbers"}\n' if target.suffix == ".json" else "name,phone\nAda,123\n")
+        other.unlink(missing_ok=True)
+        before = target.read_bytes()
+        ran = cli("eval", data, "-m", "tiny-shapes", "--report", str(report), "--predictions", str(predictions))
+        assert ran.exit_code == 2 and ran.stderr.startswith(f"Error: {target}: exists and is not a"), ran.stderr
+        assert target.read_bytes() == before and not other.exists()  # nothing evaluated, nothing written
+        target.unlink()
+    for _ in range(2):
+        ran = cli("eval", data, "-m", "tiny-shapes", "--report", str(report), "--predictions", str(predictions))
+        assert ran.exit_code == 0, ran.stderr

@@ -92,6 +92,12 @@ def test_page_is_not_written_over_an_input_nor_left_half_written(cli, emb, tmp_p
     ran = cli("rank", "dog + ", str(emb), "-m", "tiny-shapes", "--html", str(page))  # fails: page untouched
     assert ran.exit_code == 2 and page.read_text() == "previous page"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".page.html") or "tmp" in p.name]
+    ran = cli("rank", "dog", str(emb), "-m", "tiny-shapes", "--html", str(page))  # a page of the user's
+    assert ran.exit_code == 2 and "is not a rank --html page output clipcli writes" in ran.stderr, ran.stderr
+    assert page.read_text() == "previous page"
+    page.unlink()
+    for _ in range(2):  # an earlier page of clipcli's is replaced
+        assert cli("rank", "dog", str(emb), "-m", "tiny-shapes", "--html", str(page)).exit_code == 0
 
 
 def test_many_queries_get_a_section_each(cli, emb, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -109,6 +110,7 @@ def evaluate(
     from clipcli.evaluation.run import gate_failures
     from clipcli.evaluation.text import is_text_manifest as text_manifest
     from clipcli.models import ModelOptions, default_model
+    from clipcli.store import ownership
     from clipcli.store.output import lock_files, prediction_format, refuse_output_over_inputs
 
     refuse_output_over_inputs([report, predictions, plots], [data, classnames, *(models or []), *(templates or [])])
@@ -119,6 +121,10 @@ def evaluate(
     pred_format = prediction_format(predictions)
     if report is not None and report.is_dir():
         raise OutputError(f"{report}: cannot write (is a directory)")
+    ownership.refuse_unless_own(report, ownership.report_is_own, "JSON report")
+    if predictions is not None and pred_format is not None:  # found now, not after the whole evaluation
+        own = partial(ownership.rows_are_own, Path(predictions), pred_format.value, first=("model",))
+        ownership.refuse_unless_own(Path(predictions), own, f"{pred_format.value} predictions")
     if data is not None and dataset is None and text_manifest(data):  # text,label: NLI models (eval_text.py)
         outputs, run = (report, predictions, min_acc1), (device, precision.value, batch_size)
         image_only = {"--plots": plots, "--classnames": classnames}

@@ -246,6 +246,10 @@ def _check_extras(r: RankRequest) -> None:
         raise InputError("--html needs a file name: the rows are what goes to stdout")
     if r.html and r.output and os.path.abspath(r.html) == os.path.abspath(r.output):
         raise InputError(f"{r.html}: given as both --html and --output; write them to two files")
+    if r.html:
+        from clipcli.store.ownership import page_is_own, refuse_unless_own
+
+        refuse_unless_own(Path(r.html), page_is_own, "rank --html page")
 
 
 def _language(text: str | None, image: str | None, negative: Sequence[str]) -> Query | None:

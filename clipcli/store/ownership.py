@@ -13,15 +13,19 @@ What tells a clipcli output, by format (row outputs always begin with one of :da
 - TSV (no header): a first line of as many tab-separated fields as the output has columns;
 - Parquet: a file whose first column is one of those;
 - NPY: its sidecar (``NAME.rows.jsonl``), whose first line clipcli's header is; the matrix and the
-  sidecar are refused together.
+  sidecar are refused together;
+- ``eval``'s JSON report: an object that opens with its ``schema_version``; ``rank --html``'s page: its
+  title.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import re
-from collections.abc import Iterable
+import stat
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from clipcli.atomic import describe_os_error
@@ -34,14 +38,18 @@ _REMOVE = "clipcli replaces only its own outputs: remove it first, or choose ano
 
 
 def read_head(path: Path) -> bytes | None:
-    """The start of the file at ``path``; None where there is none (a missing file, or an empty one)."""
+    """The start of the regular file at ``path``; None where there is none (a missing or empty file; a
+    FIFO, a device or a folder, which the output's opening deals with, and which are never read)."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None
+    except OSError:
+        return None  # nothing there, or nothing that can be reached: the output's opening says which
     try:
         with open(path, "rb") as f:
             return f.read(HEAD_BYTES) or None
     except FileNotFoundError:
         return None
-    except IsADirectoryError:
-        return None  # refused as it always was, when the output is opened
     except OSError as e:
         raise OutputError(f"{path}: cannot read what is there ({describe_os_error(e, path)})") from e
 
@@ -110,3 +118,27 @@ def refuse_foreign_npy(path: Path, sidecar: Path) -> None:
             f"{present[0]}: exists and is not an NPY output clipcli writes (the matrix and its sidecar "
             f"{sidecar.name}); {_REMOVE}"
         )
+
+
+def report_is_own(head: bytes) -> bool:
+    """``eval``'s JSON report: an object whose first key is its ``schema_version``."""
+    return head.lstrip().startswith(b"{") and head.lstrip()[1:].lstrip().startswith(b'"schema_version"')
+
+
+def page_is_own(head: bytes) -> bool:
+    """``rank --html``'s page: its title says so."""
+    return b"<title>clipcli rank: " in head
+
+
+def rows_are_own(path: Path, fmt: str, head: bytes, first: Iterable[str] = ()) -> bool:
+    """A row output of format ``fmt`` (csv, jsonl, parquet) clipcli wrote, as its writer tells it."""
+    if fmt == "parquet":
+        return parquet_is_own(path, first)
+    return jsonl_is_own(head, first) if fmt == "jsonl" else csv_is_own(head, first)
+
+
+def refuse_unless_own(path: Path | None, is_own: Callable[[bytes], bool], kind: str) -> None:
+    """Before any work: refuse an output file at ``path`` that ``is_own`` does not take for clipcli's."""
+    head = read_head(path) if path is not None else None
+    if path is not None and head is not None and not is_own(head):
+        raise refuse(path, kind)
