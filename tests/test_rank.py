@@ -74,6 +74,13 @@ def test_another_models_embeddings_are_refused(cli, tmp_path, vit_ckpt):
     cli("embed", str(SAMPLES / "seen"), "-m", "tiny-shapes", "-o", str(tmp_path / "emb/"))
     ran = cli("rank", "a dog", str(tmp_path / "emb"), "-m", str(vit_ckpt))
     assert ran.exit_code == 2 and "made with tiny-shapes" in ran.stderr
+    # a model that cannot be loaded: the error says first which one the rows need
+    env = {"CLIPCLI_CACHE": str(tmp_path / "cache"), "CLIPCLI_MIRROR": "http://127.0.0.1:9"}
+    ran = cli("rank", "a dog", str(tmp_path / "emb"), "-m", "ViT-B/32", env=env)
+    assert ran.exit_code == 2 and ran.stderr.startswith(
+        f"Error: {tmp_path / 'emb'}: made with tiny-shapes, not ViT-B/32"
+    )
+    assert ran.stderr.rstrip().endswith("pass --model tiny-shapes") and ran.stderr.count("\n") == 1
 
 
 def test_topk_partial_sort_matches_a_full_sort():

@@ -348,7 +348,16 @@ def _load(models: ModelOptions, sources: list[str], load: Callable[[ModelOptions
                     raise ModelError(
                         f"{source}: made with {tag.name}, which cannot be loaded here ({e}); pass --model"
                     ) from e
-    return load(models)
+    try:
+        return load(models)
+    except ModelError as e:  # asked for by name: say first which model the saved rows need
+        made = [(s, saved_tag(Path(s))[0].name) for s in sources if s != "-" and is_embedding_source(s)]
+        other = [(s, name) for s, name in made if name and name != models.spec]
+        if not other:
+            raise
+        source, name = other[0]
+        raise ModelError(f"{source}: made with {name}, not {models.spec}, which cannot be loaded here ({e}); "
+                         f"pass --model {name}") from e  # fmt: skip
 
 
 def refuse_newlines(names: Iterable[str]) -> None:
