@@ -93,6 +93,8 @@ class AtomicFile:
         self.named = path  # as the user wrote it, for messages
         self.path = real_path(path)
         self.tmp = temporary_sibling(self.path)
+        if is_stream(self.path):  # renaming a file onto a FIFO or a device would replace it
+            raise OutputError(f"{path}: is a FIFO or a device; this output is a file, written whole and renamed")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             if path.is_dir():
@@ -121,7 +123,15 @@ class AtomicFile:
 @contextlib.contextmanager
 def atomic_write(path: Path, mode: str = "wb", **open_args: Any) -> Iterator[IO[Any]]:
     """Write ``path`` whole or not at all: any error inside the block leaves the previous file. The file
-    is locked meanwhile, and temporaries of runs killed while writing it are removed."""
+    is locked meanwhile, and temporaries of runs killed while writing it are removed. A FIFO or a device
+    (``--report /dev/stdout``, ``--html >(gzip > x)``) is written in place, as a stream."""
+    if is_stream(path):
+        try:
+            with open(path, mode, **open_args) as stream:
+                yield stream
+        except OSError as e:
+            raise OutputError(f"{path}: cannot write ({describe_os_error(e)})") from e
+        return
     with OutputLock(path, is_dir=False):
         remove_temporaries(real_path(path))
         out = AtomicFile(path, mode, **open_args)

@@ -655,6 +655,9 @@ def test_an_output_that_is_a_fifo_or_a_device_is_written_in_place(cli, tmp_path)
         ("mine.npy", None),
         ("emb.rows.jsonl", b"user sidecar\n"),
         ("picture.parquet", None),
+        ("manifest.csv", b"path,label\nx.jpg,cat\n"),  # clipcli's own input formats, made by a user
+        ("labels.jsonl", b'{"path": "x.jpg", "label": "cat"}\n'),
+        ("texts.csv", b"text,label\nhello,greeting\n"),
     ],
 )
 def test_an_output_clipcli_did_not_write_is_never_replaced(cli, tmp_path, name, content):
@@ -683,6 +686,29 @@ def test_an_output_clipcli_did_not_write_is_never_replaced(cli, tmp_path, name, 
     assert ran.stderr.startswith(f"Error: {target}: exists and is not a") and ran.stderr.count("\n") == 1
     assert "clipcli replaces only its own outputs" in ran.stderr
     assert target.read_bytes() == before
+
+
+def test_a_fifo_at_an_outputs_name_is_written_as_a_stream_or_refused_never_replaced(cli, tmp_path):
+    """Found by attack: rank --html and eval --report renamed a file onto a FIFO (or a device) at their
+    name, replacing it; a FIFO at an NPY's sidecar name hung the run. A page or a report is now written
+    into the FIFO as a stream; an NPY output (two files) refuses one."""
+    emb = tmp_path / "emb.npy"
+    assert cli("embed", str(SAMPLES / "seen"), "-m", "tiny-shapes", "-o", str(emb)).exit_code == 0
+    page = tmp_path / "page.html"
+    os.mkfifo(page)
+    reader = subprocess.Popen(["cat", str(page)], stdout=subprocess.PIPE)
+    ran = cli("rank", "a red circle", str(emb), "-m", "tiny-shapes", "--html", str(page), "-f", "csv")
+    got = reader.communicate(timeout=60)[0]
+    assert ran.exit_code == 0, ran.stderr
+    assert page.is_fifo() and b"<title>clipcli rank: " in got
+    sidecar = tmp_path / "other.rows.jsonl"
+    os.mkfifo(sidecar)
+    done = subprocess.run(
+        [sys.executable, "-m", "clipcli", "embed", str(SAMPLES / "seen"), "-m", "tiny-shapes", "-o",
+         str(tmp_path / "other.npy")], capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2 and f"{sidecar}: is not a file" in done.stderr, done.stderr
+    assert sidecar.is_fifo()
 
 
 def test_clipclis_own_outputs_and_empty_files_are_replaced(cli, tmp_path):

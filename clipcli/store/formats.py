@@ -327,7 +327,7 @@ class TsvWriter(CsvWriter):
     KIND = "TSV"
 
     def _own(self, head: bytes, path: Path) -> bool:
-        return ownership.tsv_is_own(head, len(self.columns) if self.columns else None)
+        return ownership.tsv_is_own(head)
 
     def _write(self, rows: Sequence[Mapping[str, Any]]) -> None:
         self.stream.write("".join("\t".join(_cell(v) for v in row.values()) + "\n" for row in rows))

@@ -6,12 +6,13 @@ clipcli writes, judged from its start (below), an empty file, or none, is replac
 user's notes named ``results.csv``, a matrix of their own named ``emb.npy``) is refused with one line,
 and stays as it was.
 
-What tells a clipcli output, by format (row outputs always begin with one of :data:`OWN_FIRST_COLUMNS`):
+What tells a clipcli output, by format (row outputs always begin with one of :data:`OWN_FIRST_COLUMNS`
+and hold one of :data:`OWN_MARK_COLUMNS`: a score, an embedding, a similarity):
 
-- CSV: a header of column names (lower case, ``a-z0-9_``), the first one of those;
-- JSONL: a JSON object on the first line whose first key is one of those;
-- TSV (no header): a first line of as many tab-separated fields as the output has columns;
-- Parquet: a file whose first column is one of those;
+- CSV: a header of column names (lower case, ``a-z0-9_``), the first and one more of those;
+- JSONL: a JSON object whose first key and one more are of those;
+- TSV (rank's only, no header): a first line whose first or second field is a number (the score);
+- Parquet: a file whose first column and one more are of those;
 - NPY: its sidecar (``NAME.rows.jsonl``), whose first line clipcli's header is; the matrix and the
   sidecar are refused together;
 - ``eval``'s JSON report: an object that opens with its ``schema_version``; ``rank --html``'s page: its
@@ -21,7 +22,6 @@ What tells a clipcli output, by format (row outputs always begin with one of :da
 from __future__ import annotations
 
 import csv
-import json
 import os
 import re
 import stat
@@ -33,7 +33,13 @@ from clipcli.errors import OutputError
 
 HEAD_BYTES = 64 * 1024  # what is read of an existing output to tell whether clipcli wrote it
 OWN_FIRST_COLUMNS = frozenset({"path", "text", "id", "group", "model", "query", "score"})
+# Every row output clipcli writes has one of these columns (or keys); a user's manifest (path,label), a
+# list of texts (text,label), has none.
+OWN_MARK_COLUMNS = frozenset({"score", "e0", "embedding", "predictions", "similarity_to_group_representative"})
 _COLUMN = re.compile(r"[a-z][a-z0-9_]*")
+_JSON_KEY = re.compile(rb'"([a-z][a-z0-9_]*)": ')
+_FIRST_KEY = re.compile(rb'\{"([a-z][a-z0-9_]*)": ')
+_NUMBER = re.compile(r"-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|-?inf|nan")
 _REMOVE = "clipcli replaces only its own outputs: remove it first, or choose another name"
 
 
@@ -43,7 +49,7 @@ def read_head(path: Path) -> bytes | None:
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):
             return None
-    except OSError:
+    except (OSError, ValueError):
         return None  # nothing there, or nothing that can be reached: the output's opening says which
     try:
         with open(path, "rb") as f:
@@ -59,12 +65,10 @@ def refuse(path: Path, kind: str) -> OutputError:
 
 
 def first_line(head: bytes) -> str | None:
-    """The first line of a file's ``head`` as text, if it is UTF-8 and ends within it."""
+    """The first line of a file's ``head`` as text (bytes that are not UTF-8 kept as escapes), if it
+    ends within it."""
     line, found, _ = head.partition(b"\n")
-    try:
-        return line.rstrip(b"\r").decode("utf-8") if found else None
-    except UnicodeDecodeError:
-        return None
+    return line.rstrip(b"\r").decode("utf-8", "surrogateescape") if found else None
 
 
 def _firsts(extra: Iterable[str]) -> frozenset[str]:
@@ -72,48 +76,64 @@ def _firsts(extra: Iterable[str]) -> frozenset[str]:
 
 
 def csv_is_own(head: bytes, first: Iterable[str] = ()) -> bool:
+    """A header of column names (lower case), the first one of :data:`OWN_FIRST_COLUMNS`, with one of
+    :data:`OWN_MARK_COLUMNS` among them."""
     line = first_line(head)
     fields = next(csv.reader([line]), []) if line is not None else []
-    return bool(fields) and fields[0] in _firsts(first) and all(_COLUMN.fullmatch(f) for f in fields)
+    return (
+        bool(fields)
+        and fields[0] in _firsts(first)
+        and all(_COLUMN.fullmatch(f) for f in fields)
+        and bool(OWN_MARK_COLUMNS & set(fields))
+    )
 
 
 def jsonl_is_own(head: bytes, first: Iterable[str] = ()) -> bool:
-    line = first_line(head)
-    try:
-        row = json.loads(line) if line is not None else None
-    except ValueError:
-        return False
-    return isinstance(row, dict) and bool(row) and next(iter(row)) in _firsts(first)
+    """A JSON object whose first key is one of :data:`OWN_FIRST_COLUMNS`, with a key of
+    :data:`OWN_MARK_COLUMNS` (read as text: a first row may be longer than what is read)."""
+    found = _FIRST_KEY.match(head)
+    keys = {k.decode() for k in _JSON_KEY.findall(head.partition(b"\n")[0])}
+    return found is not None and found.group(1).decode() in _firsts(first) and bool(OWN_MARK_COLUMNS & keys)
 
 
-def tsv_is_own(head: bytes, columns: int | None) -> bool:
+def tsv_is_own(head: bytes) -> bool:
+    """No header to tell it by: rank's lines, a score in one of the first two tab-separated fields."""
     line = first_line(head)
-    return line is not None and columns is not None and len(line.split("\t")) == columns
+    fields = line.split("\t") if line is not None else []
+    return len(fields) >= 2 and any(_NUMBER.fullmatch(f) for f in fields[:2])
 
 
 def parquet_is_own(path: Path, first: Iterable[str] = ()) -> bool:
+    """A Parquet file whose first column is one of :data:`OWN_FIRST_COLUMNS`, with one of
+    :data:`OWN_MARK_COLUMNS` among its columns."""
     import pyarrow.parquet as pq
 
     try:
         names = pq.read_schema(path).names
-    except (OSError, ValueError):
+    except Exception:  # a damaged or foreign file, however pyarrow fails on it
         return False
-    return bool(names) and names[0] in _firsts(first)
+    return bool(names) and names[0] in _firsts(first) and bool(OWN_MARK_COLUMNS & set(names))
 
 
 def refuse_foreign_npy(path: Path, sidecar: Path) -> None:
     """Refuse to replace an NPY output's matrix or sidecar unless clipcli wrote them (its sidecar's
-    header says so). Empty files, or none, are replaced."""
-    present = [p for p in (path, sidecar) if p.exists() and not (p.is_file() and p.stat().st_size == 0)]
+    header says so; an NPY of clipcli's before the sidecar had a ``NAME.paths.txt`` beside it). Empty
+    files, or none, are replaced; a FIFO or a device at either name is refused (they are files)."""
+    present = []
+    for p in (path, sidecar):
+        try:
+            st = os.stat(p)
+        except (OSError, ValueError):
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            raise OutputError(f"{p}: is not a file; an NPY output is a matrix and its sidecar, two files")
+        if st.st_size:
+            present.append(p)
     if not present:
         return
-    try:
-        with open(sidecar, "rb") as f:
-            header = json.loads(f.readline(HEAD_BYTES))
-        own = isinstance(header, dict) and "clipcli_npy" in header
-    except (OSError, ValueError):
-        own = False
-    if not own:
+    head = read_head(sidecar) or b""
+    legacy = not sidecar.exists() and path.with_suffix(".paths.txt").is_file()
+    if not (head.startswith(b'{"clipcli_npy": ') or legacy):
         raise OutputError(
             f"{present[0]}: exists and is not an NPY output clipcli writes (the matrix and its sidecar "
             f"{sidecar.name}); {_REMOVE}"
@@ -122,7 +142,7 @@ def refuse_foreign_npy(path: Path, sidecar: Path) -> None:
 
 def report_is_own(head: bytes) -> bool:
     """``eval``'s JSON report: an object whose first key is its ``schema_version``."""
-    return head.lstrip().startswith(b"{") and head.lstrip()[1:].lstrip().startswith(b'"schema_version"')
+    return re.match(rb'\{\s*"schema_version"', head) is not None
 
 
 def page_is_own(head: bytes) -> bool:
