@@ -267,3 +267,34 @@ def test_rank_over_embeddings_in_csv_says_why_not(cli, embedded_copies, tmp_path
     assert ran.exit_code == 2 and ran.stdout == ""
     assert len(ran.stderr.splitlines()) == 1
     assert str(flat) in ran.stderr and "not an image" not in ran.stderr and ".parquet" in ran.stderr
+
+
+@pytest.mark.parametrize("source", ["images", "saved rows"])
+def test_keep_never_lists_a_file_whose_only_other_name_is_kept(cli, tmp_path, monkeypatch, source):
+    """Found by attack: with `a.jpg` a symbolic link to `b.jpg`, --keep kept the link and listed b.jpg:
+    `xargs rm` deleted the only copy. A link, a hard link and a path through a linked folder are names
+    of a file already in the group, never copies of it; a real copy beside them is still listed."""
+    monkeypatch.chdir(tmp_path)
+    d = Path("d")
+    d.mkdir()
+    shutil.copy(SAMPLES / "busy" / "blue-star.jpg", d / "b.jpg")
+    (d / "a.jpg").symlink_to("b.jpg")
+    os.link(d / "b.jpg", d / "c.jpg")
+    Path("e").symlink_to("d")  # e/b.jpg: the same file through a linked folder
+    inputs = ["d", "e/b.jpg"]
+    if source == "saved rows":
+        assert cli("embed", *inputs, "-m", "tiny-shapes", "-o", "emb.parquet").exit_code == 0
+        inputs = ["emb.parquet"]
+    for keep in ("first", "largest"):
+        ran = cli("dedup", *inputs, "-m", "tiny-shapes", "--keep", keep, "-0")
+        assert ran.exit_code == 0 and ran.stdout == "", (keep, ran.stdout, ran.stderr)
+    shutil.copy(d / "b.jpg", "copy.jpg")  # a copy of its own: one of the two is listed
+    inputs = [*inputs, "copy.jpg"] if source == "images" else inputs
+    if source == "saved rows":
+        assert cli("embed", "d", "e/b.jpg", "copy.jpg", "-m", "tiny-shapes", "-o", "emb.parquet").exit_code == 0
+    ran = cli("dedup", *inputs, "-m", "tiny-shapes", "--keep", "first", "-0")
+    listed = ran.stdout.split("\0")[:-1]
+    assert ran.exit_code == 0 and len(listed) == 1 and not Path(listed[0]).is_symlink(), ran.stdout
+    Path(listed[0]).unlink()  # as `xargs -0 rm` would: a copy of the picture is still there
+    assert any(p.is_file() and p.read_bytes() == (SAMPLES / "busy" / "blue-star.jpg").read_bytes()
+               for p in (d / "b.jpg", d / "c.jpg", Path("copy.jpg")))  # fmt: skip

@@ -98,24 +98,22 @@ def group_members(
     prefer: Prefer = "largest",
     size_of: Callable[[str], int] = file_size,
     pixels_of: Callable[[str], int] | None = None,
-    files_only: bool = False,
+    files_only: Callable[[str], str] | None = None,
 ) -> list[list[Member]]:
     """Each candidate set split into groups around representatives (see the module's docstring): each
     group's representative first, then its members by similarity to it, none below ``threshold``.
     "largest" is the most bytes, then the most pixels (``pixels_of``): a video's frames and a shard's
-    samples share their file's size, so pixels choose among them. ``files_only`` (for ``--keep``) leaves
-    out the rows that are no file of their own (a video's frame, a shard's sample): a file is then
-    grouped only with other files, and never listed because a frame resembles it."""
+    samples share their file's size, so pixels choose among them. ``files_only`` (for ``--keep``: where
+    a row's file is from here) leaves out what is no file of its own (see :func:`own_files`)."""
     import numpy as np
 
-    from clipcli.images.containers import container_of
     from clipcli.images.sources import natural_key
 
     groups = []
     for rows in components:
         paths = names(rows)
-        if files_only:
-            own = [i for i, p in enumerate(paths) if container_of(p) is None]
+        if files_only is not None:
+            own = own_files(paths, files_only)
             rows, paths = [rows[i] for i in own], [paths[i] for i in own]
         sizes = [size_of(p) for p in paths]
         if prefer == "first":
@@ -136,6 +134,32 @@ def group_members(
     return [[Member(number, m.path, m.similarity, m.bytes) for m in g] for number, g in enumerate(groups, 1)]
 
 
+def own_files(paths: Sequence[str], locate: Callable[[str], str]) -> list[int]:
+    """The indices of ``paths`` that are files of their own, each file once: not a video's frame or a
+    shard's sample (a frame resembling a photo must not make the photo deletable), not a symbolic link
+    (keeping the link and listing its target would delete the only copy), and not a second name of a
+    file already in (a hard link, a path through a linked folder: deleting it frees nothing, and the
+    first name may be the one listed)."""
+    from clipcli.images.containers import container_of
+
+    own, seen = [], set()
+    for i, path in enumerate(paths):
+        if container_of(path) is not None:
+            continue
+        where = locate(path)
+        try:
+            if os.path.islink(where):
+                continue
+            st = os.stat(where)
+        except (OSError, ValueError):
+            own.append(i)  # gone or unreadable: listed by no one (listable checks every file)
+            continue
+        if (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            own.append(i)
+    return own
+
+
 def find_duplicates(
     n: int,
     rows_of: Rows,
@@ -147,7 +171,7 @@ def find_duplicates(
     prefer: Prefer = "largest",
     size_of: Callable[[str], int] = file_size,
     pixels_of: Callable[[str], int] | None = None,
-    files_only: bool = False,
+    files_only: Callable[[str], str] | None = None,
 ) -> list[list[Member]]:
     """Groups of near-duplicates among ``n`` rows (see the module's docstring); ``prefer`` chooses each
     group's representative (the largest file, or the first path in natural order), the file one keeps;

@@ -177,7 +177,7 @@ def _image_groups(
         matrix_search(matrix),
         prefer=prefer,
         pixels_of=lambda path: pixels.get(path, 0),
-        files_only=files_only,
+        files_only=str if files_only else None,
     )
 
 
@@ -223,7 +223,7 @@ def _saved_groups(
         prefer=prefer,
         size_of=stored.size if stored is not None else file_size,
         pixels_of=stored.pixels if stored is not None else None,
-        files_only=files_only,
+        files_only=(stored.locate if stored is not None else str) if files_only else None,
     )
     return groups, stored
 
