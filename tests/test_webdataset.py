@@ -136,18 +136,32 @@ def _damage(shard: Path, how: str) -> int:
         data[at + 148 : at + 150] = b"99"
     elif how == "zero-tail":
         data[at:] = bytes(len(data) - at + 20 * 1024)  # a preallocated download that stopped
-    elif how == "huge-pax":
-        import tarfile as tf
-
-        pax = tf.TarInfo("././@PaxHeader")
-        pax.type, pax.size = tf.XHDTYPE, 200_000
-        data[at:at] = pax.tobuf(format=tf.USTAR_FORMAT) + b"1" * 200_000 + bytes((-200_000) % 512)
+    elif how in ("huge-pax", "small-then-huge-pax", "huge-solaris-X", "pax-chain-of-600"):
+        sizes = {"huge-pax": [200_000], "small-then-huge-pax": [100, 200_000], "huge-solaris-X": [200_000]}
+        kind = b"X" if how == "huge-solaris-X" else tarfile.XHDTYPE
+        chain = b""
+        for size in sizes.get(how, [20] * 600):
+            pax = tarfile.TarInfo("././@PaxHeader")
+            pax.type, pax.size = kind, size
+            chain += pax.tobuf(format=tarfile.USTAR_FORMAT) + b"1" * size + bytes((-size) % 512)
+        data[at:at] = chain
     shard.write_bytes(bytes(data))
     return 0 if how == "first-header-negative" else 3
 
 
 @pytest.mark.parametrize(
-    "how", ["negative-size", "first-header-negative", "zeroed-header", "bad-checksum", "zero-tail", "huge-pax"]
+    "how",
+    [
+        "negative-size",
+        "first-header-negative",
+        "zeroed-header",
+        "bad-checksum",
+        "zero-tail",
+        "huge-pax",
+        "small-then-huge-pax",
+        "huge-solaris-X",
+        "pax-chain-of-600",
+    ],
 )
 def test_a_damaged_shard_is_reported_and_its_samples_before_the_damage_used(tmp_path, how):
     """Found by attack: a negative member size made tarfile read the same header for ever (the run hung);

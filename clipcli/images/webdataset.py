@@ -89,11 +89,22 @@ END_PADDING = tarfile.RECORDSIZE
 # and a few attributes, and Python's tarfile takes time quadratic in their size before 3.11.10
 # (CVE-2024-6232): 50 KB took 4 s, 200 KB 43 s.
 MAX_EXTENDED_HEADER = 16 * 1024
-_EXTENDED = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
+# tarfile reads a chain of extended headers (each for the next) in one call, recursively: a chain longer
+# than this is not handed to it (600 in a row overflowed its recursion).
+MAX_EXTENDED_CHAIN = 8
+_EXTENDED = (
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+)
 
 
 def _read_at(handle: IO[bytes], offset: int, size: int) -> bytes:
     """``size`` bytes of ``handle`` at ``offset`` (fewer at its end), leaving its position as it was."""
+    if not 0 <= offset < 1 << 62:
+        return b""  # where a header's size points past any file
     try:
         return os.pread(handle.fileno(), size, offset)
     except (OSError, io.UnsupportedOperation, AttributeError):
@@ -105,25 +116,21 @@ def _read_at(handle: IO[bytes], offset: int, size: int) -> bytes:
             handle.seek(at)
 
 
-def _header_size(block: bytes) -> int:
-    """A tar header's size field: octal digits, or base-256 (GNU) when its first byte's top bit is set
-    (negative when the first byte is 0xff); -1 when it is neither."""
-    field = block[124:136]
+def _number(field: bytes, empty: int = 0) -> int | None:
+    """A tar header's number field as tarfile reads it: octal digits, or base-256 (GNU) when its first
+    byte's top bit is set (negative when that byte is 0xff); None when it is neither."""
     if field[:1] and field[0] & 0x80:
         return int.from_bytes(field, "big", signed=True) if field[0] == 0xFF else int.from_bytes(field[1:], "big")
     try:
-        return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+        return int(field.split(b"\0", 1)[0].strip() or str(empty).encode(), 8)
     except ValueError:
-        return -1
+        return None
 
 
 def _checksum_holds(block: bytes) -> bool:
     """Whether ``block`` is a tar header: its checksum field is the sum of its bytes, the field itself
     counted as spaces (unsigned, or signed as some old tars summed)."""
-    try:
-        stored = int(block[148:156].split(b"\0", 1)[0].strip() or b"-1", 8)
-    except ValueError:
-        return False
+    stored = _number(block[148:156], -1)
     blanked = block[:148] + b" " * 8 + block[156:]
     return stored in (sum(blanked), sum(b - 256 if b > 127 else b for b in blanked))
 
@@ -131,15 +138,22 @@ def _checksum_holds(block: bytes) -> bool:
 def _header_problem(handle: IO[bytes], offset: int) -> str | None:
     """Why the header at ``offset`` must not be handed to tarfile, if it must not: a size that is negative
     or unreadable (tarfile would step back and read the same member for ever), or an extended header
-    too large to parse (see :data:`MAX_EXTENDED_HEADER`)."""
-    block = _read_at(handle, offset, tarfile.BLOCKSIZE)
-    if len(block) < tarfile.BLOCKSIZE or not _checksum_holds(block):
-        return None  # the end, a truncated shard, a damaged header or no tar at all: tarfile's answers serve
-    size = _header_size(block)
-    if size < 0:
-        return f"the member header at byte {offset} gives no valid size"
-    if block[156:157] in _EXTENDED and size > MAX_EXTENDED_HEADER:
-        return f"the member header at byte {offset} has an extended header of {size} bytes (more than 16 KB)"
+    too large to parse or a chain of too many (see :data:`MAX_EXTENDED_HEADER`); tarfile parses the
+    chain of extended headers before a member in one go, so each is checked."""
+    for link in range(MAX_EXTENDED_CHAIN + 1):
+        block = _read_at(handle, offset, tarfile.BLOCKSIZE)
+        if len(block) < tarfile.BLOCKSIZE or not _checksum_holds(block):
+            return None  # the end, a truncated shard, a damaged header or no tar: tarfile's answers serve
+        size = _number(block[124:136])
+        if size is None or size < 0:
+            return f"the member header at byte {offset} gives no valid size"
+        if block[156:157] not in _EXTENDED:
+            return None
+        if size > MAX_EXTENDED_HEADER:
+            return f"the member header at byte {offset} has an extended header of {size} bytes (more than 16 KB)"
+        if link == MAX_EXTENDED_CHAIN:
+            return f"more than {MAX_EXTENDED_CHAIN} extended headers in a row end at byte {offset}"
+        offset += tarfile.BLOCKSIZE + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
     return None
 
 
@@ -179,6 +193,8 @@ def index_shard(handle: IO[bytes], stat: FileStat) -> ShardIndex:
         tar = tarfile.open(fileobj=handle, mode="r:")  # noqa: SIM115 (closed below; the handle is the caller's)
     except (tarfile.TarError, OSError, EOFError) as e:
         raise OSError(f"not a tar file ({e or type(e).__name__})") from None
+    except (ValueError, IndexError, OverflowError, RecursionError, MemoryError) as e:
+        raise OSError(f"damaged shard (tarfile cannot read its first header: {type(e).__name__})") from None
     current: Sample | None = None
     last = -1  # the offset of the last member's header: each must lie further on
     try:
@@ -194,6 +210,9 @@ def index_shard(handle: IO[bytes], stat: FileStat) -> ShardIndex:
             except (tarfile.TarError, OSError, EOFError) as e:
                 done = len(samples)
                 problems.append((None, f"truncated shard ({e or type(e).__name__}); its first {done} samples are used"))
+                break
+            except (ValueError, IndexError, OverflowError, RecursionError, MemoryError) as e:
+                damaged(f"tarfile cannot read the member header at byte {at}: {type(e).__name__}")
                 break
             if info is None:
                 # tarfile ends at two zero blocks, and also (past the first header) at a damaged header
