@@ -179,7 +179,14 @@ def test_a_matrix_without_metadata_that_no_run_left_is_never_removed(cli, shapes
     theirs.unlink()
     (out / "img_emb" / "img_emb_000009.npy").mkdir()  # a folder named like a matrix: one line, exit 2
     ran = embed_layout(cli, out, shapes)
-    assert ran.exit_code == 2 and "img_emb_000009.npy is not a file" in ran.stderr, ran.stderr
+    assert ran.exit_code == 2 and "holds img_emb/img_emb_000009.npy, which clipcli did not write" in ran.stderr
+    (out / "img_emb" / "img_emb_000009.npy").rmdir()
+    for name in ("img_emb/.img_emb_000001.npy.pending", "metadata/.metadata_000000.parquet.99999.tmp"):
+        (out / name).mkdir()  # a folder by the name of clipcli's mark or temporary: refused, not removed
+        ran = embed_layout(cli, out, shapes)
+        assert ran.exit_code == 2 and f"holds {name}, which clipcli did not write" in ran.stderr, ran.stderr
+        assert (out / name).is_dir()
+        (out / name).rmdir()
 
 
 def test_refuses_folders_clipcli_did_not_write(cli, shapes, tmp_path):

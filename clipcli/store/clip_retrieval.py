@@ -154,6 +154,12 @@ def open_pair(pair: Pair, dim: int) -> tuple[np.ndarray, int]:
     return matrix, rows
 
 
+def _regular(path: Path) -> bool:
+    """A file of clipcli's in a layout folder is a regular file: a folder or a link by one of its names
+    is someone else's."""
+    return path.is_file() and not path.is_symlink()
+
+
 def _allowed(name: str, pattern: re.Pattern[str]) -> bool:
     """One of clipcli's files in a layout subfolder, its temporary (``.NAME.PID.tmp``) or a matrix's
     pending mark (``.NAME.pending``)."""
@@ -190,13 +196,14 @@ def refuse_foreign(folder: Path) -> None:
     own = {RECORD, ".clipcli.lock", EMB_DIR, META_DIR}
     found = sorted(os.listdir(folder))
     record_tmp = re.compile(rf"^\.{re.escape(RECORD)}\.\d+\.tmp$")
-    foreign = [n for n in found if n not in own and not record_tmp.match(n)]
+    foreign = [n for n in found if n not in own and not (record_tmp.match(n) and _regular(folder / n))]
     if not foreign and (folder / RECORD).is_file():
         for sub, pattern in ((EMB_DIR, EMB_NAME), (META_DIR, META_NAME)):
             if (folder / sub).exists() and not (folder / sub).is_dir():
                 foreign.append(sub)
             elif (folder / sub).is_dir():
-                foreign += [f"{sub}/{n}" for n in sorted(os.listdir(folder / sub)) if not _allowed(n, pattern)]
+                names = sorted(os.listdir(folder / sub))
+                foreign += [f"{sub}/{n}" for n in names if not (_allowed(n, pattern) and _regular(folder / sub / n))]
     elif not foreign:
         foreign = [n for n in found if n in (EMB_DIR, META_DIR)]  # a layout clipcli did not write
     if foreign:
