@@ -181,3 +181,13 @@ def test_sidecar_that_is_not_utf8_is_named(cli, tmp_path):
     ran = cli("rank", "a photo of a green heart.", str(out), "-m", "tiny-shapes", "-k", "1")
     assert ran.exit_code == 2
     assert re.search(r"^Error: .*emb\.rows\.jsonl: line \d+ is not UTF-8 text$", ran.stderr.strip())
+
+
+def test_a_query_too_long_to_be_a_file_name_ranks_with_an_existing_output(cli, tmp_path):
+    """Found by attack: a query of more than 255 bytes was looked at as a path while checking that the
+    existing output is no input, and the OS's "file name too long" ended the run as an internal error."""
+    out = tmp_path / "out.csv"
+    query = "a photo of a " + "very " * 60 + "blue star"
+    for _ in range(2):
+        ran = cli("rank", query, str(SAMPLES / "seen"), "-m", "tiny-shapes", "-o", str(out))
+        assert ran.exit_code == 0, ran.stderr

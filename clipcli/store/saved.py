@@ -15,7 +15,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from clipcli.errors import InputError
+from clipcli.errors import InputError, ModelError
 from clipcli.models import LoadedModel
 from clipcli.store import clip_retrieval as layout
 from clipcli.store.npy import npy_sidecar, open_npy
@@ -35,14 +35,17 @@ def is_embedding_source(source: str) -> bool:
     from clipcli.images.sources import IMAGE_EXTENSIONS
 
     path = Path(source)
-    if layout.is_layout(path):
-        return True
-    if path.is_file():
-        return path.suffix.lower() in (".parquet", ".pq", ".npy")
-    if not path.is_dir():
+    try:
+        if layout.is_layout(path):
+            return True
+        if path.is_file():
+            return path.suffix.lower() in (".parquet", ".pq", ".npy")
+        if not path.is_dir():
+            return False
+        suffixes = {p.suffix.lower() for p in path.iterdir()}
+        return ".parquet" in suffixes and not suffixes & IMAGE_EXTENSIONS
+    except (OSError, ValueError):  # a name too long to be a file (a query), a folder that cannot be listed
         return False
-    suffixes = {p.suffix.lower() for p in path.iterdir()}
-    return ".parquet" in suffixes and not suffixes & IMAGE_EXTENSIONS
 
 
 def _parquet_files(source: Path) -> list[Path]:
@@ -71,8 +74,6 @@ def _check_tag(tag: ModelTag, expect: Expect, where: Path) -> bool:
 def require_saved_model(tag: ModelTag, expect: Expect, where: Path) -> None:
     """Refuse to search embeddings made with another model, saying what works: that model, or an embed
     with this one (an index beside them changes neither)."""
-    from clipcli.errors import ModelError
-
     if tag.sha256 == expect.sha256:
         return
     if tag.name != expect.name:
@@ -424,9 +425,8 @@ def _layout_matrix(source: Path, expect: Expect) -> SavedMatrix:
 
 def row_files(source: Path) -> tuple[list[Path], str]:
     """The Parquet files holding a saved source's rows (a layout's metadata), and their path column."""
-    if layout.is_layout(source):
-        return [p.meta for p in layout.pairs(source)], layout.NAME_KEY
-    return _parquet_files(source), "path"
+    is_layout = layout.is_layout(source)
+    return ([p.meta for p in layout.pairs(source)], layout.NAME_KEY) if is_layout else (_parquet_files(source), "path")
 
 
 def stored_files(source: Path) -> Iterator[tuple[str, str | None]]:
