@@ -288,6 +288,14 @@ def test_plots(cli: Cli, shapes_folder: Path, tmp_path: Path) -> None:
     assert len(pngs) == 1 and len(pages) == 1
     assert pngs[0].read_bytes()[:4] == b"\x89PNG"
     assert "Most confused classes" in pages[0].read_text()
+    # Found by attack: a link by the name of one of its files was written through (to a file outside)
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    pages[0].unlink()
+    pages[0].symlink_to(precious)
+    ran = cli("eval", str(shapes_folder / "data"), "-m", "tiny-shapes", "--plots", str(tmp_path / "plots"))
+    assert ran.exit_code == 2 and "is a link or not a file" in ran.stderr, ran.stderr
+    assert precious.read_text() == "keep me" and pages[0].is_symlink()
 
 
 def _one_line_error(ran: Ran) -> str:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import html
 import os
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -24,6 +27,18 @@ def require_matplotlib() -> None:
 
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[:80]
+
+
+def _save(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """Write a file of the report whole (see :func:`clipcli.atomic.atomic_write`), as a file of its own:
+    a link or a folder by its name is someone else's and refused, never written through or replaced."""
+    from clipcli.atomic import atomic_write
+
+    for part in (path.parent, path):
+        if part.is_symlink() or (part is path and part.exists() and not part.is_file()):
+            raise OutputError(f"{part}: is a link or not a file; clipcli writes its plots as files of their own")
+    with atomic_write(path) as f:
+        write(f)
 
 
 def write_plots(result: EvalResult, folder: Path) -> Path:
@@ -51,8 +66,10 @@ def write_plots(result: EvalResult, folder: Path) -> Path:
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     png = folder / f"confusion-{stem}.png"
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    try:
+        _save(png, lambda f: fig.savefig(f, format="png", dpi=110))
+    finally:
+        plt.close(fig)
 
     thumbs = folder / "thumbs"
     rows = []
@@ -70,10 +87,11 @@ def write_plots(result: EvalResult, folder: Path) -> Path:
                 try:
                     picture = load_image(Path(src))
                     picture.thumbnail((128, 128))
-                    picture.save(target, quality=85)
-                    cell = f'<img src="thumbs/{target.name}" alt="{html.escape(src)}"><br>{html.escape(src)}'
                 except (OSError, ValueError):
-                    pass
+                    picture = None
+                if picture is not None:
+                    _save(target, partial(picture.save, format="JPEG", quality=85))
+                    cell = f'<img src="thumbs/{target.name}" alt="{html.escape(src)}"><br>{html.escape(src)}'
             rows.append(
                 f"<tr><td>{cell}</td><td>{html.escape(p.true[i])}</td><td>{html.escape(p.predicted[i])}</td>"
                 f"<td>{float(p.score[i]):.1%}</td></tr>"
@@ -85,15 +103,13 @@ def write_plots(result: EvalResult, folder: Path) -> Path:
     page = folder / f"report-{stem}.html"
     title = f"{html.escape(result.model)} / {html.escape(result.templates)} on {html.escape(result.dataset)}"
     headers = "<tr><th>image</th><th>true</th><th>predicted</th><th>score</th></tr>"
-    page.write_text(
-        f"""<!doctype html><meta charset="utf-8"><title>{title}</title>
+    text = f"""<!doctype html><meta charset="utf-8"><title>{title}</title>
 <style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:4px 8px;border-bottom:1px solid #ddd}}</style>
 <h1>{title}</h1>
 <p>{result.n} images; {", ".join(f"{k} {v:.2%}" for k, v in result.metrics.items() if v == v)}</p>
 <img src="{png.name}" alt="confusion matrix">
 <h2>Most confused classes</h2><table><tr><th>true</th><th>predicted as</th><th>images</th></tr>{pairs}</table>
 <h2>Misclassified images</h2><table>{headers}{"".join(rows)}</table>
-""",
-        encoding="utf-8",
-    )
+"""
+    _save(page, lambda f: f.write(text.encode("utf-8")))
     return page
