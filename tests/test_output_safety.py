@@ -652,6 +652,7 @@ def test_an_output_that_is_a_fifo_or_a_device_is_written_in_place(cli, tmp_path)
         ("report.jsonl", b"my precious data\n"),
         ("log.jsonl", b'{"event": "login"}\n'),
         ("table.tsv", b"a\tb\tc\n"),
+        ("pairs.tsv", b"12\tmy own\n"),
         ("mine.npy", None),
         ("emb.rows.jsonl", b"user sidecar\n"),
         ("picture.parquet", None),

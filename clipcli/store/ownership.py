@@ -11,7 +11,7 @@ and hold one of :data:`OWN_MARK_COLUMNS`: a score, an embedding, a similarity):
 
 - CSV: a header of column names (lower case, ``a-z0-9_``), the first and one more of those;
 - JSONL: a JSON object whose first key and one more are of those;
-- TSV (rank's only, no header): a first line whose first or second field is a number (the score);
+- TSV (rank's only, no header): a first line whose first or second field is a score (``0.8123``);
 - Parquet: a file whose first column and one more are of those;
 - NPY: its sidecar (``NAME.rows.jsonl``), whose first line clipcli's header is; the matrix and the
   sidecar are refused together;
@@ -39,7 +39,7 @@ OWN_MARK_COLUMNS = frozenset({"score", "e0", "embedding", "predictions", "simila
 _COLUMN = re.compile(r"[a-z][a-z0-9_]*")
 _JSON_KEY = re.compile(rb'"([a-z][a-z0-9_]*)": ')
 _FIRST_KEY = re.compile(rb'\{"([a-z][a-z0-9_]*)": ')
-_NUMBER = re.compile(r"-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|-?inf|nan")
+_SCORE = re.compile(r"-?[01]\.\d{4}")  # rank's TSV score: a cosine with four decimals
 _REMOVE = "clipcli replaces only its own outputs: remove it first, or choose another name"
 
 
@@ -97,10 +97,11 @@ def jsonl_is_own(head: bytes, first: Iterable[str] = ()) -> bool:
 
 
 def tsv_is_own(head: bytes) -> bool:
-    """No header to tell it by: rank's lines, a score in one of the first two tab-separated fields."""
+    """No header to tell it by: rank's lines, ``score<TAB>path`` or ``query<TAB>score<TAB>path``, the
+    score a cosine written with four decimals."""
     line = first_line(head)
     fields = line.split("\t") if line is not None else []
-    return len(fields) >= 2 and any(_NUMBER.fullmatch(f) for f in fields[:2])
+    return len(fields) >= 2 and any(_SCORE.fullmatch(f) for f in fields[:2])
 
 
 def parquet_is_own(path: Path, first: Iterable[str] = ()) -> bool:
