@@ -135,7 +135,7 @@ def _damage(shard: Path, how: str) -> int:
     elif how == "bad-checksum":
         data[at + 148 : at + 150] = b"99"
     elif how == "zero-tail":
-        data[at:] = bytes(len(data) - at + 20 * 1024)  # a preallocated download that stopped
+        data[at:] = bytes(len(data) - at + 100 * 1024)  # a preallocated download that stopped
     elif how in ("huge-pax", "small-then-huge-pax", "huge-solaris-X", "pax-chain-of-600"):
         sizes = {"huge-pax": [200_000], "small-then-huge-pax": [100, 200_000], "huge-solaris-X": [200_000]}
         kind = b"X" if how == "huge-solaris-X" else tarfile.XHDTYPE

@@ -82,9 +82,10 @@ class ShardIndex:
 
 
 END_OF_ARCHIVE = 1024  # the two zero blocks that end every tar
-# What may follow them: zeros up to the end of the last record (tar's writers, Python's and GNU's among
-# them, fill the archive to a multiple of 20 blocks). Anything more is data tarfile would not reach.
-END_PADDING = tarfile.RECORDSIZE
+# What may follow them: zeros up to the end of the last record (tar's writers fill the archive to a
+# multiple of their record: 20 blocks by default, Python's and GNU's; up to 128 with GNU tar's -b).
+# Anything more is data tarfile would not reach, or the zeros of a download that stopped.
+END_PADDING = 128 * tarfile.BLOCKSIZE
 # An extended header (pax, or GNU's long name) larger than this is not parsed: real ones hold a name
 # and a few attributes, and Python's tarfile takes time quadratic in their size before 3.11.10
 # (CVE-2024-6232): 50 KB took 4 s, 200 KB 43 s.
