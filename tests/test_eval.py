@@ -296,6 +296,15 @@ def test_plots(cli: Cli, shapes_folder: Path, tmp_path: Path) -> None:
     ran = cli("eval", str(shapes_folder / "data"), "-m", "tiny-shapes", "--plots", str(tmp_path / "plots"))
     assert ran.exit_code == 2 and "is a link or not a file" in ran.stderr, ran.stderr
     assert precious.read_text() == "keep me" and pages[0].is_symlink()
+    pages[0].unlink()
+    pages[0].write_text("my notes on the run")  # a file of the user's by that name: left as it is
+    ran = cli("eval", str(shapes_folder / "data"), "-m", "tiny-shapes", "--plots", str(tmp_path / "plots"))
+    assert ran.exit_code == 2 and "exists and is not a --plots html output" in ran.stderr, ran.stderr
+    assert pages[0].read_text() == "my notes on the run"
+    pages[0].unlink()
+    for _ in range(2):  # its own files are replaced
+        ran = cli("eval", str(shapes_folder / "data"), "-m", "tiny-shapes", "--plots", str(tmp_path / "plots"))
+        assert ran.exit_code == 0, ran.stderr
 
 
 def _one_line_error(ran: Ran) -> str:

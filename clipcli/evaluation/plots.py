@@ -29,14 +29,20 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[:80]
 
 
+_STARTS = {".png": b"\x89PNG", ".jpg": b"\xff\xd8", ".html": b"<!doctype html><meta charset=\"utf-8\"><title>"}
+
+
 def _save(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     """Write a file of the report whole (see :func:`clipcli.atomic.atomic_write`), as a file of its own:
-    a link or a folder by its name is someone else's and refused, never written through or replaced."""
+    a link or a folder by its name is someone else's and refused, never written through or replaced; so
+    is a file that does not start as clipcli's of that kind does (a PNG, a JPEG, this report's page)."""
     from clipcli.atomic import atomic_write
+    from clipcli.store.ownership import refuse_unless_own
 
     for part in (path.parent, path):
         if part.is_symlink() or (part is path and part.exists() and not part.is_file()):
             raise OutputError(f"{part}: is a link or not a file; clipcli writes its plots as files of their own")
+    refuse_unless_own(path, lambda head: head.startswith(_STARTS[path.suffix]), f"--plots {path.suffix[1:]}")
     with atomic_write(path) as f:
         write(f)
 
