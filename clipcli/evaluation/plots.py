@@ -29,7 +29,7 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[:80]
 
 
-_STARTS = {".png": b"\x89PNG", ".jpg": b"\xff\xd8", ".html": b"<!doctype html><meta charset=\"utf-8\"><title>"}
+_STARTS = {".png": b"\x89PNG", ".jpg": b"\xff\xd8", ".html": b'<!doctype html><meta charset="utf-8"><title>'}
 
 
 def _save(path: Path, write: Callable[[IO[bytes]], object]) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from clipcli.errors import InputError, ModelError
+from clipcli.errors import ClipCliError, InputError, ModelError
 from clipcli.models import LoadedModel, ModelOptions
 from clipcli.search.moments import candidates, moment_hits
 from clipcli.search.rank import IndexChoice, SourceScan
@@ -351,7 +351,10 @@ def _load(models: ModelOptions, sources: list[str], load: Callable[[ModelOptions
     try:
         return load(models)
     except ModelError as e:  # asked for by name: say first which model the saved rows need
-        made = [(s, saved_tag(Path(s))[0].name) for s in sources if s != "-" and is_embedding_source(s)]
+        try:
+            made = [(s, saved_tag(Path(s))[0].name) for s in sources if s != "-" and is_embedding_source(s)]
+        except ClipCliError:
+            raise e from None  # a source that cannot be read is reported once the model loads
         other = [(s, name) for s, name in made if name and name != models.spec]
         if not other:
             raise
