@@ -305,6 +305,9 @@ def test_plots(cli: Cli, shapes_folder: Path, tmp_path: Path) -> None:
     for _ in range(2):  # its own files are replaced
         ran = cli("eval", str(shapes_folder / "data"), "-m", "tiny-shapes", "--plots", str(tmp_path / "plots"))
         assert ran.exit_code == 0, ran.stderr
+    (tmp_path / "linked").symlink_to(tmp_path / "plots")  # the folder the user names may be a link
+    ran = cli("eval", str(shapes_folder / "data"), "-m", "tiny-shapes", "--plots", str(tmp_path / "linked"))
+    assert ran.exit_code == 0, ran.stderr
 
 
 def _one_line_error(ran: Ran) -> str:

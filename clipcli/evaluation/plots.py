@@ -32,6 +32,10 @@ def _slug(text: str) -> str:
 _STARTS = {".png": b"\x89PNG", ".jpg": b"\xff\xd8", ".html": b'<!doctype html><meta charset="utf-8"><title>'}
 
 
+def _not_own(path: Path, kind: str) -> OutputError:
+    return OutputError(f"{path}: is a link or not a {kind}; clipcli writes its plots as files of their own")
+
+
 def _save(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     """Write a file of the report whole (see :func:`clipcli.atomic.atomic_write`), as a file of its own:
     a link or a folder by its name is someone else's and refused, never written through or replaced; so
@@ -39,9 +43,8 @@ def _save(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     from clipcli.atomic import atomic_write
     from clipcli.store.ownership import refuse_unless_own
 
-    for part in (path.parent, path):
-        if part.is_symlink() or (part is path and part.exists() and not part.is_file()):
-            raise OutputError(f"{part}: is a link or not a file; clipcli writes its plots as files of their own")
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise _not_own(path, "file")
     refuse_unless_own(path, lambda head: head.startswith(_STARTS[path.suffix]), f"--plots {path.suffix[1:]}")
     with atomic_write(path) as f:
         write(f)
@@ -77,7 +80,9 @@ def write_plots(result: EvalResult, folder: Path) -> Path:
     finally:
         plt.close(fig)
 
-    thumbs = folder / "thumbs"
+    thumbs = folder / "thumbs"  # a folder of the report's own, never one a link leads to
+    if thumbs.is_symlink() or (thumbs.exists() and not thumbs.is_dir()):
+        raise _not_own(thumbs, "folder")
     rows = []
     p = result.predictions
     if p is not None:
