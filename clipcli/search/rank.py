@@ -400,15 +400,19 @@ def image_query_vector(
     given_as: str = "--image",
 ) -> np.ndarray:
     """The unit vector of a query image: the saved embedding of the row of that name among ``sources``
-    (a video's frame, a shard's sample or a file, as the results name it), else the file embedded."""
+    (a video's frame, a shard's sample or a file, as the results name it), else the file embedded. For
+    ``--image`` a file is embedded as it always was, and only a name that is no file is looked for among
+    the rows (a scan of every row's name, which a file spares)."""
     import os
 
     if path.startswith(("http://", "https://")):
         raise InputError(f"{path}: rank does not fetch URLs for a query; download the image and give its path")
+    local = os.path.expanduser(path)
+    if given_as == "--image" and os.path.isfile(local):
+        return query_embedding(lm, image=local, exact=exact, max_pixels=max_pixels)
     found = saved_row_vector(lm, sources, path)  # a row of the dataset: its saved embedding
     if found is not None:
         return found
-    local = os.path.expanduser(path)
     if not os.path.isfile(local):
         raise InputError(f"{path}: no such image file, nor a row of the embeddings given ({given_as})")
     return query_embedding(lm, image=local, exact=exact, max_pixels=max_pixels)
