@@ -105,6 +105,13 @@ def test_a_malformed_query_is_one_message_naming_the_column(client: httpx.Client
     assert response.status_code == 400 and "column" in response.json()["detail"]
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_a_min_score_that_is_no_number_is_refused(client: httpx.Client, value: str) -> None:
+    """`min_score=nan` answered 200 with no results: every comparison with NaN is false."""
+    response = client.get("/api/search", params={"q": "a red circle", "min_score": value})
+    assert response.status_code == 422 and "min_score" in response.text
+
+
 def test_negative_texts_are_the_query_language_s_minus(client: httpx.Client) -> None:
     with_negative = search(client, q="a blue star", negative="blue", page_size=8)["results"]
     written_out = search(client, q='"a blue star" - "blue"', page_size=8)["results"]
@@ -398,13 +405,45 @@ def test_the_thumbnail_cache_stays_under_its_bound(tmp_path: Path) -> None:
     from clipcli.serve.thumbcache import ThumbCache
 
     folder = tmp_path / "thumbs"
+    cache = ThumbCache(folder, max_bytes=6000)
+    cache.claim()
     (folder / "ab").mkdir(parents=True)
     (folder / "ab" / "notes.txt").write_text("not the cache's")
-    cache = ThumbCache(folder, max_bytes=6000)
+    theirs = folder / "ab" / "IMG_0001.jpg"  # named as no entry is: left alone, whatever its age
+    theirs.write_bytes(b"\xff\xd8" + b"x" * 3000)
+    os.utime(theirs, (0, 0))
     pictures = sorted(SAMPLES.rglob("*.jpg"))[:12]
     made = [cache.get(p.resolve(), 128)[0] for p in pictures]
-    entries = list(folder.rglob("*.jpg"))
+    entries = [e for e in folder.rglob("*.jpg") if e != theirs]
     assert 0 < len(entries) < len(pictures) and sum(e.stat().st_size for e in entries) <= 6000
-    assert (folder / "ab" / "notes.txt").exists()
+    assert (folder / "ab" / "notes.txt").exists() and theirs.exists()
     assert cache.get(pictures[-1].resolve(), 128)[0] == made[-1]  # the most recent entries stay
     assert not list(folder.rglob("*.tmp"))
+
+
+def test_a_thumb_cache_folder_of_the_users_files_is_refused_and_left_whole(
+    site: tuple[Server, Path], tmp_path: Path
+) -> None:
+    """A photo folder sorted by month (01/IMG_0.jpg) looked like the cache's two-letter folders, and
+    its photos were removed as the oldest thumbnails once it passed the bound."""
+    _, root = site
+    photos = tmp_path / "photos2024"
+    for month in ("01", "02"):
+        (photos / month).mkdir(parents=True)
+        for i in range(3):
+            (photos / month / f"IMG_{i}.jpg").write_bytes((SAMPLES / "seen" / "red-square.jpg").read_bytes())
+            os.utime(photos / month / f"IMG_{i}.jpg", (0, 0))
+    before = sorted(p.relative_to(photos) for p in photos.rglob("*"))
+    env = {**os.environ, "CLIPCLI_CACHE": str(root / "cache")}
+    args = ["emb", "-m", "tiny-shapes", "--port", "0", "--thumb-cache", str(photos), "--thumb-cache-mb", "1"]
+    ran = subprocess.run(
+        [sys.executable, "-m", "clipcli", "serve", *args], cwd=root, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert ran.returncode == 2 and "is not a thumbnail cache clipcli made" in ran.stderr
+    assert len(ran.stderr.strip().splitlines()) == 1 and "Traceback" not in ran.stderr
+    assert sorted(p.relative_to(photos) for p in photos.rglob("*")) == before
+    from clipcli.serve.thumbcache import ThumbCache
+
+    cache = ThumbCache(photos, max_bytes=1)  # even a cache made without its claim removes none of them
+    cache.get((SAMPLES / "seen" / "blue-star.jpg").resolve(), 128)
+    assert all((photos / p).exists() for p in before)

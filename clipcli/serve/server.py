@@ -92,6 +92,8 @@ def run_serve(request: ServeRequest, models: ModelOptions, hooks: ServeHooks) ->
     generated = exposed and token is None
     if generated:
         token = secrets.token_urlsafe(18)
+    thumbs = ThumbCache(Path(r.thumb_cache) if r.thumb_cache else None, r.thumb_cache_bytes, r.max_pixels)
+    thumbs.claim()  # before the model loads: a folder of the user's files is refused at once
     sock = _bind(r.host, r.port)
     try:
         lm = _load(models, Path(r.sources[0]), hooks.load)
@@ -99,7 +101,6 @@ def run_serve(request: ServeRequest, models: ModelOptions, hooks: ServeHooks) ->
         for dataset in catalog.datasets:
             if dataset.note:
                 hooks.on_note(dataset.note)
-        thumbs = ThumbCache(Path(r.thumb_cache) if r.thumb_cache else None, r.thumb_cache_bytes, r.max_pixels)
         app = create_app(Served(lm, catalog, token, thumbs, r.max_upload_bytes, r.max_pixels))
         config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=3)
         _quiet_cancelled_requests()

@@ -3,8 +3,12 @@
 An entry is named by a digest of the file's real path, size, mtime and the thumbnail's size, so a file
 changed on disk gets a new thumbnail and the old one ages out. Entries are written to a temporary
 sibling and renamed into place (a reader never sees half a JPEG); the folder is kept under a size
-bound by removing the least recently used entries (the oldest mtime: a hit touches its entry). Only
-files this cache wrote (``*.jpg`` in its two-letter subfolders) are ever removed.
+bound by removing the least recently used entries (the oldest mtime: a hit touches its entry).
+
+Only files this cache wrote are ever removed: entries named as it names them (``ab/ab12…(40 hex).jpg``)
+in a folder that carries its ``CACHEDIR.TAG`` (the cache directory tag that backup tools skip). A folder
+given to it must be new, empty or tagged (:meth:`ThumbCache.claim`): a photo folder sorted by month
+(``01/IMG_0001.jpg``) is never taken for a cache.
 """
 
 from __future__ import annotations
@@ -12,16 +16,22 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import threading
 import time
 from pathlib import Path
 
 from clipcli.atomic import replace_file
 from clipcli.cache import cache_dir
+from clipcli.errors import InputError
 from clipcli.images.limits import DEFAULT_MAX_PIXELS
 
 DEFAULT_MAX_BYTES = 512 << 20
 TOUCH_AFTER_S = 3600.0  # a hit marks its entry as recently used at most this often
+TAG_NAME = "CACHEDIR.TAG"
+TAG_SIGNATURE = b"Signature: 8a477f597d28d172789f06886806bc55"  # https://bford.info/cachedir/
+TAG_TEXT = TAG_SIGNATURE + b"\n# clipcli's thumbnail cache: clipcli removes only the thumbnails it made here.\n"
+ENTRY_NAME = re.compile(r"^[0-9a-f]{40}\.jpg$")
 
 
 def thumbs_cache_dir() -> Path:
@@ -40,6 +50,40 @@ class ThumbCache:
         self.max_pixels = max_pixels
         self.lock = threading.Lock()
         self.total: int | None = None  # bytes held, counted on the first write
+
+    def claim(self) -> None:
+        """Tag the folder as this cache (creating it), or refuse one that holds anything else: only a new
+        or empty folder, one already tagged, or clipcli's own default folder becomes a cache. Raises
+        InputError; a folder that cannot be written is left alone (thumbnails are then made each time)."""
+        if self.tagged():
+            return
+        if self.folder.exists() and not self.folder.is_dir():
+            raise InputError(f"{self.folder}: is not a folder; name a new or empty one for --thumb-cache")
+        try:
+            held = os.listdir(self.folder) if self.folder.is_dir() else []
+        except OSError:
+            return
+        if held and self.folder != thumbs_cache_dir():
+            raise InputError(
+                f"{self.folder}: holds {sorted(held)[0]} and is not a thumbnail cache clipcli made (it has no "
+                f"{TAG_NAME}); name a new or empty folder for --thumb-cache"
+            )
+        with contextlib.suppress(OSError):
+            self.folder.mkdir(parents=True, exist_ok=True)
+            tmp = self.folder / f".{TAG_NAME}.{os.getpid()}.tmp"
+            try:
+                tmp.write_bytes(TAG_TEXT)
+                replace_file(tmp, self.folder / TAG_NAME)
+            finally:
+                tmp.unlink(missing_ok=True)
+
+    def tagged(self) -> bool:
+        """Whether the folder carries this cache's tag (its entries may then be removed)."""
+        try:
+            with open(self.folder / TAG_NAME, "rb") as f:
+                return f.read(len(TAG_SIGNATURE)) == TAG_SIGNATURE
+        except OSError:
+            return False
 
     def key(self, file: Path, size: int, member: str | None = None) -> tuple[str, Path]:
         """The entry's digest (also the thumbnail's ETag) and its path; raises OSError for a missing file."""
@@ -85,15 +129,16 @@ class ThumbCache:
                 self._evict()
 
     def _entries(self) -> list[tuple[float, int, Path]]:
-        """(mtime, bytes, path) of every entry this cache wrote."""
+        """(mtime, bytes, path) of every entry this cache wrote: none in a folder without its tag."""
         found: list[tuple[float, int, Path]] = []
-        if not self.folder.is_dir():
+        if not self.folder.is_dir() or not self.tagged():
             return found
         for sub in os.scandir(self.folder):
             if len(sub.name) != 2 or not sub.is_dir(follow_symlinks=False):
                 continue
             for f in os.scandir(sub.path):
-                if f.name.endswith(".jpg") and not f.name.startswith(".") and f.is_file(follow_symlinks=False):
+                own = ENTRY_NAME.match(f.name) and f.name.startswith(sub.name)
+                if own and f.is_file(follow_symlinks=False):
                     with contextlib.suppress(OSError):
                         st = f.stat(follow_symlinks=False)
                         found.append((st.st_mtime, st.st_size, Path(f.path)))
