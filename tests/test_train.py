@@ -243,6 +243,28 @@ def test_train_device_defaults_to_auto(cli: Cli, pairs: Path, tmp_path: Path, mo
         assert ran.exit_code == 2 and ran.stderr.strip() == f"Error: asked for device {spec!r}", ran.stderr
 
 
+def test_train_replaces_its_own_model_and_no_other_file(cli: Cli, pairs: Path, tmp_path: Path) -> None:
+    """`train -o notes.pt` replaced a user's file, and any checkpoint of theirs, with exit 0."""
+    from clipcli.errors import OutputError
+
+    notes = tmp_path / "notes.pt"
+    notes.write_bytes(b"my notes, not a model\n")
+    theirs = tmp_path / "theirs.pt"
+    torch.save({"text_projection": torch.ones(2)}, theirs)  # a state dict clipcli did not write
+    for target in (notes, theirs):
+        before = target.read_bytes()
+        ran = cli("train", str(pairs), "-o", str(target), "--arch", "test-rn", "--steps", "1")
+        assert ran.exit_code == 2 and "is not a model output clipcli writes" in ran.stderr, ran.stderr
+        assert len(ran.stderr.strip().splitlines()) == 1 and target.read_bytes() == before
+    own = tmp_path / "own.pt"
+    train(_config(pairs, own, steps=1))
+    first = own.read_bytes()
+    train(_config(pairs, own, steps=2))  # a rerun replaces what the first run wrote
+    assert own.read_bytes() != first and torch.load(own, weights_only=True)["text_projection"].ndim == 2
+    with pytest.raises(OutputError):
+        train(_config(pairs, theirs, steps=1))
+
+
 def test_make_shapes_writes_the_images_and_their_captions(cli: Cli, tmp_path: Path) -> None:
     """The fast loop's one run of `make-shapes`: as many images as asked, each named once in pairs.csv."""
     ran = cli("make-shapes", str(tmp_path / "shapes"), "-n", "6", "--workers", "1")
@@ -253,6 +275,27 @@ def test_make_shapes_writes_the_images_and_their_captions(cli: Cli, tmp_path: Pa
     assert len(rows) == 6 and all(row["text"] for row in rows)
     images = sorted(p.name for p in (tmp_path / "shapes").iterdir() if p.suffix in (".jpg", ".png"))
     assert images == sorted(row["image"] for row in rows)
+
+
+def test_make_shapes_replaces_only_what_it_drew(cli: Cli, tmp_path: Path) -> None:
+    """`make-shapes ms` replaced a user's pairs.csv and an image of theirs named as one of its own."""
+    folder = tmp_path / "ms"
+    folder.mkdir()
+    (folder / "pairs.csv").write_text("path,caption\nmy/own.jpg,my caption\n")
+    (folder / "000000_yellow_square.png").write_bytes(b"precious")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    ran = cli("make-shapes", str(folder), "-n", "3", "--workers", "1")
+    assert ran.exit_code == 2 and "holds pairs.csv, which make-shapes did not write" in ran.stderr, ran.stderr
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    (folder / "pairs.csv").unlink()
+    (folder / "notes.txt").write_text("mine")
+    assert cli("make-shapes", str(folder), "-n", "3", "--workers", "1").exit_code == 2
+    assert (folder / "notes.txt").read_text() == "mine"
+    again = tmp_path / "again"
+    for n in (3, 2):  # its own folder is drawn into again
+        ran = cli("make-shapes", str(again), "-n", str(n), "--workers", "1")
+        assert ran.exit_code == 0, ran.stderr
+    assert len((again / "pairs.csv").read_text().splitlines()) == 3
 
 
 def test_trim_padding_cuts_to_the_longest_text() -> None:

@@ -16,7 +16,9 @@ and hold one of :data:`OWN_MARK_COLUMNS`: a score, an embedding, a similarity):
 - NPY: its sidecar (``NAME.rows.jsonl``), whose first line clipcli's header is; the matrix and the
   sidecar are refused together;
 - ``eval``'s JSON report: an object that opens with its ``schema_version``; ``rank --html``'s page: its
-  title.
+  title;
+- ``train``'s model: a PyTorch archive (a zip) holding clipcli's mark, :data:`MODEL_MARK`, beside the
+  weights (which ``clip`` and ``torch.load`` read as before, the mark unread).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ _JSON_KEY = re.compile(rb'"([a-z][a-z0-9_]*)": ')
 _FIRST_KEY = re.compile(rb'\{"([a-z][a-z0-9_]*)": ')
 _SCORE = re.compile(r"-?[01]\.\d{4}")  # rank's TSV score: a cosine with four decimals
 _REMOVE = "clipcli replaces only its own outputs: remove it first, or choose another name"
+MODEL_MARK = "clipcli.json"  # a member of a trained model's archive: ARCHIVE/clipcli.json
 
 
 def read_head(path: Path) -> bytes | None:
@@ -149,6 +152,17 @@ def report_is_own(head: bytes) -> bool:
 def page_is_own(head: bytes) -> bool:
     """``rank --html``'s page: its title says so."""
     return b"<title>clipcli rank: " in head
+
+
+def model_is_own(path: Path) -> bool:
+    """``train``'s model: a zip whose members include its :data:`MODEL_MARK` (nothing in it is unpickled)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/" + MODEL_MARK) for name in archive.namelist())
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return False
 
 
 def rows_are_own(path: Path, fmt: str, head: bytes, first: Iterable[str] = ()) -> bool:

@@ -28,6 +28,26 @@ def atomic_save(obj: dict[str, Any], path: Path) -> None:
         torch.save(obj, f)
 
 
+def save_model(state_dict: dict[str, Any], path: Path) -> None:
+    """The trained weights as ``torch.save`` writes them (``clip.load`` reads the file as before), whole
+    or not at all, marked as clipcli's (:data:`~clipcli.store.ownership.MODEL_MARK`): a later run may
+    replace this file, and no other."""
+    import json
+    import zipfile
+
+    import torch
+
+    from clipcli.atomic import atomic_write
+    from clipcli.store.ownership import MODEL_MARK
+
+    with atomic_write(path, "w+b") as f:
+        torch.save(state_dict, f)
+        f.seek(0)
+        with zipfile.ZipFile(f, "a") as archive:
+            folder = archive.namelist()[0].split("/", 1)[0]
+            archive.writestr(f"{folder}/{MODEL_MARK}", json.dumps({"written_by": "clipcli train", "format": 1}))
+
+
 def checkpoint_state(
     model: CLIP, optimizer: torch.optim.Optimizer, step: int, signature: dict[str, str]
 ) -> dict[str, Any]:

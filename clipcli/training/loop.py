@@ -23,6 +23,7 @@ from clipcli.training.checkpoints import (
     checkpoint_state,
     export_state_dict,
     resume,
+    save_model,
 )
 from clipcli.training.pairs import Pairs, PixelSource, read_pairs
 
@@ -265,10 +266,12 @@ def train(
     refused, never replaced.
     """
     from clipcli.atomic import OutputLock
+    from clipcli.store.ownership import model_is_own, refuse_unless_own
 
     config.check()
     ckpt = checkpoint_path(config.output)
     with OutputLock(config.output, is_dir=False), OutputLock(ckpt, is_dir=False):
+        refuse_unless_own(config.output, lambda _head: model_is_own(config.output), "model")
         if not (config.resume or config.overwrite) and (ckpt.exists() or ckpt.is_symlink()):
             raise OutputError(
                 f"{ckpt}: holds the progress of an interrupted run; continue it with --resume, "
@@ -360,7 +363,7 @@ def _train(
         result.val_text_to_image_r1 = recall.text_to_image
     model.eval()
     with signals_held():
-        atomic_save(export_state_dict(model, config.half), config.output)
+        save_model(export_state_dict(model, config.half), config.output)
         ckpt.unlink(missing_ok=True)
     result.seconds = time.perf_counter() - started
     return result

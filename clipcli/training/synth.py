@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import random
+import re
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -207,6 +209,37 @@ def render(rng: random.Random, colour: str, shape: str, background: Background =
     return Sample(image, colour, shape, caption)
 
 
+PAIRS_COLUMNS = ("image", "text", "label", "colour", "shape", "held_out")
+_OWN_IMAGE = re.compile(r"^\d{6}_[a-z]+_[a-z]+\.(jpg|png)$")
+
+
+def refuse_foreign_folder(folder: Path) -> None:
+    """Refuse a folder holding anything ``generate`` does not write (its images, named ``000123_red_star.jpg``,
+    and a ``pairs.csv`` with its header): its files would be replaced. Raises OutputError."""
+    from clipcli.errors import OutputError
+
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{folder}: exists and is not a folder; name a new or empty folder")
+    try:
+        names = sorted(os.listdir(folder)) if folder.is_dir() else []
+    except OSError as e:
+        raise OutputError(f"{folder}: cannot be listed ({e.strerror})") from None
+    foreign = [n for n in names if not (_OWN_IMAGE.match(n) or n.startswith(".pairs.csv.") or n == "pairs.csv")]
+    if "pairs.csv" in names and not foreign:
+        try:
+            with open(folder / "pairs.csv", encoding="utf-8", newline="") as f:
+                header = f.readline().rstrip("\r\n")
+        except (OSError, UnicodeDecodeError):
+            header = ""
+        if header != ",".join(PAIRS_COLUMNS):
+            foreign = ["pairs.csv"]
+    if foreign:
+        raise OutputError(
+            f"{folder}: holds {foreign[0]}, which make-shapes did not write; draw into a new or empty folder "
+            "(or one make-shapes wrote)"
+        )
+
+
 def _write_one(args: tuple[Path, int, int, str, str, Background]) -> dict[str, str]:
     folder, seed, index, colour, shape, background = args
     rng = random.Random(seed * 1_000_003 + index)
@@ -234,7 +267,11 @@ def generate(
     background: Background = "varied",
     workers: int = 2,
 ) -> Iterator[dict[str, str]]:
-    """Write ``count`` images and ``folder/pairs.csv`` (image, text, label, colour, shape, held_out)."""
+    """Write ``count`` images and ``folder/pairs.csv`` (image, text, label, colour, shape, held_out) into
+    a new or empty folder, or one this wrote (:func:`refuse_foreign_folder`)."""
+    from clipcli.atomic import atomic_write
+
+    refuse_foreign_folder(folder)
     folder.mkdir(parents=True, exist_ok=True)
     combos = combinations(split)
     picker = random.Random(seed)
@@ -249,7 +286,7 @@ def generate(
         for job in jobs:
             rows.append(_write_one(job))
             yield rows[-1]
-    with (folder / "pairs.csv").open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["image", "text"], lineterminator="\n")
+    with atomic_write(folder / "pairs.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else list(PAIRS_COLUMNS), lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
