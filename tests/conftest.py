@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,6 +15,13 @@ from typer.testing import CliRunner
 
 from clipcli.cli import app
 from clipcli.models.families.openai import ARCHITECTURES, import_clip
+
+# Ctrl-C as a terminal gives it, to every process the tests start. A test run started in the background by a
+# shell without job control (`(pytest &)` in a script) inherits SIGINT ignored, and so would every clipcli it
+# starts: Python leaves an ignored SIGINT ignored, so the tests that press Ctrl-C would see it do nothing.
+# A handler here is reset to the default in each child, where Python installs its own.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # The terminal width every test and every process it starts sees. Rich (and click) read COLUMNS; without it a
 # table is as wide as the terminal pytest was started from, or 80 columns under CI, and a path in a table or

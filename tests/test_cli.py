@@ -94,7 +94,8 @@ def test_no_images_found_is_an_error(cli, tmp_path, command, source):
     args = {"classify": ["classify", where, "-l", "a,b"], "embed": ["embed", where], "rank": ["rank", "x", where]}
     ran = cli(*args[command], "-m", "tiny-shapes", "-o", str(tmp_path / "out.csv"), input="")
     assert ran.exit_code == 2
-    assert ran.stderr.strip() == f"Error: no images found in {where}"
+    named = where if source == "folder" else "the list on standard input"
+    assert ran.stderr.strip() == f"Error: no images found in {named}"
     assert not (tmp_path / "out.csv").exists()
 
 

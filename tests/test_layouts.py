@@ -88,6 +88,28 @@ def test_float32_on_request(cli, shapes, tmp_path):
     assert ran.exit_code == 2 and "--dtype float32" in ran.stderr
 
 
+def test_embed_without_layout_goes_on_in_the_folders_layout(cli, shapes, tmp_path):
+    """`embed busy/ -o cr/` (no --layout) into a layout folder wrote a clipcli part there: its rows were
+    in no result, a rerun called them unchanged, and the layout's next run was refused."""
+    out = tmp_path / "cr"
+    assert embed_layout(cli, out, shapes / "seen").exit_code == 0
+    ran = cli("embed", str(shapes / "busy"), *MODEL, "-o", f"{out}/")
+    assert ran.exit_code == 0 and "embedded 6, unchanged 0" in ran.stderr, ran.stderr
+    assert not list(out.glob("*.parquet"))
+    _, paths = layout_rows(out)
+    assert sorted(paths) == sorted(all_images(shapes / "seen") | all_images(shapes / "busy"))
+    refused = cli("embed", str(shapes / "busy"), *MODEL, "--layout", "parquet", "-o", f"{out}/")
+    assert refused.exit_code == 2 and "is a folder in clip-retrieval's layout" in refused.stderr
+    assert "embedded 0, unchanged" in embed_layout(cli, out, shapes / "seen", shapes / "busy").stderr
+
+
+def test_a_dtype_that_differs_from_the_datasets_names_both(cli, shapes, tmp_path):
+    out = tmp_path / "emb"
+    assert cli("embed", str(shapes / "seen"), *MODEL, "-o", f"{out}/").exit_code == 0
+    ran = cli("embed", str(shapes / "seen"), *MODEL, "--dtype", "float16", "-o", f"{out}/")
+    assert ran.exit_code == 2 and "holds float32 embeddings; pass --dtype float32" in ran.stderr, ran.stderr
+
+
 def test_reruns_embed_only_what_changed_and_drop_what_is_gone(cli, shapes, tmp_path):
     out = tmp_path / "cr"
     assert embed_layout(cli, out, shapes / "seen", shapes / "busy", extra=("--part-size", "4")).exit_code == 0

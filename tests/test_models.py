@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +73,10 @@ def test_not_a_checkpoint(tmp_path):
         load_model(str(other), "cpu")
     with pytest.raises(ModelError, match="is a directory"):
         load_model(str(tmp_path), "cpu")
+    fifo = tmp_path / "fifo.pt"
+    os.mkfifo(fifo)  # said to be missing before; never opened
+    with pytest.raises(ModelError, match=r"fifo\.pt: is not a regular file"):
+        load_model(str(fifo), "cpu")
 
 
 def test_pickled_code_is_refused(tmp_path):

@@ -46,6 +46,39 @@ def test_saved_embeddings_rank_like_the_images(cli, tmp_path):
         assert np.allclose([s for s, _ in saved], [s for s, _ in live], atol=2e-3)
 
 
+def test_a_file_in_two_sources_is_one_result(cli, tmp_path, monkeypatch):
+    """`rank --image q.jpg photos/ emb.npy`, emb.npy holding photos/, listed each picture twice."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for p in sorted((SAMPLES / "busy").glob("*.jpg")):
+        (photos / p.name).write_bytes(p.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    assert cli("embed", "photos", "-m", "tiny-shapes", "-o", "emb.npy").exit_code == 0
+    query = ["--image", "photos/red-circle.jpg", "-m", "tiny-shapes", "-k", "4"]
+    for sources in (["photos/", "emb.npy"], ["emb.npy", "photos/", "emb.npy"]):
+        hits = _tsv(cli("rank", *query, *sources).stdout)
+        assert len(hits) == 4 and len({p for _, p in hits}) == 4, hits
+        assert hits[0] == (pytest.approx(1.0, abs=1e-3), "photos/red-circle.jpg")
+        assert [p for _, p in hits] == [p for _, p in _tsv(cli("rank", *query, "emb.npy").stdout)]
+
+
+def test_rows_embedded_from_another_folder_say_where_their_paths_open(cli, tmp_path, monkeypatch):
+    """From B, A's `photos/blue-star.jpg` read as B's own file of that name, without a word."""
+    for folder, samples in (("A", "busy"), ("B", "seen")):
+        (tmp_path / folder / "photos").mkdir(parents=True)
+        for p in sorted((SAMPLES / samples).glob("*.jpg"))[:4]:
+            (tmp_path / folder / "photos" / p.name).write_bytes(p.read_bytes())
+    monkeypatch.chdir(tmp_path / "A")
+    assert cli("embed", "photos", "-m", "tiny-shapes", "-o", "emb/").exit_code == 0
+    here = cli("rank", "a blue star", "emb/", "-m", "tiny-shapes", "-k", "2")
+    assert here.exit_code == 0 and "relative to" not in here.stderr
+    monkeypatch.chdir(tmp_path / "B")
+    there = cli("rank", "a blue star", "../A/emb/", "-m", "tiny-shapes", "-k", "2")
+    assert there.exit_code == 0 and _tsv(there.stdout) == _tsv(here.stdout)
+    where = (tmp_path / "A").resolve()
+    assert f"../A/emb/: its relative paths are relative to {where}, where it was embedded" in there.stderr
+
+
 def test_image_query_and_reverse_direction(cli, tmp_path):
     query = SAMPLES / "busy" / "blue-star.jpg"
     ran = cli("rank", "--image", str(query), str(SAMPLES), "-m", "tiny-shapes", "-k", "2", "-f", "csv")

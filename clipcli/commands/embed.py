@@ -71,14 +71,15 @@ def embed(
         ),
     ] = None,
     layout: Annotated[
-        Layout,
+        Layout | None,
         typer.Option(
             case_sensitive=False,
             help="Of a directory output: parquet (clipcli's dataset), or clip-retrieval (DIR/img_emb/*.npy beside "
             "DIR/metadata/*.parquet, as clip-retrieval writes it and embedding-reader and autofaiss read it; "
-            "incremental too).",
+            "incremental too). Default: the layout the folder has; parquet for a new one.",
+            show_default=False,
         ),
-    ] = Layout.PARQUET,
+    ] = None,
     part_size: Annotated[
         int,
         typer.Option(min=1, metavar="ROWS", help="Rows per part file in a directory output (each written when full)."),
@@ -125,7 +126,7 @@ def embed(
 
     inputs = inputs or []
     out = parse_dataset_output(output, fmt, FORMATS, tty=stdout_is_tty(), text=text, layout=layout)
-    stored = dtype.value if dtype else ("float16" if layout is Layout.CLIP_RETRIEVAL else "float32")
+    stored = dtype.value if dtype else ("float16" if out.layout is Layout.CLIP_RETRIEVAL else "float32")
     check_scale_out(engine.value, shard, text, out, output)
     refuse_output_over_inputs(out.written_files(), [*inputs, texts_file, *(templates or [])])
     if shard is not None:  # a malformed I/N is refused before any file is touched

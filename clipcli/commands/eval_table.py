@@ -81,7 +81,7 @@ def print_table(console: Console, results: Sequence[EvalResult]) -> None:
     # Names come from the user (paths, templates): Text keeps rich from reading "[...]" in them as markup.
     # The title wraps at the table's width, where the console would leave a long dataset path to the terminal.
     # The count stays whole on one line ("(32 images)", never "(32" / "images)"): see CountedTitle.
-    unit = "texts" if results[0].dataset.startswith("texts:") else "images"
+    unit = ("text" if results[0].dataset.startswith("texts:") else "image") + "s" * (results[0].n != 1)
     head = printable(f"zero-shot evaluation on {results[0].dataset}")
     table = Table(title=CountedTitle(head, f"({results[0].n} {unit})"))
     table.add_column("model", overflow="fold")

@@ -16,6 +16,7 @@ from clipcli.models import LoadedModel
 from clipcli.store.formats import OutputFormat, ParquetWriter, RowWriter
 from clipcli.store.output import Layout, NpyWriter, Output, open_writer
 from clipcli.store.parts import Rows, Stat, stat_of
+from clipcli.store.rows import text_schema
 from clipcli.zeroshot.encode import EmbeddedBatch, encode_texts, iter_image_embeddings
 from clipcli.zeroshot.prompts import TemplateSet
 
@@ -199,14 +200,14 @@ def embed_texts(
         matrix = matrix.astype(np.float16)
     columns = ["text", *(f"e{i}" for i in range(matrix.shape[1]))]
     tag = model_tag(lm, normalize or templates is not None)
-    with open_writer(out, columns=columns, tag=tag, dim=matrix.shape[1], dtype=dtype, key="text") as writer:
+    sch = text_schema(matrix.shape[1], dtype, tag)
+    with open_writer(out, columns=columns, tag=tag, dim=matrix.shape[1], dtype=dtype, key="text", schema=sch) as writer:
         if isinstance(writer, NpyWriter):
             writer.write_matrix(texts, matrix)
         elif isinstance(writer, ParquetWriter):
-            value = pa.float16() if dtype == "float16" else pa.float32()
-            flat = pa.array(matrix.astype(np.float32).reshape(-1)).cast(value)
+            flat = pa.array(matrix.astype(np.float32).reshape(-1)).cast(sch.field("embedding").type.value_type)
             emb = pa.FixedSizeListArray.from_arrays(flat, matrix.shape[1])
-            writer.write_table(pa.table({"text": pa.array(list(texts), pa.string()), "embedding": emb}))
+            writer.write_table(pa.table({"text": pa.array(list(texts), pa.string()), "embedding": emb}, schema=sch))
         else:
             writer.write(_flat_rows("text", texts, matrix, out.format))
     return len(texts)

@@ -149,7 +149,8 @@ def found_nothing(refs: Sequence[ImageRef], missing: Sequence[Skipped]) -> bool:
 def nothing_found(arguments: Sequence[str], missing: Sequence[Skipped]) -> InputError:
     """The error for a run with no image to work on, with the reasons its arguments gave none."""
     reasons = "; ".join(f"{m.path}: {m.reason}" for m in missing[:3]) + ("; ..." if len(missing) > 3 else "")
-    return InputError(f"no images found in {', '.join(arguments)}" + (f" ({reasons})" if reasons else ""))
+    named = ", ".join("the list on standard input" if a == "-" else a for a in arguments)
+    return InputError(f"no images found in {named}" + (f" ({reasons})" if reasons else ""))
 
 
 _BRACES = re.compile(r"\{[^{}]*(?:,|\.\.)[^{}]*\}")

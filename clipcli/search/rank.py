@@ -117,9 +117,12 @@ def rank_many(
     embeddings are taken, and only their rows that the filter keeps, before the top k are chosen."""
     scan = scan or SourceScan()
     choice = scan.index
-    best = [TopK(top_k, threshold) for _ in range(len(queries))]
-    image_args = []
     saved = [s for s in sources if s != "-" and is_embedding_source(s)]
+    # A file may be in several sources (photos/ and the rows saved from it): each gives its row, so the
+    # k best names are among the k x (number of sources) best rows; a name is kept once, at its best.
+    spread = max(1, len(saved) + (len(saved) < len(sources)))
+    best = [TopK(top_k * spread, threshold) for _ in range(len(queries))]
+    image_args = []
     explicit = _explicit_index_source(choice, saved)
     if scan.where is not None:
         _refuse_where_on_images(sources, saved)
@@ -149,7 +152,14 @@ def rank_many(
                 scan.on_rows(batch.embeddings.numpy())
             if batch.names:
                 _offer_all(best, batch.embeddings.numpy(), queries, partial(_names_at, batch.names))
-    return [b.hits() for b in best]
+    return [_each_name_once(b.hits(), top_k) for b in best]
+
+
+def _each_name_once(hits: list[Hit], k: int) -> list[Hit]:
+    kept: dict[str, Hit] = {}
+    for hit in hits:  # best first
+        kept.setdefault(hit.name, hit)
+    return list(kept.values())[:k]
 
 
 QUERY_GROUP = 256  # queries scored against a chunk at once: 64k rows x 256 x 4 bytes = 64 MB of scores

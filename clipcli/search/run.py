@@ -107,6 +107,9 @@ def run_rank(request: RankRequest, models: ModelOptions, images: ImageOptions, h
     if r.index and r.no_index:
         raise InputError("give --index or --no-index, not both")
     _check_extras(r)
+    if hooks.on_note is not None:
+        for note in _other_folders(args):
+            hooks.on_note(note)
     index = IndexChoice(not r.no_index, Path(r.index) if r.index else None, hooks.on_note)
     scan = SourceScan(
         images.batch_size, images.workers, images.exact, images.max_pixels, r.cache, index, hooks.on_skip, hooks.stdin
@@ -250,6 +253,31 @@ def _check_extras(r: RankRequest) -> None:
         from clipcli.store.ownership import page_is_own, refuse_unless_own
 
         refuse_unless_own(Path(r.html), page_is_own, "rank --html page")
+
+
+def _other_folders(sources: Sequence[str]) -> list[str]:
+    """A note for each saved Parquet source embedded from another folder than this one: its relative
+    paths, which results name as stored, open from that folder, not from here."""
+    import pyarrow.parquet as pq
+
+    from clipcli.store.parts import dataset_base
+
+    notes: list[str] = []
+    try:
+        here = os.path.realpath(os.getcwd())
+    except OSError:
+        return notes  # no working folder: relative paths open from nowhere here
+    for source in sources:
+        files = sorted(Path(source).glob("*.parquet")) if os.path.isdir(source) else [Path(source)]
+        if not files or files[0].suffix.lower() not in (".parquet", ".pq") or not files[0].is_file():
+            continue
+        try:
+            base = dataset_base(pq.read_schema(files[0]).metadata)
+        except (OSError, ValueError):
+            continue  # reported when it is read
+        if base and os.path.realpath(base) != here:
+            notes.append(f"{source}: its relative paths are relative to {base}, where it was embedded")
+    return notes
 
 
 def _language(text: str | None, image: str | None, negative: Sequence[str]) -> Query | None:

@@ -139,7 +139,7 @@ PageSize = Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)]
 Where = Annotated[str | None, Query(description="A filter over the dataset's columns, as `rank --where` (DuckDB SQL).")]
 After = Annotated[date | None, Query(description="Taken (else modified) on or after this day.")]
 Before = Annotated[date | None, Query(description="Taken (else modified) on or before this day.")]
-MinScore = Annotated[float | None, Query(description="Drop results scoring below this.")]
+MinScore = Annotated[float | None, Query(description="Drop results scoring below this.", allow_inf_nan=False)]
 CutoffQ = Annotated[Cutoff, Query(description="auto: keep only results that stand out from the dataset's scores.")]
 
 

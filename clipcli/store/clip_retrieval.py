@@ -33,6 +33,7 @@ from clipcli.atomic import AtomicFile, OutputLock, describe_os_error, signals_he
 from clipcli.errors import InputError, OutputError
 from clipcli.store.parts import (
     KEPT_PARTS,
+    PART_NAME,
     PartKey,
     PlannedRows,
     Stored,
@@ -206,6 +207,11 @@ def refuse_foreign(folder: Path) -> None:
                 foreign += [f"{sub}/{n}" for n in names if not (_allowed(n, pattern) and _regular(folder / sub / n))]
     elif not foreign:
         foreign = [n for n in found if n in (EMB_DIR, META_DIR)]  # a layout clipcli did not write
+    if foreign and PART_NAME.match(foreign[0]):  # an embed of an earlier clipcli, without --layout, left it
+        raise OutputError(
+            f"{folder}: holds {foreign[0]}, rows in clipcli's Parquet layout that no reader of this layout "
+            "sees; move it out and embed its images into this folder again"
+        )
     if foreign:
         raise OutputError(
             f"{folder}: holds {foreign[0]}, which clipcli did not write; write the layout into a new or "

@@ -426,12 +426,19 @@ class TableWriter(RowWriter):
         if not self.rows:
             return
         table = Table()
-        for name in self.rows[0]:
+        cells = [[printable(_cell(v)) for v in row.values()] for row in self.rows]
+        for i, name in enumerate(self.rows[0]):
             numeric = isinstance(self.rows[0][name], int | float)
-            # Paths are what users search the table for: wrap them rather than cut them short.
-            table.add_column(name, justify="right" if numeric else "left", overflow="fold")
-        for row in self.rows:
-            table.add_row(*(printable(_cell(v)) for v in row.values()))
+            # Paths are what users search the table for: wrap them rather than cut them short. A number
+            # is never split; a long header wraps between its words rather than take a path's width.
+            header = name.replace("_", " ")
+            widest = max(len(row[i]) for row in cells) if numeric else None
+            most = max(widest, *map(len, header.split())) if widest is not None else None
+            table.add_column(
+                header, justify="right" if numeric else "left", overflow="fold", min_width=widest, max_width=most
+            )
+        for row in cells:
+            table.add_row(*row)
         Console(file=sys.stdout).print(table)
 
 

@@ -140,18 +140,26 @@ def parse_dataset_output(
     *,
     tty: bool,
     text: bool = False,
-    layout: Layout = Layout.PARQUET,
+    layout: Layout | None = None,
 ) -> Output:
     """``-o``/``--format`` of a command that can also write a Parquet dataset directory of image
     embeddings, locally or in an object store (``embed``; ``text``: it writes texts, which go to one
     file). A ``file://`` URI is its local path; a URI that names no dataset directory is refused.
     ``layout`` ``clip-retrieval`` writes that layout into a local folder instead
-    (:mod:`clipcli.store.clip_retrieval`)."""
+    (:mod:`clipcli.store.clip_retrieval`); with no ``layout``, a folder already in that layout goes on
+    in it, so that no clipcli part is left where no reader of the layout would see its rows."""
+    from clipcli.store.clip_retrieval import is_layout
     from clipcli.store.remote import check_remote_output, is_remote, local_output
 
     output = local_output(output)
-    if layout is Layout.CLIP_RETRIEVAL:
+    in_layout = output is not None and output not in ("", "-") and not is_remote(output) and is_layout(Path(output))
+    if layout is Layout.CLIP_RETRIEVAL or (layout is None and in_layout and not text):
         return _layout_output(output, fmt, text)
+    if in_layout and layout is Layout.PARQUET:
+        raise InputError(
+            f"{output}: is a folder in clip-retrieval's layout, where clipcli's Parquet parts would not be "
+            "read; drop --layout parquet to add to it, or name another folder"
+        )
     into_dir = is_dataset_dir(output) and _as_format(fmt) in (None, OutputFormat.PARQUET)
     check_remote_output(output, into_dir, text)
     if into_dir:

@@ -80,7 +80,9 @@ def check_compatible(found: pa.Schema, wanted: pa.Schema, where: Path) -> None:
     if meta.get(META_NORMALIZED) != want.get(META_NORMALIZED):
         raise InputError(f"{where}: normalisation differs from this run (--normalize/--no-normalize)")
     if found.field("embedding").type != wanted.field("embedding").type:
-        raise InputError(f"{where}: holds {found.field('embedding').type} embeddings; use the same --dtype")
+        kind = str(getattr(found.field("embedding").type, "value_type", found.field("embedding").type))
+        name = {"float": "float32", "halffloat": "float16"}.get(kind, kind)
+        raise InputError(f"{where}: holds {name} embeddings; pass --dtype {name}")
 
 
 @dataclass(slots=True)  # one per stored row, kept for the whole run

@@ -109,6 +109,15 @@ def schema(dim: int, dtype: str, tag: ModelTag) -> pa.Schema:
     )
 
 
+def text_schema(dim: int, dtype: str, tag: ModelTag) -> pa.Schema:
+    """``embed --text``'s rows: each text and its vector, with the model that made them, as images' rows."""
+    import pyarrow as pa
+
+    value = pa.float16() if dtype == "float16" else pa.float32()
+    meta = {META_MODEL: tag.name, META_SHA: tag.sha256, META_NORMALIZED: str(tag.normalized).lower()}
+    return pa.schema([("text", pa.string()), ("embedding", pa.list_(value, dim))], metadata=meta)
+
+
 def columns_as_found(wanted: pa.Schema, found: pa.Schema | None) -> pa.Schema:
     """``wanted`` without the metadata columns a dataset written before them lacks (``found``: the
     schema of one of its parts): new parts match the old ones."""

@@ -1,10 +1,8 @@
-"""Reading embeddings that ``embed`` saved (Parquet files or directories, NPY, clip-retrieval's layout),
-chunk by chunk.
+"""Reading embeddings that ``embed`` saved (Parquet files or directories, NPY, clip-retrieval's layout).
 
-Every source is checked against the loaded model first (:meth:`clipcli.store.parts.ModelTag.require_model`),
-and yields N x D float32 unit rows with a function that names the rows a search keeps. Parquet sources
-go through the memory-mapped search cache (:mod:`clipcli.store.search_cache`) when allowed; NPY files
-(clip-retrieval's matrices too) are memory-mapped directly.
+Every source is checked against the loaded model first (:func:`require_saved_model`), and yields N x D
+float32 unit rows with a function that names the rows a search keeps. Parquet sources go through the
+search cache (:mod:`clipcli.store.search_cache`) when allowed; NPY files (clip-retrieval's too) are mapped.
 """
 
 from __future__ import annotations
@@ -30,8 +28,8 @@ CHUNK_ROWS = 1 << 16
 
 
 def is_embedding_source(source: str) -> bool:
-    """A saved-embeddings file, or a folder of Parquet files and no images (an image folder that
-    happens to hold a Parquet file, classify's output say, is still ranked as images)."""
+    """A saved-embeddings file, or a folder of Parquet files and no images (classify's output in a folder
+    of images leaves it a folder of images)."""
     from clipcli.images.sources import IMAGE_EXTENSIONS
 
     path = Path(source)
@@ -76,6 +74,8 @@ def require_saved_model(tag: ModelTag, expect: Expect, where: Path) -> None:
     with this one (an index beside them changes neither)."""
     if tag.sha256 == expect.sha256:
         return
+    if not tag.sha256:
+        raise ModelError(f"{where}: records no model (an older clipcli or another tool wrote it); embed it again")
     if tag.name != expect.name:
         raise ModelError(
             f"{where}: embeddings were made with {tag.name}, not {expect.name}; pass --model {tag.name}, "

@@ -296,6 +296,8 @@ def resolve_checkpoint(spec: str, on_download: DownloadProgress | None = None) -
         raise ModelError(f"{spec}: is a directory, not a checkpoint file")
     if path.is_file():
         return path
+    if path.exists():  # a FIFO, a device, a socket: never opened (reading one could wait for ever)
+        raise ModelError(f"{spec}: is not a regular file, so not a checkpoint")
     names = ", ".join([*OPENAI_MODELS, *BUNDLED_MODELS])
     hint = _did_you_mean(spec)
     if hint:
