@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import os
 import re
 import time
 from collections.abc import Callable
@@ -263,6 +264,10 @@ def test_train_replaces_its_own_model_and_no_other_file(cli: Cli, pairs: Path, t
     assert own.read_bytes() != first and torch.load(own, weights_only=True)["text_projection"].ndim == 2
     with pytest.raises(OutputError):
         train(_config(pairs, theirs, steps=1))
+    fifo = tmp_path / "fifo.pt"
+    os.mkfifo(fifo)
+    with pytest.raises(OutputError, match="a model is a file"):
+        train(_config(pairs, fifo, steps=1))
 
 
 def test_make_shapes_writes_the_images_and_their_captions(cli: Cli, tmp_path: Path) -> None:
@@ -291,6 +296,13 @@ def test_make_shapes_replaces_only_what_it_drew(cli: Cli, tmp_path: Path) -> Non
     (folder / "notes.txt").write_text("mine")
     assert cli("make-shapes", str(folder), "-n", "3", "--workers", "1").exit_code == 2
     assert (folder / "notes.txt").read_text() == "mine"
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    precious = tmp_path / "precious.jpg"
+    precious.write_bytes(b"mine")
+    (linked / "000000_red_star.jpg").symlink_to(precious)  # named as its image, a link out of the folder
+    assert cli("make-shapes", str(linked), "-n", "3", "--workers", "1").exit_code == 2
+    assert precious.read_bytes() == b"mine"
     again = tmp_path / "again"
     for n in (3, 2):  # its own folder is drawn into again
         ran = cli("make-shapes", str(again), "-n", str(n), "--workers", "1")

@@ -268,13 +268,13 @@ def _other_folders(sources: Sequence[str]) -> list[str]:
     except OSError:
         return notes  # no working folder: relative paths open from nowhere here
     for source in sources:
-        files = sorted(Path(source).glob("*.parquet")) if os.path.isdir(source) else [Path(source)]
-        if not files or files[0].suffix.lower() not in (".parquet", ".pq") or not files[0].is_file():
-            continue
         try:
+            files = sorted(Path(source).glob("*.parquet")) if os.path.isdir(source) else [Path(source)]
+            if not files or files[0].suffix.lower() not in (".parquet", ".pq") or not files[0].is_file():
+                continue
             base = dataset_base(pq.read_schema(files[0]).metadata)
         except (OSError, ValueError):
-            continue  # reported when it is read
+            continue  # reported when it is read (or a query, not a source)
         if base and os.path.realpath(base) != here:
             notes.append(f"{source}: its relative paths are relative to {base}, where it was embedded")
     return notes

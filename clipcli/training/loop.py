@@ -265,10 +265,12 @@ def train(
     left by an interrupted run is the progress of that run: without ``resume`` or ``overwrite`` it is
     refused, never replaced.
     """
-    from clipcli.atomic import OutputLock
+    from clipcli.atomic import OutputLock, is_stream
     from clipcli.store.ownership import model_is_own, refuse_unless_own
 
     config.check()
+    if is_stream(config.output):
+        raise OutputError(f"{config.output}: is a FIFO or a device; a model is a file (a zip archive): name one")
     ckpt = checkpoint_path(config.output)
     with OutputLock(config.output, is_dir=False), OutputLock(ckpt, is_dir=False):
         refuse_unless_own(config.output, lambda _head: model_is_own(config.output), "model")

@@ -224,7 +224,9 @@ def refuse_foreign_folder(folder: Path) -> None:
         names = sorted(os.listdir(folder)) if folder.is_dir() else []
     except OSError as e:
         raise OutputError(f"{folder}: cannot be listed ({e.strerror})") from None
-    foreign = [n for n in names if not (_OWN_IMAGE.match(n) or n.startswith(".pairs.csv.") or n == "pairs.csv")]
+    own = [n for n in names if _OWN_IMAGE.match(n) or n == "pairs.csv" or n.startswith(".pairs.csv.")]
+    # A link by one of its names is no file it wrote: drawing into it would write through it.
+    foreign = [n for n in names if n not in own or os.path.islink(folder / n) or not os.path.isfile(folder / n)]
     if "pairs.csv" in names and not foreign:
         try:
             with open(folder / "pairs.csv", encoding="utf-8", newline="") as f:
