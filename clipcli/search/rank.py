@@ -115,6 +115,10 @@ def rank_many(
     """For each row of ``queries`` (Q x D unit vectors), its ``top_k`` sources, best first: every source
     is read once for all the queries (one query: ``query[None, :]``). With ``scan.where``, only saved
     embeddings are taken, and only their rows that the filter keeps, before the top k are chosen."""
+    import numpy as np
+
+    from clipcli.store.parts import names_from_here
+
     scan = scan or SourceScan()
     choice = scan.index
     saved = [s for s in sources if s != "-" and is_embedding_source(s)]
@@ -127,16 +131,24 @@ def rank_many(
     if scan.where is not None:
         _refuse_where_on_images(sources, saved)
     for source in sources:
-        if source in saved and scan.where is not None:
-            _offer_where(lm, queries, Path(source), best, scan.where)
-        elif source in saved:
-            # The index re-scores against the search cache, which --no-cache forbids writing for Parquet.
-            indexed = scan.use_cache or Path(source).suffix.lower() == ".npy"
-            if not (indexed and _offer_from_index(lm, queries, Path(source), best, choice, explicit)):
-                for chunk, name_of in iter_saved(Path(source), lm, scan.use_cache):
-                    _offer_all(best, chunk, queries, name_of)
-        else:
+        if source not in saved:
             image_args.append(source)
+            continue
+        relocate = names_from_here(Path(source))  # rows named as they open from here, once they are chosen
+        into = best if relocate is None else [TopK(b.k, b.threshold) for b in best]
+        if scan.where is not None:
+            _offer_where(lm, queries, Path(source), into, scan.where)
+        # The index re-scores against the search cache, which --no-cache forbids writing for Parquet.
+        elif not (
+            (scan.use_cache or Path(source).suffix.lower() == ".npy")
+            and _offer_from_index(lm, queries, Path(source), into, choice, explicit)
+        ):
+            for chunk, name_of in iter_saved(Path(source), lm, scan.use_cache):
+                _offer_all(into, chunk, queries, name_of)
+        if relocate is not None:
+            for b, mine in zip(best, into, strict=True):
+                hits = mine.hits()
+                b.offer(np.array([h.score for h in hits]), partial(_names_at, [relocate(h.name) for h in hits]))
     if image_args:
         refs, missing = discover(image_args, scan.stdin, scan.containers)
         if found_nothing(refs, missing) and len(image_args) == len(sources):  # nothing at all to rank
@@ -275,39 +287,6 @@ def _offer_from_index(
         found = [names[int(r)] for r in q_rows[keep]]
         b.offer(np.asarray(q_scores[keep], np.float64), partial(_names_at, found))
     return True
-
-
-FLAT_SUFFIXES = {".csv": "CSV", ".jsonl": "JSONL"}
-
-
-def refuse_flat_embeddings(sources: Sequence[str]) -> None:
-    """Refuse embeddings that embed wrote as CSV or JSONL: they record no model, so nothing can check
-    that a query's model made them; told apart from images by their first line, never taken for one."""
-    import json
-    import os
-
-    for source in sources:
-        kind = FLAT_SUFFIXES.get(Path(source).suffix.lower())
-        if kind is None or not os.path.isfile(source):
-            continue
-        try:
-            with open(source, "rb") as f:
-                first = f.readline(1 << 20).decode("utf-8", "replace").rstrip("\r\n")
-        except OSError:
-            continue  # the image reader says why
-        if kind == "CSV":
-            flat = first.split(",")[:2] in (["path", "e0"], ["text", "e0"])
-        else:
-            try:
-                row = json.loads(first)
-            except ValueError:
-                row = None
-            flat = isinstance(row, dict) and "embedding" in row
-        if flat:
-            raise InputError(
-                f"{source}: embeddings in {kind} (as embed writes them) record no model, so they cannot be "
-                "searched; embed to .parquet or .npy (or a folder) for rank, dedup and index"
-            )
 
 
 def _names_at(names: Sequence[str], idx: np.ndarray) -> list[Any]:

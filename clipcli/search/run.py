@@ -107,9 +107,6 @@ def run_rank(request: RankRequest, models: ModelOptions, images: ImageOptions, h
     if r.index and r.no_index:
         raise InputError("give --index or --no-index, not both")
     _check_extras(r)
-    if hooks.on_note is not None:
-        for note in _other_folders(args):
-            hooks.on_note(note)
     index = IndexChoice(not r.no_index, Path(r.index) if r.index else None, hooks.on_note)
     scan = SourceScan(
         images.batch_size, images.workers, images.exact, images.max_pixels, r.cache, index, hooks.on_skip, hooks.stdin
@@ -132,9 +129,9 @@ def _rank_one(
         query_embedding,
         rank_many,
         rank_texts,
-        refuse_flat_embeddings,
     )
     from clipcli.store.formats import NOT_UTF8, is_utf8
+    from clipcli.store.parts import refuse_flat_embeddings
     from clipcli.zeroshot.encode import encode_texts
     from clipcli.zeroshot.prompts import optional_templates, read_lines
 
@@ -201,7 +198,8 @@ def _rank_batch(
     hooks: RankHooks,
 ) -> RankResult:
     """Many queries, one pass over the sources: rows of (query, path, score), each query's best first."""
-    from clipcli.search.rank import query_embeddings, rank_many, refuse_flat_embeddings
+    from clipcli.search.rank import query_embeddings, rank_many
+    from clipcli.store.parts import refuse_flat_embeddings
     from clipcli.zeroshot.prompts import optional_templates, read_lines
 
     ensemble = optional_templates(r.template, r.templates)
@@ -253,31 +251,6 @@ def _check_extras(r: RankRequest) -> None:
         from clipcli.store.ownership import page_is_own, refuse_unless_own
 
         refuse_unless_own(Path(r.html), page_is_own, "rank --html page")
-
-
-def _other_folders(sources: Sequence[str]) -> list[str]:
-    """A note for each saved Parquet source embedded from another folder than this one: its relative
-    paths, which results name as stored, open from that folder, not from here."""
-    import pyarrow.parquet as pq
-
-    from clipcli.store.parts import dataset_base
-
-    notes: list[str] = []
-    try:
-        here = os.path.realpath(os.getcwd())
-    except OSError:
-        return notes  # no working folder: relative paths open from nowhere here
-    for source in sources:
-        try:
-            files = sorted(Path(source).glob("*.parquet")) if os.path.isdir(source) else [Path(source)]
-            if not files or files[0].suffix.lower() not in (".parquet", ".pq") or not files[0].is_file():
-                continue
-            base = dataset_base(pq.read_schema(files[0]).metadata)
-        except (OSError, ValueError):
-            continue  # reported when it is read (or a query, not a source)
-        if base and os.path.realpath(base) != here:
-            notes.append(f"{source}: its relative paths are relative to {base}, where it was embedded")
-    return notes
 
 
 def _language(text: str | None, image: str | None, negative: Sequence[str]) -> Query | None:

@@ -355,6 +355,28 @@ def dataset_base(metadata: Mapping[bytes, bytes] | None) -> str | None:
     return os.fsdecode(value) if value else None
 
 
+def names_from_here(source: Path) -> Callable[[str], str] | None:
+    """How a saved source's names open from the working folder: a relative name is relative to the folder
+    the dataset records (``clipcli.base``), which may be another one (``rank ../A/emb/`` run in B names
+    A's ``photos/x.jpg`` as ``../A/photos/x.jpg``, never as B's own ``photos/x.jpg``). None where the
+    names open as stored: this folder's dataset, one that records none (an NPY, an older dataset)."""
+    import pyarrow.parquet as pq
+
+    try:  # clip-retrieval's layout records it in its metadata files
+        layout = (source / "img_emb").is_dir() and (source / "metadata").is_dir()
+        folder = source / "metadata" if layout else source
+        files = sorted(folder.glob("*.parquet")) if folder.is_dir() else [source]
+        if not files or files[0].suffix.lower() not in (".parquet", ".pq") or not files[0].is_file():
+            return None
+        base = dataset_base(pq.read_schema(files[0]).metadata)
+        here = os.path.realpath(os.getcwd())
+    except (OSError, ValueError):
+        return None  # what cannot be read is reported when it is read
+    if base is None or os.path.realpath(base) == here:
+        return None
+    return lambda name: name if os.path.isabs(name) else os.path.relpath(os.path.join(base, name))
+
+
 def any_exists(paths: Iterable[str]) -> bool:
     """Whether any of ``paths`` names a file (a member's, its container) that exists."""
     return any(os.path.lexists(p) or os.path.lexists(container_of(p) or p) for p in paths)
@@ -389,3 +411,35 @@ def first_rows(
             written.add(p)
             wanted.append(i)
     return wanted
+
+
+FLAT_SUFFIXES = {".csv": "CSV", ".jsonl": "JSONL"}
+
+
+def refuse_flat_embeddings(sources: Sequence[str]) -> None:
+    """Refuse embeddings that embed wrote as CSV or JSONL: they record no model, so nothing can check
+    that a query's model made them; told apart from images by their first line, never taken for one."""
+    import json
+
+    for source in sources:
+        kind = FLAT_SUFFIXES.get(Path(source).suffix.lower())
+        if kind is None or not os.path.isfile(source):
+            continue
+        try:
+            with open(source, "rb") as f:
+                first = f.readline(1 << 20).decode("utf-8", "replace").rstrip("\r\n")
+        except OSError:
+            continue  # the image reader says why
+        if kind == "CSV":
+            flat = first.split(",")[:2] in (["path", "e0"], ["text", "e0"])
+        else:
+            try:
+                row = json.loads(first)
+            except ValueError:
+                row = None
+            flat = isinstance(row, dict) and "embedding" in row
+        if flat:
+            raise InputError(
+                f"{source}: embeddings in {kind} (as embed writes them) record no model, so they cannot be "
+                "searched; embed to .parquet or .npy (or a folder) for rank, dedup and index"
+            )
