@@ -54,7 +54,9 @@ class _Group(TyperGroup):
                 e.show()  # `clipcli` alone shows the help
             else:
                 where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-                typer.echo(f"Error: {e.format_message()}{where}", err=True)
+                from clipcli.store.formats import printable
+
+                typer.echo(f"Error: {printable(e.format_message())}{where}", err=True)
             sys.exit(e.exit_code)
         except typer.Abort:
             typer.echo("Aborted.", err=True)
@@ -148,7 +150,9 @@ def _report(e: BaseException, ctx: typer.Context, prefix: str = "", hint: str = 
         import traceback
 
         traceback.print_exception(e)
-    typer.echo(f"Error: {prefix}{e}{'' if _debug(ctx) else hint}", err=True)
+    from clipcli.store.formats import printable
+
+    typer.echo(f"Error: {printable(f'{prefix}{e}')}{'' if _debug(ctx) else hint}", err=True)
 
 
 app = typer.Typer(

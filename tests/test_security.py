@@ -394,3 +394,23 @@ def test_resume_from_a_torchscript_archive_is_refused_in_clipclis_words(tmp_path
         "it refers to TorchScript code; delete it to start the run over"
     )
     assert "weights_only" not in message
+
+
+def test_a_hostile_file_name_reaches_the_terminal_as_escapes_never_as_control_characters(cli, tmp_path):
+    """A name holding a terminal's escape sequences (retitle the window, clear the screen) or a newline
+    went to stderr raw in skip messages and errors: the terminal acted on it."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "red.jpg").write_bytes(
+        (Path(__file__).resolve().parent.parent / "samples/seen/red-square.jpg").read_bytes()
+    )
+    (folder / "x\x1b]0;owned\x07\nline.jpg").write_bytes(b"not an image")
+    ran = cli("classify", str(folder), "-l", "a,b", "-m", "tiny-shapes", "-o", str(tmp_path / "o.csv"))
+    assert ran.exit_code == 1 and "x\\x1b]0;owned\\x07\\nline.jpg" in ran.stderr, ran.stderr
+    missing = cli("embed", str(tmp_path / "gone\x1b[2J.jpg"), "-m", "tiny-shapes")
+    assert missing.exit_code == 2 and "gone\\x1b[2J.jpg" in missing.stderr, missing.stderr
+    usage = cli("embed", "--frobnicate\x1b[2J")
+    assert usage.exit_code == 2 and "\\x1b[2J" in usage.stderr
+    for text in (ran.stderr, missing.stderr, usage.stderr):
+        assert not any((ord(c) < 32 and c != "\n") or 0x7F <= ord(c) <= 0x9F for c in text), repr(text)
+    assert len(missing.stderr.strip().splitlines()) == 1

@@ -21,7 +21,7 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def say(message: str) -> None:
-    err.print(printable(message), markup=False)
+    err.print(printable(message, newlines=True), markup=False)
 
 
 def skipped(path: str, reason: str) -> None:
