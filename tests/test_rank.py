@@ -62,7 +62,7 @@ def test_a_file_in_two_sources_is_one_result(cli, tmp_path, monkeypatch):
         assert [p for _, p in hits] == [p for _, p in _tsv(cli("rank", *query, "emb.npy").stdout)]
 
 
-@pytest.mark.parametrize("kind", ["dataset", "file", "index", "layout"])
+@pytest.mark.parametrize("kind", ["dataset", "file", "index", "layout", "npy"])
 def test_rows_embedded_from_another_folder_are_named_as_they_open_from_here(cli, tmp_path, monkeypatch, kind):
     """From B, rank printed A's rows as stored (`photos/blue-star.jpg`), which from B names B's own file."""
     for folder, samples in (("A", "busy"), ("B", "seen")):
@@ -70,7 +70,7 @@ def test_rows_embedded_from_another_folder_are_named_as_they_open_from_here(cli,
         for p in sorted((SAMPLES / samples).glob("*.jpg"))[:4]:
             (tmp_path / folder / "photos" / p.name).write_bytes(p.read_bytes())
     monkeypatch.chdir(tmp_path / "A")
-    out = {"dataset": "emb/", "file": "emb.parquet", "index": "emb/", "layout": "emb/"}[kind]
+    out = {"dataset": "emb/", "file": "emb.parquet", "index": "emb/", "layout": "emb/", "npy": "emb.npy"}[kind]
     extra = ["--layout", "clip-retrieval"] if kind == "layout" else []
     assert cli("embed", "photos", "-m", "tiny-shapes", "-o", out, *extra).exit_code == 0
     if kind == "index":
@@ -83,6 +83,11 @@ def test_rows_embedded_from_another_folder_are_named_as_they_open_from_here(cli,
     hits = _tsv(mixed.stdout)
     assert {p for _, p in hits} >= {f"../A/{p}" for _, p in here} and all(Path(p).is_file() for _, p in hits)
     assert len({p for _, p in hits}) == 8  # B's own photos are B's, A's are A's
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "A").rename(tmp_path / "A moved")  # the project moved as a whole: names open as stored
+    monkeypatch.chdir(tmp_path / "A moved")
+    moved = _tsv(cli("rank", "a blue star", out, "photos/", "-m", "tiny-shapes", "-k", "3").stdout)
+    assert moved == [(pytest.approx(s, abs=2e-3), p) for s, p in here]
 
 
 def test_image_query_and_reverse_direction(cli, tmp_path):

@@ -87,7 +87,7 @@ def test_group_similarities_are_never_below_the_threshold(cli, tmp_path):
     rows = list(csv.DictReader(io.StringIO(ran.stdout)))
     assert [r["path"] for r in rows] == [str(files["a"]), str(files["b"])]
     assert all(float(r["similarity_to_group_representative"]) >= 0.9 for r in rows)
-    assert "found 1 group of near-duplicates (1 copies)" in ran.stderr
+    assert "found 1 group of near-duplicates (1 copy)" in ran.stderr
 
 
 # ---- item 3: -0/--null, and no newline-holding name on a newline-separated stream ----------------------

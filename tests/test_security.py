@@ -414,3 +414,23 @@ def test_a_hostile_file_name_reaches_the_terminal_as_escapes_never_as_control_ch
     for text in (ran.stderr, missing.stderr, usage.stderr):
         assert not any((ord(c) < 32 and c != "\n") or 0x7F <= ord(c) <= 0x9F for c in text), repr(text)
     assert len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_messages_and_progress_bars_show_a_hostile_name_as_text():
+    """A name in `say` kept its newline (a forged `Error:` line followed), and a progress bar's description
+    was read as rich markup (`m[/bold]x.pt` ended eval with an internal error) and printed escapes raw."""
+    from rich.text import Text
+
+    from clipcli.commands import console
+
+    with console.err.capture() as captured:
+        console.say("wrote p\nError: forged\x1b[2J")
+        console.skipped("b.jpg", "not listed: the file kept, a\x1b]0;x\x07.jpg, changed")
+    lines = captured.get().splitlines()
+    assert lines == [
+        "wrote p\\nError: forged\\x1b[2J",
+        "skipped b.jpg: not listed: the file kept, a\\x1b]0;x\\x07.jpg, changed",
+    ]
+    bar = console.Progress("embedding (m[/bold]x\x1b[2J.pt)", 3)
+    shown = Text.from_markup(bar._bar.tasks[0].description)  # as its column renders it: no markup error
+    assert shown.plain == "embedding (m[/bold]x\\x1b[2J.pt)"

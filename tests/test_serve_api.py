@@ -447,3 +447,25 @@ def test_a_thumb_cache_folder_of_the_users_files_is_refused_and_left_whole(
     cache = ThumbCache(photos, max_bytes=1)  # even a cache made without its claim removes none of them
     cache.get((SAMPLES / "seen" / "blue-star.jpg").resolve(), 128)
     assert all((photos / p).exists() for p in before)
+
+
+def test_another_tools_cache_tag_does_not_make_a_folder_the_thumbnail_cache(tmp_path: Path) -> None:
+    """A folder tagged by another tool (the same standard signature) was taken for clipcli's cache, and a
+    file of the user's there, named as an entry is, was evicted."""
+    from clipcli.errors import InputError
+    from clipcli.serve.thumbcache import TAG_SIGNATURE, ThumbCache
+
+    folder = tmp_path / "target"
+    (folder / "ab").mkdir(parents=True)
+    (folder / "CACHEDIR.TAG").write_bytes(TAG_SIGNATURE + b"\n# This file is a cache directory tag created by cargo.\n")
+    theirs = folder / "ab" / ("ab" + "0" * 38 + ".jpg")
+    theirs.write_bytes(b"x" * 5000)
+    cache = ThumbCache(folder, max_bytes=1000)
+    with pytest.raises(InputError, match="is not a thumbnail cache clipcli made"):
+        cache.claim()
+    cache.get((SAMPLES / "seen" / "blue-star.jpg").resolve(), 128)  # even unclaimed, it evicts nothing there
+    assert theirs.exists()
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(InputError, match="is a link to nothing"):
+        ThumbCache(dangling).claim()

@@ -7,6 +7,7 @@ import itertools
 import os
 import re
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -252,7 +253,11 @@ def test_train_replaces_its_own_model_and_no_other_file(cli: Cli, pairs: Path, t
     notes.write_bytes(b"my notes, not a model\n")
     theirs = tmp_path / "theirs.pt"
     torch.save({"text_projection": torch.ones(2)}, theirs)  # a state dict clipcli did not write
-    for target in (notes, theirs):
+    zipped = tmp_path / "emb.zip"  # a zipped clip-retrieval folder: it holds a clipcli.json of its own
+    with zipfile.ZipFile(zipped, "w") as archive:
+        archive.writestr("emb/clipcli.json", '{"written_by": "clipcli train", "kind": "model"}')
+        archive.writestr("emb/notes.txt", "mine")
+    for target in (notes, theirs, zipped):
         before = target.read_bytes()
         ran = cli("train", str(pairs), "-o", str(target), "--arch", "test-rn", "--steps", "1")
         assert ran.exit_code == 2 and "is not a model output clipcli writes" in ran.stderr, ran.stderr
@@ -264,6 +269,11 @@ def test_train_replaces_its_own_model_and_no_other_file(cli: Cli, pairs: Path, t
     assert own.read_bytes() != first and torch.load(own, weights_only=True)["text_projection"].ndim == 2
     with pytest.raises(OutputError):
         train(_config(pairs, theirs, steps=1))
+    ckpt = tmp_path / "own.pt.ckpt"  # a user's file by the checkpoint's name: --overwrite does not remove it
+    ckpt.write_text("my notes")
+    with pytest.raises(OutputError, match="is not a training checkpoint output clipcli writes"):
+        train(_config(pairs, own, steps=1, overwrite=True))
+    assert ckpt.read_text() == "my notes"
     fifo = tmp_path / "fifo.pt"
     os.mkfifo(fifo)
     with pytest.raises(OutputError, match="a model is a file"):
@@ -296,6 +306,11 @@ def test_make_shapes_replaces_only_what_it_drew(cli: Cli, tmp_path: Path) -> Non
     (folder / "notes.txt").write_text("mine")
     assert cli("make-shapes", str(folder), "-n", "3", "--workers", "1").exit_code == 2
     assert (folder / "notes.txt").read_text() == "mine"
+    holiday = tmp_path / "holiday"  # named as its images are, near enough: 6 digits, 2 words
+    holiday.mkdir()
+    (holiday / "202401_beach_sunset.jpg").write_bytes(b"mine")
+    assert cli("make-shapes", str(holiday), "-n", "3", "--workers", "1").exit_code == 2
+    assert [p.name for p in holiday.iterdir()] == ["202401_beach_sunset.jpg"]
     linked = tmp_path / "linked"
     linked.mkdir()
     precious = tmp_path / "precious.jpg"

@@ -21,11 +21,11 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def say(message: str) -> None:
-    err.print(printable(message, newlines=True), markup=False)
+    err.print(printable(message), markup=False)
 
 
 def skipped(path: str, reason: str) -> None:
-    err.print(f"skipped {printable(path)}: {reason}", markup=False)
+    err.print(f"skipped {printable(path)}: {printable(reason)}", markup=False)
 
 
 class CountedTitle(Text):
@@ -95,7 +95,10 @@ class Progress:
             disable=not err.is_terminal,
             transient=True,
         )
-        self._task = self._bar.add_task(description, total=total, rate="")
+        from rich.markup import escape
+
+        # A model's or dataset's name in the description is text, never markup nor control characters.
+        self._task = self._bar.add_task(escape(printable(description)), total=total, rate="")
         self._entered = self._shown = False
 
     def advance(self, n: int) -> None:
@@ -150,11 +153,12 @@ def prompt_progress(description: str, total: int) -> Iterator[Callable[[int], No
 @contextmanager
 def download_progress(name: str) -> Iterator[Any]:
     """A byte-counting callback for ``models.load_model(on_download=...)``."""
+    from rich.markup import escape
     from rich.progress import BarColumn, DownloadColumn, TextColumn, TransferSpeedColumn
     from rich.progress import Progress as RichProgress
 
     bar = RichProgress(
-        TextColumn(f"downloading {name}"),
+        TextColumn(escape(printable(f"downloading {name}"))),
         BarColumn(),
         DownloadColumn(),
         TransferSpeedColumn(),

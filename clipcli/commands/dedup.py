@@ -102,8 +102,9 @@ def dedup(
         write_paths(result.paths, null)
     groups = result.groups
     copies = sum(len(g) - 1 for g in groups)
+    counted = f"{copies} cop{'ies' if copies != 1 else 'y'}"
     say(
-        f"found {len(groups)} group{'s' * (len(groups) != 1)} of near-duplicates ({copies} copies)"
+        f"found {len(groups)} group{'s' * (len(groups) != 1)} of near-duplicates ({counted})"
         + (f", skipped {tally.skipped}" if tally.skipped else "")
     )
     if tally.skipped:

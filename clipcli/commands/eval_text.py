@@ -41,7 +41,7 @@ def evaluate_texts(
         text_manifest,
     )
     from clipcli.models.nli import DEFAULT_NLI_MODEL, load_nli_model
-    from clipcli.store.formats import open_writer
+    from clipcli.store.formats import open_writer, printable
     from clipcli.store.output import lock_files, prediction_format
     from clipcli.text.classify import whole_texts
     from clipcli.text.nli import hypotheses
@@ -73,7 +73,7 @@ def evaluate_texts(
                     writer.write(prediction_rows(r, source))
     failed = gate_failures(results, min_acc1)
     for line in failed:
-        err.print(line, markup=False, highlight=False)
+        err.print(printable(line), markup=False, highlight=False)
     if failed:
         raise typer.Exit(EXIT_PARTIAL)
 

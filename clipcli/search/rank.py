@@ -168,9 +168,12 @@ def rank_many(
 
 
 def _each_name_once(hits: list[Hit], k: int) -> list[Hit]:
+    """The best hit of each file, however its sources spell it (``../A/x.jpg``, ``/abs/A/x.jpg``, a link)."""
+    import os
+
     kept: dict[str, Hit] = {}
     for hit in hits:  # best first
-        kept.setdefault(hit.name, hit)
+        kept.setdefault(os.path.realpath(hit.name), hit)
     return list(kept.values())[:k]
 
 

@@ -57,6 +57,8 @@ class ThumbCache:
         InputError; a folder that cannot be written is left alone (thumbnails are then made each time)."""
         if self.tagged():
             return
+        if self.folder.is_symlink() and not self.folder.exists():
+            raise InputError(f"{self.folder}: is a link to nothing; name a new or empty folder for --thumb-cache")
         if self.folder.exists() and not self.folder.is_dir():
             raise InputError(f"{self.folder}: is not a folder; name a new or empty one for --thumb-cache")
         try:
@@ -66,7 +68,7 @@ class ThumbCache:
         if held and self.folder != thumbs_cache_dir():
             raise InputError(
                 f"{self.folder}: holds {sorted(held)[0]} and is not a thumbnail cache clipcli made (it has no "
-                f"{TAG_NAME}); name a new or empty folder for --thumb-cache"
+                f"{TAG_NAME} of clipcli's); name a new or empty folder for --thumb-cache"
             )
         with contextlib.suppress(OSError):
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -78,10 +80,11 @@ class ThumbCache:
                 tmp.unlink(missing_ok=True)
 
     def tagged(self) -> bool:
-        """Whether the folder carries this cache's tag (its entries may then be removed)."""
+        """Whether the folder carries this cache's own tag, word for word (its entries may then be removed):
+        another tool's tag, which has the same signature, does not make a folder clipcli's."""
         try:
             with open(self.folder / TAG_NAME, "rb") as f:
-                return f.read(len(TAG_SIGNATURE)) == TAG_SIGNATURE
+                return f.read(len(TAG_TEXT)) == TAG_TEXT
         except OSError:
             return False
 

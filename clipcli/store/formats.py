@@ -444,20 +444,18 @@ class TableWriter(RowWriter):
 
 
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1: what a terminal acts on
-_CONTROL_BUT_NEWLINE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f]")
 _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
-def printable(text: str, newlines: bool = False) -> str:
+def printable(text: str) -> str:
     """``text`` for a terminal: the bytes of a file name that is not UTF-8 shown as ``\\xNN``, and control
     characters (a newline in a name, the escape sequences of a hostile one) shown as escapes, never acted
-    on; with ``newlines``, a message's own line breaks are kept."""
+    on: a message stays on its one line."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
         text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    pattern = _CONTROL_BUT_NEWLINE if newlines else _CONTROL
-    return pattern.sub(lambda m: _ESCAPES.get(m.group(), f"\\x{ord(m.group()):02x}"), text)
+    return _CONTROL.sub(lambda m: _ESCAPES.get(m.group(), f"\\x{ord(m.group()):02x}"), text)
 
 
 def is_utf8(text: str) -> bool:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from clipcli.atomic import AtomicFile, describe_os_error, real_path
 from clipcli.errors import InputError, OutputError
 from clipcli.store.formats import json_line
-from clipcli.store.parts import ModelTag
+from clipcli.store.rows import ModelTag
 
 if TYPE_CHECKING:
     import numpy as np
@@ -53,6 +53,7 @@ class NpyHeader:
     key: str  # "path" or "text"
     tag: ModelTag
     fingerprint: str
+    base: str | None = None  # the folder relative paths are relative to (the working folder of the run)
 
     def line(self) -> str:
         return json.dumps(
@@ -64,6 +65,7 @@ class NpyHeader:
                 "model_sha256": self.tag.sha256,
                 "normalized": self.tag.normalized,
                 "fingerprint": self.fingerprint,
+                **({"base": self.base} if self.base is not None else {}),
             }
         )
 
@@ -74,7 +76,10 @@ class NpyHeader:
             if d.get("clipcli_npy") != NPY_FORMAT:
                 raise ValueError("unknown format")
             tag = ModelTag(str(d["model"]), str(d["model_sha256"]), bool(d["normalized"]))
-            return cls(int(d["rows"]), str(d["key"]), tag, str(d["fingerprint"]))
+            base = d.get("base")
+            return cls(
+                int(d["rows"]), str(d["key"]), tag, str(d["fingerprint"]), base if isinstance(base, str) else None
+            )
         except (ValueError, KeyError, TypeError, AttributeError):
             raise InputError(f"{where}: not an NPY sidecar written by clipcli embed") from None
 
@@ -93,7 +98,11 @@ def write_npy(
     import numpy as np
 
     sidecar = npy_sidecar(path)
-    header = NpyHeader(len(names), key, tag, npy_fingerprint(embeddings))
+    try:
+        here: str | None = os.getcwd() if key == "path" else None
+    except OSError:
+        here = None  # the working folder was deleted: relative paths name nothing
+    header = NpyHeader(len(names), key, tag, npy_fingerprint(embeddings), here)
     matrix_out = AtomicFile(path)
     try:
         sidecar_out = AtomicFile(sidecar)

@@ -153,12 +153,13 @@ def parse_dataset_output(
 
     output = local_output(output)
     in_layout = output is not None and output not in ("", "-") and not is_remote(output) and is_layout(Path(output))
-    if layout is Layout.CLIP_RETRIEVAL or (layout is None and in_layout and not text):
+    if layout is Layout.CLIP_RETRIEVAL or (layout is None and in_layout and not text and fmt is None):
         return _layout_output(output, fmt, text)
-    if in_layout and layout is Layout.PARQUET:
+    if in_layout and (layout is Layout.PARQUET or (fmt is not None and not text)):
+        flag = "--layout parquet" if layout is Layout.PARQUET else "--format"
         raise InputError(
             f"{output}: is a folder in clip-retrieval's layout, where clipcli's Parquet parts would not be "
-            "read; drop --layout parquet to add to it, or name another folder"
+            f"read; drop {flag} to add to it, or name another folder"
         )
     into_dir = is_dataset_dir(output) and _as_format(fmt) in (None, OutputFormat.PARQUET)
     check_remote_output(output, into_dir, text)

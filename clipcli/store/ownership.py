@@ -17,13 +17,14 @@ and hold one of :data:`OWN_MARK_COLUMNS`: a score, an embedding, a similarity):
   sidecar are refused together;
 - ``eval``'s JSON report: an object that opens with its ``schema_version``; ``rank --html``'s page: its
   title;
-- ``train``'s model: a PyTorch archive (a zip) holding clipcli's mark, :data:`MODEL_MARK`, beside the
-  weights (which ``clip`` and ``torch.load`` read as before, the mark unread).
+- ``train``'s model and checkpoint: a PyTorch archive (a zip) holding clipcli's mark, :data:`MODEL_MARK`,
+  beside the weights (which ``clip`` and ``torch.load`` read as before, the mark unread).
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import stat
@@ -154,13 +155,25 @@ def page_is_own(head: bytes) -> bool:
     return b"<title>clipcli rank: " in head
 
 
-def model_is_own(path: Path) -> bool:
-    """``train``'s model: a zip whose members include its :data:`MODEL_MARK` (nothing in it is unpickled)."""
+def training_mark(folder: str, kind: str) -> tuple[str, str]:
+    """The member ``train`` adds to a model's or checkpoint's PyTorch archive (its folder ``folder``)."""
+    return f"{folder}/{MODEL_MARK}", json.dumps({"written_by": "clipcli train", "kind": kind})
+
+
+def training_file_is_own(path: Path, kind: str) -> bool:
+    """``train``'s model or checkpoint (``kind``): a PyTorch archive, its pickle and beside it the mark
+    :func:`training_mark` writes, word for word (nothing in it is unpickled). A zip of a user's that
+    merely holds a file of the mark's name (a zipped clip-retrieval folder has a ``clipcli.json``) is not."""
     import zipfile
 
     try:
         with zipfile.ZipFile(path) as archive:
-            return any(name.endswith("/" + MODEL_MARK) for name in archive.namelist())
+            names = archive.namelist()
+            folder = names[0].split("/", 1)[0] if names else ""
+            member, text = training_mark(folder, kind)
+            if f"{folder}/data.pkl" not in names or member not in names:
+                return False
+            return archive.read(member) == text.encode()
     except (OSError, ValueError, zipfile.BadZipFile):
         return False
 

@@ -19,33 +19,28 @@ def checkpoint_path(output: Path) -> Path:
     return output.with_name(output.name + ".ckpt")
 
 
-def atomic_save(obj: dict[str, Any], path: Path) -> None:
-    import torch
-
-    from clipcli.atomic import atomic_write
-
-    with atomic_write(path) as f:
-        torch.save(obj, f)
-
-
-def save_model(state_dict: dict[str, Any], path: Path) -> None:
-    """The trained weights as ``torch.save`` writes them (``clip.load`` reads the file as before), whole
-    or not at all, marked as clipcli's (:data:`~clipcli.store.ownership.MODEL_MARK`): a later run may
+def atomic_save(obj: dict[str, Any], path: Path, kind: str = "checkpoint") -> None:
+    """``obj`` as ``torch.save`` writes it (``clip.load`` reads a model as before), whole or not at all,
+    marked as clipcli's ``kind`` (:func:`~clipcli.store.ownership.training_file_is_own`): a later run may
     replace this file, and no other."""
-    import json
     import zipfile
 
     import torch
 
     from clipcli.atomic import atomic_write
-    from clipcli.store.ownership import MODEL_MARK
+    from clipcli.store.ownership import training_mark
 
     with atomic_write(path, "w+b") as f:
-        torch.save(state_dict, f)
+        torch.save(obj, f)
         f.seek(0)
         with zipfile.ZipFile(f, "a") as archive:
             folder = archive.namelist()[0].split("/", 1)[0]
-            archive.writestr(f"{folder}/{MODEL_MARK}", json.dumps({"written_by": "clipcli train", "format": 1}))
+            archive.writestr(*training_mark(folder, kind))
+
+
+def save_model(state_dict: dict[str, Any], path: Path) -> None:
+    """The trained weights, marked as clipcli's model (see :func:`atomic_save`)."""
+    atomic_save(state_dict, path, "model")
 
 
 def checkpoint_state(

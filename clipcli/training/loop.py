@@ -266,14 +266,16 @@ def train(
     refused, never replaced.
     """
     from clipcli.atomic import OutputLock, is_stream
-    from clipcli.store.ownership import model_is_own, refuse_unless_own
+    from clipcli.store.ownership import refuse_unless_own, training_file_is_own
 
     config.check()
     if is_stream(config.output):
         raise OutputError(f"{config.output}: is a FIFO or a device; a model is a file (a zip archive): name one")
     ckpt = checkpoint_path(config.output)
     with OutputLock(config.output, is_dir=False), OutputLock(ckpt, is_dir=False):
-        refuse_unless_own(config.output, lambda _head: model_is_own(config.output), "model")
+        refuse_unless_own(config.output, lambda _head: training_file_is_own(config.output, "model"), "model")
+        if not config.resume:  # --resume reads it first, and refuses what is not a checkpoint of this run
+            refuse_unless_own(ckpt, lambda _head: training_file_is_own(ckpt, "checkpoint"), "training checkpoint")
         if not (config.resume or config.overwrite) and (ckpt.exists() or ckpt.is_symlink()):
             raise OutputError(
                 f"{ckpt}: holds the progress of an interrupted run; continue it with --resume, "

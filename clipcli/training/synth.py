@@ -210,7 +210,7 @@ def render(rng: random.Random, colour: str, shape: str, background: Background =
 
 
 PAIRS_COLUMNS = ("image", "text", "label", "colour", "shape", "held_out")
-_OWN_IMAGE = re.compile(r"^\d{6}_[a-z]+_[a-z]+\.(jpg|png)$")
+_OWN_IMAGE = re.compile(rf"^\d{{6}}_({'|'.join(COLOURS)})_({'|'.join(SHAPES)})\.(jpg|png)$")
 
 
 def refuse_foreign_folder(folder: Path) -> None:
@@ -227,6 +227,8 @@ def refuse_foreign_folder(folder: Path) -> None:
     own = [n for n in names if _OWN_IMAGE.match(n) or n == "pairs.csv" or n.startswith(".pairs.csv.")]
     # A link by one of its names is no file it wrote: drawing into it would write through it.
     foreign = [n for n in names if n not in own or os.path.islink(folder / n) or not os.path.isfile(folder / n)]
+    if names and "pairs.csv" not in names and not foreign:
+        foreign = [names[0]]  # its images without its pairs.csv: no folder it finished drawing
     if "pairs.csv" in names and not foreign:
         try:
             with open(folder / "pairs.csv", encoding="utf-8", newline="") as f:
