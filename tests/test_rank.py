@@ -88,6 +88,8 @@ def test_rows_embedded_from_another_folder_are_named_as_they_open_from_here(cli,
     monkeypatch.chdir(tmp_path / "A moved")
     moved = _tsv(cli("rank", "a blue star", out, "photos/", "-m", "tiny-shapes", "-k", "3").stdout)
     assert moved == [(pytest.approx(s, abs=2e-3), p) for s, p in here]
+    (tmp_path / "A").mkdir()  # moved out of a folder that is still there: its rows are found here, as stored
+    assert _tsv(cli("rank", "a blue star", out, "-m", "tiny-shapes", "-k", "3").stdout) == here
 
 
 def test_image_query_and_reverse_direction(cli, tmp_path):

@@ -434,3 +434,16 @@ def test_messages_and_progress_bars_show_a_hostile_name_as_text():
     bar = console.Progress("embedding (m[/bold]x\x1b[2J.pt)", 3)
     shown = Text.from_markup(bar._bar.tasks[0].description)  # as its column renders it: no markup error
     assert shown.plain == "embedding (m[/bold]x\\x1b[2J.pt)"
+
+
+def test_the_models_table_shows_a_hostile_cache_path_as_text(monkeypatch, capsys):
+    """`clipcli models` on a terminal printed the cache folder's name raw (an escape sequence retitled the
+    terminal) and read `[bold]` in it as markup."""
+    from clipcli.commands.models import _print_table
+
+    monkeypatch.setenv("CLIPCLI_CACHE", "/tmp/cache\x1b]0;PWNED\x07[bold]x")
+    monkeypatch.setenv("COLUMNS", "200")
+    _print_table([("m[bold]1", "local", "cached", 2**20, "/tmp/cache\x1b[2J/m1.pt")])
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out
+    assert "cache\\x1b]0;PWNED\\x07[bold]x" in out and "m[bold]1" in out and "\\x1b[2J/m1.pt" in out

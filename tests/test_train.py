@@ -274,6 +274,14 @@ def test_train_replaces_its_own_model_and_no_other_file(cli: Cli, pairs: Path, t
     with pytest.raises(OutputError, match="is not a training checkpoint output clipcli writes"):
         train(_config(pairs, own, steps=1, overwrite=True))
     assert ckpt.read_text() == "my notes"
+    os.mkfifo(tmp_path / "piped.pt.ckpt")  # removed by --overwrite, or opened by --resume and waited on, before
+    (tmp_path / "linked.pt.ckpt").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "folder.pt.ckpt").mkdir()
+    for name in ("piped", "linked", "folder"):
+        for flag in ("overwrite", "resume"):
+            with pytest.raises(OutputError, match="is not a file"):
+                train(_config(pairs, tmp_path / f"{name}.pt", steps=1, **{flag: True}))
+            assert os.path.lexists(tmp_path / f"{name}.pt.ckpt")
     fifo = tmp_path / "fifo.pt"
     os.mkfifo(fifo)
     with pytest.raises(OutputError, match="a model is a file"):

@@ -33,14 +33,19 @@ def _print_table(rows: list[tuple[str, str, str, int | None, str]]) -> None:
     from rich import box
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from clipcli.cache import cache_dir
     from clipcli.models import default_model
+    from clipcli.store.formats import printable
+
+    def cell(text: str) -> Text:  # a path or a name: text, never markup nor control characters
+        return Text(printable(text))
 
     console = Console()
     longest = max((len(row[0]) for row in rows), default=4)
     full = console.width >= longest + MIN_OTHER_COLUMNS
-    title = f"cache: {cache_dir()}   default: {default_model()}"
+    title = cell(f"cache: {cache_dir()}   default: {default_model()}")
     table = Table(title=title, box=box.HEAVY_HEAD if full else None, title_justify="left", caption_justify="left")
     table.add_column("name", no_wrap=True, min_width=longest, overflow="fold")
     for column in ("kind", "status", "size", "path") if full else ("status",):
@@ -48,9 +53,9 @@ def _print_table(rows: list[tuple[str, str, str, int | None, str]]) -> None:
     for name, kind, status, size, path in rows:
         shown = f"{size / 2**20:,.1f} MiB" if size is not None else ""
         if full:
-            table.add_row(name, kind, status, shown, path)
+            table.add_row(cell(name), kind, status, shown, cell(path))
         else:
-            table.add_row(name, f"{status} {shown}".strip())
+            table.add_row(cell(name), f"{status} {shown}".strip())
     if not full:
         table.caption = "narrow terminal: kind and path left out (clipcli models | cat shows them)"
     console.print(table)

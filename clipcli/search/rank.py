@@ -117,7 +117,7 @@ def rank_many(
     embeddings are taken, and only their rows that the filter keeps, before the top k are chosen."""
     import numpy as np
 
-    from clipcli.store.parts import names_from_here
+    from clipcli.store.located import names_from_here
 
     scan = scan or SourceScan()
     choice = scan.index
@@ -164,11 +164,14 @@ def rank_many(
                 scan.on_rows(batch.embeddings.numpy())
             if batch.names:
                 _offer_all(best, batch.embeddings.numpy(), queries, partial(_names_at, batch.names))
+    if spread == 1:  # one source names each of its rows once
+        return [b.hits() for b in best]
     return [_each_name_once(b.hits(), top_k) for b in best]
 
 
 def _each_name_once(hits: list[Hit], k: int) -> list[Hit]:
-    """The best hit of each file, however its sources spell it (``../A/x.jpg``, ``/abs/A/x.jpg``, a link)."""
+    """The best hit of each file, however its sources spell it (``../A/x.jpg``, ``/abs/A/x.jpg``, a link).
+    (Within one source a link and its file are two rows, and a source is read as it was given.)"""
     import os
 
     kept: dict[str, Hit] = {}

@@ -207,7 +207,7 @@ def refuse_foreign(folder: Path) -> None:
                 foreign += [f"{sub}/{n}" for n in names if not (_allowed(n, pattern) and _regular(folder / sub / n))]
     elif not foreign:
         foreign = [n for n in found if n in (EMB_DIR, META_DIR)]  # a layout clipcli did not write
-    if foreign and PART_NAME.match(foreign[0]):  # an embed of an earlier clipcli, without --layout, left it
+    if foreign and PART_NAME.match(os.path.basename(foreign[0])):  # an older embed without --layout left it
         raise OutputError(
             f"{folder}: holds {foreign[0]}, rows in clipcli's Parquet layout that no reader of this layout "
             "sees; move it out and embed its images into this folder again"

@@ -152,7 +152,10 @@ def parse_dataset_output(
     from clipcli.store.remote import check_remote_output, is_remote, local_output
 
     output = local_output(output)
-    in_layout = output is not None and output not in ("", "-") and not is_remote(output) and is_layout(Path(output))
+    local = output is not None and output not in ("", "-") and not is_remote(output)
+    in_layout = local and is_layout(Path(output or ""))
+    if local and is_layout(Path(os.path.abspath(output or "")).parent):
+        raise InputError(f"{output}: is inside a folder in clip-retrieval's layout; name the folder itself, or another")
     if layout is Layout.CLIP_RETRIEVAL or (layout is None and in_layout and not text and fmt is None):
         return _layout_output(output, fmt, text)
     if in_layout and (layout is Layout.PARQUET or (fmt is not None and not text)):

@@ -355,43 +355,6 @@ def dataset_base(metadata: Mapping[bytes, bytes] | None) -> str | None:
     return os.fsdecode(value) if value else None
 
 
-def names_from_here(source: Path) -> Callable[[str], str] | None:
-    """How a saved source's names open from the working folder: a relative name is relative to the folder
-    the dataset records (``clipcli.base``), which may be another one (``rank ../A/emb/`` run in B names
-    A's ``photos/x.jpg`` as ``../A/photos/x.jpg``, never as B's own ``photos/x.jpg``). None where the
-    names open as stored: this folder's dataset, one that records none (an NPY, an older dataset)."""
-    import pyarrow.parquet as pq
-
-    try:  # clip-retrieval's layout records it in its metadata files, an NPY in its sidecar's header
-        layout = (source / "img_emb").is_dir() and (source / "metadata").is_dir()
-        folder = source / "metadata" if layout else source
-        files = sorted(folder.glob("*.parquet")) if folder.is_dir() else [source]
-        if source.suffix.lower() == ".npy":
-            base = _npy_base(source)
-        elif files and files[0].suffix.lower() in (".parquet", ".pq") and files[0].is_file():
-            base = dataset_base(pq.read_schema(files[0]).metadata)
-        else:
-            return None
-        here = os.path.realpath(os.getcwd())
-    except (OSError, ValueError):
-        return None  # what cannot be read is reported when it is read
-    # A folder that is gone (the project moved or renamed as a whole) leaves the names as stored.
-    if base is None or os.path.realpath(base) == here or not os.path.isdir(base):
-        return None
-    return lambda name: name if os.path.isabs(name) else os.path.relpath(os.path.join(base, name))
-
-
-def _npy_base(source: Path) -> str | None:
-    import json
-
-    from clipcli.store.npy import npy_sidecar
-
-    with open(npy_sidecar(source), "rb") as f:
-        header = json.loads(f.readline(1 << 16))
-    base = header.get("base") if isinstance(header, dict) and header.get("key") == "path" else None
-    return base if isinstance(base, str) else None
-
-
 def any_exists(paths: Iterable[str]) -> bool:
     """Whether any of ``paths`` names a file (a member's, its container) that exists."""
     return any(os.path.lexists(p) or os.path.lexists(container_of(p) or p) for p in paths)

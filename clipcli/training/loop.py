@@ -274,6 +274,8 @@ def train(
     ckpt = checkpoint_path(config.output)
     with OutputLock(config.output, is_dir=False), OutputLock(ckpt, is_dir=False):
         refuse_unless_own(config.output, lambda _head: training_file_is_own(config.output, "model"), "model")
+        if (ckpt.exists() or ckpt.is_symlink()) and not ckpt.is_file():  # never opened, never removed
+            raise OutputError(f"{ckpt}: is not a file (a FIFO, a folder or a link to nothing), so no checkpoint")
         if not config.resume:  # --resume reads it first, and refuses what is not a checkpoint of this run
             refuse_unless_own(ckpt, lambda _head: training_file_is_own(ckpt, "checkpoint"), "training checkpoint")
         if not (config.resume or config.overwrite) and (ckpt.exists() or ckpt.is_symlink()):

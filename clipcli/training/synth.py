@@ -227,8 +227,6 @@ def refuse_foreign_folder(folder: Path) -> None:
     own = [n for n in names if _OWN_IMAGE.match(n) or n == "pairs.csv" or n.startswith(".pairs.csv.")]
     # A link by one of its names is no file it wrote: drawing into it would write through it.
     foreign = [n for n in names if n not in own or os.path.islink(folder / n) or not os.path.isfile(folder / n)]
-    if names and "pairs.csv" not in names and not foreign:
-        foreign = [names[0]]  # its images without its pairs.csv: no folder it finished drawing
     if "pairs.csv" in names and not foreign:
         try:
             with open(folder / "pairs.csv", encoding="utf-8", newline="") as f:
