@@ -100,8 +100,8 @@ def test_embed_without_layout_goes_on_in_the_folders_layout(cli, shapes, tmp_pat
     assert sorted(paths) == sorted(all_images(shapes / "seen") | all_images(shapes / "busy"))
     refused = cli("embed", str(shapes / "busy"), *MODEL, "--layout", "parquet", "-o", f"{out}/")
     assert refused.exit_code == 2 and "is a folder in clip-retrieval's layout" in refused.stderr
-    for inside in ("metadata", "img_emb"):  # its parts would sit among the layout's files
-        refused = cli("embed", str(shapes / "busy"), *MODEL, "-o", f"{out / inside}/")
+    for inside in ("metadata/", "img_emb/", "img_emb/x.npy", "sub/deeper/"):  # among the layout's files
+        refused = cli("embed", str(shapes / "busy"), *MODEL, "-o", f"{out}/{inside}")
         assert refused.exit_code == 2 and "is inside a folder in clip-retrieval's layout" in refused.stderr
     assert not list(out.rglob("part-*.parquet"))
     assert "embedded 0, unchanged" in embed_layout(cli, out, shapes / "seen", shapes / "busy").stderr

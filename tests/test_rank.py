@@ -237,3 +237,43 @@ def test_a_query_too_long_to_be_a_file_name_ranks_with_an_existing_output(cli, t
     for _ in range(2):
         ran = cli("rank", query, str(SAMPLES / "seen"), "-m", "tiny-shapes", "-o", str(out))
         assert ran.exit_code == 0, ran.stderr
+
+
+def test_a_file_gone_from_the_recorded_folder_never_sends_its_rows_to_another_folders_files(cli, tmp_path, monkeypatch):
+    """With one of A's photos deleted, rank from B named every row of A's rows after B's own, different
+    files of the same names; a folder of Parquet files from two folders took one folder for all."""
+    for folder, samples in (("A", "busy"), ("B", "seen")):
+        (tmp_path / folder / "photos").mkdir(parents=True)
+        names = sorted(p.name for p in (SAMPLES / "busy").glob("*.jpg"))
+        pictures = sorted((SAMPLES / samples).glob("*.jpg"))
+        for name, picture in zip(names, pictures, strict=False):  # the same names, other pictures in B
+            (tmp_path / folder / "photos" / name).write_bytes(picture.read_bytes())
+    monkeypatch.chdir(tmp_path / "A")
+    for out in ("emb.parquet", "emb.npy"):
+        assert cli("embed", "photos", "-m", "tiny-shapes", "-o", out).exit_code == 0
+    (tmp_path / "A" / "photos" / names[0]).unlink()
+    monkeypatch.chdir(tmp_path / "B")
+    for out in ("emb.parquet", "emb.npy"):
+        hits = _tsv(cli("rank", "a red circle", f"../A/{out}", "-m", "tiny-shapes", "-k", "3").stdout)
+        assert hits and all(p.startswith("../A/photos/") for _, p in hits), hits
+    (tmp_path / "C").mkdir()
+    monkeypatch.chdir(tmp_path / "C")
+    assert cli("embed", "../B/photos", "-m", "tiny-shapes", "-o", "../A/mixed/c.parquet").exit_code == 0
+    (tmp_path / "A" / "emb.parquet").rename(tmp_path / "A" / "mixed" / "a.parquet")
+    mixed = cli("rank", "a red circle", "../A/mixed/", "-m", "tiny-shapes")
+    assert mixed.exit_code == 2 and "embedded from different folders" in mixed.stderr, mixed.stderr
+
+
+def test_a_recorded_folder_with_a_nul_byte_is_no_internal_error(cli, tmp_path, monkeypatch):
+    import json as _json
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_bytes((SAMPLES / "busy" / "red-circle.jpg").read_bytes())
+    assert cli("embed", "photos", "-m", "tiny-shapes", "-o", "emb.npy").exit_code == 0
+    sidecar = tmp_path / "emb.rows.jsonl"
+    lines = sidecar.read_text().splitlines()
+    header = _json.loads(lines[0])
+    sidecar.write_text("\n".join([_json.dumps({**header, "base": "/tmp\x00x"}), *lines[1:]]) + "\n")
+    ran = cli("rank", "a red circle", "emb.npy", "-m", "tiny-shapes")
+    assert ran.exit_code == 0 and _tsv(ran.stdout)[0][1] == "photos/a.jpg", ran.stderr

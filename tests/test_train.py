@@ -300,6 +300,26 @@ def test_make_shapes_writes_the_images_and_their_captions(cli: Cli, tmp_path: Pa
     assert images == sorted(row["image"] for row in rows)
 
 
+def test_a_file_that_appears_at_the_checkpoints_name_mid_run_is_left_alone(pairs: Path, tmp_path: Path) -> None:
+    """A user's file, a FIFO or a folder created at OUT.pt.ckpt during a run was replaced by the next
+    checkpoint or removed at the end (a folder: an internal error after the model was written)."""
+    from clipcli.errors import OutputError
+
+    out, ckpt = tmp_path / "m.pt", tmp_path / "m.pt.ckpt"
+
+    def drop(make: Callable[[Path], object]) -> Callable[[StepInfo], None]:
+        return lambda info: make(ckpt) if info.step == 1 else None
+
+    with pytest.raises(OutputError, match="appeared or changed during the run"):
+        train(_config(pairs, out, steps=4, checkpoint_every=2), on_step=drop(lambda p: p.write_text("mine")))
+    assert ckpt.read_text() == "mine" and not out.exists()
+    ckpt.unlink()
+    for make in (os.mkfifo, Path.mkdir):  # no checkpoint before the end: the model is written, it stays
+        result = train(_config(pairs, out, steps=2, checkpoint_every=10), on_step=drop(make))
+        assert result.steps == 2 and out.exists() and os.path.lexists(ckpt)
+        os.rmdir(ckpt) if ckpt.is_dir() else ckpt.unlink()
+
+
 def test_make_shapes_replaces_only_what_it_drew(cli: Cli, tmp_path: Path) -> None:
     """`make-shapes ms` replaced a user's pairs.csv and an image of theirs named as one of its own."""
     folder = tmp_path / "ms"

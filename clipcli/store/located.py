@@ -3,9 +3,10 @@
 A dataset stores relative paths relative to the folder it was first embedded from, which it records
 (``clipcli.base`` in Parquet metadata, the clip-retrieval layout's metadata files, an NPY sidecar's
 header). ``rank ../A/emb/`` run in B must name A's ``photos/x.jpg`` as ``../A/photos/x.jpg``, never as
-B's own ``photos/x.jpg``; but a project moved as a whole (``mv W/proj X/``) carries its files along,
-and its names open as stored. Which of the two a source is, is told by its rows: a sample of its names
-is looked up both ways, and the way that finds more of them wins (ties: the recorded folder).
+B's own ``photos/x.jpg``. The recorded folder is trusted, with two exceptions, where the names open
+as stored: a recorded folder that is gone, and a project moved with its files (``mv W/proj X/``), told
+by the source no longer being inside its recorded folder, which holds none of a sample of its files
+while the working folder does. A folder of Parquet files recorded from different folders is refused.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from clipcli.errors import InputError
 from clipcli.images.containers import container_of
 from clipcli.store.npy import npy_sidecar
-from clipcli.store.parts import dataset_base
+from clipcli.store.parts import PART_NAME, dataset_base
 
 SAMPLE = 32  # names looked up both ways
 
@@ -25,19 +27,21 @@ SAMPLE = 32  # names looked up both ways
 def names_from_here(source: Path) -> Callable[[str], str] | None:
     """A function from a stored name to the name that opens it from here, or None where the names open
     as stored: this folder's own dataset, one that records no folder (texts, an older NPY or dataset),
-    one whose recorded folder is gone, or one whose files moved along with it."""
+    one whose recorded folder is gone, or one whose files moved along with it (see the module)."""
     try:
         base, names = _base_and_sample(source)
-        here = os.path.realpath(os.getcwd())
-    except (OSError, ValueError):
+        if base is None or not os.path.isdir(base):
+            return None
+        here, there = os.path.realpath(os.getcwd()), os.path.realpath(base)
+        if there == here:
+            return None
+        inside = os.path.realpath(source).startswith(there.rstrip(os.sep) + os.sep)
+        relative = [n for n in names if not os.path.isabs(n)]
+        moved = not inside and not any(_exists(os.path.join(base, n)) for n in relative)
+        if moved and any(_exists(n) for n in relative):
+            return None  # moved with its files: they are found from here, none in the old folder
+    except (OSError, ValueError, RecursionError):
         return None  # what cannot be read is reported when it is read
-    if base is None or os.path.realpath(base) == here or not os.path.isdir(base):
-        return None
-    relative = [n for n in names if not os.path.isabs(n)]
-    found_there = sum(_exists(os.path.join(base, n)) for n in relative)
-    found_here = sum(_exists(n) for n in relative)
-    if found_here > found_there:
-        return None
     return lambda name: name if os.path.isabs(name) else os.path.relpath(os.path.join(base, name))
 
 
@@ -68,5 +72,12 @@ def _base_and_sample(source: Path) -> tuple[str | None, list[str]]:
         if key not in part.schema_arrow.names or base is None:
             return None, []
         batch = next(part.iter_batches(batch_size=SAMPLE, columns=[key]), None)
+    if not layout and not all(PART_NAME.match(f.name) for f in files):  # files of their own, not one dataset's
+        bases = {dataset_base(pq.read_schema(f).metadata) for f in files}
+        if len(bases) > 1:
+            raise InputError(
+                f"{source}: its Parquet files were embedded from different folders, so their relative paths "
+                "open from different places; rank each file, or embed them into one dataset"
+            )
     names = batch.column(0).to_pylist() if batch is not None else []
     return base, [n for n in names if isinstance(n, str)]

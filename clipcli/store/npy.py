@@ -73,14 +73,14 @@ class NpyHeader:
     def parse(cls, text: str, where: Path) -> NpyHeader:
         try:
             d = json.loads(text)
-            if d.get("clipcli_npy") != NPY_FORMAT:
+            if not isinstance(d, dict) or d.get("clipcli_npy") != NPY_FORMAT:
                 raise ValueError("unknown format")
             tag = ModelTag(str(d["model"]), str(d["model_sha256"]), bool(d["normalized"]))
             base = d.get("base")
             return cls(
                 int(d["rows"]), str(d["key"]), tag, str(d["fingerprint"]), base if isinstance(base, str) else None
             )
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             raise InputError(f"{where}: not an NPY sidecar written by clipcli embed") from None
 
 
@@ -183,7 +183,7 @@ class SavedNpy:
     def entry(self, row: int) -> Any:
         try:
             return json.loads(self.lines[row + 1])
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past Python's limit: no name
             return None
 
 

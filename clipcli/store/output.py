@@ -154,7 +154,7 @@ def parse_dataset_output(
     output = local_output(output)
     local = output is not None and output not in ("", "-") and not is_remote(output)
     in_layout = local and is_layout(Path(output or ""))
-    if local and is_layout(Path(os.path.abspath(output or "")).parent):
+    if local and any(is_layout(folder) for folder in Path(os.path.realpath(output or "")).parents):
         raise InputError(f"{output}: is inside a folder in clip-retrieval's layout; name the folder itself, or another")
     if layout is Layout.CLIP_RETRIEVAL or (layout is None and in_layout and not text and fmt is None):
         return _layout_output(output, fmt, text)

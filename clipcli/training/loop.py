@@ -8,6 +8,7 @@ interrupted run to the same weights as an uninterrupted one.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -286,6 +287,15 @@ def train(
         return _train(config, on_step, on_preload, on_skip, on_resume, on_checkpoint, on_fresh_start)
 
 
+def _identity(path: Path) -> tuple[int, int, int, int] | None:
+    """What is at ``path`` (device, inode, size, mtime), not following a link; None where nothing is."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def _train(
     config: TrainConfig,
     on_step: Callable[[StepInfo], None] | None,
@@ -331,8 +341,10 @@ def _train(
     ckpt = checkpoint_path(config.output)
     run_only = ("resume", "overwrite", "workers", "checkpoint_every")
     signature = {k: str(v) for k, v in asdict(config).items() if k not in run_only}
+    ours = None  # what is at the checkpoint's name as this run left it: only that is replaced or removed
     if config.resume and ckpt.exists():
         step = resume(ckpt, signature, model, optimizer)
+        ours = _identity(ckpt)
         if on_resume:
             on_resume(step, total_steps)
     elif config.resume and on_fresh_start:
@@ -355,8 +367,14 @@ def _train(
         if on_step:
             on_step(StepInfo(step, total_steps, loss, lr, pairs_per_s))
         if step % config.checkpoint_every == 0 and step < total_steps:
+            if _identity(ckpt) != ours:
+                raise OutputError(
+                    f"{ckpt}: appeared or changed during the run, not written by it; left as it is, and the run "
+                    "stops: move it away and run again"
+                )
             with signals_held():
                 atomic_save(checkpoint_state(model, optimizer, step, signature), ckpt)
+                ours = _identity(ckpt)
                 if on_checkpoint:
                     on_checkpoint(step)
 
@@ -370,6 +388,7 @@ def _train(
     model.eval()
     with signals_held():
         save_model(export_state_dict(model, config.half), config.output)
-        ckpt.unlink(missing_ok=True)
+        if _identity(ckpt) == ours:  # this run's progress, now in the model; anything else stays
+            ckpt.unlink(missing_ok=True)
     result.seconds = time.perf_counter() - started
     return result
