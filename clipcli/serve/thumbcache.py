@@ -71,13 +71,7 @@ class ThumbCache:
                 f"{TAG_NAME} of clipcli's); name a new or empty folder for --thumb-cache"
             )
         with contextlib.suppress(OSError):
-            self.folder.mkdir(parents=True, exist_ok=True)
-            tmp = self.folder / f".{TAG_NAME}.{os.getpid()}.tmp"
-            try:
-                tmp.write_bytes(TAG_TEXT)
-                replace_file(tmp, self.folder / TAG_NAME)
-            finally:
-                tmp.unlink(missing_ok=True)
+            _write_whole(self.folder / TAG_NAME, TAG_TEXT)
 
     def tagged(self) -> bool:
         """Whether the folder carries this cache's own tag, word for word (its entries may then be removed):
@@ -116,13 +110,7 @@ class ThumbCache:
         return data, digest
 
     def _put(self, entry: Path, data: bytes) -> None:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = entry.with_name(f".{entry.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        try:
-            tmp.write_bytes(data)
-            replace_file(tmp, entry)
-        finally:
-            tmp.unlink(missing_ok=True)
+        _write_whole(entry, data)
         with self.lock:
             if self.total is None:
                 self.total = sum(size for _, size, _ in self._entries())
@@ -159,3 +147,15 @@ class ThumbCache:
                 path.unlink()
                 total -= size
         self.total = total
+
+
+def _write_whole(path: Path, data: bytes) -> None:
+    """``data`` as ``path`` (its folder made if need be), written to a temporary sibling of this thread's
+    and renamed into place: a reader never sees half of it, and a killed writer leaves the old file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        replace_file(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

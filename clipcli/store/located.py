@@ -18,8 +18,9 @@ from pathlib import Path
 
 from clipcli.errors import InputError
 from clipcli.images.containers import container_of
-from clipcli.store.npy import npy_sidecar
+from clipcli.store.npy import NpyHeader, npy_sidecar
 from clipcli.store.parts import PART_NAME, dataset_base
+from clipcli.store.saved import row_files
 
 SAMPLE = 32  # names looked up both ways
 
@@ -53,26 +54,24 @@ def _base_and_sample(source: Path) -> tuple[str | None, list[str]]:
     """The folder ``source`` records and up to :data:`SAMPLE` of its stored paths."""
     import pyarrow.parquet as pq
 
-    if source.suffix.lower() == ".npy":
-        with open(npy_sidecar(source), "rb") as f:
-            header = json.loads(f.readline(1 << 16))
-            if not (isinstance(header, dict) and header.get("key") == "path" and isinstance(header.get("base"), str)):
+    if source.suffix.lower() == ".npy":  # its sidecar's header, and the names that follow it
+        sidecar = npy_sidecar(source)
+        with open(sidecar, "rb") as f:
+            header = NpyHeader.parse(f.readline(1 << 16).decode("utf-8", "replace"), sidecar)
+            if header.key != "path" or header.base is None:
                 return None, []
             entries = [json.loads(f.readline(1 << 16) or b"null") for _ in range(SAMPLE)]
-        names = [e.get("path") if isinstance(e, dict) else e for e in entries]
-        return header["base"], [n for n in names if isinstance(n, str)]
-    layout = (source / "img_emb").is_dir() and (source / "metadata").is_dir()  # clip-retrieval's
-    folder = source / "metadata" if layout else source
-    files = sorted(folder.glob("*.parquet")) if folder.is_dir() else [source]
-    if not files or files[0].suffix.lower() not in (".parquet", ".pq") or not files[0].is_file():
+        names = [e.get(header.key) if isinstance(e, dict) else e for e in entries]
+        return header.base, [n for n in names if isinstance(n, str)]
+    files, key = row_files(source)  # a Parquet file, a folder of them, or a layout's metadata files
+    if not files or not files[0].is_file():
         return None, []
     with pq.ParquetFile(files[0]) as part:
-        key = "image_path" if layout else "path"
         base = dataset_base(part.schema_arrow.metadata)
         if key not in part.schema_arrow.names or base is None:
             return None, []
         batch = next(part.iter_batches(batch_size=SAMPLE, columns=[key]), None)
-    if not layout and not all(PART_NAME.match(f.name) for f in files):  # files of their own, not one dataset's
+    if key == "path" and not all(PART_NAME.match(f.name) for f in files):  # files of their own, no dataset's
         bases = {dataset_base(pq.read_schema(f).metadata) for f in files}
         if len(bases) > 1:
             raise InputError(

@@ -41,6 +41,10 @@ class ModelTag:
             meta.get(META_NORMALIZED, b"true") == b"true",
         )
 
+    def metadata(self) -> dict[bytes, str]:
+        """The tag as a Parquet file's metadata records it (read back by :meth:`from_metadata`)."""
+        return {META_MODEL: self.name, META_SHA: self.sha256, META_NORMALIZED: str(self.normalized).lower()}
+
     def require_model(self, name: str, sha256: str, where: Path) -> None:
         """Refuse embeddings made with another model than the one loaded (``name``, ``sha256``)."""
         if self.sha256 != sha256:
@@ -105,7 +109,7 @@ def schema(dim: int, dtype: str, tag: ModelTag) -> pa.Schema:
             ("model", pa.string()),
             *((name, _meta_type(name)) for name in META_COLUMNS),
         ],
-        metadata={META_MODEL: tag.name, META_SHA: tag.sha256, META_NORMALIZED: str(tag.normalized).lower()},
+        metadata=tag.metadata(),
     )
 
 
@@ -114,8 +118,7 @@ def text_schema(dim: int, dtype: str, tag: ModelTag) -> pa.Schema:
     import pyarrow as pa
 
     value = pa.float16() if dtype == "float16" else pa.float32()
-    meta = {META_MODEL: tag.name, META_SHA: tag.sha256, META_NORMALIZED: str(tag.normalized).lower()}
-    return pa.schema([("text", pa.string()), ("embedding", pa.list_(value, dim))], metadata=meta)
+    return pa.schema([("text", pa.string()), ("embedding", pa.list_(value, dim))], metadata=tag.metadata())
 
 
 def columns_as_found(wanted: pa.Schema, found: pa.Schema | None) -> pa.Schema:

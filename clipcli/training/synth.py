@@ -217,6 +217,7 @@ def refuse_foreign_folder(folder: Path) -> None:
     """Refuse a folder holding anything ``generate`` does not write (its images, named ``000123_red_star.jpg``,
     and a ``pairs.csv`` with its header): its files would be replaced. Raises OutputError."""
     from clipcli.errors import OutputError
+    from clipcli.store.ownership import first_line, read_head
 
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"{folder}: exists and is not a folder; name a new or empty folder")
@@ -229,10 +230,9 @@ def refuse_foreign_folder(folder: Path) -> None:
     foreign = [n for n in names if n not in own or os.path.islink(folder / n) or not os.path.isfile(folder / n)]
     if "pairs.csv" in names and not foreign:
         try:
-            with open(folder / "pairs.csv", encoding="utf-8", newline="") as f:
-                header = f.readline().rstrip("\r\n")
-        except (OSError, UnicodeDecodeError):
-            header = ""
+            header = first_line(read_head(folder / "pairs.csv") or b"")
+        except OutputError:  # it cannot be read
+            header = None
         if header != ",".join(PAIRS_COLUMNS):
             foreign = ["pairs.csv"]
     if foreign:
@@ -289,6 +289,6 @@ def generate(
             rows.append(_write_one(job))
             yield rows[-1]
     with atomic_write(folder / "pairs.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else list(PAIRS_COLUMNS), lineterminator="\n")
+        writer = csv.DictWriter(f, fieldnames=PAIRS_COLUMNS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
