@@ -2,7 +2,9 @@
 
 Every file clipcli writes goes to a temporary sibling (``.NAME.PID.tmp``) and is renamed onto its name
 once complete, so a reader (or a run killed half-way) never sees half a file and a failed write leaves
-the previous file as it was. An output that a run writes is held under an advisory lock for the whole
+the previous file as it was. A file that another program puts at the name, or changes there, while the
+run writes is left as it is: the run's file is set aside beside it (:meth:`AtomicFile.commit`).
+An output that a run writes is held under an advisory lock for the whole
 run, so a second run into the same place refuses at once instead of silently replacing the first
 run's rows; the lock also lets the next run remove temporaries that a killed run left behind.
 """
@@ -78,12 +80,45 @@ def _is_full(path: Path) -> bool:
 def replace_file(tmp: Path, path: Path) -> None:
     """Put a complete temporary file in place: flushed to disk first, so that after a power cut the
     name holds the old file or the new one, never a truncated one. Raises OSError."""
-    fd = os.open(tmp, os.O_RDONLY)
+    flush_to_disk(tmp)
+    os.replace(tmp, path)
+
+
+def flush_to_disk(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(tmp, path)
+
+
+def file_identity(path: Path) -> tuple[int, int, int, int] | None:
+    """What tells a file from its replacement or its rewrite: device, inode, size, modification time
+    (None where nothing is there)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def place_new(tmp: Path, path: Path) -> bool:
+    """Give the complete file ``tmp`` the name ``path`` only if nothing has that name (a hard link, which
+    never replaces, then ``tmp`` removed); False, ``tmp`` kept, where something has. On a file system
+    without hard links, a check then a rename."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV):
+            raise
+        if os.path.lexists(path):
+            return False
+        os.rename(tmp, path)
+        return True
+    os.unlink(tmp)
+    return True
 
 
 class AtomicFile:
@@ -93,6 +128,7 @@ class AtomicFile:
         self.named = path  # as the user wrote it, for messages
         self.path = real_path(path)
         self.tmp = temporary_sibling(self.path)
+        self.found = file_identity(self.path)  # what the run may replace: nothing, or this very file
         if is_stream(self.path):  # renaming a file onto a FIFO or a device would replace it
             raise OutputError(f"{path}: is a FIFO or a device; this output is a file, written whole and renamed")
         try:
@@ -104,15 +140,37 @@ class AtomicFile:
             raise OutputError(f"{path}: cannot write ({describe_os_error(e)})") from e
 
     def commit(self) -> None:
-        """Flush to disk and rename onto the final name; on failure the previous file stays."""
+        """Flush to disk and rename onto the final name; on failure the previous file stays.
+
+        Only what was at the name when the run began is replaced (nothing, or that very file unchanged):
+        a file another program put there, or rewrote, meanwhile is left as it is, and this run's file
+        is set aside beside it as ``STEM.PID.new.SUFFIX``, with an error that says so (no row is lost)."""
         try:
             self.file.close()
-            replace_file(self.tmp, self.path)
+            flush_to_disk(self.tmp)
+            if self.found is None and place_new(self.tmp, self.path):
+                return
+            if self.found is not None and file_identity(self.path) == self.found:
+                os.replace(self.tmp, self.path)
+                return
+            aside = self._set_aside()
         except OSError as e:
             self.discard()
             raise OutputError(
                 f"{self.named}: cannot write ({describe_os_error(e)}); any previous file is left as it was"
             ) from e
+        raise OutputError(
+            f"{self.named}: {'appeared' if self.found is None else 'changed'} while this run wrote it, so it is "
+            f"left as it is; this run's output is in {aside}"
+        )
+
+    def _set_aside(self) -> Path:
+        for n in range(1000):
+            stem, suffix = (self.path.stem, self.path.suffix) if self.path.stem else (self.path.name, "")
+            aside = self.path.with_name(f"{stem}.{os.getpid()}{f'.{n}' if n else ''}.new{suffix}")
+            if place_new(self.tmp, aside):
+                return aside
+        raise OSError(errno.EEXIST, "no free name to set this run's output aside")
 
     def discard(self) -> None:
         with contextlib.suppress(OSError):

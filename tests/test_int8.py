@@ -69,7 +69,7 @@ def test_vit_int8_embeddings_within_cosine_099_of_fp32(vit_ckpt):
     assert isinstance(visual.conv1, PatchEmbedding)  # the patch convolution is a matrix product too
     assert not any(isinstance(m, nn.MultiheadAttention | nn.Linear) for m in visual.modules())
     assert not any(type(m).__name__ == "QuickGELU" for m in visual.modules())
-    assert any(isinstance(m, FusedQuickGELU) for m in visual.modules())
+    assert any(isinstance(m, nn.SiLU) for m in visual.modules())  # folded into the MLPs' linear layers
 
 
 def test_the_text_tower_is_rewritten_on_its_first_call_only(vit_ckpt):
@@ -220,6 +220,35 @@ def test_patch_embedding_matches_the_convolution_on_any_size():
             expected, got = conv(x), PatchEmbedding(conv)(x)
         assert got.shape == expected.shape
         assert nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0) >= 0.999
+
+
+@pytest.mark.parametrize("family", ["clip.model", "open_clip.transformer"])
+def test_quick_gelu_folded_into_an_mlp_gives_the_same_outputs(family):
+    """Linear, QuickGELU, Linear in a Sequential: the 1.702 scalings move into the weights, and the MLP's
+    output is the same to float rounding; the caller's weights are left as they were."""
+    import importlib
+    from collections import OrderedDict
+
+    from clipcli.models.quantize import _fold_quick_gelu
+
+    torch.manual_seed(0)
+    act = importlib.import_module(family).QuickGELU
+    parts = [("c_fc", nn.Linear(64, 256)), ("gelu", act()), ("c_proj", nn.Linear(256, 64))]
+    mlp = nn.Sequential(OrderedDict(parts))
+    tensors = (mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight)
+    original = [t.clone() for t in tensors]
+    x = torch.randn(10, 64) * 3
+    with torch.inference_mode():
+        want = mlp(x)
+    _fold_quick_gelu(mlp)
+    assert isinstance(mlp.gelu, nn.SiLU) and mlp.gelu.inplace
+    with torch.inference_mode():
+        assert torch.allclose(mlp(x), want, rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(original, tensors, strict=True))  # scaled copies, not these
+    assert not torch.equal(mlp.c_fc.weight, original[0])
+    loose = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), act(), nn.Linear(4, 4))  # not between two linears
+    _fold_quick_gelu(loose)
+    assert type(loose[2]) is act
 
 
 @pytest.mark.parametrize("family", ["clip.model", "open_clip.transformer"])

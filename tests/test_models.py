@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 from clipcli.errors import ModelError
 from clipcli.models import load_model
 from clipcli.models.families.openai import ARCHITECTURES, OPENAI_MODELS, Architecture, import_clip, read_state_dict
-from clipcli.models.precision import resolve_precision
+from clipcli.models.precision import keep_freed_memory, resolve_precision
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -117,6 +118,44 @@ def test_precision_choice():
     assert resolve_precision("auto", cpu) in ("bf16", "fp32")
     with pytest.raises(ModelError, match="unknown precision"):
         resolve_precision("fp8", cpu)
+
+
+_PAGE_FAULTS = """
+import resource, sys, torch
+from clipcli.models import load_model
+
+def faults():
+    torch.ones(1 << 24).sum()  # 64 MiB, touched, freed: as a forward pass's activations are
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        torch.ones(1 << 24).sum()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+print(faults(), end=" ")
+load_model("tiny-shapes", "cpu", sys.argv[1])
+print(faults())
+"""
+
+
+@pytest.mark.parametrize("tunables", [None, "glibc.malloc.perturb=0"])
+def test_a_cpu_model_keeps_freed_activations_for_the_next_batch(tunables):
+    """Large blocks freed by one batch are reused by the next, not mapped and page-faulted in again;
+    malloc tunables the user set are left alone."""
+    if platform.libc_ver()[0] != "glibc":  # macOS, musl: malloc is left as it is
+        assert not keep_freed_memory()
+        return
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_")}
+    if tunables:
+        env["GLIBC_TUNABLES"] = tunables
+    done = subprocess.run(
+        [sys.executable, "-c", _PAGE_FAULTS, "fp32"], capture_output=True, text=True, env=env, check=True
+    )
+    before, after = map(int, done.stdout.split())
+    assert before > 5 * 32  # each 64 MiB block mapped afresh: at least one fault per 2 MiB page
+    if tunables:
+        assert after > 5 * 32
+    else:
+        assert after < 20
 
 
 def test_bf16_embeddings_stay_close_to_fp32(vit_ckpt, images):

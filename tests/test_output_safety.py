@@ -431,6 +431,38 @@ def test_sigkill_leaves_the_previous_file_and_the_next_run_cleans_up(tmp_path, o
     assert len(read_rows(tmp_path / output)) == 16 * 2
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(("output", "before"), [("out.parquet", "nothing"), ("out.csv", "own")])
+def test_a_file_put_at_the_outputs_name_mid_run_is_left_and_the_rows_set_aside(tmp_path, output, before):
+    """Another program writes the output's name while a run is under way (a file appears there, or
+    clipcli's own earlier file is edited): that file stays as it is, and the run's rows are kept beside
+    it under a name the error gives."""
+    copies(tmp_path / "imgs", 200)
+    if before == "own":
+        code, _, err = finish(
+            clipcli("classify", str(SAMPLES / "seen"), "-m", "tiny-shapes", "-l", "x,y", "-o", output, cwd=tmp_path)
+        )
+        assert code == 0, err
+    labels = ["--labels-file", str(SAMPLES / "labels.txt"), "-k", "64"]
+    run = clipcli("classify", "imgs", "-m", "tiny-shapes", *labels, "-b", "1", "-o", output, cwd=tmp_path)
+    wait_for(lambda: any(tmp_path.glob(f".{output}.*.tmp")), run)  # the run has begun writing
+    theirs = tmp_path / "theirs"
+    theirs.write_bytes(b"a user's file, not clipcli's\n")
+    os.replace(theirs, tmp_path / output)  # as an editor or a download saves it: whole, under the name
+    code, _, err = finish(run)
+    assert code == 2, err
+    assert (tmp_path / output).read_bytes() == b"a user's file, not clipcli's\n"
+    (aside,) = tmp_path.glob(f"out.*.new{Path(output).suffix}")
+    what = "appeared" if before == "nothing" else "changed"
+    assert (
+        err.strip()
+        == f"Error: {output}: {what} while this run wrote it, so it is left as it is; this run's output is in {aside}"
+    )
+    rows = read_rows(aside)
+    assert len(rows) == 200 * 64 and len(set(rows)) == 200
+    assert temporaries(tmp_path) == []
+
+
 @pytest.mark.parametrize("output", ["out.parquet", "out.csv", "out.jsonl"])
 @pytest.mark.slow
 def test_an_output_holds_this_runs_result_even_when_every_input_is_skipped(cli, tmp_path, output):

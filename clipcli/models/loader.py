@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from clipcli.errors import ModelError
 from clipcli.models.contract import DownloadProgress, LoadedModel, ModelEntry
-from clipcli.models.precision import Precision, resolve_device, resolve_precision
+from clipcli.models.precision import Precision, keep_freed_memory, resolve_device, resolve_precision
 
 if TYPE_CHECKING:
     import torch
@@ -68,12 +68,15 @@ def load_model(
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     if prec != "int8":
-        return _load_family(spec, dev, prec, on_download)
-    from clipcli.models.quantize import check_int8_device, quantize_model
+        lm = _load_family(spec, dev, prec, on_download)
+    else:
+        from clipcli.models.quantize import check_int8_device, quantize_model
 
-    check_int8_device(dev)
-    lm = _load_family(spec, dev, "fp32", on_download)
-    quantize_model(lm)
+        check_int8_device(dev)
+        lm = _load_family(spec, dev, "fp32", on_download)
+        quantize_model(lm)
+    if dev.type == "cpu":
+        keep_freed_memory()  # from here on: the forward passes' activations (see its docstring)
     return lm
 
 

@@ -24,7 +24,7 @@ from clipcli.errors import ModelError
 from clipcli.models.digest import file_sha256
 from clipcli.models.hf_files import read_json_object, weight_files
 from clipcli.models.hub import hub_cache, hub_unavailable
-from clipcli.models.precision import Precision, resolve_device, resolve_precision
+from clipcli.models.precision import Precision, keep_freed_memory, resolve_device, resolve_precision
 
 if TYPE_CHECKING:
     import torch
@@ -106,6 +106,8 @@ def load_nli_model(spec: str | None, device: str = "auto", precision: str = "aut
     limit, inputs = _max_length(tokenizer, config), tuple(tokenizer.model_input_names)
     nm = NliModel(name, folder, model, tokenizer, dev, prec, entailment, contradiction, limit, inputs)
     nm.checksum  # noqa: B018  # now, from the files just read: see clipcli.models.loader._load_family
+    if dev.type == "cpu":
+        keep_freed_memory()
     return nm
 
 
