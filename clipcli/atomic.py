@@ -102,6 +102,17 @@ def file_identity(path: Path) -> tuple[int, int, int, int] | None:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+_CHECKED: dict[Path, tuple[int, int, int, int] | None] = {}  # real path -> what was there when checked
+
+
+def note_checked(path: Path) -> None:
+    """Remember what is at ``path`` now, as a run checks an output before any work (whether clipcli wrote
+    it: :mod:`clipcli.store.ownership`): the :class:`AtomicFile` that writes ``path`` later in the run
+    replaces only that (nothing, or this very file unchanged), however long the run."""
+    real = real_path(path)
+    _CHECKED[real] = file_identity(real)
+
+
 def place_new(tmp: Path, path: Path) -> bool:
     """Give the complete file ``tmp`` the name ``path`` only if nothing has that name (a hard link, which
     never replaces, then ``tmp`` removed); False, ``tmp`` kept, where something has. On a file system
@@ -128,7 +139,8 @@ class AtomicFile:
         self.named = path  # as the user wrote it, for messages
         self.path = real_path(path)
         self.tmp = temporary_sibling(self.path)
-        self.found = file_identity(self.path)  # what the run may replace: nothing, or this very file
+        # what the run may replace: what its check saw (note_checked), else what is there now
+        self.found = _CHECKED.pop(self.path) if self.path in _CHECKED else file_identity(self.path)
         if is_stream(self.path):  # renaming a file onto a FIFO or a device would replace it
             raise OutputError(f"{path}: is a FIFO or a device; this output is a file, written whole and renamed")
         try:
@@ -150,23 +162,36 @@ class AtomicFile:
             flush_to_disk(self.tmp)
             if self.found is None and place_new(self.tmp, self.path):
                 return
-            if self.found is not None and file_identity(self.path) == self.found:
+            if self.found is not None and self.unchanged():
                 os.replace(self.tmp, self.path)
                 return
-            aside = self._set_aside()
+            aside = self.set_aside()
         except OSError as e:
             self.discard()
             raise OutputError(
                 f"{self.named}: cannot write ({describe_os_error(e)}); any previous file is left as it was"
             ) from e
-        raise OutputError(
-            f"{self.named}: {'appeared' if self.found is None else 'changed'} while this run wrote it, so it is "
-            f"left as it is; this run's output is in {aside}"
+        raise self.moved(aside)
+
+    def unchanged(self) -> bool:
+        """Whether the name still holds what it held when the run began (nothing, or the same file)."""
+        return file_identity(self.path) == self.found
+
+    def moved(self, aside: Path) -> OutputError:
+        what = "appeared" if self.found is None else "changed"
+        return OutputError(
+            f"{self.named}: {what} while this run wrote it, so it is left as it is; this run's output is in {aside}"
         )
 
-    def _set_aside(self) -> Path:
+    def set_aside(self, name: Path | None = None) -> Path:
+        """Close this run's file and keep it beside the output: as ``name`` when that is free, else as the
+        first free ``STEM.PID[.N].new.SUFFIX``. Raises OSError."""
+        self.file.close()
+        flush_to_disk(self.tmp)
+        if name is not None and place_new(self.tmp, name):
+            return name
+        stem, suffix = (self.path.stem, self.path.suffix) if self.path.stem else (self.path.name, "")
         for n in range(1000):
-            stem, suffix = (self.path.stem, self.path.suffix) if self.path.stem else (self.path.name, "")
             aside = self.path.with_name(f"{stem}.{os.getpid()}{f'.{n}' if n else ''}.new{suffix}")
             if place_new(self.tmp, aside):
                 return aside

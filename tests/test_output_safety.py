@@ -76,6 +76,16 @@ def wait_for(condition: Callable[[], bool], proc: subprocess.Popen[bytes], timeo
         time.sleep(0.01)
 
 
+def reading_images(pid: int) -> bool:
+    """Whether process ``pid`` has a file of an ``imgs`` folder open now (Linux's /proc)."""
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                if "/imgs/" in os.readlink(fd):
+                    return True
+    return False
+
+
 def temporaries(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.rglob(".*") if p.name.endswith((".tmp", ".lock")))
 
@@ -460,6 +470,26 @@ def test_a_file_put_at_the_outputs_name_mid_run_is_left_and_the_rows_set_aside(t
     )
     rows = read_rows(aside)
     assert len(rows) == 200 * 64 and len(set(rows)) == 200
+    assert temporaries(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_a_file_put_at_an_npy_outputs_name_mid_run_is_left_and_the_pair_set_aside(tmp_path):
+    """NPY is written at the end of the run: what is replaced then is what the run checked at its start."""
+    copies(tmp_path / "imgs", 600)
+    run = clipcli("embed", "imgs", "-m", "tiny-shapes", "-b", "1", "-o", "emb.npy", cwd=tmp_path)
+    wait_for(lambda: reading_images(run.pid), run)  # the output is checked before the first image is read
+    (tmp_path / "emb.npy").write_bytes(b"a user's matrix")
+    code, _, err = finish(run)
+    assert code == 2, err
+    assert (tmp_path / "emb.npy").read_bytes() == b"a user's matrix"
+    (aside,) = tmp_path.glob("emb.*.new.npy")
+    assert err.strip().endswith(
+        f"emb.npy: appeared while this run wrote it, so it is left as it is; this run's output is in {aside}"
+    )
+    saved = open_npy(aside)
+    names = [saved.name(i) for i in range(len(saved.matrix))]
+    assert sorted(names) == sorted(f"imgs/img-{i}.jpg" for i in range(600))
     assert temporaries(tmp_path) == []
 
 

@@ -31,7 +31,7 @@ import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from clipcli.atomic import describe_os_error
+from clipcli.atomic import describe_os_error, note_checked
 from clipcli.errors import OutputError
 
 HEAD_BYTES = 64 * 1024  # what is read of an existing output to tell whether clipcli wrote it
@@ -49,7 +49,10 @@ MODEL_MARK = "clipcli.json"  # a member of a trained model's archive: ARCHIVE/cl
 
 def read_head(path: Path) -> bytes | None:
     """The start of the regular file at ``path``; None where there is none (a missing or empty file; a
-    FIFO, a device or a folder, which the output's opening deals with, and which are never read)."""
+    FIFO, a device or a folder, which the output's opening deals with, and which are never read).
+    What is there is noted first (:func:`~clipcli.atomic.note_checked`): the end of the run replaces that
+    and nothing another program puts there meanwhile."""
+    note_checked(path)
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):
             return None
@@ -124,6 +127,8 @@ def refuse_foreign_npy(path: Path, sidecar: Path) -> None:
     """Refuse to replace an NPY output's matrix or sidecar unless clipcli wrote them (its sidecar's
     header says so; an NPY of clipcli's before the sidecar had a ``NAME.paths.txt`` beside it). Empty
     files, or none, are replaced; a FIFO or a device at either name is refused (they are files)."""
+    note_checked(path)
+    note_checked(sidecar)
     present = []
     for p in (path, sidecar):
         try:
