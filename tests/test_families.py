@@ -53,6 +53,17 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
     to_hub_cache(open_clip_hub_folder(root / "oc-hub", "test-oc-sl", 3, SIGLIP_PREPROCESS), hub, "test/oc-siglip")
     to_hub_cache(made["hf_siglip"], hub, "test/hf-siglip")
+    made["code_ran"] = root / "code-ran"
+    for repo, kwargs in (("test/oc-trusting", {"trust_remote_code": True}), ("test/oc-tokenizer-code", {})):
+        folder = open_clip_hub_folder(root / repo.replace("/", "-"), "test-oc-sl", 4)
+        config = json.loads((folder / "open_clip_config.json").read_text())
+        tokenizer = {"hf_tokenizer_name": str(folder), "tokenizer_kwargs": kwargs}
+        config["model_cfg"]["text_cfg"].update(tokenizer)
+        (folder / "open_clip_config.json").write_text(json.dumps(config))
+        (folder / "config.json").write_text(json.dumps({"model_type": "bert"}))
+        (folder / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["tok.Evil", None]}}))
+        (folder / "tok.py").write_text(f"open({str(made['code_ran'])!r}, 'w').write({repo!r})\n")
+        to_hub_cache(folder, hub, repo)
     custom = root / "custom"
     custom.mkdir()
     config = {"model_type": "clip", "auto_map": {"AutoModel": "modeling_evil.EvilModel"}}
@@ -272,6 +283,18 @@ def test_custom_code_and_unknown_model_types_are_refused(made: dict[str, Path], 
     bert.mkdir()
     (bert / "config.json").write_text(json.dumps({"model_type": "bert"}))
     _one_line_error(cli("embed", str(IMAGES[0]), "-m", f"hf:{bert}"), "model_type 'bert'", "supported: clip, siglip")
+
+
+@pytest.mark.parametrize("repo", ["test/oc-trusting", "test/oc-tokenizer-code"])
+def test_an_open_clip_repo_whose_tokenizer_needs_its_own_code_is_refused(
+    made: dict[str, Path], cli: Cli, repo: str
+) -> None:
+    """open_clip passes a config's tokenizer_kwargs (trust_remote_code) to transformers: refused before; a
+    tokenizer folder that needs its own code, without it, is loaded by transformers without that code. No code runs."""
+    ran = cli("classify", str(IMAGES[0]), "--labels", "a,b", "-m", f"open_clip:hf-hub:{repo}")
+    if repo == "test/oc-trusting":
+        _one_line_error(ran, "asks for the repository's own code to be run (trust_remote_code)", "never runs code")
+    assert not made["code_ran"].exists(), ran
 
 
 @pytest.mark.parametrize(("model", "extra"), [("open_clip:ViT-B-32/openai", "open_clip"), ("hf:a/b", "hf")])

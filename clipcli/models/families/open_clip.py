@@ -326,6 +326,11 @@ def _hub_config(oc: Any, repo: str, spec: str) -> tuple[str, dict[str, Any]]:
         model_cfg = config["model_cfg"]
     except (OSError, ValueError, KeyError, TypeError):
         raise ModelError(f"{spec}: {path} is not an open_clip config (no model_cfg)") from None
+    if _asks_for_code(config):
+        raise ModelError(
+            f"{spec}: {path} asks for the repository's own code to be run (trust_remote_code); "
+            "clipcli never runs code from a model's files"
+        )
     name = "hf-hub-" + repo.replace("/", "--")
     with tempfile.TemporaryDirectory() as folder:  # open_clip keeps the configs it has read
         (Path(folder) / f"{name}.json").write_text(json.dumps(model_cfg))
@@ -335,6 +340,15 @@ def _hub_config(oc: Any, repo: str, spec: str) -> tuple[str, dict[str, Any]]:
             f"{spec}: {path} is not an open_clip config (model_cfg lacks embed_dim, vision_cfg or text_cfg)"
         )
     return name, dict(config.get("preprocess_cfg") or {})
+
+
+def _asks_for_code(config: Any) -> bool:
+    """Whether a config sets ``trust_remote_code`` anywhere: open_clip hands ``text_cfg.tokenizer_kwargs``
+    to ``AutoTokenizer.from_pretrained``, which would then import the tokenizer repository's Python. Without
+    it, transformers refuses a tokenizer that needs its own code."""
+    if isinstance(config, dict):
+        return "trust_remote_code" in config or any(_asks_for_code(v) for v in config.values())
+    return isinstance(config, list) and any(_asks_for_code(v) for v in config)
 
 
 def _tokenizer(oc: Any, name: str, spec: str) -> Any:
