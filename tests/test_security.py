@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import csv
+import os
 import pickle
 import subprocess
 import sys
@@ -447,3 +448,29 @@ def test_the_models_table_shows_a_hostile_cache_path_as_text(monkeypatch, capsys
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\x07" not in out
     assert "cache\\x1b]0;PWNED\\x07[bold]x" in out and "m[bold]1" in out and "\\x1b[2J/m1.pt" in out
+
+
+def test_a_postscript_file_named_as_a_photo_is_skipped_and_never_run(tmp_path):
+    """Pillow reads EPS by running Ghostscript on it; clipcli opens the image formats it takes, and no other."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    called = tmp_path / "gs-called"
+    gs = bin_dir / "gs"
+    gs.write_text(f'#!/bin/sh\necho "$@" >> {called}\nexit 1\n')
+    gs.chmod(0o755)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "photo.jpg").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 100 100\nshowpage\n")
+    make_image(photos / "real.png", (32, 32))
+    env = {**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin"}
+    done = subprocess.run(
+        [sys.executable, "-m", "clipcli", "embed", str(photos), "-m", "tiny-shapes", "-f", "jsonl"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 1, done.stderr  # one input skipped
+    assert "photo.jpg: not an image (or an unsupported format)" in done.stderr
+    assert done.stdout.count('"embedding"') == 1
+    assert not called.exists()

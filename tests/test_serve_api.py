@@ -242,6 +242,26 @@ def test_an_upload_over_the_limit_is_413(client: httpx.Client) -> None:
     assert response.status_code == 413 and "limit" in response.json()["detail"]
 
 
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 100 100\n(hello) print\nshowpage\n"
+
+
+def test_another_sites_page_cannot_post_to_the_server(client: httpx.Client, site: tuple[Server, Path]) -> None:
+    """A page elsewhere can make the browser post to 127.0.0.1 (a form, a no-cors fetch): its Origin says so."""
+    picture = (SAMPLES / "held-out" / "orange-hexagon.jpg").read_bytes()
+    for origin in ("http://evil.example", "null", f"http://localhost:{site[0].port}"):
+        response = client.post("/api/upload", content=picture, headers={"Origin": origin, "Content-Type": "text/plain"})
+        assert response.status_code == 403, origin
+        assert client.get("/api/info", headers={"Origin": origin}).status_code == 403
+    own = client.post("/api/upload", content=picture, headers={"Origin": site[0].base.rstrip("/")})
+    assert own.status_code == 200, own.text
+
+
+def test_a_postscript_upload_is_no_image_and_never_reaches_ghostscript(client: httpx.Client) -> None:
+    """Pillow would hand EPS to Ghostscript to run; clipcli's readers are the image formats it takes."""
+    response = client.post("/api/upload", content=EPS, headers={"Content-Type": "image/jpeg"})
+    assert response.status_code == 400 and "not an image" in response.json()["detail"]
+
+
 def png_bomb(width: int, height: int) -> bytes:
     """A valid 1-bit PNG of ``width`` x ``height`` zero pixels: tens of kilobytes that decode to gigapixels."""
 

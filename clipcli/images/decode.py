@@ -57,6 +57,11 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
+# The formats of sources.IMAGE_EXTENSIONS, whatever a file's name says: Pillow tries no other reader. Among
+# the others, EPS hands the file to Ghostscript to run as a PostScript program.
+FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "PPM")
+
+
 def load_image(file: Path, draft_size: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open an image as RGB: first frame, EXIF orientation applied (see :func:`decode`)."""
     return decode(file, draft_size, max_pixels)[0]
@@ -83,7 +88,7 @@ def decode_file(file: Path, draft_size: int | None = None, max_pixels: int | Non
     stored as the new one's. The photo's metadata columns come from the same open file (see
     :func:`photo_metadata`): nothing is read twice."""
     require_regular_file(file)
-    with Image.open(file) as im:
+    with Image.open(file, formats=FORMATS) as im:
         st = _open_file_stat(im, file)
         return decode_opened(im, (st.st_size, st.st_mtime), draft_size, max_pixels)
 

@@ -33,7 +33,7 @@ from typing import IO, Any
 
 from PIL import Image
 
-from clipcli.images.decode import decode_opened
+from clipcli.images.decode import FORMATS, decode_opened
 from clipcli.images.refs import ContainerOptions, Decoded, FileStat, ImageRef, Skipped
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")  # in order of preference, when a sample has two
@@ -427,7 +427,7 @@ class WebDatasetShards:
             raise OSError(f"no image for {ref.member} in the shard (changed since it was listed?)")
         data = read_span(handle, sample.image)
         caption = _caption(handle, sample)
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as im:
             got = decode_opened(im, index.stat, draft_size, max_pixels)
         shard = ref.path[: -len(ref.member) - 1] if ref.path.endswith("#" + ref.member) else str(ref.file)
         got.meta["folder"] = os.path.dirname(shard)

@@ -7,7 +7,9 @@ at ``/docs`` and ``/openapi.json``.
 
 Safety, in one place: with a token (required off loopback) every request must carry it (the page's URL
 ``?token=`` sets a cookie); without one, requests must name a loopback host (a web page elsewhere cannot
-reach the server through DNS rebinding). Files are served only through :meth:`Catalog.file_of`.
+reach the server through DNS rebinding). A request a browser sends for another site's page (its
+``Origin`` is not this server's own: a form or a ``fetch`` posting a picture to the loopback address) is
+refused whatever its host. Files are served only through :meth:`Catalog.file_of`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import date
 from importlib import resources
 from typing import TYPE_CHECKING, Annotated, Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -84,6 +86,9 @@ def create_app(served: Served) -> FastAPI:
 def _guard(app: FastAPI, token: str | None) -> None:
     @app.middleware("http")
     async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        origin = request.headers.get("origin")
+        if origin is not None and urlsplit(origin).netloc != request.url.netloc:  # scheme: a TLS proxy's
+            return JSONResponse({"detail": "this server answers its own page only, not other sites'"}, 403)
         if token is None:
             if (request.url.hostname or "") not in LOOPBACK_NAMES:
                 return JSONResponse({"detail": "this server answers on its loopback address only"}, 403)
