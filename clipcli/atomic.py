@@ -97,7 +97,7 @@ def file_identity(path: Path) -> tuple[int, int, int, int] | None:
     (None where nothing is there)."""
     try:
         st = os.stat(path)
-    except FileNotFoundError:
+    except (OSError, ValueError):  # nothing there, or nothing that can be reached: the write says which
         return None
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 

@@ -35,8 +35,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(b"HTTP/1.1 200 OK\r\n")
             self._send_slowly(b"X-Pad: " + b"a" * 10_000, 1, 0.1)
             return
+        if "/endless/" in self.path:  # no Content-Length, and a body that never ends
+            self.send_response(200)
+            self.end_headers()
+            self._send_slowly(PAYLOAD * 10_000, 256 << 10, 0)
+            return
         self.send_response(200)
-        self.send_header("Content-Length", str(len(PAYLOAD)))
+        self.send_header("Content-Length", str(len(PAYLOAD) * (10_000 if "/huge/" in self.path else 1)))
         self.end_headers()
         for kind, piece, pause in (("trickle", 1, 0.1), ("steady", 64 << 10, 0.1), ("silent", 0, 30.0)):
             if f"/{kind}/" in self.path:
@@ -148,6 +153,15 @@ def _serve(handler: http.server.BaseHTTPRequestHandler, data: bytes) -> None:
     handler.send_header("Content-Length", str(len(data)))
     handler.end_headers()
     handler.wfile.write(data)
+
+
+@pytest.mark.parametrize(("kind", "said"), [("endless", "sent more than"), ("huge", "would send")])
+def test_a_body_longer_than_it_may_be_is_abandoned_as_it_arrives(server: str, tmp_path: Path, kind: str, said: str):
+    """Found by attack: an endless body was written until the disk was full; the checksum comes only at the end."""
+    dest = tmp_path / "m.pt"
+    with pytest.raises(DownloadError, match=said):
+        within(30, lambda: fetch(f"{server}/{kind}/m.pt", dest, SHA, max_bytes=4 << 20))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_trickling_server_is_given_up_on_as_stalled(server: str, tmp_path: Path):

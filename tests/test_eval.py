@@ -396,6 +396,26 @@ def test_a_classifier_cache_that_cannot_be_written_is_skipped() -> None:
     assert entry.is_dir() and list(entry.iterdir()) == []
 
 
+@pytest.mark.parametrize("damage", [b"garbage", "a dict", "a wrong shape"])
+def test_a_damaged_classifier_cache_entry_is_recomputed(damage: object) -> None:
+    """Found by attack: garbage in an entry was an internal error (exit 3) on every later run."""
+    from clipcli.evaluation.run import cached_classifier, classifier_cache_dir
+    from clipcli.models import load_model
+    from clipcli.zeroshot.prompts import builtin_templates
+
+    templates, classes = builtin_templates("simple"), ["red circle", "blue star"]
+    lm = load_model("tiny-shapes", "cpu", "fp32")
+    want, _ = cached_classifier(lm, classes, templates)
+    [entry] = classifier_cache_dir().glob("*.pt")
+    if isinstance(damage, bytes):
+        entry.write_bytes(damage)
+    else:
+        torch.save({"x": [1, 2]} if damage == "a dict" else torch.zeros(3, 3), entry)
+    got, hit = cached_classifier(lm, classes, templates)
+    assert not hit and torch.equal(got, want)
+    assert cached_classifier(lm, classes, templates)[1] is True  # written again, whole
+
+
 def test_the_classifier_cache_is_kept_per_precision() -> None:
     """A report states its precision: its classifier must be the one computed at that precision."""
     from clipcli.evaluation.run import cached_classifier

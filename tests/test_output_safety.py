@@ -721,6 +721,10 @@ def test_an_output_that_is_a_fifo_or_a_device_is_written_in_place(cli, tmp_path)
         ("manifest.csv", b"path,label\nx.jpg,cat\n"),  # clipcli's own input formats, made by a user
         ("labels.jsonl", b'{"path": "x.jpg", "label": "cat"}\n'),
         ("texts.csv", b"text,label\nhello,greeting\n"),
+        ("results.csv", b"model,dataset,score\nresnet50,imagenet,76.1\n"),  # a user's exports, found by attack
+        ("grades.jsonl", b'{"id": 17, "name": "Alice", "score": 93}\n'),
+        ("ratings.tsv", b"0.9500\tThe Godfather\n"),
+        ("churn.parquet", None),
     ],
 )
 def test_an_output_clipcli_did_not_write_is_never_replaced(cli, tmp_path, name, content):
@@ -733,7 +737,8 @@ def test_an_output_clipcli_did_not_write_is_never_replaced(cli, tmp_path, name, 
     elif name.endswith(".parquet"):
         import pyarrow as pa
 
-        pq.write_table(pa.table({"pixels": [1, 2]}), target)
+        columns = {"id": [1, 2], "score": [0.5, 0.7], "customer": ["a", "b"]} if name == "churn.parquet" else None
+        pq.write_table(pa.table(columns or {"pixels": [1, 2]}), target)
     else:
         target.write_bytes(content)
     before = target.read_bytes()
@@ -749,6 +754,35 @@ def test_an_output_clipcli_did_not_write_is_never_replaced(cli, tmp_path, name, 
     assert ran.stderr.startswith(f"Error: {target}: exists and is not a") and ran.stderr.count("\n") == 1
     assert "clipcli replaces only its own outputs" in ran.stderr
     assert target.read_bytes() == before
+
+
+def test_every_column_clipcli_writes_is_known_as_its_own():
+    """A file whose columns are all clipcli's can be replaced; each writer's columns must be in that set, or
+    a second run into its own output would be refused."""
+    from clipcli.evaluation import run, text
+    from clipcli.search import duplicates
+    from clipcli.store import ownership, rows
+    from clipcli.text.nli import prediction_columns
+    from clipcli.zeroshot import classify, timeline
+
+    tag = rows.ModelTag("m", "0" * 64, True)
+    written = [
+        classify.PREDICTION_COLUMNS,
+        timeline.TIMELINE_COLUMNS,
+        duplicates.COLUMNS,
+        run.PREDICTION_COLUMNS,
+        text.PREDICTION_COLUMNS,
+        prediction_columns(True),
+        ("query", "score", "path"),
+        ("path", "t", "e0", "e511"),
+        rows.schema(4, "float32", tag).names,
+        rows.text_schema(4, "float32", tag).names,
+        ("path", "predictions"),
+    ]
+    for columns in written:
+        header = (",".join(columns) + "\n").encode()
+        assert ownership.csv_is_own(header, columns[:1]) or not ownership.OWN_MARK_COLUMNS & set(columns), columns
+        assert ownership._all_own(columns, ()), columns
 
 
 def test_a_fifo_at_an_outputs_name_is_written_as_a_stream_or_refused_never_replaced(cli, tmp_path):

@@ -195,7 +195,7 @@ def test_sidecar_lines_read_like_splitlines(tmp_path, text):
     assert len(lines) == len(text.splitlines())
 
 
-@pytest.mark.parametrize("damage", ["truncate matrix", "garbage manifest", "manifest without rows"])
+@pytest.mark.parametrize("damage", ["truncate matrix", "garbage manifest", "manifest without rows", "manifest a list"])
 def test_damaged_search_cache_is_rebuilt(cli, tmp_path, damage):
     import json
 
@@ -208,6 +208,8 @@ def test_damaged_search_cache_is_rebuilt(cli, tmp_path, damage):
         (entry / "matrix.npy").write_bytes((entry / "matrix.npy").read_bytes()[:200])
     elif damage == "garbage manifest":
         (entry / "manifest.json").write_text("{not json")
+    elif damage == "manifest a list":  # found by attack: an internal error on every later run
+        (entry / "manifest.json").write_text("[1, 2]")
     else:
         manifest = json.loads((entry / "manifest.json").read_text())
         del manifest["rows"]

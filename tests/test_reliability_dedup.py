@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_image
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 CLIPCLI = str(Path(sys.executable).with_name("clipcli"))
@@ -41,18 +40,21 @@ def pipe(shell: str, cwd: Path) -> subprocess.CompletedProcess[bytes]:
 
 
 def _chained(tmp_path: Path, cli) -> tuple[Path, dict[str, Path]]:
-    """Three real files whose saved embeddings chain: a~b and b~c at 0.95, a and c at 0.81 (threshold 0.9).
+    """Three real files, copies of one picture, whose saved embeddings chain: a~b and b~c at 0.95, a and c
+    at 0.81 (threshold 0.9).
     ``a`` is the largest file and the first in natural order, so either --keep keeps it."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
+    from PIL import Image
 
     folder = tmp_path / "chain"
-    files = {
-        "a": make_image(folder / "a.png", (160, 160), seed=1),
-        "b": make_image(folder / "b.png", (90, 90), seed=2),
-        "c": make_image(folder / "c.png", (60, 60), seed=3),
-    }
+    folder.mkdir()
+    picture = Image.open(SAMPLES / "seen" / "red-square.jpg").convert("RGB")
+    files = {}
+    for name, side in (("a", 160), ("b", 90), ("c", 60)):  # one picture at three sizes: copies, pixel for pixel
+        files[name] = folder / f"{name}.png"
+        picture.resize((side, side), Image.Resampling.LANCZOS).save(files[name])
     emb = tmp_path / "emb.parquet"
     assert cli("embed", str(folder), "-m", "tiny-shapes", "-o", str(emb)).exit_code == 0
     table = pq.read_table(emb)
@@ -298,3 +300,24 @@ def test_keep_never_lists_a_file_whose_only_other_name_is_kept(cli, tmp_path, mo
     Path(listed[0]).unlink()  # as `xargs -0 rm` would: a copy of the picture is still there
     assert any(p.is_file() and p.read_bytes() == (SAMPLES / "busy" / "blue-star.jpg").read_bytes()
                for p in (d / "b.jpg", d / "c.jpg", Path("copy.jpg")))  # fmt: skip
+
+
+def test_keep_lists_copies_of_the_kept_picture_and_no_picture_merely_alike(cli, tmp_path):
+    """Found by a newcomer: `dedup samples/ --keep largest` (the README's pipeline into `rm`) listed a red
+    hexagon as a copy of a red circle, alike at 0.90 by the bundled model's embeddings. A file is now
+    listed only when its pixels are the kept file's, at any size or JPEG quality."""
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    shutil.copytree(SAMPLES, photos)
+    star = Image.open(photos / "seen" / "blue-star.jpg")
+    star.resize((star.width // 2, star.height // 2), Image.Resampling.LANCZOS).save(
+        photos / "star-small.jpg", quality=70
+    )
+    ran = cli("dedup", str(photos), "-m", "tiny-shapes", "--keep", "largest")
+    listed = ran.stdout.splitlines()
+    assert str(photos / "star-small.jpg") in listed
+    for path in listed:  # each listed file is a copy of a picture kept: here, only the small star
+        assert Path(path).name in ("star-small.jpg", "blue-star.jpg"), ran.stderr
+    assert str(photos / "seen" / "red-hexagon.jpg") not in listed
+    assert "not listed: its picture" in ran.stderr

@@ -312,6 +312,47 @@ def test_bad_videos_are_reported_and_the_good_ones_embedded(cli, videos, tmp_pat
     assert frame_times(paths, str(bad / "lying.mkv"))[-1] == 18.0  # sampled to the real end
 
 
+def growing_mjpeg(path: Path, side: int) -> Path:
+    """An MJPEG AVI whose header says 64x64, its first two frames that size, then frames of side x side
+    (each MJPEG frame declares its own size)."""
+    import fractions
+    import io
+
+    import av
+    from PIL import Image
+
+    def jpeg(w: int) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (w, w), (200, 30, 30)).save(buf, "JPEG", quality=50)
+        return buf.getvalue()
+
+    small, big = jpeg(64), jpeg(side)
+    with av.open(str(path), "w", format="avi") as out:
+        stream = out.add_stream("mjpeg", rate=1)
+        stream.time_base = fractions.Fraction(1, 1)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuvj420p"
+        for i in range(6):
+            packet = av.Packet(big if i >= 2 else small)
+            packet.stream, packet.pts, packet.dts = stream, i, i
+            out.mux(packet)
+    return path
+
+
+def test_frames_that_grow_past_the_limit_mid_stream_are_refused_and_the_earlier_kept(cli, tmp_path):
+    """Found by attack: the limit was checked against the stream's header only, and frames declaring
+    four times the limit later in the stream were decoded (a 16 MB file took 1.5 GB)."""
+    video = growing_mjpeg(tmp_path / "grows.avi", 2000)  # 4 Mpx frames from t=2
+    out = tmp_path / "grows.csv"
+    r = cli("embed", *TINY, str(video), "--every", "1", "--max-megapixels", "1", "-o", str(out))
+    assert r.exit_code == EXIT_PARTIAL, r.stderr
+    assert "Traceback" not in r.stderr
+    rows = [line.split(",")[0] for line in out.read_text().splitlines()[1:]]
+    assert [row.rpartition("#")[2] for row in rows] == ["t=0.000", "t=1.000"]
+    assert (
+        "grows.avi#t=2.000: the decoder refused a frame (Invalid argument): larger than the limit of 1 Mpx" in r.stderr
+    )
+
+
 def test_a_decode_that_makes_no_progress_is_abandoned(videos, monkeypatch):
     from clipcli.images import video, video_decode
     from clipcli.images.sources import discover

@@ -429,6 +429,20 @@ def test_a_benchmark_sample_without_a_class_is_an_error_naming_it(cli, tmp_path)
     assert "1.tar#" in ran.stderr and "the sample has no class (a .cls member)" in ran.stderr
 
 
+@pytest.mark.parametrize("count", ["5", "99999999999999", "9" * 5000])
+def test_a_shard_count_beyond_the_shards_there_is_one_line_at_once(cli, tmp_path, count):
+    """Found by attack: nshards.txt of 99999999999999 built a list of that many names, for ever."""
+    items = sample_items()[:6]
+    root = benchmark(tmp_path / "wds", items, sorted({i.label for i in items}))
+    (root / "test" / "nshards.txt").write_text(count + "\n")
+    ran = cli("eval", str(root), *MODEL)
+    assert ran.exit_code == 2 and ran.stderr.count("\n") == 1, ran.stderr
+    if count == "5":
+        assert f"counts 5 shards, but {root / 'test' / '2.tar'} is missing" in ran.stderr  # 0.tar, 1.tar are there
+    else:
+        assert "expected a number of shards" in ran.stderr
+
+
 def test_dedup_keeps_the_sample_with_more_pixels(cli, tmp_path, monkeypatch):
     """Samples share their shard's size and mtime: among them "largest" is the most pixels, from the
     shard directly and from a dataset alike (natural order would pick the small copy, stored first)."""

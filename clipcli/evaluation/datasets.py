@@ -255,9 +255,13 @@ def wds_shards(root: Path) -> list[str]:
     count = folder / "nshards.txt"
     if count.is_file():
         text = " ".join(read_lines(count, "shard count"))
-        if not text.isdigit() or int(text) < 1:
+        if not text.isdigit() or len(text) > 9 or int(text) < 1:
             raise InputError(f"{count}: expected a number of shards, got {text[:40]!r}")
-        return [str(folder / f"{i}.tar") for i in range(int(text))]
+        n, present = int(text), sum(1 for _ in folder.glob("*.tar"))
+        if n > present:  # named before a list of n names is made: n may be anything
+            missing = next(i for i in range(present + 1) if not (folder / f"{i}.tar").is_file())
+            raise InputError(f"{count}: counts {n} shards, but {folder / f'{missing}.tar'} is missing")
+        return [str(folder / f"{i}.tar") for i in range(n)]
     return sorted((str(p) for p in folder.glob("*.tar")), key=natural_key)
 
 

@@ -62,9 +62,12 @@ def cached_classifier(
     path = classifier_cache_dir() / f"{key}.pt"
     if use_cache and path.is_file():
         try:
-            return torch.load(path, weights_only=True), True
-        except (OSError, RuntimeError, EOFError):
-            path.unlink(missing_ok=True)  # a damaged entry is recomputed, not fatal
+            cached = torch.load(path, weights_only=True)
+            if isinstance(cached, torch.Tensor) and cached.shape == (len(classes), lm.embed_dim):
+                return cached, True
+        except Exception:  # damaged, or not what clipcli wrote, however torch fails on it
+            pass
+        path.unlink(missing_ok=True)  # recomputed, not fatal
     classifier = zero_shot_classifier(lm, classes, templates, on_progress=on_progress)
     if use_cache:
         # A cache that cannot be written (a read-only home) is skipped, as every cache of clipcli's is.

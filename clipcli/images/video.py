@@ -32,6 +32,7 @@ from clipcli.images.video_decode import (
     VideoError,
     VideoIndex,
     decoded_frames,
+    limit_frames,
     load_av,
     open_video,
     reason,
@@ -150,6 +151,7 @@ def scene_times(file: Path, index: VideoIndex, threshold: float) -> list[float]:
     with open_video(file) as container:
         stream = video_stream(container)
         stream.codec_context.thread_type = "AUTO"
+        limit_frames(stream, DEFAULT_MAX_PIXELS, {})
         # the frames no other frame needs are not decoded where none is looked at (never drained: slack -1)
         for frame in decoded_frames(container, stream, lambda: next_look + index.origin, -1.0):  # noqa: B023
             when = seconds(frame, stream.time_base)
@@ -208,7 +210,7 @@ class Video:
                     f"{max_pixels / 1e6:.4g} Mpx; raise --max-megapixels)"
                 )
             PASSES.expect(ref.file, index.stat, self.sampled.get((str(ref.file), index.stat), ()), draft_size)
-            image, size = PASSES.picture(ref.file, index, want, draft_size)
+            image, size = PASSES.picture(ref.file, index, want, draft_size, max_pixels)
         except av.error.FFmpegError as e:
             raise VideoError(f"cannot decode the frame at {want:.3f} s ({reason(e)})") from None
         return Decoded(image, size, index.stat, {"t": want})

@@ -142,6 +142,14 @@ def decoded_frames(container: Any, stream: Any, target: Callable[[], float] | No
         raise VideoError(reason(e)) from None
 
 
+def limit_frames(stream: Any, max_pixels: int | None, options: dict[str, str]) -> None:
+    """Open ``stream``'s decoder with ``options``, and with FFmpeg's own bound on a frame's pixels: a
+    stream whose frames grow past its header's size mid-way (each MJPEG frame declares its own) is
+    refused by the decoder before a frame is allocated, as the header is before any frame."""
+    bound = {"max_pixels": str(max_pixels)} if max_pixels is not None and max_pixels < 2**31 - 1 else {}
+    stream.codec_context.options = {**options, **bound}
+
+
 def _frame_time(stream: Any) -> float:
     rate = stream.average_rate or stream.guessed_rate
     return float(1 / rate) if rate else 0.1
@@ -154,6 +162,7 @@ class _Reader:
     container: Any
     stream: Any
     stat: FileStat
+    max_pixels: int | None = None  # the bound its decoder was opened with (see limit_frames)
     at: float = -math.inf  # the time of the last frame given (from the video's first frame)
     frames: Any = None  # the decoded frames from here on (see decoded_frames)
     target: float = 0.0  # the time wanted now, in the stream's clock
@@ -199,11 +208,17 @@ class _Readers:
         self.lock = threading.Lock()
         self.idle: list[tuple[str, bool, _Reader]] = []  # (file, keyframes only, reader)
 
-    def take(self, file: Path, stat: FileStat, index: VideoIndex, want: float, keyframe: bool) -> _Reader:
+    def take(
+        self, file: Path, stat: FileStat, index: VideoIndex, want: float, keyframe: bool, max_pixels: int | None
+    ) -> _Reader:
         k = bisect.bisect_right(index.keys, want + 1e-6) - 1
         key = index.keys[k] if k >= 0 else 0.0
         with self.lock:
-            mine = [(i, r) for i, (f, kf, r) in enumerate(self.idle) if (f, kf, r.stat) == (str(file), keyframe, stat)]
+            mine = [
+                (i, r)
+                for i, (f, kf, r) in enumerate(self.idle)
+                if (f, kf, r.stat, r.max_pixels) == (str(file), keyframe, stat, max_pixels)
+            ]
             ahead = [(i, r) for i, r in mine if key <= r.at < want]
             pick = max(ahead, key=lambda ir: ir[1].at) if ahead else (mine[0] if mine else None)
             if pick is not None:
@@ -213,12 +228,11 @@ class _Readers:
         try:
             stream = video_stream(container)
             stream.codec_context.thread_count = 1  # the decoding threads share the cores among frames
-            if keyframe:
-                stream.codec_context.options = {"skip_loop_filter": "all"}
+            limit_frames(stream, max_pixels, {"skip_loop_filter": "all"} if keyframe else {})
         except BaseException:
             container.close()
             raise
-        return _Reader(container, stream, stat)
+        return _Reader(container, stream, stat, max_pixels)
 
     def forget(self, file: Path) -> None:
         with self.lock:
@@ -292,7 +306,9 @@ class FramePasses:
             for key in [k for k in self.videos if k[0] == str(file)]:
                 del self.videos[key]
 
-    def picture(self, file: Path, index: VideoIndex, want: float, draft_size: int | None) -> Picture:
+    def picture(
+        self, file: Path, index: VideoIndex, want: float, draft_size: int | None, max_pixels: int | None = None
+    ) -> Picture:
         """The frame at ``want`` seconds: decoded by this thread's pass (with the sampled frames after it
         up to the next keyframe), or by another's while this one decodes a stretch no pass has claimed."""
         with self.changed:
@@ -305,7 +321,7 @@ class FramePasses:
             else:
                 claim = self._claim(video, index, want)
         if claim:
-            self._decode(file, index, video, claim, draft_size)
+            self._decode(file, index, video, claim, draft_size, max_pixels)
         with self.changed:
             while want not in video.ready:  # a pass publishes each time it claimed, picture or error
                 self.changed.wait()
@@ -321,7 +337,9 @@ class FramePasses:
         video.busy.update(claim)
         return claim
 
-    def _decode(self, file: Path, index: VideoIndex, video: _Video, claim: list[float], draft: int | None) -> None:
+    def _decode(
+        self, file: Path, index: VideoIndex, video: _Video, claim: list[float], draft: int | None, limit: int | None
+    ) -> None:
         done = 0
         readers: dict[bool, _Reader] = {}  # by kind: keyframes only (see _Readers), or any frame
         try:
@@ -329,13 +347,18 @@ class FramePasses:
                 key = index.keyframe_at(t)
                 kind = key is not None
                 if kind not in readers:
-                    readers[kind] = READERS.take(file, index.stat, index, t, kind)
+                    readers[kind] = READERS.take(file, index.stat, index, t, kind, limit)
                 frame = readers[kind].frame_at(index, t if key is None else key)
                 rotation = int(frame.rotation or 0)
                 size = (frame.height, frame.width) if rotation % 180 else (frame.width, frame.height)
                 self._publish(video, t, (upright(frame_image(frame, draft), rotation), size))
                 done += 1
         except Exception as e:
+            if isinstance(e, VideoError) and limit is not None and str(e) == "Invalid argument":
+                e = VideoError(  # what FFmpeg answers for a frame over max_pixels (see limit_frames)
+                    f"the decoder refused a frame (Invalid argument): larger than the limit of {limit / 1e6:.4g} "
+                    "Mpx (raise --max-megapixels), or damaged"
+                )
             for reader in readers.values():
                 reader.container.close()
             readers.clear()

@@ -24,6 +24,9 @@ _PART = "part"
 # trickles a byte every few seconds would otherwise hold the run for ever.
 STALL_BYTES = 1 << 20
 STALL_SECONDS = 60.0
+# A response longer than this (or than its Content-Length) is abandoned as it arrives: an endless body
+# would otherwise fill the disk before the checksum is ever checked. OpenAI's largest model is 1.3 GB.
+MAX_BYTES = 2 << 30
 
 
 def fetch(
@@ -34,10 +37,12 @@ def fetch(
     timeout: float = 30.0,
     stall_bytes: int = STALL_BYTES,
     stall_seconds: float = STALL_SECONDS,
+    max_bytes: int = MAX_BYTES,
 ) -> Path:
     """Download ``url`` to ``dest``, checking its SHA-256; never leaves a partial file at ``dest``.
 
-    Gives up with :class:`DownloadError` when fewer than ``stall_bytes`` arrive in ``stall_seconds``.
+    Gives up with :class:`DownloadError` when fewer than ``stall_bytes`` arrive in ``stall_seconds``, and
+    as soon as more than ``max_bytes`` arrive (or a Content-Length says they would).
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
     remove_abandoned_parts(dest)
@@ -58,7 +63,11 @@ def fetch(
             # what one socket read brings, so the stall check below runs as each piece arrives.
             read = getattr(response, "read1", response.read)
             stall = _StallCheck(stall_bytes, stall_seconds)
-            while chunk := read(_CHUNK):
+            if total is not None and total > max_bytes:
+                raise DownloadError(f"{url} would send {total} bytes, more than a model download may be ({max_bytes})")
+            while chunk := read(_CHUNK):  # http.client reads no further than a Content-Length
+                if received + len(chunk) > max_bytes:
+                    raise DownloadError(f"{url} sent more than a model download may be ({max_bytes} bytes); abandoned")
                 out.write(chunk)
                 digest.update(chunk)
                 received += len(chunk)

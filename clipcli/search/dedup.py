@@ -184,12 +184,6 @@ def find_duplicates(
     return group_members(components, names, rows_of, threshold, prefer, size_of, pixels_of, files_only)
 
 
-def deletable(groups: list[list[Member]]) -> list[str]:
-    """The paths one could delete: all but each group's representative, the file kept (groups made with
-    the ``prefer`` of the ``--keep`` asked for). Each is at or above the threshold to the file kept."""
-    return [m.path for group in groups for m in group[1:]]
-
-
 def matrix_search(matrix: np.ndarray) -> Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]:
     """Exact k-NN over an in-memory matrix of unit rows."""
 
@@ -282,22 +276,36 @@ def _is_working_folder(folder: str) -> bool:
         return False
 
 
-def listable(groups: list[list[Member]], stored: StoredFiles) -> tuple[list[str], list[tuple[str, str]]]:
-    """The paths of :func:`deletable` whose files are still those embedded, named as one reaches them
-    from here; and (path, reason) for each path not listed. A group whose kept file is missing or
-    changed lists nothing: its copies may be the only ones left."""
+def listable(groups: list[list[Member]], stored: StoredFiles | None) -> tuple[list[str], list[tuple[str, str]]]:
+    """The paths one could delete: of all but each group's representative, the file kept (groups made with
+    the ``prefer`` of the ``--keep`` asked for, each member at or above the threshold to it), those that
+    are verified copies of it, named as one reaches them from here; and (path, reason) for each path not
+    listed. Verified: the picture is the
+    kept file's, pixel by pixel (:mod:`clipcli.search.pictures`), and, for saved rows (``stored``),
+    both files are still those embedded. A group whose kept file is missing or changed lists nothing:
+    its copies may be the only ones left."""
+    from clipcli.search.pictures import Pictures
+
+    def here(path: str) -> str:
+        return stored.locate(path) if stored is not None else path
+
+    def problem(path: str) -> str | None:
+        return stored.problem(path) if stored is not None else None
+
+    pictures = Pictures()
     out: list[str] = []
     refused: list[tuple[str, str]] = []
     for kept, *copies in groups:
-        kept_problem = stored.problem(kept.path)
+        kept_problem = problem(kept.path)
         if kept_problem is not None:
             refused.append((kept.path, f"kept, but it {kept_problem}: its copies are not listed"))
             refused += [(m.path, f"not listed: the file kept, {kept.path}, {kept_problem}") for m in copies]
             continue
         for m in copies:
-            problem = stored.problem(m.path)
-            if problem is None:
-                out.append(stored.locate(m.path))
+            reason = problem(m.path)
+            why = f"it {reason}" if reason is not None else pictures.differs(here(kept.path), here(m.path))
+            if why is None:
+                out.append(here(m.path))
             else:
-                refused.append((m.path, f"not listed: it {problem}"))
+                refused.append((m.path, f"not listed: {why}"))
     return out, refused

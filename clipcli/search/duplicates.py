@@ -98,7 +98,7 @@ def _keep(r: DedupRequest, saved: list[str], models: ModelOptions, images: Image
     """The paths one could delete: all but the kept member of each group; saved rows only while their
     files are those embedded."""
     from clipcli.images.sources import Skipped
-    from clipcli.search.dedup import deletable, listable
+    from clipcli.search.dedup import listable
 
     if r.output or r.format:
         raise InputError("--keep prints paths one a line on stdout: leave out --output and --format")
@@ -106,11 +106,10 @@ def _keep(r: DedupRequest, saved: list[str], models: ModelOptions, images: Image
     # A video's frame or a shard's sample (``clip.mp4#t=2.000``, ``shard.tar#000042``) is no file of its
     # own: the groups leave them out, so that one is never listed, nor a file listed as its copy.
     groups, stored = _groups(r, saved, models, images, hooks, r.keep, files_only=True)
-    paths = deletable(groups)
-    if stored is not None:  # saved rows: listed only while the files are those embedded
-        paths, refused = listable(groups, stored)
-        for path, reason in refused:
-            hooks.on_skip(Skipped(path, reason))
+    # verified copies only: the kept file's picture; saved rows, only while the files are those embedded
+    paths, refused = listable(groups, stored)
+    for path, reason in refused:
+        hooks.on_skip(Skipped(path, reason))
     if not r.null:
         for p in paths:
             if "\n" in p:

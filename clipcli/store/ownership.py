@@ -39,6 +39,31 @@ OWN_FIRST_COLUMNS = frozenset({"path", "text", "id", "group", "model", "query", 
 # Every row output clipcli writes has one of these columns (or keys); a user's manifest (path,label), a
 # list of texts (text,label), has none.
 OWN_MARK_COLUMNS = frozenset({"score", "e0", "embedding", "predictions", "similarity_to_group_representative"})
+# Every column (and JSONL key) of every row output clipcli writes, besides the vector's e0, e1...: a file
+# with any other column (a user's ``model,dataset,score``, ``id,name,score``) is not one of them.
+# tests/test_output_safety.py checks that each writer's columns are here.
+OWN_COLUMNS = (
+    OWN_FIRST_COLUMNS
+    | OWN_MARK_COLUMNS
+    | frozenset(
+        {
+            *("rank", "label", "start", "end"),  # classify, its timeline, classify-text, rank
+            *("width", "height", "bytes", "mtime"),  # embed
+            *(
+                "folder",
+                "taken",
+                "camera_make",
+                "camera_model",
+                "gps_lat",
+                "gps_lon",
+                "t",
+                "caption",
+            ),  # embed: metadata
+            *("templates", "true_label", "predicted_label", "true_rank", "hypothesis", "row"),  # eval's predictions
+        }
+    )
+)
+_VECTOR_COLUMN = re.compile(r"e\d+")
 _COLUMN = re.compile(r"[a-z][a-z0-9_]*")
 _JSON_KEY = re.compile(rb'"([a-z][a-z0-9_]*)": ')
 _FIRST_KEY = re.compile(rb'\{"([a-z][a-z0-9_]*)": ')
@@ -82,9 +107,14 @@ def _firsts(extra: Iterable[str]) -> frozenset[str]:
     return OWN_FIRST_COLUMNS | frozenset(extra)
 
 
+def _all_own(names: Iterable[str], extra: Iterable[str]) -> bool:
+    known = OWN_COLUMNS | frozenset(extra)
+    return all(n in known or _VECTOR_COLUMN.fullmatch(n) for n in names)
+
+
 def csv_is_own(head: bytes, first: Iterable[str] = ()) -> bool:
     """A header of column names (lower case), the first one of :data:`OWN_FIRST_COLUMNS`, with one of
-    :data:`OWN_MARK_COLUMNS` among them."""
+    :data:`OWN_MARK_COLUMNS` among them, and every one of :data:`OWN_COLUMNS`."""
     line = first_line(head)
     fields = next(csv.reader([line]), []) if line is not None else []
     return (
@@ -92,35 +122,52 @@ def csv_is_own(head: bytes, first: Iterable[str] = ()) -> bool:
         and fields[0] in _firsts(first)
         and all(_COLUMN.fullmatch(f) for f in fields)
         and bool(OWN_MARK_COLUMNS & set(fields))
+        and _all_own(fields, first)
     )
 
 
 def jsonl_is_own(head: bytes, first: Iterable[str] = ()) -> bool:
     """A JSON object whose first key is one of :data:`OWN_FIRST_COLUMNS`, with a key of
-    :data:`OWN_MARK_COLUMNS` (read as text: a first row may be longer than what is read)."""
+    :data:`OWN_MARK_COLUMNS`, and every key of :data:`OWN_COLUMNS` (read as text: a first row may be
+    longer than what is read)."""
     found = _FIRST_KEY.match(head)
     keys = {k.decode() for k in _JSON_KEY.findall(head.partition(b"\n")[0])}
-    return found is not None and found.group(1).decode() in _firsts(first) and bool(OWN_MARK_COLUMNS & keys)
+    return (
+        found is not None
+        and found.group(1).decode() in _firsts(first)
+        and bool(OWN_MARK_COLUMNS & keys)
+        and _all_own(keys, first)
+    )
 
 
 def tsv_is_own(head: bytes) -> bool:
     """No header to tell it by: rank's lines, ``score<TAB>path`` or ``query<TAB>score<TAB>path``, the
-    score a cosine written with four decimals."""
-    line = first_line(head)
-    fields = line.split("\t") if line is not None else []
-    return len(fields) >= 2 and any(_SCORE.fullmatch(f) for f in fields[:2])
+    score a cosine written with four decimals; since a user's ``0.9500<TAB>The Godfather`` looks the same,
+    the first lines' paths must also name files that are there (from the working folder, as rank wrote
+    them; a member ``FILE#KEY`` by its file). Rows of texts are so never replaced: remove the file first."""
+    lines = [ln for ln in head.split(b"\n")[:-1][:5] if ln]
+    if not lines:
+        return False
+    for raw in lines:
+        fields = raw.rstrip(b"\r").decode("utf-8", "surrogateescape").split("\t")
+        if not (2 <= len(fields) <= 3 and any(_SCORE.fullmatch(f) for f in fields[:2])):
+            return False
+        name = fields[-1]
+        if not (os.path.isfile(name) or ("#" in name and os.path.isfile(name.rsplit("#", 1)[0]))):
+            return False
+    return True
 
 
 def parquet_is_own(path: Path, first: Iterable[str] = ()) -> bool:
     """A Parquet file whose first column is one of :data:`OWN_FIRST_COLUMNS`, with one of
-    :data:`OWN_MARK_COLUMNS` among its columns."""
+    :data:`OWN_MARK_COLUMNS` among its columns, and every one of :data:`OWN_COLUMNS`."""
     import pyarrow.parquet as pq
 
     try:
         names = pq.read_schema(path).names
     except Exception:  # a damaged or foreign file, however pyarrow fails on it
         return False
-    return bool(names) and names[0] in _firsts(first) and bool(OWN_MARK_COLUMNS & set(names))
+    return bool(names) and names[0] in _firsts(first) and bool(OWN_MARK_COLUMNS & set(names)) and _all_own(names, first)
 
 
 def refuse_foreign_npy(path: Path, sidecar: Path) -> None:

@@ -63,6 +63,8 @@ def load(source: Path, parts: list[Path], model_sha256: str) -> Cached | None:
     entry = _entry(source)
     try:  # anything missing, stale or damaged means no copy: the search decodes the parts instead
         manifest = json.loads((entry / "manifest.json").read_text())
+        if not isinstance(manifest, dict):
+            return None
         if (
             manifest.get("version") != _VERSION
             or manifest.get("model_sha256") != model_sha256
