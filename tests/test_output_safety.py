@@ -1051,3 +1051,15 @@ def test_a_checkpoint_rewritten_under_its_name_is_refused_by_checksum(cli, tmp_p
     ran = cli("embed", str(SAMPLES / "seen"), "-m", str(live), "-o", f"{out}/")
     assert ran.exit_code == 2 and len(ran.stderr.strip().splitlines()) == 1
     assert f"embeddings were made with {live} of checksum " in ran.stderr and ", not the loaded " in ran.stderr
+
+
+def test_a_dataset_folder_holding_its_own_input_images_is_refused(cli, tmp_path, monkeypatch):
+    """Found by a newcomer: `embed photos/busy -o photos/` put a dataset among the photos, and `rank q
+    photos` then searched the dataset's rows only, without a word about the photos beside it."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(SAMPLES, "photos")
+    ran = cli("embed", "photos/busy", "-m", "tiny-shapes", "-o", "photos/")
+    assert ran.exit_code == 2, ran.stderr
+    assert ran.stderr.startswith("Error: photos/: holds the input photos/busy;") and ran.stderr.count("\n") == 1
+    assert not list(Path("photos").glob("*.parquet"))
+    assert cli("embed", "photos", "-m", "tiny-shapes", "-o", "photos/emb/").exit_code == 0  # a folder of its own

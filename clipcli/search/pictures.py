@@ -7,7 +7,8 @@ So a file is listed only when its picture, shown upright and shrunk to a grey :d
 :data:`SIDE` thumbnail (an average over each cell, as a box filter), differs from the kept file's by at
 most :data:`TOLERANCE` of the grey scale on average, and its shape (width over height) by at most
 :data:`SHAPE_TOLERANCE`. A copy saved at another size or JPEG quality stays well within that (a
-re-encoded photo differs by a level or two of 255); another picture, a crop or an edit does not.
+re-encoded photo differs by a level or two of 255), and so does a crop of a few pixels a side; another
+picture, a larger crop or an edit does not.
 """
 
 from __future__ import annotations

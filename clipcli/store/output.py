@@ -336,6 +336,15 @@ def refuse_output_over_inputs(
             if in_stat is not None and (in_stat.st_dev, in_stat.st_ino) == (out_stat.st_dev, out_stat.st_ino):
                 same = "" if str(given) == str(output) else f" ({given})"
                 raise OutputError(f"{output}: is also an input{same}; write the output to another file")
+            if (
+                in_stat is not None
+                and stat.S_ISDIR(out_stat.st_mode)
+                and real_path(out) in real_path(Path(given)).parents
+            ):
+                raise OutputError(
+                    f"{output}: holds the input {given}; a dataset written among the images it was made from "
+                    "would be read as embeddings instead of them (by rank, serve): write it to another folder"
+                )
             if in_stat is not None and stat.S_ISDIR(in_stat.st_mode) and stat.S_ISREG(out_stat.st_mode):
                 _refuse_image_inside(output, out, Path(given or ""))
             elif in_stat is None and _GLOB_CHARS.search(str(given)):
