@@ -182,6 +182,7 @@ def test_trimmed_text_batches_equal_full_context(vit_ckpt):
         (["--labels", "a,b", "--template", "a photo"], "has no {}"),
         (["--labels", "a,a"], "appears twice"),
         (["--labels", "a,b", "--templates", "nope"], "unknown template set 'nope'"),
+        (["--labels", "a,b", "--templates", "nofile.txt"], "nofile.txt: no such templates file"),
         (["--labels", "word " * 80], "longer than the model's 77-token context"),
         ([], "no labels"),
         (["--labels", "a,b", "-o", "out.xlsx"], "cannot tell the format"),

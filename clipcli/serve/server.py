@@ -83,6 +83,8 @@ def run_serve(request: ServeRequest, models: ModelOptions, hooks: ServeHooks) ->
     if not r.sources:
         raise InputError("no datasets: pass embeddings written by `clipcli embed` (a Parquet folder or file, an NPY)")
     for source in r.sources:
+        if "://" not in source and not Path(source).exists():
+            raise InputError(f"{source}: does not exist")
         if not is_embedding_source(source):
             raise InputError(f"{source}: not embeddings written by `clipcli embed` (serve shows saved datasets)")
     exposed = not is_loopback(r.host)

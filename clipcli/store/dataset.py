@@ -120,7 +120,10 @@ class ParquetStore(PlannedRows):
                 check_compatible(pq.read_schema(part), self.schema, part)
                 table = read_parquet(part, ["path", "bytes", "mtime"])
             except (OSError, ValueError) as e:
-                raise OutputError(f"{part}: cannot read existing embeddings ({e})") from e
+                raise OutputError(
+                    f"{part}: cannot read existing embeddings ({e}); remove this part and run embed again "
+                    "to embed its files anew"
+                ) from e
             self.record_rows(table, key, stored)
             self._next_part = max(self._next_part, key[0] + 1)
         return stored

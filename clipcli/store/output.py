@@ -339,7 +339,7 @@ def refuse_output_over_inputs(
             if (
                 in_stat is not None
                 and stat.S_ISDIR(out_stat.st_mode)
-                and real_path(out) in real_path(Path(given)).parents
+                and real_path(out) in real_path(Path(given or "")).parents
             ):
                 raise OutputError(
                     f"{output}: holds the input {given}; a dataset written among the images it was made from "

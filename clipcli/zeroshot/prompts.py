@@ -91,6 +91,8 @@ def template_set(name: str) -> TemplateSet:
         return TemplateSet(Path(name).stem, _check(read_lines(name, "templates"), name))
     import difflib
 
+    if Path(name).suffix or "/" in name:  # meant as a file
+        raise InputError(f"{name}: no such templates file (or a built-in set: {', '.join(BUILTIN_TEMPLATE_SETS)})")
     close = difflib.get_close_matches(name.lower(), BUILTIN_TEMPLATE_SETS, n=1, cutoff=0.6)
     hint = f" (did you mean {close[0]}?)" if close else ""
     raise InputError(f"unknown template set {name!r}{hint}: use {', '.join(BUILTIN_TEMPLATE_SETS)} or a file path")
