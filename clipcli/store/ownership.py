@@ -42,27 +42,12 @@ OWN_MARK_COLUMNS = frozenset({"score", "e0", "embedding", "predictions", "simila
 # Every column (and JSONL key) of every row output clipcli writes, besides the vector's e0, e1...: a file
 # with any other column (a user's ``model,dataset,score``, ``id,name,score``) is not one of them.
 # tests/test_output_safety.py checks that each writer's columns are here.
-OWN_COLUMNS = (
-    OWN_FIRST_COLUMNS
-    | OWN_MARK_COLUMNS
-    | frozenset(
-        {
-            *("rank", "label", "start", "end"),  # classify, its timeline, classify-text, rank
-            *("width", "height", "bytes", "mtime"),  # embed
-            *(
-                "folder",
-                "taken",
-                "camera_make",
-                "camera_model",
-                "gps_lat",
-                "gps_lon",
-                "t",
-                "caption",
-            ),  # embed: metadata
-            *("templates", "true_label", "predicted_label", "true_rank", "hypothesis", "row"),  # eval's predictions
-        }
-    )
+_EMBED_COLUMNS = ("width", "height", "bytes", "mtime", "folder", "taken", "camera_make", "camera_model", "gps_lat")
+_MORE_COLUMNS = (
+    *("rank", "label", "start", "end", "gps_lon", "t", "caption"),  # classify, timelines, rank; embed's metadata
+    *("templates", "true_label", "predicted_label", "true_rank", "hypothesis", "row"),  # eval's predictions
 )
+OWN_COLUMNS = OWN_FIRST_COLUMNS | OWN_MARK_COLUMNS | frozenset(_EMBED_COLUMNS) | frozenset(_MORE_COLUMNS)
 _VECTOR_COLUMN = re.compile(r"e\d+")
 _COLUMN = re.compile(r"[a-z][a-z0-9_]*")
 _JSON_KEY = re.compile(rb'"([a-z][a-z0-9_]*)": ')
@@ -114,7 +99,7 @@ def _all_own(names: Iterable[str], extra: Iterable[str]) -> bool:
 
 def csv_is_own(head: bytes, first: Iterable[str] = ()) -> bool:
     """A header of column names (lower case), the first one of :data:`OWN_FIRST_COLUMNS`, with one of
-    :data:`OWN_MARK_COLUMNS` among them, and every one of :data:`OWN_COLUMNS`."""
+    :data:`OWN_MARK_COLUMNS` among them, and every column in :data:`OWN_COLUMNS`."""
     line = first_line(head)
     fields = next(csv.reader([line]), []) if line is not None else []
     return (
@@ -128,7 +113,7 @@ def csv_is_own(head: bytes, first: Iterable[str] = ()) -> bool:
 
 def jsonl_is_own(head: bytes, first: Iterable[str] = ()) -> bool:
     """A JSON object whose first key is one of :data:`OWN_FIRST_COLUMNS`, with a key of
-    :data:`OWN_MARK_COLUMNS`, and every key of :data:`OWN_COLUMNS` (read as text: a first row may be
+    :data:`OWN_MARK_COLUMNS`, and every key in :data:`OWN_COLUMNS` (read as text: a first row may be
     longer than what is read)."""
     found = _FIRST_KEY.match(head)
     keys = {k.decode() for k in _JSON_KEY.findall(head.partition(b"\n")[0])}
@@ -160,7 +145,7 @@ def tsv_is_own(head: bytes) -> bool:
 
 def parquet_is_own(path: Path, first: Iterable[str] = ()) -> bool:
     """A Parquet file whose first column is one of :data:`OWN_FIRST_COLUMNS`, with one of
-    :data:`OWN_MARK_COLUMNS` among its columns, and every one of :data:`OWN_COLUMNS`."""
+    :data:`OWN_MARK_COLUMNS` among its columns, and every column in :data:`OWN_COLUMNS`."""
     import pyarrow.parquet as pq
 
     try:
