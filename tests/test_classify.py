@@ -183,6 +183,10 @@ def test_trimmed_text_batches_equal_full_context(vit_ckpt):
         (["--labels", "a,a"], "appears twice"),
         (["--labels", "a,b", "--templates", "nope"], "unknown template set 'nope'"),
         (["--labels", "a,b", "--templates", "nofile.txt"], "nofile.txt: no such templates file"),
+        (
+            ["--labels", "red", "circle,blue", "star"],
+            "circle,blue: no such file, and it looks like a piece of --labels",
+        ),
         (["--labels", "word " * 80], "longer than the model's 77-token context"),
         ([], "no labels"),
         (["--labels", "a,b", "-o", "out.xlsx"], "cannot tell the format"),

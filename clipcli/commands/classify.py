@@ -48,6 +48,7 @@ def classify(
 
     refuse_output_over_inputs([output], [*inputs, labels_file, *(templates or [])])
     label_list = resolve_labels(labels, labels_file)
+    _refuse_split_labels(labels, inputs)
     template_set = resolve_templates(template, templates)
     out_format = parse_output(output, fmt, opt.RESULT_FORMATS, tty=stdout_is_tty()).format
     tally = Tally()
@@ -116,3 +117,18 @@ def _write(writer: RowWriter, fmt: OutputFormat, item: Prediction | Segment) -> 
         writer.write([{**row, "score": f"{row['score']:.2%}"} for row in item.rows()])
     else:
         writer.write(item.rows())
+
+
+def _refuse_split_labels(labels: str | None, inputs: list[str]) -> None:
+    """``--labels red circle,blue star`` unquoted: the shell hands ``circle,blue`` and ``star`` over as
+    inputs. An input that is no file and holds a comma is taken for that, before any work."""
+    import os
+
+    from clipcli.errors import InputError
+
+    split = [i for i in inputs if "," in i and not os.path.lexists(i)] if labels else []
+    if split:
+        raise InputError(
+            f"{split[0]}: no such file, and it looks like a piece of --labels: labels of several words "
+            "need quotes, as in --labels 'red circle,blue star'"
+        )
