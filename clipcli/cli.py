@@ -56,7 +56,8 @@ class _Group(TyperGroup):
                 where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
                 from clipcli.store.formats import printable
 
-                typer.echo(f"Error: {printable(e.format_message())}{where}", err=True)
+                message = e.format_message().replace("Value error, ", "")  # pydantic's wording, through typer
+                typer.echo(f"Error: {printable(message)}{where}", err=True)
             sys.exit(e.exit_code)
         except typer.Abort:
             typer.echo("Aborted.", err=True)
