@@ -245,6 +245,7 @@ def test_train_device_defaults_to_auto(cli: Cli, pairs: Path, tmp_path: Path, mo
         assert ran.exit_code == 2 and ran.stderr.strip() == f"Error: asked for device {spec!r}", ran.stderr
 
 
+@pytest.mark.slow
 def test_train_replaces_its_own_model_and_no_other_file(cli: Cli, pairs: Path, tmp_path: Path) -> None:
     """`train -o notes.pt` replaced a user's file, and any checkpoint of theirs, with exit 0."""
     from clipcli.errors import OutputError
@@ -300,6 +301,7 @@ def test_make_shapes_writes_the_images_and_their_captions(cli: Cli, tmp_path: Pa
     assert images == sorted(row["image"] for row in rows)
 
 
+@pytest.mark.slow
 def test_a_file_that_appears_at_the_checkpoints_name_mid_run_is_left_alone(pairs: Path, tmp_path: Path) -> None:
     """A user's file, a FIFO or a folder created at OUT.pt.ckpt during a run was replaced by the next
     checkpoint or removed at the end (a folder: an internal error after the model was written)."""
