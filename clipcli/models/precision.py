@@ -122,8 +122,9 @@ def keep_freed_memory() -> bool:
 
     A forward pass allocates activations of tens of megabytes (a ViT-B/32's MLP at batch 32: 20 MB
     each), above glibc's mmap threshold, so each is mapped fresh and unmapped when freed, and every
-    batch page-faults its activations in again: measured on a ViT-B/32, that is a tenth of a batch's
-    time at bf16 and a fifth at int8, most of it in the kernel. PyTorch's CPU performance guide
+    batch page-faults its activations in again, in the kernel's time: with the int8 fold of QuickGELU,
+    an int8 ViT-B/32's forward pass went 1.24x faster (bf16: within the rounds' spread; the numbers are
+    on the Precision page of the manual). PyTorch's CPU performance guide
     answers this with jemalloc or tcmalloc preloaded; glibc's own ``mallopt`` does the same without a
     preload: blocks of up to :data:`KEEP_FREED_BYTES` come from the heap, and freed memory stays in
     the process for reuse (its resident size stays at the run's peak, as with either allocator).
