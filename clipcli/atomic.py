@@ -154,15 +154,17 @@ class AtomicFile:
     def commit(self) -> None:
         """Flush to disk and rename onto the final name; on failure the previous file stays.
 
-        Only what was at the name when the run began is replaced (nothing, or that very file unchanged):
-        a file another program put there, or rewrote, meanwhile is left as it is, and this run's file
-        is set aside beside it as ``STEM.PID.new.SUFFIX``, with an error that says so (no row is lost)."""
+        Only what was at the name when the run began is replaced (that very file unchanged), or nothing
+        (the name free, whatever it held then): a file another program put there, or rewrote, meanwhile
+        is left as it is, and this run's file is set aside beside it as ``STEM.PID.new.SUFFIX``, with an
+        error that says so (no row is lost)."""
         try:
             self.file.close()
             flush_to_disk(self.tmp)
-            if self.found is None and place_new(self.tmp, self.path):
+            now = file_identity(self.path)
+            if now is None and place_new(self.tmp, self.path):
                 return
-            if self.found is not None and self.unchanged():
+            if now is not None and now == self.found:
                 os.replace(self.tmp, self.path)
                 return
             aside = self.set_aside()
@@ -173,9 +175,11 @@ class AtomicFile:
             ) from e
         raise self.moved(aside)
 
-    def unchanged(self) -> bool:
-        """Whether the name still holds what it held when the run began (nothing, or the same file)."""
-        return file_identity(self.path) == self.found
+    def replaceable(self) -> bool:
+        """Whether :meth:`commit` would put this run's file at the name: the name is free, or still holds
+        the very file it held when the run began."""
+        now = file_identity(self.path)
+        return now is None or now == self.found
 
     def moved(self, aside: Path) -> OutputError:
         what = "appeared" if self.found is None else "changed"

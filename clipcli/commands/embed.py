@@ -121,7 +121,7 @@ def embed(
     from clipcli.engines.inputs import check_scale_out, find_images
     from clipcli.errors import EXIT_PARTIAL, InputError
     from clipcli.store.formats import stdout_is_tty
-    from clipcli.store.output import parse_dataset_output, refuse_output_over_inputs
+    from clipcli.store.output import parse_dataset_output, refuse_dataset_among_inputs, refuse_output_over_inputs
     from clipcli.store.shard import Shard
 
     inputs = inputs or []
@@ -129,6 +129,8 @@ def embed(
     stored = dtype.value if dtype else ("float16" if out.layout is Layout.CLIP_RETRIEVAL else "float32")
     check_scale_out(engine.value, shard, text, out, output)
     refuse_output_over_inputs(out.written_files(), [*inputs, texts_file, *(templates or [])])
+    if out.is_dataset:
+        refuse_dataset_among_inputs(output, inputs)
     if shard is not None:  # a malformed I/N is refused before any file is touched
         out = dataclasses.replace(out, shard=Shard.parse(shard))
     if text:

@@ -120,7 +120,7 @@ def write_npy(
         if isinstance(e, OSError):
             raise OutputError(f"{path}: cannot write ({reason}); the previous pair is left as it was") from e
         raise
-    if not (matrix_out.unchanged() and sidecar_out.unchanged()):  # another program wrote there meanwhile
+    if not (matrix_out.replaceable() and sidecar_out.replaceable()):  # another program wrote there meanwhile
         try:
             aside = matrix_out.set_aside()
             sidecar_out.set_aside(npy_sidecar(aside))  # a pair of its own, as readable as the output
@@ -130,7 +130,7 @@ def write_npy(
             raise OutputError(
                 f"{path}: cannot write ({describe_os_error(e)}); the previous pair is left as it was"
             ) from e
-        raise (matrix_out if not matrix_out.unchanged() else sidecar_out).moved(aside)
+        raise (matrix_out if not matrix_out.replaceable() else sidecar_out).moved(aside)
     try:
         matrix_out.commit()
     except BaseException:

@@ -336,15 +336,6 @@ def refuse_output_over_inputs(
             if in_stat is not None and (in_stat.st_dev, in_stat.st_ino) == (out_stat.st_dev, out_stat.st_ino):
                 same = "" if str(given) == str(output) else f" ({given})"
                 raise OutputError(f"{output}: is also an input{same}; write the output to another file")
-            if (
-                in_stat is not None
-                and stat.S_ISDIR(out_stat.st_mode)
-                and real_path(out) in real_path(Path(given or "")).parents
-            ):
-                raise OutputError(
-                    f"{output}: holds the input {given}; a dataset written among the images it was made from "
-                    "would be read as embeddings instead of them (by rank, serve): write it to another folder"
-                )
             if in_stat is not None and stat.S_ISDIR(in_stat.st_mode) and stat.S_ISREG(out_stat.st_mode):
                 _refuse_image_inside(output, out, Path(given or ""))
             elif in_stat is None and _GLOB_CHARS.search(str(given)):
@@ -354,6 +345,21 @@ def refuse_output_over_inputs(
         if stat.S_ISREG(out_stat.st_mode):
             for source in folders:
                 _refuse_row_file(output, out, out_stat, Path(source or ""))
+
+
+def refuse_dataset_among_inputs(output: PathArg, inputs: Iterable[PathArg]) -> None:
+    """Refuse a dataset folder (``embed -o DIR/``) that holds one of its inputs: ``rank`` and ``serve`` read
+    a folder holding Parquet parts as embeddings, in place of the images beside them. Raises OutputError."""
+    out = Path(output or "")
+    if not _is_local_path(output) or not out.is_dir():
+        return
+    for given in inputs:
+        inside = _is_local_path(given) and os.path.exists(str(given))
+        if inside and real_path(out) in real_path(Path(str(given))).parents:
+            raise OutputError(
+                f"{output}: holds the input {given}; a dataset written among the images it was made from "
+                "would be read as embeddings instead of them (by rank, serve): write it to another folder"
+            )
 
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
