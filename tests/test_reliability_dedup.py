@@ -321,3 +321,51 @@ def test_keep_lists_copies_of_the_kept_picture_and_no_picture_merely_alike(cli, 
         assert Path(path).name in ("star-small.jpg", "blue-star.jpg"), ran.stderr
     assert str(photos / "seen" / "red-hexagon.jpg") not in listed
     assert "not listed: its picture" in ran.stderr
+
+
+def test_a_copy_is_told_from_a_lookalike_pixel_by_pixel(tmp_path):
+    """Found by attack on the first version (a mean over 32x32 grey cells): two invoices, a blank page and
+    the same page signed, and two animated GIFs sharing their first frame passed as copies."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    from clipcli.search.pictures import Pictures
+
+    def save(image: Image.Image, name: str, **options: object) -> str:
+        image.save(tmp_path / name, **options)
+        return str(tmp_path / name)
+
+    def invoice(n: int) -> Image.Image:
+        page = Image.new("RGB", (1240, 1754), "white")
+        draw = ImageDraw.Draw(page)
+        for i in range(40):
+            draw.text((80, 120 + i * 36), f"Item {i + n * 7} .... {(i * n * 37) % 1000} EUR", fill="black")
+        return page
+
+    blank = Image.new("RGB", (800, 600), "white")
+    signed = blank.copy()
+    ImageDraw.Draw(signed).text((500, 550), "Signed: J. Smith", fill="black")
+    star = Image.open(SAMPLES / "seen" / "blue-star.jpg").convert("RGB")
+    frames = {c: [Image.new("RGB", (64, 64), "red"), Image.new("RGB", (64, 64), c)] for c in ("green", "blue")}
+    gifs = {c: save(f[0], f"{c}.gif", save_all=True, append_images=f[1:]) for c, f in frames.items()}
+    buf = io.BytesIO()
+    star.resize((star.width // 2, star.height // 2), Image.Resampling.LANCZOS).save(buf, "JPEG", quality=70)
+    pictures = Pictures()
+    different = [
+        (save(invoice(1), "invoice-1.png"), save(invoice(2), "invoice-2.png")),
+        (save(blank, "blank.png"), save(signed, "signed.png")),
+        (gifs["green"], gifs["blue"]),
+        (save(star, "star.png"), save(star.crop((8, 8, star.width - 8, star.height - 8)), "crop.png")),
+    ]
+    for kept, copy in different:
+        assert pictures.differs(kept, copy) is not None, (kept, copy)
+    (tmp_path / "small.jpg").write_bytes(buf.getvalue())
+    same = [
+        (str(tmp_path / "star.png"), str(tmp_path / "small.jpg")),  # half the size, JPEG quality 70
+        (str(tmp_path / "invoice-1.png"), save(invoice(1), "invoice-1.jpg", quality=60)),
+    ]
+    for kept, copy in same:
+        assert pictures.differs(kept, copy) is None, (kept, copy)
+    (tmp_path / "copy.gif").write_bytes(Path(gifs["green"]).read_bytes())
+    assert pictures.differs(gifs["green"], str(tmp_path / "copy.gif")) is None  # byte for byte
