@@ -1063,3 +1063,24 @@ def test_a_dataset_folder_holding_its_own_input_images_is_refused(cli, tmp_path,
     assert ran.stderr.startswith("Error: photos/: holds the input photos/busy;") and ran.stderr.count("\n") == 1
     assert not list(Path("photos").glob("*.parquet"))
     assert cli("embed", "photos", "-m", "tiny-shapes", "-o", "photos/emb/").exit_code == 0  # a folder of its own
+
+
+def test_two_outputs_of_one_run_that_name_one_file_are_refused_before_any_work(cli, tmp_path, monkeypatch):
+    """Found by attack: `rank -o same.csv --html link.csv` (a link to same.csv) wrote both under one
+    temporary name, and same.csv ended as the rows cut into the page; `eval --report X --predictions X`
+    was refused only after the whole evaluation, its predictions lost."""
+    monkeypatch.chdir(tmp_path)
+    os.symlink("same.csv", "link.csv")
+    ran = cli(
+        "rank", "a red circle", str(SAMPLES / "seen"), "-m", "tiny-shapes", "-o", "same.csv", "--html", "link.csv"
+    )
+    assert ran.exit_code == 2 and ran.stderr.count("\n") == 1, ran.stderr
+    assert "link.csv: given as both --output and --html (one file)" in ran.stderr
+    assert not Path("same.csv").exists()
+    manifest = Path("m.csv")
+    manifest.write_text(
+        "path,label\n" + "".join(f"{p},{p.stem}\n" for p in sorted((SAMPLES / "seen").glob("*.jpg"))[:3])
+    )
+    ran = cli("eval", "m.csv", "-m", "tiny-shapes", "--report", "r.json", "--predictions", "./r.json")
+    assert ran.exit_code == 2 and "given as both --report and --predictions" in ran.stderr, ran.stderr
+    assert "acc" not in ran.stderr  # refused before the evaluation

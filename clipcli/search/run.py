@@ -245,8 +245,9 @@ def _check_extras(r: RankRequest) -> None:
         raise InputError("--where filters saved embeddings by their columns: it cannot go with --texts-file")
     if r.html == "-":
         raise InputError("--html needs a file name: the rows are what goes to stdout")
-    if r.html and r.output and os.path.abspath(r.html) == os.path.abspath(r.output):
-        raise InputError(f"{r.html}: given as both --html and --output; write them to two files")
+    from clipcli.store.output import refuse_one_file_twice
+
+    refuse_one_file_twice({"--output": r.output, "--html": r.html})
     if r.html:
         from clipcli.store.ownership import page_is_own, refuse_unless_own
 

@@ -347,6 +347,20 @@ def refuse_output_over_inputs(
                 _refuse_row_file(output, out, out_stat, Path(source or ""))
 
 
+def refuse_one_file_twice(outputs: dict[str, PathArg]) -> None:
+    """Refuse, before any work, two outputs of one run (``{"--html": ..., "--output": ...}``) that name one
+    file, through links or relative paths too: each would be written under one temporary name, and the
+    second would cut into the first. A FIFO or a device is a stream, and may be named twice."""
+    seen: dict[Path, str] = {}
+    for option, value in outputs.items():
+        if not _is_local_path(value) or is_stream(Path(str(value))):
+            continue
+        real = real_path(Path(str(value)))
+        if real in seen:
+            raise OutputError(f"{value}: given as both {seen[real]} and {option} (one file); write them to two files")
+        seen[real] = option
+
+
 def refuse_dataset_among_inputs(output: PathArg, inputs: Iterable[PathArg]) -> None:
     """Refuse a dataset folder (``embed -o DIR/``) that holds one of its inputs: ``rank`` and ``serve`` read
     a folder holding Parquet parts as embeddings, in place of the images beside them. Raises OutputError."""
