@@ -1084,3 +1084,27 @@ def test_two_outputs_of_one_run_that_name_one_file_are_refused_before_any_work(c
     ran = cli("eval", "m.csv", "-m", "tiny-shapes", "--report", "r.json", "--predictions", "./r.json")
     assert ran.exit_code == 2 and "given as both --report and --predictions" in ran.stderr, ran.stderr
     assert "acc" not in ran.stderr  # refused before the evaluation
+
+
+@pytest.mark.slow
+def test_a_file_put_at_an_embed_parquet_files_name_mid_run_is_left_and_the_rows_set_aside(tmp_path):
+    """Found by attack: embed's single Parquet file re-read whatever was at its name at the end: a user's
+    file put there mid-run made an internal error (exit 3), and the run's rows were lost."""
+    import pyarrow as pa
+
+    copies(tmp_path / "imgs", 400)
+    code, _, err = finish(
+        clipcli("embed", str(SAMPLES / "seen"), "-m", "tiny-shapes", "-o", "ep.parquet", cwd=tmp_path)
+    )
+    assert code == 0, err
+    run = clipcli("embed", "imgs", "-m", "tiny-shapes", "-b", "1", "-o", "ep.parquet", cwd=tmp_path)
+    wait_for(lambda: reading_images(run.pid), run)
+    pq.write_table(pa.table({"id": [1], "name": ["Ada"], "score": [0.5]}), tmp_path / "theirs.parquet")
+    before = (tmp_path / "theirs.parquet").read_bytes()
+    os.replace(tmp_path / "theirs.parquet", tmp_path / "ep.parquet")
+    code, _, err = finish(run)
+    assert code == 2, err
+    assert (tmp_path / "ep.parquet").read_bytes() == before
+    (aside,) = tmp_path.glob("ep.*.new.parquet")
+    assert err.strip().endswith(f"this run's output is in {aside.resolve()}") and err.count("Error:") == 1
+    assert sorted(pq.read_table(aside).column("path").to_pylist()) == sorted(f"imgs/img-{i}.jpg" for i in range(400))

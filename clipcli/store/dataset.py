@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from clipcli.atomic import OutputLock, real_path, remove_temporaries
+from clipcli.atomic import OutputLock, file_identity, note_checked, real_path, remove_temporaries
 from clipcli.errors import InputError, OutputError
 from clipcli.store.parts import (
     KEPT_PARTS,
@@ -52,6 +52,7 @@ class ParquetStore(PlannedRows):
     model: str
     _lock: OutputLock | ShardLocks | None = None
     _shards_fd: int | None = None
+    _found: tuple[int, int, int, int] | None = None  # the single file read at the start (see _finish)
 
     @property
     def is_dir(self) -> bool:
@@ -96,6 +97,9 @@ class ParquetStore(PlannedRows):
                 self._lock = OutputLock(self.path, self.is_dir)
                 if self.is_dir:
                     self._shards_fd = refuse_shard_runs(real_path(self.path), self.path)
+            if not self.is_dir:  # what the end of the run re-reads and replaces: this file, and no other
+                note_checked(self.path)
+                self._found = file_identity(real_path(self.path))
             with compaction(self.path, self.shard):
                 self._remove_dead_temporaries()
                 self._read_stored()
@@ -189,7 +193,9 @@ class ParquetStore(PlannedRows):
             keep = self._keep()
             removed = sum(1 for p in self.stored if p not in keep)
             tables, tags = [], []
-            if self.path.exists():
+            # A file another program put at the name meanwhile is not read: the write sets this run's rows
+            # aside beside it, and says so (see AtomicFile.commit).
+            if self.path.exists() and file_identity(real_path(self.path)) == self._found:
                 tables.append(read_parquet(self.path))
                 tags += [(0, "")] * tables[0].num_rows
             for t in self._pending:
