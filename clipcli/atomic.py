@@ -113,6 +113,12 @@ def note_checked(path: Path) -> None:
     _CHECKED[real] = file_identity(real)
 
 
+def checked_identity(path: Path) -> tuple[int, int, int, int] | None:
+    """What :func:`note_checked` saw at ``path`` (what is there now, where it was not checked)."""
+    real = real_path(path)
+    return _CHECKED[real] if real in _CHECKED else file_identity(real)
+
+
 def place_new(tmp: Path, path: Path) -> bool:
     """Give the complete file ``tmp`` the name ``path`` only if nothing has that name (a hard link, which
     never replaces, then ``tmp`` removed); False, ``tmp`` kept, where something has. On a file system

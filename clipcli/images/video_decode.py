@@ -354,9 +354,13 @@ class FramePasses:
                 self._publish(video, t, (upright(frame_image(frame, draft), rotation), size))
                 done += 1
         except Exception as e:
-            if isinstance(e, VideoError) and limit is not None and str(e) == "Invalid argument":
+            if (
+                isinstance(e, VideoError)
+                and limit is not None
+                and str(e) in ("Invalid argument", "Cannot allocate memory")
+            ):
                 e = VideoError(  # what FFmpeg answers for a frame over max_pixels (see limit_frames)
-                    f"the decoder refused a frame (Invalid argument): larger than the limit of {limit / 1e6:.4g} "
+                    f"the decoder refused a frame ({e}): larger than the limit of {limit / 1e6:.4g} "
                     "Mpx (raise --max-megapixels), or damaged"
                 )
             for reader in readers.values():

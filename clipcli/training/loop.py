@@ -351,7 +351,12 @@ def _train(
         on_fresh_start(ckpt)
     elif config.overwrite:
         # Asked for: the earlier run's progress goes now, so an interruption before this run's first
-        # checkpoint leaves no checkpoint of another run to be mistaken for this one's.
+        # checkpoint leaves no checkpoint of another run to be mistaken for this one's. Only the one
+        # checked as train's at the start: a file put there since is left as it is.
+        from clipcli.atomic import checked_identity, file_identity, real_path
+
+        if file_identity(real_path(ckpt)) != checked_identity(ckpt):
+            raise OutputError(f"{ckpt}: changed since this run checked it; it is left as it is: remove it, or rerun")
         ckpt.unlink(missing_ok=True)
 
     loss = float("nan")
