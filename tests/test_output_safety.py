@@ -725,6 +725,10 @@ def test_an_output_that_is_a_fifo_or_a_device_is_written_in_place(cli, tmp_path)
         ("grades.jsonl", b'{"id": 17, "name": "Alice", "score": 93}\n'),
         ("ratings.tsv", b"0.9500\tThe Godfather\n"),
         ("churn.parquet", None),
+        ("bench.csv", b"model,score\nresnet50,76.1\n"),  # every column one clipcli uses, found by attack
+        ("ratings.csv", b"id,label,score\n1,good,5\n"),
+        ("human.csv", b"path,label,score\nx.jpg,cat,0.9\n"),
+        ("reviews.jsonl", b'{"text": "fine", "label": "pos", "score": 5}\n'),
     ],
 )
 def test_an_output_clipcli_did_not_write_is_never_replaced(cli, tmp_path, name, content):
@@ -782,7 +786,7 @@ def test_every_column_clipcli_writes_is_known_as_its_own():
     for columns in written:
         header = (",".join(columns) + "\n").encode()
         assert ownership.csv_is_own(header, columns[:1]) or not ownership.OWN_MARK_COLUMNS & set(columns), columns
-        assert ownership._all_own(columns, ()), columns
+        assert ownership.columns_are_own(columns), columns
 
 
 def test_a_fifo_at_an_outputs_name_is_written_as_a_stream_or_refused_never_replaced(cli, tmp_path):

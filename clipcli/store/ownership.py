@@ -39,15 +39,29 @@ OWN_FIRST_COLUMNS = frozenset({"path", "text", "id", "group", "model", "query", 
 # Every row output clipcli writes has one of these columns (or keys); a user's manifest (path,label), a
 # list of texts (text,label), has none.
 OWN_MARK_COLUMNS = frozenset({"score", "e0", "embedding", "predictions", "similarity_to_group_representative"})
-# Every column (and JSONL key) of every row output clipcli writes, besides the vector's e0, e1...: a file
-# with any other column (a user's ``model,dataset,score``, ``id,name,score``) is not one of them.
-# tests/test_output_safety.py checks that each writer's columns are here.
-_EMBED_COLUMNS = ("width", "height", "bytes", "mtime", "folder", "taken", "camera_make", "camera_model", "gps_lat")
-_MORE_COLUMNS = (
-    *("rank", "label", "start", "end", "gps_lon", "t", "caption"),  # classify, timelines, rank; embed's metadata
-    *("templates", "true_label", "predicted_label", "true_rank", "hypothesis", "row"),  # eval's predictions
+# The columns (and JSONL keys) of each row output clipcli writes, as (every one of these, any of these):
+# a file whose columns are no one output's (a user's ``model,dataset,score``, ``id,label,score``,
+# ``path,label,score``) is not clipcli's, even where each column is one clipcli uses somewhere.
+# tests/test_output_safety.py checks each writer's columns against this table.
+_NESTED = frozenset({"label", "score"})  # a JSONL record's predictions, read as text with the keys around them
+_SIGNATURES: tuple[tuple[frozenset[str], frozenset[str]], ...] = (
+    (frozenset({"path", "rank", "label", "score"}), frozenset()),  # classify
+    (frozenset({"path", "predictions"}), _NESTED),  # classify, JSONL
+    (frozenset({"path", "start", "end", "label", "score"}), frozenset()),  # classify: a video's timeline
+    (frozenset({"text", "rank", "label", "score"}), frozenset({"id"})),  # classify-text
+    (frozenset({"text", "predictions"}), _NESTED | {"id"}),  # classify-text, JSONL
+    (frozenset({"score", "path"}), frozenset({"query", "start", "end", "t"})),  # rank: images, moments
+    (frozenset({"score", "text"}), frozenset({"query"})),  # rank: texts
+    (frozenset({"group", "path", "similarity_to_group_representative"}), frozenset()),  # dedup
+    (frozenset({"model", "templates", "path", "true_label", "predicted_label", "score", "true_rank"}), frozenset()),
+    (
+        frozenset({"model", "hypothesis", "row", "text", "true_label", "predicted_label", "score"}),
+        frozenset({"true_rank"}),
+    ),
 )
-OWN_COLUMNS = OWN_FIRST_COLUMNS | OWN_MARK_COLUMNS | frozenset(_EMBED_COLUMNS) | frozenset(_MORE_COLUMNS)
+_EMBED_EXTRA = frozenset(
+    {"width", "height", "bytes", "mtime", "model", "folder", "taken", "camera_make", "camera_model", "gps_lat"}
+) | frozenset({"gps_lon", "t", "caption"})  # embed's columns besides the name and the vector
 _VECTOR_COLUMN = re.compile(r"e\d+")
 _COLUMN = re.compile(r"[a-z][a-z0-9_]*")
 _JSON_KEY = re.compile(rb'"([a-z][a-z0-9_]*)": ')
@@ -92,14 +106,21 @@ def _firsts(extra: Iterable[str]) -> frozenset[str]:
     return OWN_FIRST_COLUMNS | frozenset(extra)
 
 
-def _all_own(names: Iterable[str], extra: Iterable[str]) -> bool:
-    known = OWN_COLUMNS | frozenset(extra)
-    return all(n in known or _VECTOR_COLUMN.fullmatch(n) for n in names)
+def columns_are_own(names: Iterable[str]) -> bool:
+    """Whether ``names`` are the columns of one of clipcli's row outputs (:data:`_SIGNATURES`; or embed's:
+    a path or a text, the vector as ``embedding`` or ``e0, e1...``, and its own extra columns)."""
+    found = set(names)
+    vector = {n for n in found if _VECTOR_COLUMN.fullmatch(n)}
+    rest = found - vector
+    if any(need <= rest <= need | may for need, may in _SIGNATURES):
+        return True
+    key = {"path", "text"} & rest
+    return len(key) == 1 and bool(vector or "embedding" in rest) and rest - key - {"embedding"} <= _EMBED_EXTRA
 
 
 def csv_is_own(head: bytes, first: Iterable[str] = ()) -> bool:
     """A header of column names (lower case), the first one of :data:`OWN_FIRST_COLUMNS`, with one of
-    :data:`OWN_MARK_COLUMNS` among them, and every column in :data:`OWN_COLUMNS`."""
+    :data:`OWN_MARK_COLUMNS` among them, and its columns those of one of clipcli's outputs (:func:`columns_are_own`)."""
     line = first_line(head)
     fields = next(csv.reader([line]), []) if line is not None else []
     return (
@@ -107,13 +128,13 @@ def csv_is_own(head: bytes, first: Iterable[str] = ()) -> bool:
         and fields[0] in _firsts(first)
         and all(_COLUMN.fullmatch(f) for f in fields)
         and bool(OWN_MARK_COLUMNS & set(fields))
-        and _all_own(fields, first)
+        and columns_are_own(fields)
     )
 
 
 def jsonl_is_own(head: bytes, first: Iterable[str] = ()) -> bool:
     """A JSON object whose first key is one of :data:`OWN_FIRST_COLUMNS`, with a key of
-    :data:`OWN_MARK_COLUMNS`, and every key in :data:`OWN_COLUMNS` (read as text: a first row may be
+    :data:`OWN_MARK_COLUMNS`, and its keys those of one of clipcli's outputs (read as text: a first row may be
     longer than what is read)."""
     found = _FIRST_KEY.match(head)
     keys = {k.decode() for k in _JSON_KEY.findall(head.partition(b"\n")[0])}
@@ -121,7 +142,7 @@ def jsonl_is_own(head: bytes, first: Iterable[str] = ()) -> bool:
         found is not None
         and found.group(1).decode() in _firsts(first)
         and bool(OWN_MARK_COLUMNS & keys)
-        and _all_own(keys, first)
+        and columns_are_own(keys)
     )
 
 
@@ -145,14 +166,15 @@ def tsv_is_own(head: bytes) -> bool:
 
 def parquet_is_own(path: Path, first: Iterable[str] = ()) -> bool:
     """A Parquet file whose first column is one of :data:`OWN_FIRST_COLUMNS`, with one of
-    :data:`OWN_MARK_COLUMNS` among its columns, and every column in :data:`OWN_COLUMNS`."""
+    :data:`OWN_MARK_COLUMNS` among its columns, and its columns those of one of clipcli's outputs
+    (:func:`columns_are_own`)."""
     import pyarrow.parquet as pq
 
     try:
         names = pq.read_schema(path).names
     except Exception:  # a damaged or foreign file, however pyarrow fails on it
         return False
-    return bool(names) and names[0] in _firsts(first) and bool(OWN_MARK_COLUMNS & set(names)) and _all_own(names, first)
+    return bool(names) and names[0] in _firsts(first) and bool(OWN_MARK_COLUMNS & set(names)) and columns_are_own(names)
 
 
 def refuse_foreign_npy(path: Path, sidecar: Path) -> None:
