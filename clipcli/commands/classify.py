@@ -42,7 +42,8 @@ def classify(
     from clipcli.commands.console import Tally, prompt_progress, say
     from clipcli.errors import EXIT_PARTIAL
     from clipcli.store.formats import parquet_storable, stdout_is_tty
-    from clipcli.store.output import parse_output, refuse_output_over_inputs
+    from clipcli.store.output import parse_output
+    from clipcli.store.refusals import refuse_output_over_inputs
     from clipcli.zeroshot.classify import ClassifyHooks, run_classify
     from clipcli.zeroshot.prompts import resolve_labels, resolve_templates
 

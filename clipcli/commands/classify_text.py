@@ -99,7 +99,8 @@ def classify_text(
     from clipcli.commands.console import say
     from clipcli.errors import EXIT_PARTIAL
     from clipcli.store.formats import open_writer, stdout_is_tty
-    from clipcli.store.output import parse_output, refuse_output_over_inputs
+    from clipcli.store.output import parse_output
+    from clipcli.store.refusals import refuse_output_over_inputs
     from clipcli.text.classify import TextHooks, TextTask, run_classify_text
     from clipcli.text.inputs import open_texts
     from clipcli.text.nli import hypotheses, prediction_columns, prediction_schema

@@ -121,7 +121,8 @@ def embed(
     from clipcli.engines.inputs import check_scale_out, find_images
     from clipcli.errors import EXIT_PARTIAL, InputError
     from clipcli.store.formats import stdout_is_tty
-    from clipcli.store.output import parse_dataset_output, refuse_dataset_among_inputs, refuse_output_over_inputs
+    from clipcli.store.output import parse_dataset_output
+    from clipcli.store.refusals import refuse_dataset_among_inputs, refuse_output_over_inputs
     from clipcli.store.shard import Shard
 
     inputs = inputs or []

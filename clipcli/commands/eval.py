@@ -111,7 +111,8 @@ def evaluate(
     from clipcli.evaluation.text import is_text_manifest as text_manifest
     from clipcli.models import ModelOptions, default_model
     from clipcli.store import ownership
-    from clipcli.store.output import lock_files, prediction_format, refuse_one_file_twice, refuse_output_over_inputs
+    from clipcli.store.output import lock_files, prediction_format
+    from clipcli.store.refusals import refuse_one_file_twice, refuse_output_over_inputs
 
     refuse_output_over_inputs([report, predictions, plots], [data, classnames, *(models or []), *(templates or [])])
     refuse_one_file_twice({"--report": report, "--predictions": predictions})

@@ -52,7 +52,7 @@ def index(
     from clipcli.errors import InputError
     from clipcli.store.index import Kind, default_index_path
     from clipcli.store.index_build import build_index
-    from clipcli.store.output import refuse_output_over_inputs
+    from clipcli.store.refusals import refuse_output_over_inputs
     from clipcli.store.saved import is_embedding_source
 
     refuse_output_over_inputs([output], [], datasets=[source])

@@ -160,7 +160,7 @@ def train(
 
     from clipcli.commands.console import say
     from clipcli.errors import EXIT_PARTIAL
-    from clipcli.store.output import refuse_output_over_inputs
+    from clipcli.store.refusals import refuse_output_over_inputs
     from clipcli.training.checkpoints import checkpoint_path
     from clipcli.training.loop import TrainConfig
     from clipcli.training.loop import train as run_training

@@ -42,7 +42,7 @@ def find_images(
     and the inputs found missing; call it under the output's lock. Refuses no images at all, and an
     output that is one of the images."""
     from clipcli.images.sources import discover, found_nothing, nothing_found
-    from clipcli.store.output import refuse_output_over_inputs
+    from clipcli.store.refusals import refuse_output_over_inputs
 
     refs, missing = discover(inputs, stdin or sys.stdin, containers)
     if found_nothing(refs, missing):

@@ -64,8 +64,9 @@ def run_dedup(request: DedupRequest, models: ModelOptions, images: ImagesOf, hoo
     ``images`` gives the image options when images are embedded, and only then (``--max-megapixels``
     is checked where it is used: saved embeddings never read it)."""
     from clipcli.store.formats import open_writer, stdout_is_tty
-    from clipcli.store.output import parse_output, refuse_output_over_inputs
+    from clipcli.store.output import parse_output
     from clipcli.store.parts import refuse_flat_embeddings
+    from clipcli.store.refusals import refuse_output_over_inputs
     from clipcli.store.saved import is_embedding_source
 
     r = request

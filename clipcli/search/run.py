@@ -90,7 +90,8 @@ def run_rank(request: RankRequest, models: ModelOptions, images: ImageOptions, h
     be written, is refused at once.
     """
     from clipcli.store.formats import stdout_is_tty
-    from clipcli.store.output import parse_output, refuse_output_over_inputs
+    from clipcli.store.output import parse_output
+    from clipcli.store.refusals import refuse_output_over_inputs
 
     r = request
     args = list(r.arguments)
@@ -245,7 +246,7 @@ def _check_extras(r: RankRequest) -> None:
         raise InputError("--where filters saved embeddings by their columns: it cannot go with --texts-file")
     if r.html == "-":
         raise InputError("--html needs a file name: the rows are what goes to stdout")
-    from clipcli.store.output import refuse_one_file_twice
+    from clipcli.store.refusals import refuse_one_file_twice
 
     refuse_one_file_twice({"--output": r.output, "--html": r.html})
     if r.html:
