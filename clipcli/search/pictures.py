@@ -17,7 +17,7 @@ file's at another size or compression:
 
 Calibrated on copies at half and a quarter of the size and at JPEG qualities 30 to 70 (largest
 difference 0.08) against different pictures: two invoices of different lines, a blank page and the
-same page signed, a crop of 8 pixels a side, two shapes (0.22 and more). A crop or an edit is so
+same page signed, a crop of 8 pixels a side, two shapes (0.21 and more). A crop or an edit is so
 never listed; erring this way keeps a copy, never deletes a picture.
 """
 
