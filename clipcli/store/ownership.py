@@ -33,6 +33,7 @@ from pathlib import Path
 
 from clipcli.atomic import describe_os_error, note_checked
 from clipcli.errors import OutputError
+from clipcli.store.rows import META_COLUMNS
 
 HEAD_BYTES = 64 * 1024  # what is read of an existing output to tell whether clipcli wrote it
 OWN_FIRST_COLUMNS = frozenset({"path", "text", "id", "group", "model", "query", "score"})
@@ -59,9 +60,8 @@ _SIGNATURES: tuple[tuple[frozenset[str], frozenset[str]], ...] = (
         frozenset({"true_rank"}),
     ),
 )
-_EMBED_EXTRA = frozenset(
-    {"width", "height", "bytes", "mtime", "model", "folder", "taken", "camera_make", "camera_model", "gps_lat"}
-) | frozenset({"gps_lon", "t", "caption"})  # embed's columns besides the name and the vector
+# embed's columns besides the name and the vector (rows.schema)
+_EMBED_EXTRA = frozenset({"width", "height", "bytes", "mtime", "model", *META_COLUMNS})
 _VECTOR_COLUMN = re.compile(r"e\d+")
 _COLUMN = re.compile(r"[a-z][a-z0-9_]*")
 _JSON_KEY = re.compile(rb'"([a-z][a-z0-9_]*)": ')
