@@ -6,23 +6,27 @@ x264's default, 60 a streaming encoder's 2 s), then measures, in one run, side b
 1. decoding cost (CPU seconds of this process, one thread) per sampled frame: clipcli's sampling every
    ``--every`` seconds (the packet scan included) against decoding every frame and keeping one in
    ``fps * every`` (60 at 30 fps, every 2 s), the same frames converted the same way in both;
-2. whole runs through the embedding pipeline (the decoding threads, the model, the default precision):
-   frames per second from the video against images per second from the same frames saved as JPEG photos
-   of the same size, with the same model.
+2. runs through the embedding pipeline in this process (the decoding threads, the model, the default
+   precision; no start-up): frames per second from the video against images per second from the same
+   frames saved as JPEG photos of the same size, with the same model;
+3. whole ``clipcli embed`` processes, as a user runs them (start-up, the model's loading and the Parquet
+   output included): ``clipcli embed clip.mp4`` against ``clipcli embed photos/``, rows per second of wall
+   time.
 
-    python benchmarks/video.py --seconds 60 --height 1080 --keyint 250 60
+    python benchmarks/video.py --seconds 600 --height 1080 --keyint 60 250
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import tempfile
 import time
 from fractions import Fraction
 from pathlib import Path
 
-from common import cpu_model, random_checkpoint
+from common import clipcli, cpu_model, random_checkpoint
 
 
 def make_video(path: Path, seconds: float, width: int, height: int, fps: int, keyint: int) -> Path:
@@ -99,6 +103,15 @@ def whole_run(lm: object, inputs: list[str], every: float) -> tuple[int, float]:
     return n, time.perf_counter() - start
 
 
+def whole_process(checkpoint: Path, inputs: list[str], every: float, out: Path, precision: str) -> float:
+    """Wall seconds of one ``clipcli embed`` process over ``inputs`` into a new Parquet file."""
+    out.unlink(missing_ok=True)  # a rerun into it would embed nothing (incremental)
+    cmd = [*clipcli(), "embed", *inputs, "-m", str(checkpoint), "--precision", precision]
+    start = time.perf_counter()
+    subprocess.run([*cmd, "--every", f"{every:g}", "-o", str(out)], check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
 def save_photos(path: Path, every: float, folder: Path) -> list[str]:
     """The sampled frames at full size as JPEG photos (quality 90)."""
     from clipcli.images import video
@@ -124,7 +137,8 @@ def main() -> None:
     parser.add_argument("--model", default="ViT-B/32", help="architecture of the random-weight checkpoint")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--rounds", type=int, default=3, help="whole runs of each, in turns")
-    parser.add_argument("--skip-whole-run", action="store_true")
+    parser.add_argument("--skip-whole-run", action="store_true", help="decoding cost only")
+    parser.add_argument("--skip-processes", action="store_true", help="no whole clipcli processes")
     parser.add_argument("--videos", type=Path, help="a folder to keep the videos in, and reuse them from")
     args = parser.parse_args()
 
@@ -154,16 +168,30 @@ def main() -> None:
             photos = folder / f"photos-g{keyint}"
             photos.mkdir()
             names = save_photos(clip, args.every, photos)
-            video_rates, photo_rates = [], []
+            video_rates, photo_rates, video_walls, photo_walls = [], [], [], []
             for _ in range(args.rounds):  # in turns, so that both see the same load
                 n_v, t_v = whole_run(lm, [str(clip)], args.every)
                 n_p, t_p = whole_run(lm, names, args.every)
                 video_rates.append(n_v / t_v)
                 photo_rates.append(n_p / t_p)
+            for _ in range(0 if args.skip_processes else args.rounds):
+                out = folder / "rows.parquet"
+                video_walls.append(whole_process(checkpoint, [str(clip)], args.every, out, args.precision))
+                photo_walls.append(whole_process(checkpoint, [str(photos)], args.every, out, args.precision))
             v, p = statistics.median(video_rates), statistics.median(photo_rates)
             rates = f"video {v:.1f} frames/s, photos {p:.1f} images/s (medians of {args.rounds})"
-            print(f"  whole run, {args.model} at {lm.precision}: {rates}")
-            print(f"  frames/s over images/s: {v / p:.2f}")
+            print(f"  pipeline in this process, {args.model} at {lm.precision}: {rates}")
+            print(f"    frames/s over images/s: {v / p:.3f} (each round: {_ratios(video_rates, photo_rates)})")
+            if video_walls:
+                v, p = n_v / statistics.median(video_walls), n_p / statistics.median(photo_walls)
+                rates = f"video {v:.1f} frames/s, photos {p:.1f} images/s (medians of {args.rounds})"
+                print(f"  whole clipcli embed processes: {rates}")
+                each = _ratios([n_v / w for w in video_walls], [n_p / w for w in photo_walls])
+                print(f"    frames/s over images/s: {v / p:.3f} (each round: {each})")
+
+
+def _ratios(video: list[float], photos: list[float]) -> str:
+    return " ".join(f"{a / b:.3f}" for a, b in zip(video, photos, strict=True))
 
 
 if __name__ == "__main__":

@@ -431,6 +431,26 @@ def test_keyframes_skip_deblocking_and_every_other_frame_is_decoded_exactly(vide
     assert max(keyframes) < 1.0 and max(keyframes) > 0.0
 
 
+@pytest.mark.parametrize("size", [(198, 110), (1282, 722), (640, 480)])
+def test_a_frame_converts_as_pyav_converts_it_whatever_its_row_padding(size):
+    """frame_image reads the converted rows at the plane's stride (its width in bytes, padded for SIMD,
+    differs from width x 3 for most widths): the picture PyAV's own to_image gives, at full size and
+    drafted, pixel for pixel."""
+    import av
+
+    from clipcli.images.video_decode import frame_image
+
+    rng = np.random.default_rng(sum(size))
+    picture = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    frame = av.VideoFrame.from_ndarray(picture, format="rgb24").reformat(format="yuv420p")
+    for draft, scale in [(None, 1), (size[1] // 2, 2), (size[1] // 4, 4)]:
+        got = frame_image(frame, draft)
+        small = {} if scale == 1 else {"width": size[0] // scale, "height": size[1] // scale, "interpolation": "AREA"}
+        expected = frame.to_image(**small)
+        assert got.size == expected.size == (size[0] // scale, size[1] // scale)
+        assert np.array_equal(np.asarray(got), np.asarray(expected)), (size, scale)
+
+
 @pytest.mark.slow
 def test_killed_mid_video_then_rerun_embeds_every_frame_once(tmp_path):
     """A video's frames are written as one unit: a run killed inside the second video kept the first

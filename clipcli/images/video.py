@@ -64,19 +64,22 @@ def probe(file: Path) -> VideoIndex:
             width, height = stream.codec_context.width, stream.codec_context.height
             tb = stream.time_base
             stated = _stated_duration(container, stream)
-            last_new, top = time.monotonic(), -math.inf
+            last_new, top, top_then = time.monotonic(), -math.inf, -math.inf
             try:
-                for packet in container.demux(stream):
+                for n, packet in enumerate(container.demux(stream)):
+                    if n % 64 == 0:  # the clock is read once in 64 packets: progress is a later time
+                        now = time.monotonic()
+                        if top > top_then:
+                            last_new, top_then = now, top
+                        elif now - last_new > STALL_SECONDS:
+                            raise VideoError(f"reading made no progress for {STALL_SECONDS:g} s")
                     t = seconds(packet, tb)
                     if t is None or packet.size == 0:
                         continue
                     frames.append(t)
                     if packet.is_keyframe:
                         keys.append(t)
-                    if t > top:
-                        top, last_new = t, time.monotonic()
-                    elif time.monotonic() - last_new > STALL_SECONDS:
-                        raise VideoError(f"reading made no progress for {STALL_SECONDS:g} s")
+                    top = max(top, t)
             except (av.error.FFmpegError, VideoError) as e:
                 damage = reason(e)
     except av.error.FFmpegError as e:

@@ -101,8 +101,10 @@ def open_video(file: Path) -> Any:
 
 
 def seconds(packet_or_frame: Any, time_base: Any) -> float | None:
+    """A packet's or frame's time in seconds: ``when * time_base`` rounded once, as ``float(Fraction)``
+    would (integer true division is correctly rounded), without a Fraction per packet."""
     when = packet_or_frame.pts if packet_or_frame.pts is not None else packet_or_frame.dts
-    return None if when is None else float(when * time_base)
+    return None if when is None else when * time_base.numerator / time_base.denominator
 
 
 def reason(e: BaseException) -> str:
@@ -268,9 +270,14 @@ def frame_image(frame: Any, draft_size: int | None) -> Image.Image:
     scale = 1
     while draft_size and scale < 8 and min(w, h) // (scale * 2) >= draft_size:
         scale *= 2
-    if scale == 1:
-        return frame.to_image()
-    return frame.to_image(width=w // scale, height=h // scale, interpolation="AREA")
+    from PIL import Image
+
+    small = {} if scale == 1 else {"width": w // scale, "height": h // scale, "interpolation": "AREA"}
+    plane = frame.reformat(format="rgb24", **small).planes[0]
+    if plane.line_size < 0:  # a bottom-up picture (raw RGB in an AVI): PyAV turns it the right way up
+        return frame.to_image(**small)
+    # one copy, rows read at the plane's stride (PyAV's to_image copies it three times, a row at a time)
+    return Image.frombytes("RGB", (plane.width, plane.height), plane, "raw", "RGB", plane.line_size, 1)
 
 
 Picture = tuple["Image.Image", tuple[int, int]]  # a frame upright in RGB, and its size as shown
