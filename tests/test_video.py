@@ -452,9 +452,13 @@ def test_a_frame_converts_as_pyav_converts_it_whatever_its_row_padding(size):
 
 
 @pytest.mark.slow
-def test_killed_mid_video_then_rerun_embeds_every_frame_once(tmp_path):
-    """A video's frames are written as one unit: a run killed inside the second video kept the first
-    one's, and the rerun embeds the second whole, each frame once."""
+@pytest.mark.parametrize(
+    ("signum", "code"), [(signal.SIGKILL, -9), (signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["kill", "int", "term"]
+)
+def test_killed_mid_video_then_rerun_embeds_every_frame_once(tmp_path, signum, code):
+    """A video's frames are written as one unit: a run killed (or stopped by Ctrl-C or SIGTERM, which
+    write the rows done) inside the second video kept the first one's and none of the second's, and the
+    rerun embeds the second whole, each frame once."""
     first = write_video(tmp_path / "a.mp4", "h264", duration=1)
     second = write_video(tmp_path / "b.mp4", "h264", duration=10)
     out = tmp_path / "emb"
@@ -466,11 +470,13 @@ def test_killed_mid_video_then_rerun_embeds_every_frame_once(tmp_path):
         while not list(out.glob("part-*.parquet")) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         assert proc.poll() is None, "the run ended before it was killed"
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, signum)
+        proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        _, err = proc.communicate()
+    assert proc.returncode == code, err.decode()
     kept = rows(out, ["path"])["path"]
     assert frame_times(kept, str(first)) == [0.0, 0.2, 0.4, 0.6, 0.8] and not frame_times(kept, str(second))
     done = subprocess.run(args, capture_output=True, text=True, timeout=300)

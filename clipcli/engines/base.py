@@ -93,6 +93,9 @@ class Sink:
     def add(self, rows: Rows) -> None:
         raise NotImplementedError
 
+    def stop(self) -> None:
+        """The run stops before its end: rows of an input it may have stopped inside are not kept."""
+
     def finish(self, keep: bool) -> int:
         raise NotImplementedError
 
@@ -106,6 +109,9 @@ class StoreSink(Sink):
 
     def add(self, rows: Rows) -> None:
         self.store.add(rows)
+
+    def stop(self) -> None:
+        self.store.drop_open_container()
 
     def finish(self, keep: bool) -> int:
         if not keep:
@@ -177,6 +183,7 @@ class Engine:
         try:
             self.run(lm, job, refs, sink, run)
         except BaseException as e:
+            sink.stop()
             sink.finish(self.keeps_partial(e, summary))
             raise
         summary.removed = sink.finish(True)

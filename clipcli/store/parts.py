@@ -308,6 +308,26 @@ class PlannedRows(_Described):
             if self.is_dir and self._pending_rows >= self.part_rows and self._open_container is None:
                 self._flush()
 
+    def drop_open_container(self) -> None:
+        """Forget the pending rows of the container the last rows came from (a video's frames, a
+        WebDataset shard's samples): a run stopped before its end (Ctrl-C, SIGTERM) may have stopped
+        inside it, and a container's rows are written all or none (see :meth:`add`), so the next run
+        embeds it whole. Its rows are all still pending, since a part never ends inside a container."""
+        import pyarrow as pa
+
+        container = self._open_container
+        if container is None or not self._pending:
+            return
+        table = pa.concat_tables(self._pending)
+        paths = table.column("path").to_pylist()
+        keep = [i for i, p in enumerate(paths) if container_of(p) != container]
+        self._pending, self._pending_rows = [table.take(pa.array(keep, pa.int64()))] if keep else [], len(keep)
+        for p in {p for p in paths if container_of(p) == container}:
+            self.stored[p] = [s for s in self.stored.get(p, []) if s.part != (self._next_part, self.tags)]
+            if not self.stored[p]:
+                del self.stored[p]
+        self._open_container = None
+
     def _flush(self) -> None:
         raise NotImplementedError
 
