@@ -193,3 +193,18 @@ def test_a_run_over_a_folder_with_symlink_loops_classifies_each_image_once(tmp_p
     ran = run_cli("tree", cwd=tmp_path)
     assert ran.returncode == 0, ran.stderr
     assert paths_in(ran.stdout) == ["tree/a.jpg", "tree/sub/b.jpg", "tree/sub/deeper/c.png"]
+
+
+def test_a_named_file_that_is_a_symlink_loop_is_skipped_with_that_reason(cli, tmp_path):
+    """A link to itself named as an input, image or video alike: one line saying it is a loop of
+    symbolic links (not errno's text with the path again), and the other inputs embedded."""
+    make_image(tmp_path / "good.png")
+    for name in ("loop.jpg", "loop.mp4"):
+        (tmp_path / name).symlink_to(name)
+    ran = cli(
+        "embed", "-m", "tiny-shapes", str(tmp_path / "loop.jpg"), str(tmp_path / "loop.mp4"), str(tmp_path / "good.png")
+    )
+    assert ran.exit_code == 1, ran.stderr
+    skipped = sorted(ln for ln in ran.stderr.splitlines() if ln.startswith("skipped"))
+    assert skipped == [f"skipped {tmp_path / n}: a loop of symbolic links" for n in ("loop.jpg", "loop.mp4")]
+    assert "good.png" in ran.stdout

@@ -233,6 +233,48 @@ def test_a_rerun_is_incremental_and_a_changed_video_replaces_its_frames(cli, vid
     assert frame_times(rows(out, ["path"])["path"], str(clip)) == [0.0, 2.0]
 
 
+def test_a_video_replaced_after_its_frames_were_listed_gives_no_frame_of_the_new_one(tmp_path):
+    """Frames are listed at discovery and decoded later: a video replaced in between (another cut, same
+    name) is another video, whose frames are not at the listed times. None is taken from it (stored with
+    the new file's size and mtime, they would be called unchanged by every rerun); each is reported."""
+    from clipcli.images import video
+    from clipcli.images.sources import discover
+
+    clip = write_video(tmp_path / "clip.mp4", "h264", duration=6)
+    other = write_video(tmp_path / "other.mp4", "h264", duration=3, size=(96, 64))
+    refs, _ = discover([str(clip)], containers=video.ContainerOptions(every=1.0))
+    assert len(refs) == 6
+    os.replace(other, clip)
+    for ref in refs:
+        with pytest.raises(video.VideoError, match="changed since its frames were listed"):
+            video.CONTAINER.decode(ref, None, None)
+    refs, _ = discover([str(clip)], containers=video.ContainerOptions(every=1.0))  # listed again: taken
+    assert [video.CONTAINER.decode(r, None, None).size for r in refs] == [(96, 64)] * 3
+
+
+def test_a_sampled_time_gives_the_first_frame_at_it_or_after_with_a_variable_frame_rate(tmp_path):
+    """The frame a row holds is the first at its time or after it, as a player shows it, never an
+    earlier one: with frames at 9, 9.5 and 10 s, the row at 10 s is the picture of 10 s."""
+    from PIL import Image
+
+    from clipcli.images import video
+    from clipcli.images.sources import discover
+
+    times = [0.0, 3.0, 6.0, 9.0, 9.5, 10.0, 10.5]
+    colours = {t: (int(20 * i), 255 - int(30 * i), 40 + int(25 * i)) for i, t in enumerate(times)}
+    clip = write_video(
+        tmp_path / "vfr.mp4", "h264", times=times, picture=lambda t, size: Image.new("RGB", size, colours[t])
+    )
+    refs, _ = discover([str(clip)], containers=video.ContainerOptions(every=1.0))
+    got = {}
+    for ref in refs:
+        decoded = video.CONTAINER.decode(ref, None, None)
+        got[decoded.meta["t"]] = np.asarray(decoded.image).reshape(-1, 3).mean(axis=0)
+    assert sorted(got) == [0.0, 3.0, 6.0, 9.0, 10.0]
+    for t, mean in got.items():
+        assert np.abs(mean - colours[t]).max() < 6, (t, mean, colours[t])
+
+
 def test_a_video_cut_shorter_replaces_its_frames_without_prune(cli, tmp_path):
     """Most of a video's rows going because its new version is shorter is no sign of an unmounted share:
     the run replaces them (--prune guards rows of files missing from here). Before, it was refused."""
@@ -274,6 +316,10 @@ def test_rotation_is_applied(videos):
     assert got.size == (96, 128) and got.image.size == (96, 128)
     top, bottom = got.image.getpixel((48, 10)), got.image.getpixel((48, 118))
     assert top[0] > 150 > top[2] and bottom[2] > 150 > bottom[0]  # turned clockwise: the left side on top
+    slanted = write_video(folder / "slanted.mp4", "h264", duration=1, size=(128, 96), rotation=45)
+    refs, _ = discover([str(slanted)])
+    got = CONTAINER.decode(refs[0], None, None)  # not turned (as FFmpeg's players do), so not swapped either
+    assert got.size == (128, 96) and got.image.size == (128, 96)
 
 
 def test_bad_videos_are_reported_and_the_good_ones_embedded(cli, videos, tmp_path):
@@ -310,6 +356,27 @@ def test_bad_videos_are_reported_and_the_good_ones_embedded(cli, videos, tmp_pat
     truncated = frame_times(paths, str(bad / "truncated.mkv"))
     assert truncated[0] == 0.0 and 8.0 <= truncated[-1] < 14.0  # the frames before the damage
     assert frame_times(paths, str(bad / "lying.mkv"))[-1] == 18.0  # sampled to the real end
+
+
+def test_scenes_before_a_damaged_frame_are_kept(cli, tmp_path):
+    """--frames scene decodes the video at discovery: a frame that cannot be decoded stops that scan
+    where it is, and the scenes found before it are embedded, the reason naming the time (as a truncated
+    video's frames before the damage are)."""
+    import av
+
+    clip = write_video(tmp_path / "clip.avi", "mjpeg", duration=20, fps=5)
+    data = bytearray(clip.read_bytes())
+    with av.open(str(clip)) as container:
+        packet = next(p for p in container.demux(video=0) if p.pts is not None and float(p.pts * p.time_base) >= 10)
+        data[packet.pos + 16 : packet.pos + packet.size] = b"\xff" * (packet.size - 16)
+    clip.write_bytes(bytes(data))
+    out = tmp_path / "emb"
+    r = cli("embed", *TINY, str(clip), "--frames", "scene", "-o", f"{out}/")
+    assert r.exit_code == EXIT_PARTIAL, r.stderr
+    assert "Traceback" not in r.stderr
+    (line,) = [ln for ln in r.stderr.splitlines() if ln.startswith("skipped")]
+    assert f"{clip}: damaged: decoding stopped at 9.800 s" in line and "the scenes before it are kept" in line
+    assert frame_times(rows(out, ["path"])["path"], str(clip)) == [0.0, 4.0, 8.0]
 
 
 def growing_mjpeg(path: Path, side: int) -> Path:

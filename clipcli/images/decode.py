@@ -6,6 +6,7 @@ Bad files never stop a run: :func:`describe_error` gives the reason a batch reco
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import stat
@@ -205,6 +206,8 @@ def describe_error(exc: BaseException) -> str:
         return "is a directory"
     if isinstance(exc, PermissionError):
         return "permission denied"
+    if isinstance(exc, OSError) and exc.errno == errno.ELOOP:
+        return "a loop of symbolic links"
     if isinstance(exc, Image.UnidentifiedImageError):
         return "not an image (or an unsupported format)"
     message = str(exc).split("\n")[0]

@@ -141,33 +141,41 @@ def every_times(index: VideoIndex, every: float) -> list[float]:
     return [round(k * every, 3) for k in steps]
 
 
-def scene_times(file: Path, index: VideoIndex, threshold: float) -> list[float]:
+def scene_times(file: Path, index: VideoIndex, threshold: float) -> tuple[list[float], str | None]:
     """The first frame, then each frame whose small grey picture differs from the last one kept by more
-    than ``threshold`` on average, looked at no more often than every :data:`SCENE_PROBE` seconds."""
+    than ``threshold`` on average, looked at no more often than every :data:`SCENE_PROBE` seconds; and,
+    for a video whose decoding fails part way (a damaged frame), where and why it stopped (the scenes
+    before are kept)."""
     import numpy as np
 
     if index.width * index.height > DEFAULT_MAX_PIXELS:
         raise ImageTooLarge(f"frames too large to look for scenes ({index.width}x{index.height})")
     kept: list[float] = []
     last: np.ndarray | None = None
-    next_look = -math.inf
+    next_look, seen = -math.inf, 0.0
     with open_video(file) as container:
         stream = video_stream(container)
         stream.codec_context.thread_type = "AUTO"
         limit_frames(stream, DEFAULT_MAX_PIXELS, {})
         # the frames no other frame needs are not decoded where none is looked at (never drained: slack -1)
-        for frame in decoded_frames(container, stream, lambda: next_look + index.origin, -1.0):  # noqa: B023
-            when = seconds(frame, stream.time_base)
-            if when is None or when - index.origin < next_look:
-                continue
-            t = when - index.origin
-            next_look = t + SCENE_PROBE
-            grey = frame.reformat(width=SCENE_SIDE, height=SCENE_SIDE, format="gray").to_ndarray()
-            small = grey[:SCENE_SIDE, :SCENE_SIDE].astype(np.float32) / 255.0
-            if last is None or float(np.abs(small - last).mean()) > threshold:
-                kept.append(round(max(t, 0.0), 3))
-                last = small
-    return kept
+        try:
+            for frame in decoded_frames(container, stream, lambda: next_look + index.origin, -1.0):  # noqa: B023
+                when = seconds(frame, stream.time_base)
+                seen = max(seen, when - index.origin) if when is not None else seen
+                if when is None or when - index.origin < next_look:
+                    continue
+                t = when - index.origin
+                next_look = t + SCENE_PROBE
+                grey = frame.reformat(width=SCENE_SIDE, height=SCENE_SIDE, format="gray").to_ndarray()
+                small = grey[:SCENE_SIDE, :SCENE_SIDE].astype(np.float32) / 255.0
+                if last is None or float(np.abs(small - last).mean()) > threshold:
+                    kept.append(round(max(t, 0.0), 3))
+                    last = small
+        except VideoError as e:
+            if not kept:
+                raise
+            return kept, f"damaged: decoding stopped at {seen:.3f} s ({e}); the scenes before it are kept"
+    return kept, None
 
 
 def forget(file: Path) -> None:
@@ -184,6 +192,7 @@ class Video:
 
     def __init__(self) -> None:
         self.sampled: dict[tuple[str, FileStat], list[float]] = {}  # each video's times, as expanded
+        self.listed: dict[str, FileStat] = {}  # each video's size and mtime when its frames were listed
 
     def expand(self, ref: ImageRef, options: ContainerOptions) -> tuple[list[ImageRef], list[Skipped]]:
         try:
@@ -192,21 +201,28 @@ class Video:
             return [], [Skipped(ref.path, NEEDS_EXTRA)]
         try:
             index = video_index(ref.file)
-            scene = options.frames == "scene"
-            times = (
-                scene_times(ref.file, index, options.scene_threshold) if scene else every_times(index, options.every)
-            )
+            damage = index.damage
+            if options.frames == "scene":
+                times, damage = scene_times(ref.file, index, options.scene_threshold)
+                damage = index.damage or damage
+            else:
+                times = every_times(index, options.every)
         except (OSError, ValueError, av.error.FFmpegError) as e:
             return [], [Skipped(ref.path, _expand_reason(e), read=True)]
         self.sampled[(str(ref.file), index.stat)] = times  # decoded ahead in passes (see FramePasses)
+        self.listed[str(ref.file)] = index.stat
         members = [ImageRef(frame_path(ref.path, t), ref.file, f"t={t:.3f}") for t in times]
-        return members, [Skipped(ref.path, index.damage, read=True)] if index.damage else []
+        return members, [Skipped(ref.path, damage, read=True)] if damage else []
 
     def decode(self, ref: ImageRef, draft_size: int | None, max_pixels: int | None) -> Decoded:
         av = load_av()
         want = _member_time(ref)
         try:
             index = video_index(ref.file)
+            if self.listed.get(str(ref.file), index.stat) != index.stat:
+                # another video now, whose frames are not at the times listed: none is taken from it (its
+                # rows would carry its size and mtime, and every rerun would call them unchanged)
+                raise VideoError("changed since its frames were listed; run again to embed it as it is now")
             if max_pixels is not None and index.width * index.height > max_pixels:
                 raise ImageTooLarge(
                     f"frames too large ({index.width * index.height / 1e6:.4g} Mpx > limit "

@@ -65,14 +65,22 @@ class VideoIndex:
     def end(self) -> float:
         return (self.frames[-1] + self.step) if self.frames else 0.0
 
+    @property
+    def slack(self) -> float:
+        """How far before a sampled time its frame may be: a sampled time is rounded to the millisecond
+        (``12.000``), so a frame half a millisecond before it is the one at that time, and no earlier
+        one is (half a step before, as this once was, took the frame before the time wanted, seconds
+        before it where a variable frame rate leaves gaps)."""
+        return min(self.step / 2, 0.0006)
+
     @cached_property
     def _keyset(self) -> frozenset[float]:
         return frozenset(self.keys)
 
     def keyframe_at(self, want: float) -> float | None:
-        """The time of the frame given for ``want`` seconds (the first at ``want - step / 2`` or later, see
+        """The time of the frame given for ``want`` seconds (the first at ``want - slack`` or later, see
         :meth:`_Reader.frame_at`) when that frame is a keyframe, else None."""
-        i = bisect.bisect_left(self.frames, want - self.step / 2)
+        i = bisect.bisect_left(self.frames, want - self.slack)
         return self.frames[i] if i < len(self.frames) and self.frames[i] in self._keyset else None
 
 
@@ -178,10 +186,10 @@ class _Reader:
             target = round((key + index.origin) / self.stream.time_base)  # the keyframe's own timestamp
             self.container.seek(target, stream=self.stream, backward=True, any_frame=False)
             self.stream.codec_context.flush_buffers()
-            self.frames = decoded_frames(self.container, self.stream, lambda: self.target, index.step / 2)
+            self.frames = decoded_frames(self.container, self.stream, lambda: self.target, index.slack)
             self.at = -math.inf
         self.target = want + index.origin
-        slack = index.step / 2
+        slack = index.slack
         for frame in self.frames:
             when = seconds(frame, self.stream.time_base)  # a drained frame has no time base of its own
             if when is None:
@@ -357,7 +365,8 @@ class FramePasses:
                     readers[kind] = READERS.take(file, index.stat, index, t, kind, limit)
                 frame = readers[kind].frame_at(index, t if key is None else key)
                 rotation = int(frame.rotation or 0)
-                size = (frame.height, frame.width) if rotation % 180 else (frame.width, frame.height)
+                turned = rotation % 180 == 90  # as upright turns it: an angle not of quarter turns is not turned
+                size = (frame.height, frame.width) if turned else (frame.width, frame.height)
                 self._publish(video, t, (upright(frame_image(frame, draft), rotation), size))
                 done += 1
         except Exception as e:
