@@ -358,6 +358,17 @@ def test_bad_videos_are_reported_and_the_good_ones_embedded(cli, videos, tmp_pat
     assert frame_times(paths, str(bad / "lying.mkv"))[-1] == 18.0  # sampled to the real end
 
 
+def test_a_cut_whose_first_keyframe_is_discarded_is_decoded_not_gone_round_for_ever(tmp_path):
+    """An MP4 whose frames start before 0 (as ``ffmpeg -ss ... -c copy`` cuts write it: an edit list, the
+    first packets marked discarded, the keyframe among them) gives no frame when that keyframe is
+    drained; decoding once went back to it for ever, at full CPU, deaf to SIGTERM. Every row comes."""
+    clip = write_video(tmp_path / "cut.mp4", "h264-b", times=[round(-0.5 + i / 10, 3) for i in range(40)])
+    args = [sys.executable, "-m", "clipcli", "embed", *TINY, str(clip), "--every", "0.5"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert frame_times([ln.split(",")[0] for ln in done.stdout.splitlines()], str(clip)) == [i / 2 for i in range(8)]
+
+
 def test_scenes_before_a_damaged_frame_are_kept(cli, tmp_path):
     """--frames scene decodes the video at discovery: a frame that cannot be decoded stops that scan
     where it is, and the scenes found before it are embedded, the reason naming the time (as a truncated
@@ -552,6 +563,28 @@ def test_killed_mid_video_then_rerun_embeds_every_frame_once(tmp_path, signum, c
     paths = rows(out, ["path"])["path"]
     assert len(paths) == len(set(paths)) == 55
     assert frame_times(paths, str(second)) == [round(i * 0.2, 3) for i in range(50)]
+
+
+@pytest.mark.parametrize(("batch", "kept"), [(10, 10), (4, 0)], ids=["between-videos", "inside-a-video"])
+def test_a_run_stopped_between_videos_keeps_the_finished_one(cli, tmp_path, monkeypatch, batch, kept):
+    """Ctrl-C after the batch that ended the first video (10 frames) keeps that video, which is whole;
+    after a batch that ended inside it, none of it."""
+    from clipcli.engines.base import Run
+
+    first = write_video(tmp_path / "a.mp4", "h264", duration=2)
+    second = write_video(tmp_path / "b.mp4", "h264", duration=2)
+    counted = Run.batch
+
+    def count_then_stop(self, embedded, done):  # as Ctrl-C while the next batch decodes
+        counted(self, embedded, done)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Run, "batch", count_then_stop)
+    out = tmp_path / "emb"
+    r = cli("embed", *TINY, str(first), str(second), "--every", "0.2", "-b", str(batch), "-o", f"{out}/")
+    assert r.exit_code == 130, r.stderr
+    paths = rows(out, ["path"])["path"] if list(out.glob("part-*.parquet")) else []
+    assert len(frame_times(paths, str(first))) == kept and not frame_times(paths, str(second))
 
 
 def test_moments_merge_adjacent_frames_within_the_margin():

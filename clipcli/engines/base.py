@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from clipcli.errors import InputError
+from clipcli.images.containers import container_of
 from clipcli.images.decode import ImageOptions
 from clipcli.images.sources import ImageRef, Skipped
 from clipcli.models import LoadedModel, ModelOptions
@@ -104,14 +105,25 @@ class StoreSink(Sink):
     """An incremental store planned before the run: a Parquet dataset directory, local or in an object
     store, or a folder in clip-retrieval's layout."""
 
-    def __init__(self, store: ParquetStore | RemoteStore | ClipRetrievalStore) -> None:
+    def __init__(self, store: ParquetStore | RemoteStore | ClipRetrievalStore, plan: Sequence[ImageRef]) -> None:
         self.store = store
+        self.plan = plan  # the inputs to embed, in the order their rows come
+        self.last: str | None = None  # the path of the last row given
 
     def add(self, rows: Rows) -> None:
+        if rows.paths:
+            self.last = rows.paths[-1]  # first: a run stopped inside store.add has these rows pending
         self.store.add(rows)
 
     def stop(self) -> None:
-        self.store.drop_open_container()
+        """The rows of the container (a video, a shard) the run stopped inside are dropped; one whose last
+        planned input was given is whole, and stays."""
+        if self.last is None:
+            return
+        after = next((i + 1 for i, ref in enumerate(self.plan) if ref.path == self.last), len(self.plan))
+        container = container_of(self.last)
+        if container is not None and after < len(self.plan) and container_of(self.plan[after].path) == container:
+            self.store.drop_open_container()
 
     def finish(self, keep: bool) -> int:
         if not keep:
@@ -175,7 +187,7 @@ class Engine:
                 store.release()
                 raise
             refs, summary.unchanged = plan.to_embed, plan.unchanged
-            sink = StoreSink(store)
+            sink = StoreSink(store, refs)
         else:
             sink = self.file_sink(lm, job, sch)
         if events.on_plan:

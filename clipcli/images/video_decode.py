@@ -132,6 +132,7 @@ def decoded_frames(container: Any, stream: Any, target: Callable[[], float] | No
     tb = stream.time_base
     last = time.monotonic()
     frame_time = _frame_time(stream)
+    drained = None  # the keyframe last drained at: started again from it, decoding goes on past it
     try:
         for packet in container.demux(stream):
             t = seconds(packet, tb)
@@ -141,7 +142,11 @@ def decoded_frames(container: Any, stream: Any, target: Callable[[], float] | No
             for frame in ctx.decode(packet):
                 last = time.monotonic()
                 yield frame
-            if target is not None and packet.is_keyframe and t is not None and abs(t - target()) <= slack:
+            wanted = target is not None and packet.is_keyframe and t is not None and abs(t - target()) <= slack
+            if wanted and packet.pts != drained:
+                # (a keyframe the container marks discarded, as a cut's edit list does, gives no frame when
+                # drained: were it drained each time it came again, this would go round for ever)
+                drained = packet.pts
                 yield from ctx.decode(None)
                 ctx.flush_buffers()  # asked for more: from this keyframe again
                 container.seek(packet.pts, stream=stream, backward=True, any_frame=False)

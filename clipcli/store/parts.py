@@ -298,21 +298,21 @@ class PlannedRows(_Described):
             while self.is_dir and end < count and groups[end - 1] is not None and groups[end] == groups[end - 1]:
                 end += 1
             chunk = table.slice(start, end - start)
+            self._open_container = groups[end - 1]  # first: a run stopped in between drops this chunk's
             self._pending.append(chunk)
             self._pending_rows += chunk.num_rows
             for p, st in zip(rows.paths[start:end], rows.stats[start:end], strict=True):
                 # The key of the part these rows go into: the number the next flush reserves.
                 self.stored.setdefault(p, []).append(Stored((self._next_part, self.tags), st))
-            self._open_container = groups[end - 1]
             start = end
             if self.is_dir and self._pending_rows >= self.part_rows and self._open_container is None:
                 self._flush()
 
     def drop_open_container(self) -> None:
         """Forget the pending rows of the container the last rows came from (a video's frames, a
-        WebDataset shard's samples): a run stopped before its end (Ctrl-C, SIGTERM) may have stopped
-        inside it, and a container's rows are written all or none (see :meth:`add`), so the next run
-        embeds it whole. Its rows are all still pending, since a part never ends inside a container."""
+        WebDataset shard's samples), for a run stopped inside it (Ctrl-C, SIGTERM): a container's rows are
+        written all or none (see :meth:`add`), so the next run embeds it whole. Its rows are all still
+        pending, since a part never ends inside a container."""
         import pyarrow as pa
 
         container = self._open_container
