@@ -112,7 +112,7 @@ class StoreSink(Sink):
 
     def add(self, rows: Rows) -> None:
         if rows.paths:
-            self.last = rows.paths[-1]  # first: a run stopped inside store.add has these rows pending
+            self.last = rows.paths[-1]  # first: a run stopped inside store.add may have these rows pending
         self.store.add(rows)
 
     def stop(self) -> None:
@@ -123,7 +123,7 @@ class StoreSink(Sink):
         after = next((i + 1 for i, ref in enumerate(self.plan) if ref.path == self.last), len(self.plan))
         container = container_of(self.last)
         if container is not None and after < len(self.plan) and container_of(self.plan[after].path) == container:
-            self.store.drop_open_container()
+            self.store.drop_container(container)
 
     def finish(self, keep: bool) -> int:
         if not keep:

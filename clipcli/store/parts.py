@@ -298,25 +298,24 @@ class PlannedRows(_Described):
             while self.is_dir and end < count and groups[end - 1] is not None and groups[end] == groups[end - 1]:
                 end += 1
             chunk = table.slice(start, end - start)
-            self._open_container = groups[end - 1]  # first: a run stopped in between drops this chunk's
             self._pending.append(chunk)
             self._pending_rows += chunk.num_rows
             for p, st in zip(rows.paths[start:end], rows.stats[start:end], strict=True):
                 # The key of the part these rows go into: the number the next flush reserves.
                 self.stored.setdefault(p, []).append(Stored((self._next_part, self.tags), st))
+            self._open_container = groups[end - 1]
             start = end
             if self.is_dir and self._pending_rows >= self.part_rows and self._open_container is None:
                 self._flush()
 
-    def drop_open_container(self) -> None:
-        """Forget the pending rows of the container the last rows came from (a video's frames, a
-        WebDataset shard's samples), for a run stopped inside it (Ctrl-C, SIGTERM): a container's rows are
-        written all or none (see :meth:`add`), so the next run embeds it whole. Its rows are all still
-        pending, since a part never ends inside a container."""
+    def drop_container(self, container: str) -> None:
+        """Forget the pending rows of ``container`` (a video's frames, a WebDataset shard's samples), for
+        a run stopped inside it (Ctrl-C, SIGTERM): a container's rows are written all or none (see
+        :meth:`add`), so the next run embeds it whole. Its rows are all still pending, since a part never
+        ends inside a container."""
         import pyarrow as pa
 
-        container = self._open_container
-        if container is None or not self._pending:
+        if not self._pending:
             return
         table = pa.concat_tables(self._pending)
         paths = table.column("path").to_pylist()
@@ -326,7 +325,8 @@ class PlannedRows(_Described):
             self.stored[p] = [s for s in self.stored.get(p, []) if s.part != (self._next_part, self.tags)]
             if not self.stored[p]:
                 del self.stored[p]
-        self._open_container = None
+        if self._open_container == container:
+            self._open_container = None
 
     def _flush(self) -> None:
         raise NotImplementedError
